@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when
+# it is missing (about 2 minutes) and are fast when it is already there.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-dev
+export HF_HUB_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: demo test test-fast bench venv clean-data
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || (command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV))
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PY) -c "import torch, timm, torch_geometric, faiss, rasterio, geopandas, h5py, matplotlib" \
+	  || (echo "error: the environment did not install correctly (see pip output above)" && exit 1)
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## The main job on the embedded default: synthetic world -> dataset -> train -> index -> localize -> evaluate.
+demo: $(STAMP)
+	$(PY) -m cmpc demo experiments/demo.json
+
+## The test suite (unit + end-to-end on a tiny world; real-data tests skip when ../shared is absent).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+## Benchmarks (not part of CI): rewrites docs/BENCHMARKS.md and docs/benchmarks.json.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+clean-data:
+	rm -rf data runs reports index/*/

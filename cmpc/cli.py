@@ -1,0 +1,298 @@
+"""The ``cmpc`` command line.
+
+Every command takes an optional experiment file and ``--set section.key=value`` overrides.
+User errors (:class:`~cmpc.errors.CmpcError`) print one line ``error: ...`` and exit 2.
+Heavy modules are imported lazily so ``cmpc --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from cmpc.errors import CmpcError
+
+
+def _exp(args: argparse.Namespace, extra: list[str] | None = None):
+    from cmpc.config import load_experiment
+
+    return load_experiment(getattr(args, "experiment", None), list(args.set or []) + list(extra or []))
+
+
+def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    """Turn explicit CLI flags into ``--set`` overrides (``None`` flags are skipped)."""
+    out = []
+    for attr, key in mapping.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            out.append(f"{key}={json.dumps(v)}")
+    return out
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(json.dumps(_exp(args).to_dict(), indent=2))
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from cmpc.config import describe
+
+    print(describe(args.section))
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from cmpc.data.synth import generate_world
+
+    exp = _exp(args, _flag_overrides(args, {"out": "synth.out", "seed": "synth.seed", "size_m": "synth.size_m", "gsd": "synth.gsd_m", "polarisations": "synth.polarisations", "looks": "synth.looks"}))
+    info = generate_world(exp.synth, preview=not args.no_preview)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_data_tile(args: argparse.Namespace) -> int:
+    from cmpc.data.tiler import tile_dataset
+
+    exp = _exp(
+        args,
+        _flag_overrides(
+            args,
+            {
+                "sar": "tile.sar",
+                "optical": "tile.optical",
+                "out": "data.root",
+                "patch_px": "tile.patch_px",
+                "stride_px": "tile.stride_px",
+                "split": "tile.split",
+                "test_fraction": "tile.test_fraction",
+                "non_aligned_per_ref": "tile.non_aligned_per_ref",
+                "seed": "tile.seed",
+            },
+        ),
+    )
+    summary = tile_dataset(exp)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from cmpc.data.info import dataset_summary, format_summary
+
+    summary = dataset_summary(args.root)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_train_emb(args: argparse.Namespace) -> int:
+    from cmpc.train.emb import train_embedder
+
+    train_embedder(_exp(args))
+    return 0
+
+
+def cmd_train_refine(args: argparse.Namespace) -> int:
+    from cmpc.train.refine import train_refiner
+
+    train_refiner(_exp(args))
+    return 0
+
+
+def cmd_train_all(args: argparse.Namespace) -> int:
+    from cmpc.train.emb import train_embedder
+    from cmpc.train.refine import train_refiner
+
+    exp = _exp(args)
+    train_embedder(exp)
+    if exp.refine.enabled:
+        train_refiner(exp)
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from cmpc.index.build import build_index
+
+    exp = _exp(args, _flag_overrides(args, {"name": "index.name", "factory": "index.factory", "split": "index.split"}))
+    manifest = build_index(exp, checkpoint=args.checkpoint, add=args.add)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from cmpc.index.store import read_manifest
+
+    print(json.dumps(read_manifest(args.path), indent=2))
+    return 0
+
+
+def cmd_localize(args: argparse.Namespace) -> int:
+    from cmpc.localize.run import localize
+
+    exp = _exp(args, _flag_overrides(args, {"top_k": "localize.top_k", "prior": "localize.prior", "radius": "localize.prior_radius_m"}))
+    if args.center is not None:
+        exp.localize.prior_center = list(args.center)
+    result = localize(exp, queries=args.queries, out=args.out, checkpoint=args.checkpoint, split=args.split)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from cmpc.evaluate.run import evaluate
+
+    metrics = evaluate(_exp(args), checkpoint=args.checkpoint)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "meta"}, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cmpc.pipeline import run_demo
+
+    run_demo(_exp(args), fresh=args.fresh)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_common(p: argparse.ArgumentParser, experiment: str = "optional") -> None:
+    if experiment == "required":
+        p.add_argument("experiment", help="experiment JSON file (experiments/*.json)")
+    elif experiment == "optional":
+        p.add_argument("experiment", nargs="?", default=None, help="experiment JSON file (optional)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cmpc import __version__
+
+    parser = argparse.ArgumentParser(prog="cmpc", description="SAR -> optical geo-localization.")
+    parser.add_argument("--version", action="version", version=f"cmpc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    # config
+    p_cfg = sub.add_parser("config", help="show a resolved experiment or the list of keys")
+    s_cfg = p_cfg.add_subparsers(dest="sub", required=True)
+    p = s_cfg.add_parser("show", help="print the resolved experiment")
+    _add_common(p)
+    p.set_defaults(func=cmd_config_show)
+    p = s_cfg.add_parser("keys", help="list config keys, defaults and docs")
+    p.add_argument("section", nargs="?", default=None)
+    p.set_defaults(func=cmd_config_keys)
+
+    # data
+    p_data = sub.add_parser("data", help="synthetic world, tiling, dataset info")
+    s_data = p_data.add_subparsers(dest="sub", required=True)
+    p = s_data.add_parser("synth", help="generate a synthetic SAR/optical world")
+    _add_common(p)
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--size-m", dest="size_m", type=float, help="world side, metres")
+    p.add_argument("--gsd", type=float, help="metres per pixel")
+    p.add_argument("--polarisations", type=int, choices=(1, 2, 4))
+    p.add_argument("--looks", type=int, help="speckle looks L")
+    p.add_argument("--no-preview", action="store_true", help="skip the side-by-side PNG")
+    p.set_defaults(func=cmd_data_synth)
+
+    p = s_data.add_parser("tile", help="cut co-registered SAR + optical GeoTIFFs into a CMPC dataset")
+    _add_common(p)
+    p.add_argument("--sar", help="SAR GeoTIFF")
+    p.add_argument("--optical", help="optical GeoTIFF")
+    p.add_argument("--out", help="dataset root to write")
+    p.add_argument("--patch-px", dest="patch_px", type=int)
+    p.add_argument("--stride-px", dest="stride_px", type=int)
+    p.add_argument("--split", choices=("cross-area", "same-area"))
+    p.add_argument("--test-fraction", dest="test_fraction", type=float)
+    p.add_argument("--non-aligned-per-ref", dest="non_aligned_per_ref", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_data_tile)
+
+    p = s_data.add_parser("info", help="summarise a CMPC dataset")
+    p.add_argument("root")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_info)
+
+    # train
+    p_train = sub.add_parser("train", help="train the embedder and/or the refiner")
+    s_train = p_train.add_subparsers(dest="sub", required=True)
+    for name, func, hlp in (
+        ("emb", cmd_train_emb, "embedding network"),
+        ("refine", cmd_train_refine, "scene-graph refiner"),
+        ("all", cmd_train_all, "embedding then refinement"),
+    ):
+        p = s_train.add_parser(name, help=hlp)
+        _add_common(p, "required")
+        p.set_defaults(func=func)
+
+    # index
+    p_idx = sub.add_parser("index", help="build or inspect a reference index")
+    s_idx = p_idx.add_subparsers(dest="sub", required=True)
+    p = s_idx.add_parser("build", help="embed optical references into index/<name>/")
+    _add_common(p, "required")
+    p.add_argument("--checkpoint", help="embedder checkpoint (default: runs/<name>/emb_best.pt)")
+    p.add_argument("--name", help="index name (folder under index/)")
+    p.add_argument("--factory", help="faiss factory string or auto")
+    p.add_argument("--split", choices=("train", "test"))
+    p.add_argument("--add", action="store_true", help="add references to an existing index")
+    p.set_defaults(func=cmd_index_build)
+    p = s_idx.add_parser("info", help="print an index manifest")
+    p.add_argument("path", help="index folder")
+    p.set_defaults(func=cmd_index_info)
+
+    # localize
+    p = sub.add_parser("localize", help="localize SAR queries against an index")
+    _add_common(p, "required")
+    p.add_argument("--queries", required=True, help="folder of SAR patches, a CMPC dataset root/split, or a SAR GeoTIFF")
+    p.add_argument("--out", help="output folder (default reports/<name>/localize)")
+    p.add_argument("--checkpoint")
+    p.add_argument("--split", default="test", help="split to read when --queries is a dataset root")
+    p.add_argument("--top-k", dest="top_k", type=int)
+    p.add_argument("--prior", help="GeoJSON polygon restricting candidates")
+    p.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"), help="prior centre, metres in the map CRS")
+    p.add_argument("--radius", type=float, help="prior radius, metres")
+    p.set_defaults(func=cmd_localize)
+
+    # test
+    p = sub.add_parser("test", help="evaluate: CMC, mAP, localization error, plots")
+    _add_common(p, "required")
+    p.add_argument("--checkpoint")
+    p.set_defaults(func=cmd_test)
+
+    # demo
+    p = sub.add_parser("demo", help="the whole pipeline on the synthetic world")
+    _add_common(p)
+    p.add_argument("--fresh", action="store_true", help="regenerate every step")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a handler, turning user errors into one line and a non-zero exit."""
+    try:
+        return func(args)
+    except CmpcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    return run(args.func, args)
+
+
+def script_main(command: list[str], argv: list[str] | None = None) -> int:
+    """Entry for the thin top-level scripts (train_emb.py etc.)."""
+    return main(command + list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,465 @@
+"""Typed, validated experiment configuration.
+
+One :class:`Experiment` flows through a run. It is loaded from a JSON file
+(``experiments/*.json``), optionally ``extends`` another file, and takes command-line
+overrides ``--set section.key=value``. Unknown keys, wrong types and out-of-range values are
+one-line :class:`~cmpc.errors.ConfigError` messages that name the key and the valid choices.
+The resolved configuration is saved next to every run's outputs (``config.json``).
+
+Relative paths in a configuration are relative to the current working directory (run the
+commands from the repository root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from cmpc.errors import ConfigError
+from cmpc.utils.io import atomic_write_json
+
+
+def param(
+    default: Any,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+    doc: str = "",
+) -> Any:
+    """A config field with optional inclusive range, choices and a one-line doc (with units)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic SAR/optical world (``cmpc data synth``)."""
+
+    out: str = param("data/demo/world", doc="output folder for optical.tif, sar.tif, labels.tif, dsm.tif")
+    seed: int = param(0, lo=0, doc="random seed; the world is deterministic per seed")
+    size_m: float = param(2048.0, lo=64.0, hi=100_000.0, doc="side of the square world, metres")
+    gsd_m: float = param(1.0, lo=0.05, hi=100.0, doc="ground sampling distance, metres/pixel")
+    epsg: int = param(32631, lo=1024, hi=99999, doc="projected CRS (EPSG code) of the outputs")
+    origin_x: float = param(500_000.0, doc="upper-left x of the world, metres in the CRS")
+    origin_y: float = param(5_000_000.0, doc="upper-left y of the world, metres in the CRS")
+    incidence_deg: float = param(35.0, lo=10.0, hi=70.0, doc="SAR incidence angle at scene centre, degrees")
+    look: str = param("east", choices=("east", "west", "north", "south"), doc="SAR look direction (sensor on the opposite side)")
+    looks: int = param(4, lo=1, hi=64, doc="equivalent number of looks L of the speckle (Gamma)")
+    polarisations: int = param(1, choices=(1, 2, 4), doc="SAR bands: 1 (VV), 2 (VV, VH) or 4 (HH, HV, VH, VV)")
+    sar_db: bool = param(True, doc="store SAR as dB (float32) instead of linear intensity")
+    season: str = param("summer", choices=("spring", "summer", "autumn", "winter"), doc="optical season (vegetation colour)")
+    sun_elevation_deg: float = param(45.0, lo=5.0, hi=90.0, doc="sun elevation for optical shadows, degrees")
+    sun_azimuth_deg: float = param(150.0, lo=0.0, hi=360.0, doc="sun azimuth, degrees clockwise from north")
+    haze: float = param(0.05, lo=0.0, hi=1.0, doc="optical haze strength")
+    clouds: float = param(0.0, lo=0.0, hi=1.0, doc="fraction of the optical image under cloud")
+    change_fraction: float = param(0.05, lo=0.0, hi=1.0, doc="share of buildings added/removed between acquisitions")
+    misregistration_m: float = param(1.0, lo=0.0, hi=50.0, doc="max SAR/optical co-registration error, metres")
+    building_density: float = param(1.0, lo=0.0, hi=3.0, doc="multiplier on the number of buildings")
+
+
+@dataclass
+class TileConfig:
+    """Cutting co-registered rasters into a CMPC dataset (``cmpc data tile``)."""
+
+    sar: str | None = param(None, doc="SAR GeoTIFF; null = <synth.out>/sar.tif")
+    optical: str | None = param(None, doc="optical GeoTIFF; null = <synth.out>/optical.tif")
+    patch_px: int = param(128, lo=16, hi=4096, doc="patch side, pixels of the optical raster")
+    stride_px: int | None = param(None, lo=1, doc="reference grid stride, pixels; null = patch_px/2 (50 % overlap)")
+    split: str = param("cross-area", choices=("cross-area", "same-area"), doc="train/test protocol")
+    test_fraction: float = param(0.25, lo=0.0, hi=0.9, doc="share of the area (cross-area) or queries (same-area) used for test")
+    block_m: float | None = param(None, lo=1.0, doc="cross-area block side, metres; null = one east strip")
+    buffer_px: int | None = param(None, lo=0, doc="gap between train and test areas, pixels; null = patch_px")
+    aligned: bool = param(True, doc="write aligned queries (same footprint as a reference)")
+    non_aligned_per_ref: float = param(1.0, lo=0.0, hi=20.0, doc="non-aligned queries per reference (random positions)")
+    nodata_max_frac: float = param(0.2, lo=0.0, hi=1.0, doc="skip patches with more nodata than this")
+    near_k: int = param(8, lo=0, hi=256, doc="length of near_id lists")
+    seed: int = param(0, lo=0, doc="random seed for non-aligned query positions")
+
+
+@dataclass
+class DataConfig:
+    """The dataset a run reads (CMPC layout)."""
+
+    root: str = param("data/demo/dataset", doc="dataset root (ROOT/{train,test}/...)")
+    img_size: int = param(128, lo=16, hi=2048, doc="model input side, pixels (patches are resized)")
+    num_workers: int = param(0, lo=0, hi=64, doc="DataLoader worker processes")
+    augment: bool = param(True, doc="random flips/rot90 applied identically to both modalities, brightness jitter")
+    cache: bool = param(True, doc="keep decoded patches in RAM during training")
+
+
+@dataclass
+class ModelConfig:
+    """Pseudo-siamese embedder."""
+
+    backbone: str = param("mobilenetv3_small_100", doc="any timm model name (features_only not required)")
+    pretrained: bool = param(False, doc="use timm pretrained weights (needs them cached locally)")
+    weights: str | None = param(None, doc="local weights file for the trunk (state_dict)")
+    embed_dim: int = param(256, lo=8, hi=4096, doc="embedding dimension D")
+    stem_channels: int = param(16, lo=3, hi=256, doc="channels out of each modality-specific stem")
+    gem_p: float = param(3.0, lo=1.0, hi=10.0, doc="initial GeM pooling exponent")
+    share_trunk: bool = param(True, doc="share the trunk between modalities (pseudo-siamese stems stay separate)")
+    sar_channels: int | None = param(None, lo=1, hi=64, doc="SAR input bands; null = from the data")
+    optical_channels: int | None = param(None, lo=1, hi=64, doc="optical input bands; null = from the data")
+
+
+@dataclass
+class LossConfig:
+    """Metric losses and modal alignment; weights of 0 switch a term off."""
+
+    triplet: float = param(1.0, lo=0.0, doc="weight of the batch-hard triplet loss")
+    margin: float = param(0.3, lo=0.0, hi=2.0, doc="triplet margin (cosine distance units)")
+    infonce: float = param(1.0, lo=0.0, doc="weight of symmetric InfoNCE")
+    temperature: float = param(0.07, lo=0.001, hi=1.0, doc="initial InfoNCE temperature (learnable)")
+    critic: float = param(0.05, lo=0.0, doc="weight of the Wasserstein modal-alignment term")
+    critic_steps: int = param(2, lo=1, hi=20, doc="critic updates per batch")
+    critic_mode: str = param("gp", choices=("clip", "gp"), doc="Lipschitz constraint: weight clipping or gradient penalty")
+    critic_clip: float = param(0.01, lo=1e-4, hi=1.0, doc="weight clip value (critic_mode=clip)")
+    critic_gp: float = param(10.0, lo=0.0, doc="gradient-penalty weight (critic_mode=gp)")
+    critic_hidden: int = param(256, lo=8, hi=4096, doc="critic MLP width")
+    critic_lr: float = param(1e-4, lo=1e-7, hi=1.0, doc="critic learning rate")
+
+
+@dataclass
+class TrainConfig:
+    """Embedding training."""
+
+    epochs: int = param(20, lo=1, hi=10_000, doc="epochs")
+    batch_size: int = param(32, lo=2, hi=4096, doc="locations per batch (each gives a SAR and an optical view)")
+    lr: float = param(1e-3, lo=1e-7, hi=1.0, doc="AdamW learning rate")
+    weight_decay: float = param(1e-4, lo=0.0, hi=1.0, doc="AdamW weight decay")
+    warmup_epochs: float = param(1.0, lo=0.0, doc="linear warm-up, epochs; then cosine decay")
+    seed: int = param(0, lo=0, doc="random seed")
+    device: str = param("auto", doc="auto | cpu | cuda | cuda:N")
+    amp: bool = param(True, doc="mixed precision on CUDA (ignored on CPU)")
+    channels_last: bool = param(True, doc="channels_last memory format on CUDA")
+    val_every: int = param(1, lo=1, doc="validate every N epochs")
+    val_fraction: float = param(0.1, lo=0.0, hi=0.5, doc="share of training locations held out for validation")
+    hard_negatives: str = param("geo+embedding", choices=("none", "geo", "embedding", "geo+embedding"), doc="batch composition")
+    mining_start_epoch: int = param(1, lo=0, doc="first epoch (0-based) that uses embedding-mined negatives")
+    threads: int | None = param(None, lo=1, hi=256, doc="torch CPU threads; null = all cores")
+    max_steps_per_epoch: int | None = param(None, lo=1, doc="cap on steps per epoch (tests)")
+    grad_clip: float = param(5.0, lo=0.0, doc="gradient norm clip; 0 = off")
+
+
+@dataclass
+class IndexConfig:
+    """FAISS index of the optical references (``cmpc index build``)."""
+
+    name: str | None = param(None, doc="index/<name>/; null = the experiment name")
+    factory: str = param("auto", doc="faiss index_factory string (Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32,Refine(Flat), ...) or auto")
+    split: str = param("test", choices=("train", "test"), doc="which split's optical references form the map")
+    batch_size: int = param(64, lo=1, hi=65536, doc="references embedded per batch")
+    nprobe: int = param(16, lo=1, hi=65536, doc="IVF cells visited per query")
+    ef_search: int = param(64, lo=1, hi=65536, doc="HNSW efSearch")
+    use_gpu: bool = param(True, doc="use faiss GPU when available")
+
+
+@dataclass
+class RefineConfig:
+    """Scene-graph refinement of the top-k candidates."""
+
+    enabled: bool = param(True, doc="train and use the refiner")
+    k: int = param(10, lo=2, hi=200, doc="candidates per query (graph nodes)")
+    spatial_knn: int = param(4, lo=0, hi=64, doc="edges to the nearest candidates by position (0 = off)")
+    feature_knn: int = param(4, lo=0, hi=64, doc="edges to the most similar candidates (0 = off)")
+    hidden: int = param(128, lo=8, hi=2048, doc="GNN width")
+    layers: int = param(3, lo=1, hi=16, doc="GNN layers")
+    heads: int = param(4, lo=1, hi=32, doc="attention heads")
+    epochs: int = param(30, lo=1, hi=10_000, doc="training epochs")
+    batch_size: int = param(64, lo=1, hi=8192, doc="graphs per batch")
+    lr: float = param(1e-3, lo=1e-7, hi=1.0, doc="learning rate")
+    rank_margin: float = param(0.2, lo=0.0, hi=10.0, doc="ranking margin between correct and other candidates")
+    position_weight: float = param(1.0, lo=0.0, doc="weight of the position regression loss")
+    fine_align: bool = param(True, doc="estimate the sub-patch offset by dense feature correlation")
+    fine_top: int = param(3, lo=1, hi=50, doc="candidates aligned densely")
+    fine_max_shift_px: int | None = param(None, lo=0, doc="search radius of the dense alignment, pixels; null = patch/2")
+
+
+@dataclass
+class LocalizeConfig:
+    """Query-time settings (``cmpc localize``)."""
+
+    top_k: int = param(20, lo=1, hi=1000, doc="candidates kept per query")
+    batch_size: int = param(64, lo=1, hi=65536, doc="queries embedded per batch")
+    prior: str | None = param(None, doc="GeoJSON polygon file restricting candidates")
+    prior_center: list[float] | None = param(None, doc="[x, y] metres in the map CRS; with prior_radius_m")
+    prior_radius_m: float | None = param(None, lo=0.0, doc="radius around prior_center, metres")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (``test.py``)."""
+
+    ks: list[int] = param([1, 5, 10, 20], doc="recall@k cut-offs")
+    thresholds_m: list[float] = param([1, 2, 5, 10, 25, 50, 100, 200], doc="localization-error thresholds, metres")
+    query_sets: list[str] = param(["aligned", "non_aligned"], doc="query sets to evaluate")
+    grid_queries: int = param(6, lo=0, hi=100, doc="queries shown in the retrieval grid")
+    out: str | None = param(None, doc="report folder; null = reports/<name>")
+
+
+SECTIONS: dict[str, type] = {
+    "synth": SynthConfig,
+    "tile": TileConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "index": IndexConfig,
+    "refine": RefineConfig,
+    "localize": LocalizeConfig,
+    "eval": EvalConfig,
+}
+
+
+@dataclass
+class Experiment:
+    """A whole experiment: its name, where outputs go, and one config per section."""
+
+    name: str = "experiment"
+    description: str = ""
+    runs_dir: str = "runs"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    tile: TileConfig = field(default_factory=TileConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---- derived paths (not stored) ----
+    @property
+    def run_dir(self) -> Path:
+        """``runs/<name>/``: checkpoints, logs, resolved config."""
+        return Path(self.runs_dir) / self.name
+
+    @property
+    def index_dir(self) -> Path:
+        """``index/<index.name or name>/``."""
+        return Path("index") / (self.index.name or self.name)
+
+    @property
+    def report_dir(self) -> Path:
+        """``reports/<name>/`` unless ``eval.out`` is set."""
+        return Path(self.eval.out) if self.eval.out else Path("reports") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved configuration as JSON (atomic)."""
+        atomic_write_json(path, self.to_dict())
+
+
+_TOP_KEYS = ("name", "description", "runs_dir", "extends")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        (inner,) = get_args(tp) or (Any,)
+        return f"list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints accepted for floats)."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {json.dumps(value)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {json.dumps(value)}")
+        (inner,) = get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {json.dumps(value)}")
+
+
+def _check_range(value: Any, f: dataclasses.Field, key: str) -> None:
+    meta = f.metadata
+    choices = meta.get("choices")
+    if choices is not None and value is not None and value not in choices:
+        raise ConfigError(f"config key '{key}': {json.dumps(value)} is not one of {list(choices)}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    vals = value if isinstance(value, list) else [value]
+    for v in vals:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if lo is not None and v < lo:
+                raise ConfigError(f"config key '{key}': {v} is below the minimum {lo}")
+            if hi is not None and v > hi:
+                raise ConfigError(f"config key '{key}': {v} is above the maximum {hi}")
+
+
+def _build_section(cls: type, raw: Any, section: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{section}' must be an object, got {json.dumps(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{section}.{unknown[0]}'; valid keys in '{section}': {sorted(fields)}"
+        )
+    obj = cls()
+    for name, value in raw.items():
+        key = f"{section}.{name}"
+        v = _coerce(value, hints[name], key)
+        _check_range(v, fields[name], key)
+        setattr(obj, name, v)
+    return obj
+
+
+def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
+    """Validate a plain dict (already merged) into an :class:`Experiment`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("an experiment file must hold a JSON object")
+    unknown = sorted(set(raw) - set(SECTIONS) - set(_TOP_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{unknown[0]}'; valid top-level keys: {sorted(set(SECTIONS) | set(_TOP_KEYS) - {'extends'})}"
+        )
+    exp = Experiment()
+    for key in ("name", "description", "runs_dir"):
+        if key in raw:
+            if not isinstance(raw[key], str) or (key != "description" and not raw[key]):
+                raise ConfigError(f"config key '{key}': expected a non-empty string, got {json.dumps(raw[key])}")
+            setattr(exp, key, raw[key])
+    if "/" in exp.name or exp.name.startswith("."):
+        raise ConfigError(f"config key 'name': {exp.name!r} must be a plain folder name")
+    for section, cls in SECTIONS.items():
+        if section in raw:
+            setattr(exp, section, _build_section(cls, raw[section], section))
+    return exp
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_json(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: an experiment file must hold a JSON object")
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: 'extends' must be a file name")
+        ppath = (path.parent / parent).resolve()
+        if ppath in chain:
+            raise ConfigError(f"{path}: circular 'extends' through {ppath.name}")
+        raw = _deep_merge(_read_json(ppath, chain + (path.resolve(),)), raw)
+    return raw
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is JSON when it parses, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts) or len(parts) > 2:
+        raise ConfigError(f"--set {text!r}: expected section.key=value (or name=value)")
+    try:
+        parsed: Any = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return parts, parsed
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Experiment:
+    """Load, merge (``extends``), override (``--set``) and validate an experiment.
+
+    ``path`` None gives the defaults (plus overrides).
+    """
+    raw: dict[str, Any] = _read_json(Path(path)) if path is not None else {}
+    if path is not None and "name" not in raw:
+        raw["name"] = Path(path).stem
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        if len(parts) == 1:
+            raw[parts[0]] = value
+        else:
+            section, key = parts
+            if section not in SECTIONS:
+                raise ConfigError(f"--set {text!r}: unknown section '{section}'; valid: {sorted(SECTIONS)}")
+            sec = raw.setdefault(section, {})
+            if not isinstance(sec, dict):
+                raise ConfigError(f"config section '{section}' must be an object")
+            sec[key] = value
+    return experiment_from_dict(raw)
+
+
+def describe(section: str | None = None) -> str:
+    """Human-readable list of config keys with defaults and docs (``cmpc config keys``)."""
+    lines: list[str] = []
+    for name, cls in SECTIONS.items():
+        if section and name != section:
+            continue
+        lines.append(f"[{name}]")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            extra = ""
+            if f.metadata.get("choices"):
+                extra = f" choices={list(f.metadata['choices'])}"
+            lines.append(f"  {f.name}: {_type_name(hints[f.name])} = {json.dumps(default)}{extra}  # {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,7 @@
+#!/usr/bin/env python
+"""`python train.py EXPERIMENT.json [--set section.key=value ...]` = `cmpc train all ...`."""
+
+from cmpc.cli import script_main
+
+if __name__ == "__main__":
+    raise SystemExit(script_main(['train', 'all']))
