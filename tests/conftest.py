@@ -1,0 +1,25 @@
+"""Shared test settings: offline hub, few threads, and the real-data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CMPC_THREADS", "2")
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ["CMPC_THREADS"]))
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = Path(os.environ.get("CMPC_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """../shared/data/real, or skip the test with a reason when it is absent."""
+    if not REAL.is_dir():
+        pytest.skip(f"real data folder {REAL} is absent (set CMPC_REAL_DATA to point at it)")
+    return REAL
