@@ -208,6 +208,49 @@ class EvalConfig:
     out: str | None = param(None, doc="report folder; null = reports/<name>")
 
 
+@dataclass
+class TranslateConfig:
+    """Image translators (``cmpc translate``) and their use as auxiliary views in embedding training."""
+
+    model: str = param("pix2pix", choices=("pix2pix", "cyclegan", "segcyclegan"), doc="translator to train")
+    direction: str = param("sar2opt", choices=("sar2opt", "opt2sar"), doc="pix2pix direction (CycleGANs learn both)")
+    patch_px: int = param(64, lo=16, hi=1024, doc="training crop side, pixels of the dataset patches (generators are fully convolutional)")
+    ngf: int = param(16, lo=4, hi=256, doc="generator width (reference: 64)")
+    ndf: int = param(16, lo=4, hi=256, doc="discriminator width (reference: 64)")
+    n_blocks: int = param(6, lo=1, hi=16, doc="ResNet generator blocks (reference: 9 at 256 px)")
+    unet_depth: int | None = param(None, lo=2, hi=10, doc="U-Net down-samplings; null = log2(patch_px) (1x1 bottleneck)")
+    disc_layers: int | None = param(None, lo=1, hi=5, doc="PatchGAN strided layers: 3 = 70x70 receptive field, 2 = 34x34, 1 = 16x16; null = by patch_px")
+    epochs: int = param(10, lo=1, hi=10_000, doc="translator training epochs (lr decays linearly to 0 over the second half)")
+    lr: float = param(2e-4, lo=1e-7, hi=1.0, doc="Adam learning rate (beta1 = 0.5)")
+    batch_size: int = param(4, lo=1, hi=1024, doc="patches per step")
+    max_steps_per_epoch: int | None = param(None, lo=1, doc="cap on steps per epoch (tests, quick runs)")
+    lambda_l1: float = param(100.0, lo=0.0, doc="pix2pix L1 weight")
+    lambda_cycle: float = param(10.0, lo=0.0, doc="CycleGAN cycle-consistency weight")
+    lambda_identity: float = param(0.5, lo=0.0, doc="CycleGAN identity weight (x lambda_cycle); needs equal band counts")
+    lambda_seg: float = param(1.0, lo=0.0, doc="Seg-CycleGAN segmentation loss weight")
+    pool_size: int = param(50, lo=0, hi=10_000, doc="CycleGAN image pool of past fakes (0 = off)")
+    label_raster: str | None = param(None, doc="class-mask GeoTIFF aligned with the optical raster; null = <synth.out>/labels.tif")
+    seg_dir: str | None = param(None, doc="folder of the segmentation networks; null = <runs_dir>/seg/<dataset folder>")
+    seg_epochs: int = param(8, lo=1, hi=10_000, doc="segmentation network training epochs")
+    seg_width: int = param(16, lo=4, hi=256, doc="segmentation U-Net width")
+    save_every: int = param(1, lo=1, doc="save a translator checkpoint every N epochs (checkpoint selection uses them)")
+    out: str | None = param(None, doc="translator run folder; null = runs/<name>/translator")
+    seed: int = param(0, lo=0, doc="random seed")
+    device: str = param("auto", doc="auto | cpu | cuda | cuda:N")
+    threads: int | None = param(None, lo=1, hi=256, doc="torch CPU threads; null = all cores")
+    eval_split: str = param("test", choices=("train", "test"), doc="split whose aligned pairs the metrics use")
+    eval_max: int = param(256, lo=1, doc="most patch pairs evaluated")
+    checkpoint: str | None = param(None, doc="translator checkpoint for apply/eval; null = <out>/last.pt")
+    views: list[str] = param([], doc="translator checkpoints whose outputs are extra views in embedding training")
+    view_prob: float = param(0.3, lo=0.0, hi=1.0, doc="probability that a training location uses a translated view")
+    cache_views: bool = param(True, doc="precompute translated views once into an HDF5 cache")
+    select_epochs: int = param(3, lo=1, hi=1000, doc="embedder epochs per candidate in `cmpc translate select`")
+    select_checkpoints: list[str] = param([], doc="candidates for `select`; empty = every epoch_*.pt in <out>")
+    ensemble: list[str] = param([], doc="embedder checkpoints fused by `cmpc translate ensemble`")
+    ensemble_trials: int = param(60, lo=1, hi=100_000, doc="Optuna trials tuning the fusion weights")
+    ensemble_candidates: int = param(50, lo=1, hi=10_000, doc="top-k per model pooled before fused re-scoring")
+
+
 SECTIONS: dict[str, type] = {
     "synth": SynthConfig,
     "tile": TileConfig,
@@ -219,6 +262,7 @@ SECTIONS: dict[str, type] = {
     "refine": RefineConfig,
     "localize": LocalizeConfig,
     "eval": EvalConfig,
+    "translate": TranslateConfig,
 }
 
 
@@ -239,6 +283,7 @@ class Experiment:
     refine: RefineConfig = field(default_factory=RefineConfig)
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    translate: TranslateConfig = field(default_factory=TranslateConfig)
 
     # ---- derived paths (not stored) ----
     @property
