@@ -85,6 +85,11 @@ class TileConfig:
     nodata_max_frac: float = param(0.2, lo=0.0, hi=1.0, doc="skip patches with more nodata than this")
     near_k: int = param(8, lo=0, hi=256, doc="length of near_id lists")
     seed: int = param(0, lo=0, doc="random seed for non-aligned query positions")
+    sar_bands: list[int] | None = param(None, lo=1, doc="1-based SAR band indexes to keep; null = all bands")
+    optical_bands: list[int] | None = param(None, lo=1, doc="1-based optical band indexes to keep; null = all bands")
+    crs: str | None = param(None, doc="dataset CRS (e.g. EPSG:32631); null = the optical CRS, or its local UTM zone when geographic")
+    reproject: bool = param(False, doc="warp the SAR raster to the optical CRS when they differ (else a CRS mismatch is an error)")
+    block_px: int = param(1024, lo=16, hi=65536, doc="side of the windows read at once, pixels (memory ~ (block+patch)^2 x bands x 4 bytes)")
 
 
 @dataclass
