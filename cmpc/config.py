@@ -200,6 +200,10 @@ class LocalizeConfig:
     prior: str | None = param(None, doc="GeoJSON polygon file restricting candidates")
     prior_center: list[float] | None = param(None, doc="[x, y] metres in the map CRS; with prior_radius_m")
     prior_radius_m: float | None = param(None, lo=0.0, doc="radius around prior_center, metres")
+    raster_patch_px: int | None = param(None, lo=8, hi=8192, doc="patch side when tiling a SAR GeoTIFF, pixels; null = the index's patch size in metres / the raster GSD")
+    raster_stride_px: int | None = param(None, lo=1, doc="stride when tiling a SAR GeoTIFF, pixels; null = raster_patch_px/2")
+    raster_bands: list[int] | None = param(None, doc="1-based bands of a SAR GeoTIFF to use; null = all")
+    reproject: bool = param(False, doc="warp a query GeoTIFF in another projected CRS to the map CRS (resamples the SAR) instead of refusing it")
 
 
 @dataclass
