@@ -74,6 +74,10 @@ def cmd_data_tile(args: argparse.Namespace) -> int:
                 "test_fraction": "tile.test_fraction",
                 "non_aligned_per_ref": "tile.non_aligned_per_ref",
                 "seed": "tile.seed",
+                "sar_bands": "tile.sar_bands",
+                "optical_bands": "tile.optical_bands",
+                "crs": "tile.crs",
+                "reproject": "tile.reproject",
             },
         ),
     )
@@ -157,6 +161,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_translate_train(args: argparse.Namespace) -> int:
+    from cmpc.translate.train import train_translator
+
+    exp = _exp(args, _flag_overrides(args, {"model": "translate.model", "direction": "translate.direction", "epochs": "translate.epochs"}))
+    print(json.dumps({"checkpoint": str(train_translator(exp))}))
+    return 0
+
+
+def cmd_translate_seg(args: argparse.Namespace) -> int:
+    from cmpc.translate.segment import load_segmenter, train_segmenter
+
+    exp = _exp(args)
+    out = {}
+    for mode in args.modality:
+        path = train_segmenter(exp, mode, force=args.force)
+        out[mode] = {"checkpoint": str(path), **load_segmenter(path)[1].get("metrics", {})}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_translate_apply(args: argparse.Namespace) -> int:
+    from cmpc.translate.apply import apply_translator
+
+    exp = _exp(args)
+    print(json.dumps(apply_translator(exp, args.checkpoint, split=args.split, direction=args.direction, out=args.out), indent=2))
+    return 0
+
+
+def cmd_translate_eval(args: argparse.Namespace) -> int:
+    from cmpc.translate.evaluate import evaluate_translator
+
+    exp = _exp(args)
+    res = evaluate_translator(exp, args.checkpoint, split=args.split, out=args.out)
+    print(json.dumps({k: v for k, v in res.items() if k != "meta"}, indent=2))
+    return 0
+
+
+def cmd_translate_select(args: argparse.Namespace) -> int:
+    from cmpc.translate.select import select_checkpoint
+
+    exp = _exp(args)
+    print(json.dumps(select_checkpoint(exp, candidates=args.checkpoints or None), indent=2))
+    return 0
+
+
+def cmd_translate_ensemble(args: argparse.Namespace) -> int:
+    from cmpc.translate.ensemble import run_ensemble
+
+    exp = _exp(args)
+    res = run_ensemble(exp, members=args.members or None, trials=args.trials)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("meta",)}, indent=2))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -210,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", dest="test_fraction", type=float)
     p.add_argument("--non-aligned-per-ref", dest="non_aligned_per_ref", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--sar-bands", dest="sar_bands", type=int, nargs="+", metavar="B", help="1-based SAR bands to keep")
+    p.add_argument("--optical-bands", dest="optical_bands", type=int, nargs="+", metavar="B", help="1-based optical bands to keep")
+    p.add_argument("--crs", help="dataset CRS (default: the optical CRS, or its local UTM zone when geographic)")
+    p.add_argument("--reproject", action="store_true", default=None, help="warp the SAR raster to the optical CRS when they differ")
     p.set_defaults(func=cmd_data_tile)
 
     p = s_data.add_parser("info", help="summarise a CMPC dataset")
@@ -262,6 +324,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "required")
     p.add_argument("--checkpoint")
     p.set_defaults(func=cmd_test)
+
+    # translate
+    p_tr = sub.add_parser("translate", help="SAR <-> optical translators: train, apply, eval, checkpoint selection, ensemble")
+    s_tr = p_tr.add_subparsers(dest="sub", required=True)
+    p = s_tr.add_parser("train", help="train translate.model (pix2pix | cyclegan | segcyclegan) on data.root")
+    _add_common(p, "required")
+    p.add_argument("--model", choices=("pix2pix", "cyclegan", "segcyclegan"))
+    p.add_argument("--direction", choices=("sar2opt", "opt2sar"), help="pix2pix direction")
+    p.add_argument("--epochs", type=int)
+    p.set_defaults(func=cmd_translate_train)
+    p = s_tr.add_parser("seg", help="train the segmentation networks (judges for Seg-CycleGAN and the metrics)")
+    _add_common(p, "required")
+    p.add_argument("--modality", nargs="+", choices=("opt", "sar"), default=["opt", "sar"])
+    p.add_argument("--force", action="store_true", help="retrain even when up to date")
+    p.set_defaults(func=cmd_translate_seg)
+    p = s_tr.add_parser("apply", help="translate a split's patches into a new CMPC dataset")
+    _add_common(p, "required")
+    p.add_argument("--checkpoint", help="translator checkpoint (default translate.checkpoint or <out>/last.pt)")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--direction", choices=("sar2opt", "opt2sar"))
+    p.add_argument("--out", help="output dataset root (default <data.root>_<model>_<direction>)")
+    p.set_defaults(func=cmd_translate_apply)
+    p = s_tr.add_parser("eval", help="PSNR, SSIM, segmentation mPA/mIoU/FwIoU and FID-seg of a translator")
+    _add_common(p, "required")
+    p.add_argument("--checkpoint")
+    p.add_argument("--split", choices=("train", "test"))
+    p.add_argument("--out", help="report folder (default reports/<name>/translate)")
+    p.set_defaults(func=cmd_translate_eval)
+    p = s_tr.add_parser("select", help="pick the translator checkpoint whose views give the best validation R@1")
+    _add_common(p, "required")
+    p.add_argument("--checkpoints", nargs="+", help="candidates (default translate.select_checkpoints or every epoch_*.pt)")
+    p.set_defaults(func=cmd_translate_select)
+    p = s_tr.add_parser("ensemble", help="fuse embedders by score with Optuna-tuned weights; report members and ensemble")
+    _add_common(p, "required")
+    p.add_argument("--members", nargs="+", help="embedder checkpoints (default translate.ensemble)")
+    p.add_argument("--trials", type=int, help="Optuna trials (default translate.ensemble_trials)")
+    p.set_defaults(func=cmd_translate_ensemble)
 
     # demo
     p = sub.add_parser("demo", help="the whole pipeline on the synthetic world")
