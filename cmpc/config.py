@@ -215,6 +215,7 @@ class EvalConfig:
     query_sets: list[str] = param(["aligned", "non_aligned"], doc="query sets to evaluate")
     grid_queries: int = param(6, lo=0, hi=100, doc="queries shown in the retrieval grid")
     out: str | None = param(None, doc="report folder; null = reports/<name>")
+    plots: bool = param(True, doc="write the PNG plots (CMC, error CDF, retrieval grid, error map)")
 
 
 @dataclass
