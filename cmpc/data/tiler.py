@@ -1,0 +1,549 @@
+"""Cut a co-registered SAR raster and an optical raster into a CMPC dataset (``cmpc data tile``).
+
+- References: a regular grid of ``patch_px`` windows on the optical raster (stride default
+  ``patch_px // 2``, 50 % overlap); ``pos`` is the footprint centre in metres.
+- Aligned queries: the SAR over exactly a reference's footprint (resampled onto the optical
+  grid when the SAR GSD or grid differs).
+- Non-aligned queries: SAR at random (seeded) positions, ``non_aligned_per_ref`` per
+  reference; their ``id`` is the nearest reference (centre distance) of the same split's map.
+- Splits (see :mod:`cmpc.data.splits`): ``cross-area`` (east test strip or random blocks,
+  separated by a buffer; one reference map per split) or ``same-area`` (one map written to
+  both splits with the same ids; queries go to test with probability ``test_fraction``).
+- A footprint with more than ``nodata_max_frac`` nodata in EITHER modality is skipped (for a
+  reference: the reference and its aligned query).
+- 8-bit bands are written as PNG, anything else (float, uint16) as a GeoTIFF patch with its
+  own CRS and transform. ``near_id`` lists the ``near_k`` nearest references (nearest first,
+  ties by lower id; a patch's own reference comes first).
+- Output: the CMPC layout plus ``dataset.json`` and ``footprints.gpkg`` (layers train_opt,
+  train_sar, test_opt, test_sar). The whole dataset is built in a temporary folder and
+  renamed into place: a failed run leaves nothing half-written and an older dataset intact.
+
+Rasters are read in blocks of ``block_px`` (plus one patch) on both modalities at once, so
+memory is bounded and a mosaic larger than memory works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from affine import Affine
+
+from cmpc.config import Experiment, TileConfig
+from cmpc.data.layout import MODES, SPLITS, Annotation
+from cmpc.data.raster import (
+    Grid,
+    RasterSource,
+    block_groups,
+    check_same_crs,
+    crs_name,
+    open_raster,
+    overlap_bounds,
+)
+from cmpc.data.splits import BOTH, TEST, TRAIN, SplitPlan, plan_split
+from cmpc.errors import DataError
+from cmpc.utils.io import atomic_dir
+
+_PNG_BANDS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def tile_dataset(exp: Experiment) -> dict[str, Any]:
+    """``cmpc data tile``: tile ``exp.tile.sar`` / ``exp.tile.optical`` (default
+    ``<synth.out>/sar.tif`` and ``optical.tif``) into ``exp.data.root``; returns the summary
+    (also in ``ROOT/dataset.json``). ``model.sar_channels`` / ``model.optical_channels``,
+    when set, must match the selected band counts."""
+    world = Path(exp.synth.out)
+    sar = Path(exp.tile.sar) if exp.tile.sar else world / "sar.tif"
+    optical = Path(exp.tile.optical) if exp.tile.optical else world / "optical.tif"
+    return tile(
+        sar,
+        optical,
+        exp.data.root,
+        exp.tile,
+        sar_channels=exp.model.sar_channels,
+        optical_channels=exp.model.optical_channels,
+    )
+
+
+def tile(
+    sar_path: str | os.PathLike[str],
+    optical_path: str | os.PathLike[str],
+    out_root: str | os.PathLike[str],
+    cfg: TileConfig,
+    *,
+    sar_channels: int | None = None,
+    optical_channels: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Tile ``sar_path`` + ``optical_path`` into the CMPC dataset ``out_root`` (atomic).
+
+    ``sar_channels`` / ``optical_channels``: band counts the caller requires (None = any).
+    ``progress``: tqdm bar on stderr (None = only when stderr is a terminal).
+    Returns the dataset summary written to ``ROOT/dataset.json``.
+    Raises :class:`DataError` (one line) for unusable input; nothing is written then.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_root)
+    _check_out_root(out, [Path(sar_path), Path(optical_path)])
+    with _open_pair(Path(sar_path), Path(optical_path), cfg) as (sar, opt, sar_extent):
+        for src, want, key in ((sar, sar_channels, "model.sar_channels"), (opt, optical_channels, "model.optical_channels")):
+            if want is not None and src.count != want:
+                sel = "tile.sar_bands" if src is sar else "tile.optical_bands"
+                raise DataError(
+                    f"the {src.role} raster gives {src.count} band(s) {src.bands} but {key} = {want}; "
+                    f"select bands with {sel} or change {key}"
+                )
+        job = _plan(sar_extent, opt, cfg)
+        created_parent = not out.parent.exists()
+        try:
+            with atomic_dir(out) as tmp:
+                summary = _run(job, sar, opt, cfg, tmp, progress)
+                summary["seconds"] = round(time.perf_counter() - t0, 2)
+                summary["root"] = str(out)
+                _write_json(tmp / "dataset.json", summary)
+        except BaseException:
+            if created_parent and out.parent.is_dir() and not any(out.parent.iterdir()):
+                out.parent.rmdir()
+            raise
+    return summary
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_out_root(out: Path, inputs: list[Path]) -> None:
+    """Refuse to replace a folder that is not a CMPC dataset (or that holds the inputs)."""
+    for p in inputs:
+        try:
+            if p.resolve().is_relative_to(out.resolve()):
+                raise DataError(f"the output folder {out} contains the input {p}; choose another --out")
+        except OSError:
+            pass
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"the output {out} exists and is not a folder; choose another --out")
+        is_dataset = (out / "dataset.json").is_file() or any((out / s / "annotations").is_dir() for s in SPLITS)
+        if any(out.iterdir()) and not is_dataset:
+            raise DataError(f"refusing to replace {out}: it exists, is not empty and is not a CMPC dataset; choose another --out")
+
+
+class _open_pair:
+    """Open the optical raster (working CRS: tile.crs, its own, or local UTM) and the SAR
+    raster viewed in the same CRS (warped onto the optical grid when it must be reprojected).
+
+    Yields ``(sar, optical, sar_extent)``; ``sar_extent`` is the SAR file's data bounds in the
+    working CRS (the warped view itself spans the whole optical grid).
+    """
+
+    def __init__(self, sar_path: Path, optical_path: Path, cfg: TileConfig) -> None:
+        self.sar_path, self.optical_path, self.cfg = sar_path, optical_path, cfg
+        self.opened: list[RasterSource] = []
+
+    def __enter__(self) -> tuple[RasterSource, RasterSource, tuple[float, float, float, float]]:
+        cfg = self.cfg
+        try:
+            opt = open_raster(self.optical_path, bands=cfg.optical_bands, crs=cfg.crs, role="optical")
+            self.opened.append(opt)
+            sar = open_raster(self.sar_path, bands=cfg.sar_bands, role="SAR")
+            self.opened.append(sar)
+            if not cfg.reproject:
+                check_same_crs(sar, opt)
+            extent = _source_extent(sar, opt.crs)
+            if sar.crs != opt.crs or sar.warped:
+                # Warp straight onto the optical grid: one resampling, and reads need none.
+                sar = open_raster(self.sar_path, bands=cfg.sar_bands, grid=opt.grid, role="SAR")
+                self.opened.append(sar)
+        except BaseException:
+            self.__exit__()
+            raise
+        return sar, opt, extent
+
+    def __exit__(self, *exc: object) -> None:
+        for src in self.opened:
+            src.close()
+        self.opened = []
+
+
+def _source_extent(src: RasterSource, crs: Any) -> tuple[float, float, float, float]:
+    """Bounds of the source file's data in ``crs`` (metres)."""
+    from rasterio.warp import transform_bounds
+
+    b = tuple(float(v) for v in src._file.bounds)
+    if src.source_crs == crs:
+        return b  # type: ignore[return-value]
+    return tuple(transform_bounds(src.source_crs, crs, *b, densify_pts=21))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Job:
+    """Everything decided before any pixel is read (pixels of the optical grid)."""
+
+    grid: Grid
+    plan: SplitPlan
+    stride_px: int
+    ref_tops: np.ndarray
+    ref_lefts: np.ndarray
+    ref_split: np.ndarray  # TRAIN / TEST, or BOTH (same-area: one map for both splits)
+    ref_query_split: np.ndarray  # split of each reference's aligned query
+    q_tops: np.ndarray
+    q_lefts: np.ndarray
+    q_split: np.ndarray
+
+
+def _plan(sar_extent: tuple[float, float, float, float], opt: RasterSource, cfg: TileConfig) -> _Job:
+    g = opt.grid
+    p = cfg.patch_px
+    stride = cfg.stride_px or max(1, p // 2)
+    if not cfg.aligned and cfg.non_aligned_per_ref <= 0:
+        raise DataError("no SAR queries would be written: set tile.aligned=true or tile.non_aligned_per_ref > 0")
+    opt_ext = _source_extent(opt, g.crs)
+    ov = overlap_bounds(opt_ext, sar_extent)
+    if ov is None:
+        raise DataError(
+            f"the SAR and optical rasters do not overlap: SAR covers {_fmt_box(sar_extent)} and optical "
+            f"{_fmt_box(opt_ext)} (metres in {crs_name(g.crs)}); check that they show the same place"
+        )
+    area = _area_window(g, ov)
+    plan = plan_split(
+        cfg.split, area, p, stride, cfg.test_fraction, g.gsd_m,
+        buffer_px=cfg.buffer_px, block_m=cfg.block_m, seed=cfg.seed,
+    )
+    tops, lefts, codes = plan.reference_grid()
+    if cfg.split == "cross-area":
+        for code, name in ((TRAIN, "train"), (TEST, "test")):
+            if not np.any(codes == code):
+                raise DataError(
+                    f"no {name} reference fits: the {name} area holds no {p} px patch; "
+                    f"change tile.test_fraction, tile.block_m, tile.buffer_px or tile.patch_px"
+                )
+    elif len(tops) == 0:
+        raise DataError(f"no reference fits in the {area[3]}x{area[2]} px overlap with {p} px patches; lower tile.patch_px")
+    # Independent seeded streams, so e.g. changing the query rate does not move the blocks.
+    rng_pos = np.random.default_rng([cfg.seed, 2])
+    rng_assign = np.random.default_rng([cfg.seed, 3])
+    rate = cfg.non_aligned_per_ref
+    if cfg.split == "same-area":
+        ref_q = np.where(rng_assign.random(len(tops)) < cfg.test_fraction, TEST, TRAIN).astype(np.int8)
+        qt, ql, _ = plan.sample_queries({BOTH: int(round(rate * len(tops)))}, rng_pos)
+        qs = np.where(rng_assign.random(len(qt)) < cfg.test_fraction, TEST, TRAIN).astype(np.int8)
+    else:
+        ref_q = codes.copy()
+        quota = {TRAIN: int(round(rate * np.sum(codes == TRAIN))), TEST: int(round(rate * np.sum(codes == TEST)))}
+        qt, ql, qs = plan.sample_queries(quota, rng_pos)
+    return _Job(g, plan, stride, tops, lefts, codes, ref_q, qt, ql, qs.astype(np.int8))
+
+
+def _area_window(g: Grid, box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """Whole optical pixels inside ``box`` (metres): (row0, col0, height, width)."""
+    x0, y0 = g.transform.c, g.transform.f
+    c0 = max(0, math.ceil((box[0] - x0) / g.res_x - 1e-6))
+    c1 = min(g.width, math.floor((box[2] - x0) / g.res_x + 1e-6))
+    r0 = max(0, math.ceil((y0 - box[3]) / g.res_y - 1e-6))
+    r1 = min(g.height, math.floor((y0 - box[1]) / g.res_y + 1e-6))
+    return r0, c0, max(0, r1 - r0), max(0, c1 - c0)
+
+
+def _fmt_box(b: tuple[float, float, float, float]) -> str:
+    return "[" + ", ".join(f"{v:.1f}" for v in b) + "]"
+
+
+# --------------------------------------------------------------------------- patch files
+
+
+class _PatchWriter:
+    """Writes one modality's patches: PNG for 8-bit data (1-4 bands), else GeoTIFF."""
+
+    def __init__(self, src: RasterSource, grid: Grid) -> None:
+        self.src = src
+        self.grid = grid
+        self.ext = "png" if src.source_dtype == "uint8" and src.count in _PNG_BANDS else "tif"
+        dt = np.dtype(src.source_dtype)
+        if self.ext == "png":
+            self.dtype = "uint8"
+        elif np.issubdtype(dt, np.integer):
+            self.dtype = dt.name
+        else:
+            self.dtype = "float32"  # float64/complex sources are stored as float32 (what models read)
+        self.nodata: float | None
+        if self.dtype == "float32":
+            self.nodata = float("nan")
+        elif self.ext == "tif":
+            info = np.iinfo(self.dtype)
+            nd = src.nodata
+            self.nodata = float(nd) if nd is not None and math.isfinite(nd) and info.min <= nd <= info.max else None
+        else:
+            self.nodata = None
+
+    def write(self, path_stem: Path, arr: np.ndarray, row: int, col: int) -> None:
+        """Write (C, p, p) float32 ``arr`` (NaN = nodata) cut at optical pixel (row, col)."""
+        path = path_stem.with_suffix("." + self.ext)
+        if self.ext == "png":
+            from PIL import Image
+
+            a = np.clip(np.rint(np.nan_to_num(arr, nan=0.0)), 0, 255).astype(np.uint8)
+            Image.fromarray(a[0] if a.shape[0] == 1 else np.ascontiguousarray(np.moveaxis(a, 0, -1))).save(path, compress_level=1)
+            return
+        import rasterio
+
+        p = arr.shape[-1]
+        if self.dtype == "float32":
+            data = arr.astype(np.float32, copy=False)
+        else:
+            info = np.iinfo(self.dtype)
+            fill = self.nodata if self.nodata is not None else 0.0
+            data = np.clip(np.rint(np.where(np.isnan(arr), fill, arr)), info.min, info.max).astype(self.dtype)
+        minx, _, _, maxy = self.grid.window_bounds(row, col, p, p)
+        transform = Affine(self.grid.res_x, 0.0, minx, 0.0, -self.grid.res_y, maxy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(
+                path, "w", driver="GTiff", width=p, height=p, count=data.shape[0], dtype=self.dtype,
+                crs=self.grid.crs, transform=transform, nodata=self.nodata,
+            ) as dst:
+                dst.write(data)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _nearest(map_xy: np.ndarray, map_ids: np.ndarray, xy: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the ``k`` references nearest to each point of ``xy`` (N, 2), metres.
+
+    Nearest first; equal distances (grid neighbours) are ordered by lower id so the lists
+    are deterministic. Returns (N, min(k, n_refs)) int64.
+    """
+    from scipy.spatial import cKDTree
+
+    k = min(k, len(map_ids))
+    if k <= 0 or len(xy) == 0:
+        return np.zeros((len(xy), max(k, 0)), dtype=np.int64)
+    kk = min(len(map_ids), k + 16)  # spare candidates for tie groups straddling the k-th place
+    d, i = cKDTree(map_xy).query(xy, k=kk)
+    d, i = d.reshape(len(xy), kk), i.reshape(len(xy), kk)
+    cand = map_ids[i]
+    order = np.lexsort((cand, np.round(d, 6)), axis=-1)
+    return np.take_along_axis(cand, order, axis=-1)[:, :k]
+
+
+def _run(job: _Job, sar: RasterSource, opt: RasterSource, cfg: TileConfig, root: Path, progress: bool | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    g, p = job.grid, cfg.patch_px
+    writers = {"opt": _PatchWriter(opt, g), "sar": _PatchWriter(sar, g)}
+    for s in SPLITS:
+        for m in MODES:
+            (root / s / "imgs" / m).mkdir(parents=True, exist_ok=True)
+            (root / s / "annotations" / m).mkdir(parents=True, exist_ok=True)
+    split_name = {TRAIN: "train", TEST: "test", BOTH: "train"}  # same-area maps are written under train, then linked
+
+    n_ref, n_q = len(job.ref_tops), len(job.q_tops)
+    tops = np.concatenate([job.ref_tops, job.q_tops])
+    lefts = np.concatenate([job.ref_lefts, job.q_lefts])
+    ref_ok = np.zeros(n_ref, dtype=bool)
+    q_ok = np.zeros(n_q, dtype=bool)
+    max_bad = cfg.nodata_max_frac
+    origin = (job.plan.row0, job.plan.col0)
+    disable = None if progress is None else not progress
+    # Encoding PNGs and creating GeoTIFFs dominates; PIL and GDAL release the GIL, so a few
+    # threads help. Each block's writes finish before the next block is read (bounded memory).
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    with pool, tqdm(total=n_ref + n_q, unit="patch", desc="tiling", file=sys.stderr, disable=disable, leave=False) as bar:
+        for idx in block_groups(tops, lefts, max(cfg.block_px, job.stride_px), origin):
+            jobs: list[Future[None]] = []
+            r0, c0 = int(tops[idx].min()), int(lefts[idx].min())
+            h, w = int(tops[idx].max()) + p - r0, int(lefts[idx].max()) + p - c0
+            o_arr, o_val = opt.read_on(g, r0, c0, h, w)
+            s_arr, s_val = sar.read_on(g, r0, c0, h, w)
+            for i in idx.tolist():
+                r, c = int(tops[i]) - r0, int(lefts[i]) - c0
+                good = min(o_val[r : r + p, c : c + p].mean(), s_val[r : r + p, c : c + p].mean())
+                if 1.0 - good > max_bad:
+                    continue  # mostly nodata in either modality: skip the pair (or the query)
+                t, l = int(tops[i]), int(lefts[i])
+                if i < n_ref:
+                    ref_ok[i] = True
+                    jobs.append(pool.submit(writers["opt"].write, root / split_name[int(job.ref_split[i])] / "imgs" / "opt" / f"_c{i}", o_arr[:, r : r + p, c : c + p], t, l))
+                    if cfg.aligned:
+                        qs = split_name[int(job.ref_query_split[i])]
+                        jobs.append(pool.submit(writers["sar"].write, root / qs / "imgs" / "sar" / f"_c{i}", s_arr[:, r : r + p, c : c + p], t, l))
+                else:
+                    j = i - n_ref
+                    q_ok[j] = True
+                    qs = split_name[int(job.q_split[j])]
+                    jobs.append(pool.submit(writers["sar"].write, root / qs / "imgs" / "sar" / f"_q{j}", s_arr[:, r : r + p, c : c + p], t, l))
+            for f in jobs:
+                f.result()  # re-raises a failed write here
+            bar.update(len(idx))
+
+    if not ref_ok.any():
+        raise DataError(
+            f"no valid patches: all {n_ref} reference footprints have more than {max_bad:.0%} nodata (the nodata "
+            f"value, NaN/inf, or outside the raster) in the SAR or optical raster; check the rasters or raise tile.nodata_max_frac"
+        )
+    return _finish(job, cfg, root, writers, ref_ok, q_ok, sar, opt)
+
+
+def _centres(g: Grid, tops: np.ndarray, lefts: np.ndarray, p: int) -> np.ndarray:
+    """(N, 2) footprint centres in metres."""
+    x = g.transform.c + (lefts + p / 2.0) * g.res_x
+    y = g.transform.f - (tops + p / 2.0) * g.res_y
+    return np.stack([x, y], axis=1).astype(np.float64).reshape(-1, 2)
+
+
+def _finish(
+    job: _Job, cfg: TileConfig, root: Path, writers: dict[str, _PatchWriter],
+    ref_ok: np.ndarray, q_ok: np.ndarray, sar: RasterSource, opt: RasterSource,
+) -> dict[str, Any]:
+    """Number the kept patches, write annotations, footprints.gpkg; return the summary."""
+    g, p = job.grid, cfg.patch_px
+    crs_s = crs_name(g.crs)
+    gsd = g.gsd_m
+    same_area = cfg.split == "same-area"
+    ref_xy = _centres(g, job.ref_tops, job.ref_lefts, p)
+    q_xy = _centres(g, job.q_tops, job.q_lefts, p)
+    ids = np.full(len(ref_ok), -1, dtype=np.int64)
+    ids[ref_ok] = np.arange(int(ref_ok.sum()))  # train refs come first in the grid order: unique ids
+    k_near = max(1, cfg.near_k)
+    counts: dict[str, dict[str, int]] = {}
+    footprints: dict[str, list[tuple[int, str, bool | None, tuple[float, float, float, float]]]] = {}
+    ext_opt, ext_sar = writers["opt"].ext, writers["sar"].ext
+
+    def bounds_of(t: int, l: int) -> tuple[float, float, float, float]:
+        return g.window_bounds(t, l, p, p)
+
+    def emit(split: str, mode: str, n: int, ident: int, xy: np.ndarray, near: np.ndarray, t: int, l: int, aligned: bool | None) -> None:
+        b = bounds_of(t, l)
+        ext = ext_opt if mode == "opt" else ext_sar
+        ann = Annotation(
+            id=int(ident), x=float(xy[0]), y=float(xy[1]), file_path=f"{n}.{ext}",
+            near_id=[int(v) for v in near[: cfg.near_k]], crs=crs_s, bounds=b, gsd=gsd, aligned=aligned, name=str(n),
+        )
+        (root / split / "annotations" / mode / f"{n}.json").write_text(json.dumps(ann.to_json()), encoding="utf-8")
+        footprints.setdefault(f"{split}_{mode}", []).append((int(ident), str(n), aligned, b))
+
+    for code, split in ((TRAIN, "train"), (TEST, "test")):
+        in_map = ref_ok & ((job.ref_split == BOTH) if same_area else (job.ref_split == code))
+        map_idx = np.flatnonzero(in_map)
+        if len(map_idx) == 0:
+            raise DataError(
+                f"no valid patches in the {split} split: every {split} reference footprint has more than "
+                f"{cfg.nodata_max_frac:.0%} nodata in the SAR or optical raster; check the rasters or raise tile.nodata_max_frac"
+            )
+        map_ids, map_xy = ids[map_idx], ref_xy[map_idx]
+        near_ref = _nearest(map_xy, map_ids, map_xy, k_near)
+        src_split = "train" if same_area else split
+        for n, i in enumerate(map_idx.tolist()):
+            dst = root / split / "imgs" / "opt" / f"{n}.{ext_opt}"
+            tmp = root / src_split / "imgs" / "opt" / f"_c{i}.{ext_opt}"
+            if same_area and split == "test":
+                _link_or_copy(root / "train" / "imgs" / "opt" / f"{n}.{ext_opt}", dst)
+            else:
+                os.replace(tmp, dst)
+            emit(split, "opt", n, ids[i], ref_xy[i], near_ref[n], int(job.ref_tops[i]), int(job.ref_lefts[i]), None)
+        pos_in_map = {int(i): n for n, i in enumerate(map_idx.tolist())}
+        n_sar = 0
+        n_aligned = 0
+        if cfg.aligned:
+            for i in np.flatnonzero(ref_ok & (job.ref_query_split == code)).tolist():
+                os.replace(root / split / "imgs" / "sar" / f"_c{i}.{ext_sar}", root / split / "imgs" / "sar" / f"{n_sar}.{ext_sar}")
+                emit(split, "sar", n_sar, ids[i], ref_xy[i], near_ref[pos_in_map[i]], int(job.ref_tops[i]), int(job.ref_lefts[i]), True)
+                n_sar += 1
+                n_aligned += 1
+        q_idx = np.flatnonzero(q_ok & (job.q_split == code))
+        near_q = _nearest(map_xy, map_ids, q_xy[q_idx], k_near)
+        for m, j in enumerate(q_idx.tolist()):
+            os.replace(root / split / "imgs" / "sar" / f"_q{j}.{ext_sar}", root / split / "imgs" / "sar" / f"{n_sar}.{ext_sar}")
+            # The location id of a non-aligned query is its nearest reference.
+            emit(split, "sar", n_sar, near_q[m][0], q_xy[j], near_q[m], int(job.q_tops[j]), int(job.q_lefts[j]), False)
+            n_sar += 1
+        if n_sar == 0:
+            raise DataError(
+                f"no SAR queries in the {split} split (all skipped as nodata, or tile.test_fraction too small for "
+                f"same-area); raise tile.non_aligned_per_ref or tile.test_fraction"
+            )
+        counts[split] = {"opt": len(map_idx), "sar": n_sar, "sar_aligned": n_aligned, "sar_non_aligned": n_sar - n_aligned}
+
+    _write_footprints(root / "footprints.gpkg", footprints, g)
+    plan = job.plan
+    modal = {}
+    for mode, src in (("opt", opt), ("sar", sar)):
+        w = writers[mode]
+        modal[mode] = {
+            "bands": list(src.bands), "band_descriptions": list(src.descriptions), "channels": src.count,
+            "dtype": w.dtype, "source_dtype": src.source_dtype, "format": w.ext,
+        }
+    return {
+        "format": "cmpc-dataset",
+        "version": 1,
+        "crs": crs_s,
+        "gsd_m": gsd,
+        "patch_px": p,
+        "patch_m": p * g.res_x,
+        "stride_px": job.stride_px,
+        "stride_m": job.stride_px * g.res_x,
+        "split": cfg.split,
+        "test_fraction": cfg.test_fraction,
+        "buffer_px": None if same_area else plan.buffer_px,
+        "buffer_m": None if same_area else plan.buffer_px * g.res_x,
+        "block_px": plan.block_px,
+        "near_k": cfg.near_k,
+        "modalities": modal,
+        "counts": counts,
+        "skipped_nodata": {"references": int((~ref_ok).sum()), "non_aligned": int((~q_ok).sum())},
+        "area_px": {"row0": plan.row0, "col0": plan.col0, "height": plan.height, "width": plan.width},
+        "areas": plan.areas(g),
+        "sources": {"sar": sar.describe(), "optical": opt.describe()},
+        "tile_config": dataclasses.asdict(cfg),
+    }
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (same-area maps are identical in both splits), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _write_footprints(path: Path, layers: dict[str, list[tuple[int, str, bool | None, tuple[float, float, float, float]]]], g: Grid) -> None:
+    """footprints.gpkg: one layer per split/modality with columns id, name, aligned + polygon."""
+    import geopandas as gpd
+    import shapely
+
+    for s in SPLITS:
+        for m in MODES:
+            rows = layers.get(f"{s}_{m}", [])
+            b = np.array([r[3] for r in rows], dtype=np.float64).reshape(-1, 4)
+            gdf = gpd.GeoDataFrame(
+                {
+                    "id": np.array([r[0] for r in rows], dtype=np.int64),
+                    "name": [r[1] for r in rows],
+                    "aligned": [r[2] for r in rows],
+                },
+                geometry=shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3]),
+                crs=g.crs.to_wkt(),
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gdf.to_file(path, layer=f"{s}_{m}", driver="GPKG")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
