@@ -1,0 +1,342 @@
+"""``cmpc index build``: embed every optical reference patch into ``index/<name>/``.
+
+References are the optical patches of ``exp.index.split`` of ``exp.data.root``. They are
+embedded batch by batch (DataLoader, progress bar) and streamed into ``features.h5`` and the
+FAISS index, so memory is bounded by the batch size, not the map. Indexes that need training
+(IVF, PQ) are trained on a seeded sample read back from ``features.h5``, then filled from it
+in chunks.
+
+Everything is built in a temporary folder beside ``index/<name>/`` and renamed into place
+at the end: an interrupted or failed build leaves the previous index (if any) untouched and
+no partial folder behind. ``add=True`` appends the references of another dataset/split to an
+existing index built with the same checkpoint (new rows after the old ones).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import faiss
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import cmpc
+from cmpc.config import Experiment
+from cmpc.data.layout import Annotation, check_root, read_annotations, read_dataset_meta
+from cmpc.data.patches import PatchDataset
+from cmpc.errors import CheckpointError, DataError
+from cmpc.index.factory import maybe_to_gpu, new_index, resolve_factory, to_cpu, train_index, training_sample_size
+from cmpc.index.store import (
+    FEATURES_FILE,
+    FOOTPRINTS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    ReferenceIndex,
+    normalize_crs,
+    short_hash,
+)
+from cmpc.models.checkpoint import embed_batches, load_embedder
+from cmpc.utils.io import atomic_dir, atomic_write_json
+from cmpc.utils.runtime import resolve_device
+
+_ADD_CHUNK = 65_536
+
+
+def default_checkpoint(exp: Experiment, checkpoint: str | os.PathLike[str] | None = None) -> Path:
+    """The embedder checkpoint to use: ``checkpoint`` or ``runs/<name>/emb_best.pt`` (must exist)."""
+    path = Path(checkpoint) if checkpoint else exp.run_dir / "emb_best.pt"
+    if not path.is_file():
+        hint = "check the --checkpoint path" if checkpoint else f"train one with `cmpc train emb EXPERIMENT.json` or pass --checkpoint"
+        raise CheckpointError(f"no embedder checkpoint at {path}; {hint}")
+    return path
+
+
+def dataset_crs(dataset_meta: dict[str, Any], refs: list[Annotation]) -> str | None:
+    """The map CRS from ``dataset.json`` or the annotations' ``crs``; None when unknown."""
+    found = {normalize_crs(a.crs) for a in refs if a.crs}
+    if dataset_meta.get("crs"):
+        found.add(normalize_crs(dataset_meta["crs"]))
+    if len(found) > 1:
+        raise DataError(f"references mix several CRSs {sorted(found)}; one map must have one CRS")
+    return found.pop() if found else None
+
+
+def patch_side_m(refs: list[Annotation], dataset_meta: dict[str, Any], patch_px: int) -> tuple[float, str]:
+    """(side of a reference footprint in metres, where that number came from).
+
+    Order: annotation ``bounds``; annotation ``gsd`` x patch pixels; ``dataset.json``
+    ``patch_m`` (or ``gsd_m`` x ``patch_px``); else twice the median spacing of reference
+    centres (the CMPC grid overlaps by 50 %); a single reference without any of these is
+    assumed 1 m/px.
+    """
+    sides = [b[2] - b[0] for b in (a.bounds for a in refs) if b is not None]
+    if sides:
+        return float(np.median(sides)), "annotation bounds"
+    if refs and refs[0].gsd:
+        return float(refs[0].gsd) * patch_px, "annotation gsd x patch pixels"
+    if dataset_meta.get("patch_m"):
+        return float(dataset_meta["patch_m"]), "dataset.json patch_m"
+    if dataset_meta.get("gsd_m") and dataset_meta.get("patch_px"):
+        return float(dataset_meta["gsd_m"]) * float(dataset_meta["patch_px"]), "dataset.json gsd_m x patch_px"
+    if len(refs) > 1:
+        from scipy.spatial import cKDTree
+
+        pos = np.array([[a.x, a.y] for a in refs])
+        dist, _ = cKDTree(pos).query(pos, k=2)
+        spacing = float(np.median(dist[:, 1]))
+        if spacing > 0:
+            return 2.0 * spacing, "estimated: 2 x median reference spacing (50 % overlap)"
+    return float(patch_px), "assumed 1 m/px"
+
+
+def footprint_bounds(refs: list[Annotation], side_m: float) -> np.ndarray:
+    """(N, 4) float64 footprints (minx, miny, maxx, maxy) metres: annotation bounds or centre +- side/2."""
+    out = np.empty((len(refs), 4), dtype=np.float64)
+    h = side_m / 2.0
+    for i, a in enumerate(refs):
+        out[i] = a.bounds if a.bounds is not None else (a.x - h, a.y - h, a.x + h, a.y + h)
+    return out
+
+
+class _FeatureWriter:
+    """Appends reference rows to the resizable datasets of ``features.h5``."""
+
+    STR = h5py.string_dtype("utf-8")
+
+    def __init__(self, h5: h5py.File, dim: int) -> None:
+        self.h5 = h5
+        if "features" not in h5:
+            chunk = 1024
+            h5.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype=np.float32, chunks=(chunk, dim))
+            h5.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(chunk,))
+            h5.create_dataset("positions", shape=(0, 2), maxshape=(None, 2), dtype=np.float64, chunks=(chunk, 2))
+            h5.create_dataset("bounds", shape=(0, 4), maxshape=(None, 4), dtype=np.float64, chunks=(chunk, 4))
+            h5.create_dataset("source", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(chunk,))
+            for key in ("names", "file_paths"):
+                h5.create_dataset(key, shape=(0,), maxshape=(None,), dtype=self.STR, chunks=(chunk,))
+
+    @property
+    def rows(self) -> int:
+        return int(self.h5["features"].shape[0])
+
+    def append(self, feats: np.ndarray, refs: list[Annotation], bounds: np.ndarray, source: int) -> None:
+        n0, n = self.rows, len(feats)
+        values: dict[str, Any] = {
+            "features": feats.astype(np.float32),
+            "ids": np.array([a.id for a in refs], dtype=np.int64),
+            "positions": np.array([[a.x, a.y] for a in refs], dtype=np.float64).reshape(-1, 2),
+            "bounds": bounds,
+            "source": np.full(n, source, dtype=np.int32),
+            "names": [a.name for a in refs],
+            "file_paths": [a.file_path for a in refs],
+        }
+        for key, v in values.items():
+            ds = self.h5[key]
+            ds.resize(n0 + n, axis=0)
+            ds[n0 : n0 + n] = v
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "cmpc": cmpc.__version__,
+        "faiss": faiss.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _write_footprints(h5_path: Path, out: Path, crs: str | None) -> None:
+    """``footprints.gpkg`` (layer ``references``): one box per row with row, id, name, x, y."""
+    import geopandas as gpd
+    import shapely
+
+    with h5py.File(h5_path, "r") as h5:
+        b = h5["bounds"][:]
+        pos = h5["positions"][:]
+        ids = h5["ids"][:]
+        names = [s.decode() if isinstance(s, bytes) else s for s in h5["names"][:]]
+    gdf = gpd.GeoDataFrame(
+        {"row": np.arange(len(ids)), "id": ids, "name": names, "x": pos[:, 0], "y": pos[:, 1]},
+        geometry=shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3]),
+        crs=crs,
+    )
+    gdf.to_file(out, driver="GPKG", layer="references", engine="pyogrio")
+
+
+def build_index(exp: Experiment, checkpoint: str | None = None, add: bool = False) -> dict[str, Any]:
+    """Embed the optical references of ``exp.index.split`` into ``exp.index_dir``; return the manifest.
+
+    ``checkpoint``: embedder checkpoint (default ``runs/<name>/emb_best.pt``). ``add``: append
+    to the existing index (refused when it was built with another checkpoint, another CRS,
+    from the same dataset split already, or when location ids would repeat).
+    """
+    ckpt_path = default_checkpoint(exp, checkpoint)
+    device = resolve_device(exp.train.device)
+    model, meta = load_embedder(ckpt_path, device)
+    img_size = int(meta.get("img_size") or exp.data.img_size)
+    dim = int(model.embed_dim)
+
+    root = check_root(exp.data.root)
+    split = exp.index.split
+    refs = read_annotations(root, split, "opt")
+    dsmeta = read_dataset_meta(root)
+    crs = dataset_crs(dsmeta, refs)
+    dataset = PatchDataset(root, split, "opt", img_size, annotations=refs)
+    first = dataset.raw(0)
+    if first.shape[0] != model.optical_channels:
+        raise DataError(
+            f"optical references in {root}/{split} have {first.shape[0]} band(s) but checkpoint {ckpt_path} "
+            f"takes {model.optical_channels} optical band(s); use a model trained on this data"
+        )
+    side_m, side_source = patch_side_m(refs, dsmeta, int(first.shape[-1]))
+    bounds = footprint_bounds(refs, side_m)
+    source_entry = {"root": str(Path(root).resolve()), "split": split, "count": len(refs)}
+
+    out_dir = exp.index_dir
+    old: ReferenceIndex | None = None
+    if add:
+        if not (out_dir / MANIFEST_FILE).is_file():
+            raise DataError(f"--add: there is no index at {out_dir} to add to; build it first without --add")
+        old = ReferenceIndex.load(out_dir, expect_hash=meta["hash"], checkpoint_path=ckpt_path)
+        old.check_crs(crs, f"references of {root}/{split}")
+        for src in old.manifest["sources"]:
+            if src["root"] == source_entry["root"] and src["split"] == split:
+                raise DataError(f"--add: the references of {root}/{split} are already in {out_dir}; nothing to add")
+        clash = np.intersect1d(old.ids, np.array([a.id for a in refs], dtype=np.int64))
+        if len(clash):
+            raise DataError(
+                f"--add: {len(clash)} location id(s) of {root}/{split} already exist in {out_dir} "
+                f"(e.g. {', '.join(str(int(c)) for c in clash[:3])}); ids must be unique within an index"
+            )
+        factory = str(old.manifest["factory"])
+        requested = str(old.manifest.get("factory_requested", factory))
+    else:
+        factory = resolve_factory(exp.index.factory, len(refs), dim)
+        requested = exp.index.factory
+
+    loader = DataLoader(
+        dataset,
+        batch_size=exp.index.batch_size,
+        shuffle=False,
+        num_workers=exp.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    with atomic_dir(out_dir) as tmp:
+        _umask = os.umask(0)
+        os.umask(_umask)
+        os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes 0700; an index is an ordinary folder
+        h5_path = tmp / FEATURES_FILE
+        if old is not None:
+            shutil.copy2(out_dir / FEATURES_FILE, h5_path)
+            index = faiss.read_index(str(out_dir / INDEX_FILE))
+            sources = list(old.manifest["sources"])
+            trained_on = int(old.manifest.get("counts", {}).get("trained_on", 0))
+        else:
+            index = new_index(factory, dim)
+            sources = []
+            trained_on = 0
+        n_old = old.ntotal if old is not None else 0
+        source_entry["first_row"] = n_old
+        source_entry["added"] = now
+        sources.append(source_entry)
+        index, on_gpu = maybe_to_gpu(index, exp.index.use_gpu)
+        with h5py.File(h5_path, "a") as h5:
+            writer = _FeatureWriter(h5, dim)
+            stream = embed_batches(model, loader, "opt", device, amp=exp.train.amp)
+            for feats, idx in tqdm(stream, total=len(loader), desc=f"index {out_dir.name}", unit="batch", disable=None):
+                rows = [int(i) for i in idx]
+                writer.append(feats, [refs[i] for i in rows], bounds[rows], len(sources) - 1)
+                if index.is_trained:
+                    index.add(np.ascontiguousarray(feats, dtype=np.float32))
+            n_total = writer.rows
+            if n_total != n_old + len(refs):
+                raise RuntimeError(f"embedded {n_total - n_old} of {len(refs)} references")  # a bug, not user input
+            if not index.is_trained:
+                # IVF/PQ: train on a seeded sample of what was just written, then add in chunks.
+                ds = h5["features"]
+                n_train = training_sample_size(index, n_total)
+                pick = np.sort(np.random.default_rng(0).choice(n_total, size=n_train, replace=False))
+                train_index(index, np.asarray(ds[pick], dtype=np.float32), factory)
+                trained_on = n_train
+                for s in range(0, n_total, _ADD_CHUNK):
+                    index.add(np.ascontiguousarray(ds[s : s + _ADD_CHUNK], dtype=np.float32))
+            h5.attrs["checkpoint_hash"] = meta["hash"]
+            h5.attrs["embed_dim"] = dim
+            h5.attrs["crs"] = crs or ""
+            all_bounds = h5["bounds"][:]
+        if index.ntotal != n_total:
+            raise RuntimeError(f"faiss holds {index.ntotal} rows but {n_total} references were written")
+        faiss.write_index(to_cpu(index, on_gpu), str(tmp / INDEX_FILE))
+        _write_footprints(h5_path, tmp / FOOTPRINTS_FILE, crs)
+        manifest: dict[str, Any] = {
+            "format": 1,
+            "name": out_dir.name,
+            "checkpoint": {"path": str(ckpt_path), "hash": meta["hash"]},
+            "embed_dim": dim,
+            "img_size": img_size,
+            "sar_channels": int(model.sar_channels),
+            "optical_channels": int(model.optical_channels),
+            "metric": "inner_product",
+            "metric_note": "inner product of L2-normalised embeddings = cosine similarity",
+            "factory": factory,
+            "factory_requested": requested,
+            "nprobe": exp.index.nprobe,
+            "ef_search": exp.index.ef_search,
+            "crs": crs,
+            "count": n_total,
+            "counts": {"references": n_total, "added_now": len(refs), "trained_on": trained_on},
+            "extent": [
+                float(all_bounds[:, 0].min()),
+                float(all_bounds[:, 1].min()),
+                float(all_bounds[:, 2].max()),
+                float(all_bounds[:, 3].max()),
+            ],
+            "patch_m": side_m,
+            "patch_m_source": side_source,
+            "dataset": {"root": sources[0]["root"], "split": sources[0]["split"]},
+            "sources": sources,
+            "built_on_gpu": on_gpu,
+            "versions": _versions(),
+            "created": old.manifest.get("created", now) if old is not None else now,
+            "updated": now,
+            "files": {"index": INDEX_FILE, "features": FEATURES_FILE, "footprints": FOOTPRINTS_FILE},
+        }
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def index_is_current(exp: Experiment, checkpoint_hash: str) -> tuple[bool, str]:
+    """Whether ``exp.index_dir`` can serve ``exp`` as is: (ok, reason when not).
+
+    Stale when missing, built by another checkpoint, from another dataset root or split, or
+    with another explicit factory string.
+    """
+    d = exp.index_dir
+    if not (d / MANIFEST_FILE).is_file():
+        return False, f"no index at {d}"
+    try:
+        from cmpc.index.store import read_manifest
+
+        m = read_manifest(d)
+    except DataError as e:
+        return False, str(e)
+    if any(not (d / f).is_file() for f in (INDEX_FILE, FEATURES_FILE, FOOTPRINTS_FILE)):
+        return False, f"index {d} is incomplete"
+    if m["checkpoint"].get("hash") != checkpoint_hash:
+        return False, f"index {d} was built with checkpoint {short_hash(m['checkpoint'].get('hash'))}"
+    ds = m.get("dataset", {})
+    if ds.get("root") != str(Path(exp.data.root).resolve()) or ds.get("split") != exp.index.split:
+        return False, f"index {d} was built from {ds.get('root')}/{ds.get('split')}"
+    if exp.index.factory.lower() != "auto" and exp.index.factory != m.get("factory"):
+        return False, f"index {d} uses factory {m.get('factory')!r}, the experiment asks for {exp.index.factory!r}"
+    return True, ""
