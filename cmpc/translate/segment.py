@@ -109,6 +109,12 @@ def score_segmenter(net: SegNet, store: PatchStore, labels: LabelStore, n_classe
 
 def train_segmenter(exp: Experiment, mode: str, force: bool = False) -> Path:
     """Train (or reuse) the segmentation network for ``mode`` ("opt" | "sar"); returns its path."""
+    # Callers may be inside torch.no_grad() (evaluation); training needs gradients.
+    with torch.enable_grad():
+        return _train_segmenter(exp, mode, force)
+
+
+def _train_segmenter(exp: Experiment, mode: str, force: bool) -> Path:
     tc = exp.translate
     out = seg_dir(exp) / f"seg_{mode}.pt"
     sar_anns, opt_anns = read_split(exp.data.root, "train")

@@ -1,0 +1,289 @@
+"""Translators: networks, short training runs on tiny inputs, data contracts, one-line errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmpc.cli import main
+from cmpc.config import TranslateConfig, experiment_from_dict
+from cmpc.errors import CheckpointError, DataError
+from cmpc.models.translators import TRANSLATORS, create_translator
+from cmpc.models.translators.base import ImagePool
+from cmpc.models.translators.networks import (
+    PatchDiscriminator,
+    ResnetGenerator,
+    UnetGenerator,
+    patchgan_receptive_field,
+    run_generator,
+    unet_depth_for,
+)
+from cmpc.models.translators.seg import SegNet
+from cmpc.translate.data import LabelRaster, Normalizer, aligned_pairs, fit_normalizer, read_split
+from cmpc.translate.train import build_training_data, lr_at, train_translator
+
+from translate_world import CRS, X0, Y0, experiment_dict, make_labels, make_world, render, write_raster
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On the shared 2-core machine, 2 intra-op threads are ~10x slower than 1 for these tiny
+    # convolutions (OpenMP threads wait on each other when the cores are busy).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("trworld")
+    paths = make_world(tmp)
+    paths["tmp"] = tmp
+    return paths
+
+
+def _exp(paths: dict[str, Path], tmp: Path, **translate):
+    return experiment_from_dict(experiment_dict(paths, tmp, **translate))
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def test_unet_depth_and_shapes():
+    assert [unet_depth_for(p) for p in (32, 64, 256)] == [5, 6, 8]
+    g = UnetGenerator(1, 3, ngf=8, depth=5)
+    y = g(torch.randn(2, 1, 32, 32))
+    assert y.shape == (2, 3, 32, 32) and y.abs().max() <= 1.0
+    # Fully convolutional: a 40 x 36 patch is padded to multiples of 32 and cropped back.
+    assert run_generator(g, torch.randn(1, 1, 40, 36)).shape == (1, 3, 40, 36)
+
+
+def test_resnet_generator_and_patchgan_fields():
+    g = ResnetGenerator(2, 3, ngf=8, n_blocks=2)
+    assert g(torch.randn(1, 2, 32, 32)).shape == (1, 3, 32, 32)
+    assert [patchgan_receptive_field(n) for n in (1, 2, 3)] == [16, 34, 70]
+    # The 70x70 PatchGAN on a 256 px image gives the 30 x 30 logit map of pix2pix.
+    assert PatchDiscriminator(6, ndf=8, n_layers=3)(torch.randn(1, 6, 256, 256)).shape == (1, 1, 30, 30)
+
+
+def test_image_pool():
+    pool = ImagePool(2, random.Random(0))
+    a = torch.zeros(2, 1, 2, 2)
+    assert torch.equal(pool.query(a), a)  # filling: returns the new images
+    b = torch.ones(8, 1, 2, 2)
+    out = pool.query(b)
+    # Each image is either the new one (1) or an old one swapped out of the pool (0).
+    old = int((out.flatten(1).mean(1) == 0).sum())
+    assert 1 <= old <= 2 and out.shape == b.shape
+    assert torch.equal(ImagePool(0).query(b), b)
+
+
+def test_lr_schedule_constant_then_linear():
+    assert [round(lr_at(e, 4, 1.0), 4) for e in range(4)] == [1.0, 1.0, 0.6667, 0.3333]
+
+
+def test_normalizer_round_trip_and_pairs(world):
+    rng = np.random.default_rng(0)
+    arrs = [rng.normal(-10, 3, (2, 8, 8)).astype(np.float32) for _ in range(4)]
+    n = fit_normalizer(arrs)
+    u = n.to_unit(arrs[0])
+    assert u.min() >= -1 and u.max() <= 1
+    inside = (arrs[0] > n.lo[0]) & (arrs[0] < n.hi[0])
+    assert np.allclose(n.from_unit(u)[inside], arrs[0][inside], atol=1e-4)
+    assert Normalizer.from_dict(n.to_dict()) == n
+    sar, opt = read_split(world["root"], "train")
+    pairs = aligned_pairs(sar, opt)
+    assert len(pairs) == len(opt) == len(sar) // 2  # one aligned query per reference
+    assert all(sar[i].id == opt[j].id and sar[i].aligned for i, j in pairs)
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def _tiny_batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    lab = make_labels(seed)
+    opt, sar = render(lab, seed)
+    o = torch.from_numpy(opt.astype(np.float32) / 127.5 - 1)
+    s = torch.from_numpy(np.clip((sar + 30) / 17.5 - 1, -1, 1))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ys = torch.randint(0, 96, (4,), generator=g)
+        xs = torch.randint(0, 96, (4,), generator=g)
+        out.append({
+            "sar": torch.stack([s[:, y : y + 32, x : x + 32] for y, x in zip(ys, xs)]),
+            "opt": torch.stack([o[:, y : y + 32, x : x + 32] for y, x in zip(ys, xs)]),
+            "sar_label": torch.stack([torch.from_numpy(lab[y : y + 32, x : x + 32].astype(np.int64)) for y, x in zip(ys, xs)]),
+        })
+        out[-1]["opt_label"] = out[-1]["sar_label"]
+    return out
+
+
+def _quick_segnet(batches, mode: str) -> SegNet:
+    torch.manual_seed(0)
+    net = SegNet(batches[0][mode].shape[1], 4, width=8)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for b in batches * 2:
+        loss = F.cross_entropy(net(b[mode]), b[f"{mode}_label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
+@pytest.mark.parametrize("name,key", [("pix2pix", "G_l1"), ("cyclegan", "cycle")])
+def test_translator_losses_fall(name, key):
+    torch.manual_seed(0)
+    batches = _tiny_batches(12)
+    cfg = TranslateConfig(model=name, patch_px=32, ngf=8, ndf=8, n_blocks=2, lr=1e-3, seed=0)
+    model = create_translator(name, cfg, 1, 3)
+    losses = [model.train_step(b)[key] for b in batches + batches]
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.8 * first, f"{name}: {key} {first:.3f} -> {last:.3f}"
+    for d in model.directions:
+        src = batches[0]["sar" if d == "sar2opt" else "opt"]
+        y = model.translate(src, d)
+        assert y.shape == (4, 3 if d == "sar2opt" else 1, 32, 32)
+        assert y.min() >= -1 and y.max() <= 1
+    assert set(model.directions) == ({"sar2opt"} if name == "pix2pix" else {"sar2opt", "opt2sar"})
+
+
+@pytest.mark.slow
+def test_segcyclegan_seg_loss_keeps_structure():
+    """Same seed, same steps: only the segmentation term differs from CycleGAN, and it must make
+    the frozen judges' loss on held-out translations fall further."""
+    torch.manual_seed(0)
+    batches = _tiny_batches(12)
+    held = _tiny_batches(2, seed=5)
+    seg = {"opt": _quick_segnet(batches, "opt"), "sar": _quick_segnet(batches, "sar")}
+
+    def judged(model) -> float:
+        with torch.no_grad():
+            return float(np.mean([
+                F.cross_entropy(seg["opt"](model.translate(b["sar"], "sar2opt")), b["sar_label"]).item()
+                + F.cross_entropy(seg["sar"](model.translate(b["opt"], "opt2sar")), b["opt_label"]).item()
+                for b in held
+            ]))
+
+    out = {}
+    for name in ("cyclegan", "segcyclegan"):
+        cfg = TranslateConfig(model=name, patch_px=32, ngf=8, ndf=8, n_blocks=2, lr=1e-3, seed=0, lambda_seg=10.0)
+        torch.manual_seed(0)
+        model = create_translator(name, cfg, 1, 3, **({"seg_opt": seg["opt"], "seg_sar": seg["sar"]} if name == "segcyclegan" else {}))
+        before = judged(model)
+        logs = [model.train_step(b) for b in batches]
+        out[name] = (before, judged(model), logs)
+    (b_cg, a_cg, _), (b_sg, a_sg, logs) = out["cyclegan"], out["segcyclegan"]
+    assert b_cg == pytest.approx(b_sg)  # identical start
+    assert a_sg < b_sg - 0.1, f"seg loss {b_sg:.3f} -> {a_sg:.3f}"
+    assert a_sg < a_cg - 0.05, f"Seg-CycleGAN {a_sg:.3f} vs CycleGAN {a_cg:.3f}"
+    assert {"seg_opt", "seg_sar", "seg", "cycle"} <= set(logs[0])
+    # The judges stay frozen (their weights are not the translator's to train).
+    assert all(not p.requires_grad for net in seg.values() for p in net.parameters())
+
+
+def test_registry_names():
+    assert sorted(TRANSLATORS) == ["cyclegan", "pix2pix", "segcyclegan"]
+    assert TRANSLATORS["pix2pix"].paired and not TRANSLATORS["cyclegan"].paired
+    assert TRANSLATORS["segcyclegan"].needs_labels
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_pix2pix_on_unpaired_dataset_is_one_line_error(tmp_path):
+    paths = make_world(tmp_path, aligned=False)
+    exp = _exp(paths, tmp_path, model="pix2pix")
+    with pytest.raises(DataError) as e:
+        build_training_data(exp, "pix2pix")
+    assert "aligned" in str(e.value) and "cyclegan" in str(e.value) and "\n" not in str(e.value)
+    build_training_data(exp, "cyclegan")  # unpaired data is fine for CycleGAN
+
+
+@pytest.mark.parametrize(
+    "kind,kwargs,needle",
+    [
+        ("crs", {"crs": "EPSG:32632"}, "CRS"),
+        ("shift", {"x0": X0 + 0.5}, "shifted"),
+        ("pixel", {"res": 2.0}, "pixel size"),
+        ("extent", {"x0": X0 + 16.0}, "does not cover"),
+    ],
+)
+def test_misaligned_label_raster_is_one_line_error(world, tmp_path, kind, kwargs, needle):
+    lab = make_labels(0)
+    bad = write_raster(tmp_path / f"labels_{kind}.tif", lab, **kwargs)
+    with pytest.raises(DataError) as e:
+        LabelRaster(bad, optical=world["optical"])
+    assert needle in str(e.value) and "not aligned" in str(e.value) and "\n" not in str(e.value)
+    LabelRaster(world["labels"], optical=world["optical"])  # the aligned one opens
+
+
+def test_label_raster_reads_the_footprint(world):
+    lr = LabelRaster(world["labels"], optical=world["optical"], crs=CRS)
+    lab = make_labels(0)
+    sar, opt = read_split(world["root"], "test")
+    for a in opt[:3] + sar[:3]:
+        c, r = int(a.bounds[0] - X0), int(Y0 - a.bounds[3])
+        assert np.array_equal(lr.read(a.bounds, (32, 32)), lab[r : r + 32, c : c + 32])
+    # Outside the raster: no label (-1).
+    assert (lr.read((X0 - 64, Y0 - 32, X0 - 32, Y0), (32, 32)) == -1).all()
+
+
+def test_checkpoint_for_other_bands_or_size_is_one_line_error(world, tmp_path, capsys):
+    exp = _exp(world, tmp_path, model="pix2pix", out=str(tmp_path / "p2p"))
+    ckpt = train_translator(exp, progress=False)
+    ck = torch.load(ckpt, weights_only=True)
+    assert ck["kind"] == "translator" and ck["source_px"] == [32, 32] and ck["sar_channels"] == 1
+    assert (tmp_path / "p2p" / "epoch_001.pt").is_file()
+    other = make_world(tmp_path / "two_band", sar_bands=2)
+    cfg = experiment_dict(other, tmp_path / "two_band", model="pix2pix")
+    p = tmp_path / "two.json"
+    p.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    rc = main(["translate", "apply", str(p), "--checkpoint", str(ckpt), "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "1-band SAR" in err and "2" in err and "\n" not in err
+    assert not (tmp_path / "never").exists()
+    from cmpc.translate.apply import load_translator
+
+    tr = load_translator(ckpt)
+    with pytest.raises(CheckpointError, match="32x32 px patches, the data has 64x64"):
+        tr.check_data(1, 3, (64, 64))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_cli_train_eval_apply_cyclegan(world, tmp_path, capsys):
+    cfg = experiment_dict(world, tmp_path, model="cyclegan", out=str(tmp_path / "cg"), max_steps_per_epoch=2, epochs=2, save_every=1)
+    p = tmp_path / "cg.json"
+    p.write_text(json.dumps(cfg))
+    assert main(["translate", "train", str(p)]) == 0
+    assert sorted(x.name for x in (tmp_path / "cg").glob("*.pt")) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+    log = [json.loads(line) for line in (tmp_path / "cg" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and log[1]["lr"] < log[0]["lr"]
+    capsys.readouterr()
+    assert main(["translate", "eval", str(p)]) == 0
+    res = json.loads((tmp_path / "reports" / "translate" / "cyclegan_e002.json").read_text())
+    for d in ("sar2opt", "opt2sar"):
+        b = res[d]
+        assert b["n"] == 16 and 0 < b["psnr_db"] < 60 and -1 <= b["ssim"] <= 1
+        assert 0 <= b["seg"]["mIoU"] <= 1 and 0 <= b["seg_real"]["FwIoU"] <= 1 and b["fid_seg"] >= 0
+        assert Path(b["grid"]).is_file()
+    assert main(["translate", "apply", str(p), "--direction", "opt2sar", "--out", str(tmp_path / "pseudo")]) == 0
+    from cmpc.data.patches import read_patch_array
+    from cmpc.data.layout import read_annotations
+
+    anns = read_annotations(tmp_path / "pseudo", "test", "sar")
+    assert len(anns) == len(read_annotations(world["root"], "test", "opt"))
+    arr = read_patch_array(tmp_path / "pseudo" / "test" / "imgs" / "sar" / anns[0].file_path)
+    assert arr.shape == (1, 32, 32) and arr.dtype == np.float32
+    assert anns[0].extra["translated_from"] == "opt"
