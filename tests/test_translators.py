@@ -287,3 +287,54 @@ def test_cli_train_eval_apply_cyclegan(world, tmp_path, capsys):
     arr = read_patch_array(tmp_path / "pseudo" / "test" / "imgs" / "sar" / anns[0].file_path)
     assert arr.shape == (1, 32, 32) and arr.dtype == np.float32
     assert anns[0].extra["translated_from"] == "opt"
+
+
+# --------------------------------------------------------------------------- auxiliary views
+
+
+def test_translated_views_cache_and_swap(world, tmp_path):
+    from types import SimpleNamespace
+
+    from cmpc.data.patches import PatchDataset, read_patch_array, to_model_input
+    from cmpc.translate.apply import load_translator
+    from cmpc.translate.augment import TranslatedViews, with_translated_views
+
+    p2p = train_translator(_exp(world, tmp_path, model="pix2pix", out=str(tmp_path / "p2p"), max_steps_per_epoch=1), progress=False)
+    cg = train_translator(_exp(world, tmp_path, model="cyclegan", out=str(tmp_path / "cg"), max_steps_per_epoch=1), progress=False)
+    root = world["root"]
+    views = TranslatedViews([p2p, cg], root, "train", 32, cache_dir=tmp_path / "views", progress=False)
+    assert views.count("opt") == 2 and views.count("sar") == 1  # pix2pix sar2opt; CycleGAN both ways
+    files = sorted((tmp_path / "views").glob("*.h5"))
+    assert len(files) == 2
+    # A cached view is the translation of that very patch, standardised like a model input.
+    tr = load_translator(cg)
+    sar_anns = views.annotations["sar"]
+    raw = read_patch_array(root / "train" / "imgs" / "sar" / sar_anns[3].file_path)
+    want = to_model_input(tr.translate_arrays([raw], "sar2opt")[0], 32)
+    got = views.view("opt", 3, k=1)
+    assert got.shape == (3, 32, 32) and torch.allclose(got, want, atol=2e-2)
+    uncached = TranslatedViews([cg], root, "train", 32, cache_dir=None, progress=False)
+    assert torch.allclose(uncached.view("opt", 3), want, atol=1e-5)
+    mtime = files[0].stat().st_mtime_ns
+    TranslatedViews([p2p, cg], root, "train", 32, cache_dir=tmp_path / "views", progress=False)
+    assert files[0].stat().st_mtime_ns == mtime  # reused, not recomputed
+
+    optical = PatchDataset(root, "train", "opt", 32)
+    sar = PatchDataset(root, "train", "sar", 32)
+    pairs = SimpleNamespace(optical=optical, sar=sar)
+    exp = _exp(world, tmp_path, views=[str(cg)], view_prob=1.0)
+    exp.runs_dir = str(tmp_path / "runs")
+    swapped = with_translated_views(exp, pairs, progress=False)
+    assert pairs.optical is optical and pairs.sar is sar  # validation keeps the real patches
+    torch.manual_seed(0)
+    loads = [swapped.optical.load(i) for i in range(len(optical))]
+    real = [optical.load(i) for i in range(len(optical))]
+    # Probability 1, both directions: every optical load is either real or pseudo-optical of its aligned SAR.
+    n_swapped = sum(not torch.equal(a, b) for a, b in zip(loads, real))
+    assert 0 < n_swapped < len(loads)  # half the probability goes to the SAR side
+    aligned = {a.id: q for q, a in enumerate(sar.annotations) if a.aligned}
+    for i, (a, b) in enumerate(zip(loads, real)):
+        if not torch.equal(a, b):
+            assert torch.allclose(a, swapped.translated_views.view("opt", aligned[optical.annotations[i].id]), atol=1e-6)
+    none = with_translated_views(_exp(world, tmp_path, views=[str(cg)], view_prob=0.0), pairs, progress=False)
+    assert all(torch.equal(none.optical.load(i), real[i]) for i in range(5))
