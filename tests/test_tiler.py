@@ -176,6 +176,19 @@ def test_same_area_shares_references(tmp_path):
     assert summary["buffer_px"] is None and summary["areas"]["train"] == summary["areas"]["test"]
 
 
+def test_only_non_aligned_queries_and_no_near_ids(tmp_path):
+    sar, opt = make_pair(tmp_path)
+    root, summary = _tile(tmp_path, sar, opt, aligned=False, non_aligned_per_ref=0.5, near_k=0)
+    # half a query per reference: round(0.5 * 42) train, round(0.5 * 14) test
+    assert summary["counts"]["train"] == {"opt": 42, "sar": 21, "sar_aligned": 0, "sar_non_aligned": 21}
+    assert summary["counts"]["test"] == {"opt": 14, "sar": 7, "sar_aligned": 0, "sar_non_aligned": 7}
+    refs = read_annotations(root, "test", "opt")
+    for q in read_annotations(root, "test", "sar"):
+        assert q.near_id == [] and q.aligned is False
+        d = {r.id: _dist(q, r) for r in refs}
+        assert d[q.id] == min(d.values())  # the id is still the nearest reference
+
+
 def test_cross_area_blocks_keep_the_buffer(tmp_path):
     h, w = 96, 128
     opt = write_tif(tmp_path / "o.tif", optical_u8(h, w))
