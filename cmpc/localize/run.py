@@ -1,0 +1,139 @@
+"""``cmpc localize``: SAR queries -> top-k references -> (refined) positions, streamed.
+
+Queries (see :mod:`cmpc.localize.queries`) are read, embedded, searched and written batch
+by batch (``localize.batch_size``); memory does not grow with the number of queries beyond a
+few numbers per query kept for metrics, and no queries x references matrix is ever formed.
+Outputs go to ``--out`` (default ``reports/<name>/localize/``): predictions.geojson (points
+in the map CRS) and predictions.csv, plus metrics.json and the evaluation plots when the
+queries carry ground truth.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from cmpc.config import Experiment
+from cmpc.data.layout import read_dataset_meta
+from cmpc.errors import DataError
+from cmpc.localize.localizer import Localizer, LocalizeResult, load_refiner  # noqa: F401 - public re-exports
+from cmpc.localize.outputs import CSV_FILE, GEOJSON_FILE, PredictionWriter, QueryRecords
+from cmpc.localize.queries import AnnotationQueries, QuerySource, open_queries
+
+__all__ = ["Localizer", "LocalizeResult", "load_refiner", "localize", "run_queries", "split_protocol"]
+
+
+def split_protocol(root: str | Path) -> str:
+    """``same-area`` / ``cross-area`` from ROOT/dataset.json, or ``unknown`` (e.g. SN6-CMPC)."""
+    meta = read_dataset_meta(root)
+    for value in (meta.get("split"), meta.get("protocol"), (meta.get("tile") or {}).get("split")):
+        if isinstance(value, str) and value:
+            return value
+    return "unknown"
+
+
+def run_queries(
+    localizer: Localizer,
+    source: QuerySource,
+    out_dir: Path,
+    batch_size: int,
+    grid_queries: int = 0,
+) -> tuple[QueryRecords | None, dict[str, Any]]:
+    """Stream ``source`` through ``localizer``, writing predictions into ``out_dir``.
+
+    Returns (per-query records for metrics, or None without ground truth; run statistics:
+    ``queries``, ``seconds``, ``ms_per_query``).
+    """
+    localizer.index.check_crs(source.crs, source.description)
+    records = QueryRecords(grid_queries=grid_queries) if source.has_truth else None
+    refined = localizer.refiner is not None
+    t0 = time.perf_counter()
+    with PredictionWriter(out_dir, localizer.index.crs, source.has_truth, refined) as writer:
+        bar = tqdm(total=source.count, desc="localize", unit="query", disable=None)
+        for batch in source.batches(batch_size):
+            localizer.check_channels(batch.x.shape[1], source.description)
+            res = localizer.localize_batch(batch.x)
+            coarse_rank = refined_rank = None
+            if records is not None:
+                coarse_rank, refined_rank = localizer.ground_truth_ranks(res, batch.true_ids)
+                records.add(batch, res, coarse_rank, refined_rank)
+            writer.write(batch, res, coarse_rank, refined_rank)
+            bar.update(len(batch))
+        bar.close()
+        if writer.count == 0:
+            raise DataError(f"{source.description}: no query patch to localize (all skipped as nodata?)")
+        n = writer.count
+    seconds = time.perf_counter() - t0
+    return records, {"queries": n, "seconds": round(seconds, 3), "ms_per_query": round(1000 * seconds / n, 3)}
+
+
+def localize(
+    exp: Experiment,
+    queries: str,
+    out: str | None = None,
+    checkpoint: str | None = None,
+    split: str = "test",
+) -> dict[str, Any]:
+    """Localize ``queries`` against ``index/<name>/``; return a summary (and write outputs).
+
+    ``queries``: a folder of SAR patches, a CMPC dataset root (``split`` picks its SAR
+    queries), a CMPC annotation folder, or a SAR GeoTIFF. ``checkpoint``: embedder (default
+    ``runs/<name>/emb_best.pt``; must be the one the index was built with).
+    """
+    from cmpc.evaluate.report import write_report
+
+    localizer = Localizer.from_experiment(exp, checkpoint)
+    source = open_queries(
+        queries, split, localizer.img_size, localizer.index, exp.localize, exp.data.num_workers, exp.tile.nodata_max_frac
+    )
+    out_dir = Path(out) if out else exp.report_dir / "localize"
+    records, stats = run_queries(localizer, source, out_dir, exp.localize.batch_size, exp.eval.grid_queries)
+    summary: dict[str, Any] = {
+        "queries": stats["queries"],
+        "source": source.description,
+        "kind": source.kind,
+        "index": str(localizer.index.directory),
+        "checkpoint": str(localizer.checkpoint_path),
+        "refined": localizer.refiner is not None,
+        "prior_candidates": None if localizer.allowed_rows is None else int(len(localizer.allowed_rows)),
+        "out": str(out_dir),
+        "files": [str(out_dir / GEOJSON_FILE), str(out_dir / CSV_FILE)],
+        "seconds": stats["seconds"],
+        "ms_per_query": stats["ms_per_query"],
+    }
+    if records is not None and isinstance(source, AnnotationQueries):
+        meta = {
+            "dataset": str(source.root),
+            "split": split_protocol(source.root),
+            "query_split": source.split,
+            "checkpoint": str(localizer.checkpoint_path),
+            "checkpoint_hash": localizer.index.manifest["checkpoint"]["hash"],
+            "index": str(localizer.index.directory),
+            "index_factory": localizer.index.manifest.get("factory"),
+            "config": exp.to_dict(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "timing": stats,
+        }
+        metrics = write_report(records, out_dir, meta, exp.eval, localizer.index, exp.localize.top_k)
+        summary["files"] += [str(out_dir / "metrics.json")] + [str(out_dir / p) for p in ("cmc.png", "error_cdf.png", "retrieval_grid.png", "error_map.png")]
+        summary["metrics"] = short_metrics(metrics)
+    return summary
+
+
+def short_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """R@k, mAP and median error per set and stage, for printing."""
+    out: dict[str, Any] = {}
+    for name, block in metrics.items():
+        if name == "meta":
+            continue
+        row: dict[str, Any] = {"n_queries": block["n_queries"]}
+        for stage in ("coarse", "refined"):
+            if stage in block:
+                b = block[stage]
+                row[stage] = {**{f"R@{k}": v for k, v in b["recall"].items()}, "mAP": b["mAP"], "median_error_m": b["error_m"]["median"]}
+        out[name] = row
+    return out
