@@ -1,0 +1,55 @@
+"""``test.py`` / ``cmpc test``: evaluate an experiment on its test SAR queries.
+
+Loads the embedder and the reference index (building the index first when it is missing or
+stale: another checkpoint, dataset, split or factory), localizes every test SAR query of
+``exp.data.root`` with the :class:`~cmpc.localize.localizer.Localizer` (and the refiner when
+the experiment has one), and writes to ``exp.report_dir``: metrics.json (keys fixed by
+DESIGN.md, per query set ``exp.eval.query_sets``), cmc.png, error_cdf.png,
+retrieval_grid.png, error_map.png, predictions.csv and predictions.geojson.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+from typing import Any
+
+from cmpc.config import Experiment
+from cmpc.data.layout import check_root
+from cmpc.evaluate.report import write_report
+from cmpc.index.build import build_index, default_checkpoint, index_is_current
+from cmpc.localize.localizer import Localizer
+from cmpc.localize.queries import AnnotationQueries
+from cmpc.localize.run import run_queries, split_protocol
+from cmpc.models.checkpoint import checkpoint_hash
+
+
+def evaluate(exp: Experiment, checkpoint: str | None = None) -> dict[str, Any]:
+    """Evaluate ``exp`` (checkpoint default ``runs/<name>/emb_best.pt``); return metrics.json's content."""
+    ckpt = default_checkpoint(exp, checkpoint)
+    root = check_root(exp.data.root)
+    ok, why = index_is_current(exp, checkpoint_hash(ckpt))
+    if not ok:
+        print(f"building the index first: {why}", file=sys.stderr)
+        build_index(exp, checkpoint=str(ckpt))
+    localizer = Localizer.from_experiment(exp, ckpt)
+    source = AnnotationQueries(root, "test", localizer.img_size, exp.data.num_workers)
+    out_dir = exp.report_dir
+    records, stats = run_queries(localizer, source, out_dir, exp.localize.batch_size, exp.eval.grid_queries)
+    assert records is not None  # dataset queries always carry ground truth
+    meta = {
+        "dataset": str(root),
+        "split": split_protocol(root),
+        "query_split": "test",
+        "checkpoint": str(ckpt),
+        "checkpoint_hash": localizer.index.manifest["checkpoint"]["hash"],
+        "index": str(localizer.index.directory),
+        "index_factory": localizer.index.manifest.get("factory"),
+        "index_rebuilt": not ok,
+        "references": localizer.index.ntotal,
+        "top_k": exp.localize.top_k,
+        "config": exp.to_dict(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timing": stats,
+    }
+    return write_report(records, out_dir, meta, exp.eval, localizer.index, exp.localize.top_k)
