@@ -250,6 +250,7 @@ class TranslateConfig:
     threads: int | None = param(None, lo=1, hi=256, doc="torch CPU threads; null = all cores")
     eval_split: str = param("test", choices=("train", "test"), doc="split whose aligned pairs the metrics use")
     eval_max: int = param(256, lo=1, doc="most patch pairs evaluated")
+    fid_embedder: str | None = param(None, doc="embedder checkpoint whose pooled trunk features give a second FID variant (fid_emb); works without labels")
     checkpoint: str | None = param(None, doc="translator checkpoint for apply/eval; null = <out>/last.pt")
     views: list[str] = param([], doc="translator checkpoints whose outputs are extra views in embedding training")
     view_prob: float = param(0.3, lo=0.0, hi=1.0, doc="probability that a training location uses a translated view")

@@ -278,6 +278,17 @@ def test_cli_train_eval_apply_cyclegan(world, tmp_path, capsys):
         assert b["n"] == 16 and 0 < b["psnr_db"] < 60 and -1 <= b["ssim"] <= 1
         assert 0 <= b["seg"]["mIoU"] <= 1 and 0 <= b["seg_real"]["FwIoU"] <= 1 and b["fid_seg"] >= 0
         assert Path(b["grid"]).is_file()
+    # The second FID variant: a (here untrained, tiny) embedder's pooled trunk features, no labels needed.
+    from cmpc.config import ModelConfig
+    from cmpc.models.checkpoint import embedder_payload, save_checkpoint
+    from cmpc.models.embedder import build_embedder
+
+    emb = tmp_path / "emb.pt"
+    save_checkpoint(emb, embedder_payload(build_embedder(ModelConfig(backbone="mobilenetv3_small_050", embed_dim=16, stem_channels=8), 1, 3), 32))
+    assert main(["translate", "eval", str(p), "--set", f"translate.fid_embedder={emb}", "--out", str(tmp_path / "ev2")]) == 0
+    res2 = json.loads((tmp_path / "ev2" / "cyclegan_e002.json").read_text())
+    assert res2["sar2opt"]["fid_emb"] >= 0 and res2["opt2sar"]["fid_emb_floor"] >= 0
+    assert res2["sar2opt"]["psnr_db"] == pytest.approx(res["sar2opt"]["psnr_db"])  # same pairs, same translator
     assert main(["translate", "apply", str(p), "--direction", "opt2sar", "--out", str(tmp_path / "pseudo")]) == 0
     from cmpc.data.patches import read_patch_array
     from cmpc.data.layout import read_annotations

@@ -8,7 +8,9 @@ For each direction the checkpoint translates, on up to ``translate.eval_max`` al
   patches (the ceiling);
 - ``fid_seg``: Fréchet distance between segmentation-encoder features of real and translated
   target patches, and ``fid_seg_floor``: the same between two halves of the real patches
-  (what sampling noise alone gives at this sample size). Not comparable to Inception FIDs.
+  (what sampling noise alone gives at this sample size); with ``translate.fid_embedder``,
+  ``fid_emb`` does the same with a trained embedder's pooled trunk features (no labels
+  needed). Neither is comparable to Inception-based FIDs.
 Writes ``<report_dir>/translate/<model>_e<epoch>.json`` and a sample grid PNG per direction
 (columns: source, translation, truth).
 """
@@ -62,6 +64,28 @@ def save_grid(path: Path, rows: list[list[np.ndarray]], titles: list[str]) -> No
         img.save(tmp, format="PNG")
 
 
+class EmbedderFeatures:
+    """Pooled trunk features (B, C) of a trained embedder's branch for one modality: the FID
+    variant ``fid_emb`` (works without a label raster; not comparable to Inception FIDs)."""
+
+    def __init__(self, path: str | os.PathLike[str], device: torch.device) -> None:
+        from cmpc.models.checkpoint import load_embedder
+
+        self.model, meta = load_embedder(path, device)
+        self.img_size = int(meta["img_size"])
+        self.hash = meta["hash"]
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, unit: torch.Tensor, modality: str) -> np.ndarray:
+        from cmpc.data.patches import standardize
+
+        x = torch.nn.functional.interpolate(unit, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=True)
+        # Per-patch standardisation, as for real inputs (it also undoes the [-1, 1] scaling).
+        f = self.model.pool(self.model.feature_map(standardize(x).to(self.device), modality))
+        return f.float().cpu().numpy()
+
+
 def _labels_and_segmenters(exp: Experiment, tr: LoadedTranslator, device: torch.device) -> tuple[Any, dict[str, Any], str | None]:
     from cmpc.translate.segment import ensure_segmenters, open_labels
 
@@ -99,6 +123,7 @@ def evaluate_translator(
     opt_sel = [opt_anns[j] for _, j in pairs]
     labels, segs, seg_note = _labels_and_segmenters(exp, tr, device)
     label_store = LabelStore(labels, opt_sel, tr.source_px) if labels is not None else None
+    emb_feats = EmbedderFeatures(tc.fid_embedder, device) if tc.fid_embedder else None
     out_dir = Path(out) if out else exp.report_dir / "translate"
     result: dict[str, Any] = {
         "meta": {
@@ -110,8 +135,10 @@ def evaluate_translator(
             "split": split,
             "n_pairs": len(pairs),
             "value_range": "PSNR/SSIM on [0, 1] = translator normaliser (0.5/99.5 percentiles of training patches)",
-            "fid_features": "pooled encoder features of this project's segmentation network for the target modality "
-            "(not Inception; not comparable to published FIDs)",
+            "fid_features": "fid_seg: pooled encoder features of this project's segmentation network for the target modality; "
+            "fid_emb: GeM-pooled trunk features of the embedder translate.fid_embedder (target-modality branch). "
+            "Neither is Inception: not comparable to published FIDs",
+            "fid_embedder": tc.fid_embedder,
         }
     }
     if seg_note:
@@ -130,6 +157,8 @@ def evaluate_translator(
         ssims: list[float] = []
         f_real: list[np.ndarray] = []
         f_fake: list[np.ndarray] = []
+        e_real: list[np.ndarray] = []
+        e_fake: list[np.ndarray] = []
         grid: list[list[np.ndarray]] = []
         for s in range(0, len(pairs), 16):
             idx = list(range(s, min(s + 16, len(pairs))))
@@ -147,6 +176,9 @@ def evaluate_translator(
                     cm_real += confusion_matrix(lab, pr[k], n_cls)
                 f_real.append(net.features(real.to(device)).cpu().numpy())
                 f_fake.append(net.features(fake.to(device)).cpu().numpy())
+            if emb_feats is not None:
+                e_real.append(emb_feats(real, tgt))
+                e_fake.append(emb_feats(fake, tgt))
             for k, i in enumerate(idx):
                 if len(grid) < GRID_ROWS:
                     grid.append([to_display(x[k].numpy()), to_display(fake[k].numpy()), to_display(real[k].numpy())])
@@ -163,6 +195,10 @@ def evaluate_translator(
                 block["fid_seg"] = fid_from_features(fr, ff)
                 half = len(fr) // 2
                 block["fid_seg_floor"] = fid_from_features(fr[:half], fr[half:])
+        if e_real:
+            er, ef = np.concatenate(e_real), np.concatenate(e_fake)
+            block["fid_emb"] = fid_from_features(er, ef)
+            block["fid_emb_floor"] = fid_from_features(er[: len(er) // 2], er[len(er) // 2 :])
         img = out_dir / f"{tr.model}_e{tr.epoch:03d}_{direction}.png"
         save_grid(img, grid, [f"{src} (input)", f"pseudo-{tgt}", f"{tgt} (truth)"])
         block["grid"] = str(img)
@@ -178,4 +214,6 @@ def _short(block: dict[str, Any]) -> str:
         parts += [f"mIoU {block['seg']['mIoU']:.3f} (real {block['seg_real']['mIoU']:.3f})"]
     if "fid_seg" in block:
         parts += [f"FID-seg {block['fid_seg']:.2f} (floor {block['fid_seg_floor']:.2f})"]
+    if "fid_emb" in block:
+        parts += [f"FID-emb {block['fid_emb']:.2f} (floor {block['fid_emb_floor']:.2f})"]
     return ", ".join(parts)
