@@ -210,7 +210,7 @@ def cmd_translate_ensemble(args: argparse.Namespace) -> int:
     from cmpc.translate.ensemble import run_ensemble
 
     exp = _exp(args)
-    res = run_ensemble(exp, members=args.members or None, trials=args.trials)
+    res = run_ensemble(exp, members=args.members or None, trials=args.trials, references=args.references)
     print(json.dumps({k: v for k, v in res.items() if k not in ("meta",)}, indent=2))
     return 0
 
@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "required")
     p.add_argument("--members", nargs="+", help="embedder checkpoints (default translate.ensemble)")
     p.add_argument("--trials", type=int, help="Optuna trials (default translate.ensemble_trials)")
+    p.add_argument("--references", nargs="+", help="embedder checkpoints reported alone, not fused (e.g. trained without translators)")
     p.set_defaults(func=cmd_translate_ensemble)
 
     # demo

@@ -56,17 +56,18 @@ def test_run_ensemble_on_tiny_embedders(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="mobilenetv3_small_050", embed_dim=16, stem_channels=8)
     members = []
-    for k in range(2):
+    for k in range(3):
         torch.manual_seed(k)
         m = build_embedder(cfg, 1, 3).eval()
         p = tmp_path / "runs" / f"member{k}" / "emb_best.pt"
         save_checkpoint(p, embedder_payload(m, 32))
         members.append(str(p))
-    raw = experiment_dict(paths, tmp_path, ensemble=members, ensemble_trials=6)
+    raw = experiment_dict(paths, tmp_path, ensemble=members[:2], ensemble_trials=6)
     raw["train"] = {"val_fraction": 0.3, "device": "cpu"}
     exp = experiment_from_dict(raw)
-    res = run_ensemble(exp)
-    assert set(res["test"]) == {"member0", "member1", "ensemble"}
+    res = run_ensemble(exp, references=members[2:])
+    assert set(res["test"]) == {"member0", "member1", "member2", "ensemble"}
+    assert set(res["meta"]["weights"]) == {"member0", "member1"}  # the reference is reported, not fused
     assert sum(res["meta"]["weights"].values()) == pytest.approx(1.0)
     best_member = max(res["val"][m]["recall"]["1"] for m in ("member0", "member1"))
     assert res["val"]["ensemble"]["recall"]["1"] >= best_member

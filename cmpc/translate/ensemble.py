@@ -153,8 +153,12 @@ def _query_sets(queries: list[Annotation], names: list[str]) -> dict[str, list[i
     return {n: sets[n] for n in names if n in sets and sets[n]}
 
 
-def run_ensemble(exp: Experiment, members: list[str] | None = None, trials: int | None = None) -> dict[str, Any]:
-    """Tune fusion weights on validation, evaluate members and ensemble on the test split."""
+def run_ensemble(exp: Experiment, members: list[str] | None = None, trials: int | None = None, references: list[str] | None = None) -> dict[str, Any]:
+    """Tune fusion weights on validation, evaluate members and ensemble on the test split.
+
+    ``references``: more embedder checkpoints evaluated alone beside the members (e.g. the
+    run without translated views), not fused.
+    """
     paths = list(members or exp.translate.ensemble)
     if len(paths) < 1:
         raise ConfigError("no ensemble members: list embedder checkpoints in translate.ensemble (or --members)")
@@ -162,7 +166,8 @@ def run_ensemble(exp: Experiment, members: list[str] | None = None, trials: int 
     torch.set_num_threads(exp.translate.threads or default_num_threads())
     device = resolve_device(exp.train.device)
     t0 = time.perf_counter()
-    ms = load_members(paths, device)
+    ms = load_members(paths + list(references or []), device)
+    n_fused = len(paths)
     root = exp.data.root
 
     # ---- validation: tune weights
@@ -173,7 +178,8 @@ def run_ensemble(exp: Experiment, members: list[str] | None = None, trials: int 
     vq = [queries[i] for i in v_q]
     r_feat = embed(ms, root, "train", "opt", vr, device)
     q_feat = embed(ms, root, "train", "sar", vq, device)
-    weights, summary = tune_weights(q_feat, ids(vq), r_feat, ids(vr), trials, seed=exp.train.seed)
+    weights, summary = tune_weights(q_feat[:n_fused], ids(vq), r_feat[:n_fused], ids(vr), trials, seed=exp.train.seed)
+    weights = np.concatenate([weights, np.zeros(len(ms) - n_fused)])  # references are never fused
     val: dict[str, Any] = {}
     for k, m in enumerate(ms):
         onehot = np.eye(len(ms))[k]
@@ -208,8 +214,9 @@ def run_ensemble(exp: Experiment, members: list[str] | None = None, trials: int 
         "meta": {
             "dataset": root,
             "split": "test",
-            "members": [{"name": m.name, "checkpoint": str(m.path), "hash": m.hash[:16]} for m in ms],
-            "weights": {m.name: float(w) for m, w in zip(ms, weights)},
+            "members": [{"name": m.name, "checkpoint": str(m.path), "hash": m.hash[:16]} for m in ms[:n_fused]],
+            "references": [{"name": m.name, "checkpoint": str(m.path), "hash": m.hash[:16]} for m in ms[n_fused:]],
+            "weights": {m.name: float(w) for m, w in zip(ms[:n_fused], weights)},
             "optuna": summary,
             "validation": {"references": len(vr), "queries": len(vq), "val_fraction": exp.train.val_fraction},
             "seconds": round(time.perf_counter() - t0, 1),
@@ -242,7 +249,7 @@ def format_table(result: dict[str, Any]) -> str:
         for qset, b in block.items():
             c = b["coarse"]
             lines.append(
-                f"| {name} | {_f(w, 2) if w is not None else 'tuned'} | {_f(result['val'][name]['recall']['1'])} | {qset} | {b['n_queries']} | "
+                f"| {name} | {_f(w, 2) if w is not None else ('tuned' if name == 'ensemble' else 'not fused')} | {_f(result['val'][name]['recall']['1'])} | {qset} | {b['n_queries']} | "
                 f"{_f(c['recall'].get('1'))} | {_f(c['recall'].get('5'))} | {_f(c['recall'].get('10'))} | {_f(c['mAP'])} | "
                 f"{_f(c['error_m']['median'], 1)} | {_f(c['error_m']['within'].get('25'))} |"
             )
