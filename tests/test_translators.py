@@ -349,3 +349,16 @@ def test_translated_views_cache_and_swap(world, tmp_path):
             assert torch.allclose(a, swapped.translated_views.view("opt", aligned[optical.annotations[i].id]), atol=1e-6)
     none = with_translated_views(_exp(world, tmp_path, views=[str(cg)], view_prob=0.0), pairs, progress=False)
     assert all(torch.equal(none.optical.load(i), real[i]) for i in range(5))
+
+
+def test_multiband_sar_channels_follow_the_data(tmp_path):
+    paths = make_world(tmp_path, sar_bands=2)
+    exp = _exp(paths, tmp_path, model="cyclegan")
+    data, facts = build_training_data(exp, "cyclegan")
+    assert facts["sar_channels"] == 2 and facts["opt_channels"] == 3 and facts["source_px"] == [32, 32]
+    assert len(facts["normalizers"]["sar"]["lo"]) == 2
+    batch = torch.utils.data.default_collate([data[i] for i in range(2)])
+    assert batch["sar"].shape == (2, 2, 32, 32) and batch["opt"].shape == (2, 3, 32, 32)
+    model = create_translator("cyclegan", exp.translate, 2, 3)
+    model.train_step(batch)
+    assert model.translate(batch["opt"], "opt2sar").shape == (2, 2, 32, 32)
