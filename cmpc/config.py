@@ -155,6 +155,11 @@ class TrainConfig:
     threads: int | None = param(None, lo=1, hi=256, doc="torch CPU threads; null = all cores")
     max_steps_per_epoch: int | None = param(None, lo=1, doc="cap on steps per epoch (tests)")
     grad_clip: float = param(5.0, lo=0.0, doc="gradient norm clip; 0 = off")
+    save_every_steps: int = param(100, lo=0, doc="also save runs/<name>/emb_last.pt every N steps, for resuming mid-epoch; 0 = epoch ends only")
+    non_aligned: bool = param(False, doc="also train on non-aligned SAR queries (offset up to half a grid step) as positives of their nearest reference")
+    hard_group: int = param(4, lo=1, hi=256, doc="locations pulled into a batch together as hard negatives (a location + its neighbours)")
+    neighbours_k: int = param(8, lo=1, hi=256, doc="geographic / embedding neighbours a hard-negative group is drawn from")
+    rotate: bool = param(True, doc="augmentation includes quarter turns (else flips only); both modalities get the same transform")
 
 
 @dataclass

@@ -117,6 +117,27 @@ class Embedder(nn.Module):
         f = self.pool(self.feature_map(x, modality))
         return F.normalize(self.proj(f.float()), dim=-1)
 
+    def forward_pair(self, sar: torch.Tensor, opt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed a SAR batch (B, C_sar, S, S) and an optical batch (B', C_opt, S, S) together.
+
+        With a shared trunk both stems' outputs go through the trunk, pooling and projection as
+        ONE batch, so batch-norm statistics in training mix both modalities exactly as the
+        running statistics used at inference do. (Two separate training forwards would
+        normalise each modality by its own batch statistics, while inference normalises by
+        their running average: SAR and optical embeddings then drift apart at test time.)
+        """
+        if "shared" not in self.trunks or sar.shape[-2:] != opt.shape[-2:]:
+            return self(sar, "sar"), self(opt, "opt")
+        for modality, x in (("sar", sar), ("opt", opt)):
+            if x.shape[1] != self.channels(modality):
+                raise ConfigError(
+                    f"{modality} input has {x.shape[1]} band(s) but the model was trained for {self.channels(modality)}"
+                )
+        stems = torch.cat([self.stems["sar"](sar), self.stems["opt"](opt)])
+        f = self.pool(self.trunks["shared"].forward_features(stems))
+        e = F.normalize(self.proj(f.float()), dim=-1)
+        return e[: sar.shape[0]], e[sar.shape[0] :]
+
 
 def build_embedder(cfg: ModelConfig, sar_channels: int, optical_channels: int) -> Embedder:
     """Construct an :class:`Embedder`; explicit ``cfg.*_channels`` must match the data."""

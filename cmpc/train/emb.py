@@ -1,0 +1,612 @@
+"""Embedding training (``train_emb.py EXPERIMENT.json`` / ``cmpc train emb``).
+
+Reads ``exp.data.root`` split ``train``; holds out a spatial block of locations for
+validation (:func:`cmpc.data.pairs.spatial_holdout`); trains the pseudo-siamese embedder
+with the weighted metric losses and the Wasserstein critic; writes to ``runs/<name>/``:
+
+- ``config.json``: the resolved experiment;
+- ``log.jsonl``: one record per step (``kind: "train"``: step, epoch, loss, per-term losses,
+  lr, temperature, critic estimate, img/s, seconds) and per validation (``kind: "val"``:
+  ``recall`` {"1", "5"} of validation SAR queries against validation optical references);
+- ``emb_best.pt``: the best validation R@1 (ties: R@5) so far;
+- ``emb_last.pt``: everything needed to resume (optimiser, scheduler, critic and its
+  optimiser, loss parameters, AMP scaler, RNG state, sampler position), saved every
+  ``train.save_every_steps`` steps and at each epoch end. Re-running the same experiment
+  resumes from it, mid-epoch included, and ends with the same weights as an uninterrupted
+  run (CPU). A finished run is not retrained.
+
+Determinism: all sampling and augmentation randomness is derived from ``(seed, epoch,
+location)`` / ``(seed, step)``, never from global state shared with data workers.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel
+(gloo on CPU, nccl on CUDA); every rank takes its slice of each global batch; only rank 0
+validates, mines embedding neighbours (broadcast to the others) and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cmpc.config import Experiment
+from cmpc.data.layout import positions, read_annotations
+from cmpc.data.pairs import PairDataset, footprint_side_m, queries_by_location, spatial_holdout
+from cmpc.data.patches import PatchDataset, dataset_channels
+from cmpc.data.sampler import LocationBatchSampler, embedding_neighbours
+from cmpc.errors import ConfigError, DataError
+from cmpc.models.checkpoint import embedder_payload, load_checkpoint, save_checkpoint
+from cmpc.models.embedder import Embedder, build_embedder
+from cmpc.models.losses import CombinedLoss, WassersteinCritic, build_critic, build_critic_optimizer, build_losses
+from cmpc.utils.io import append_jsonl, atomic_write_text, read_jsonl
+from cmpc.utils.runtime import default_num_threads, resolve_device, seed_everything
+
+# Config keys that do not change the trained weights: a run may resume with them changed.
+_RESUME_IGNORED = {
+    "description",
+    "runs_dir",
+    "synth",
+    "tile",
+    "index",
+    "refine",
+    "localize",
+    "eval",
+    "data.num_workers",
+    "data.cache",
+    "train.threads",
+    "train.device",
+    "train.save_every_steps",
+}
+# Of the translator section only these change embedding training (the auxiliary views).
+_RESUME_TRANSLATE_KEYS = {"translate.views", "translate.view_prob"}
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the ``stop_after_steps`` hook: simulates a run killed between two saves."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit_embedder` returns (the model is the trained one in memory, on CPU)."""
+
+    best_path: Path
+    last_path: Path
+    model: Embedder
+    metrics: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    already_finished: bool = False
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def _init_distributed(device_name: str) -> _Dist:
+    """Join the process group torchrun (or a test) describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    owns = False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name != "cpu"
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owns = True
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owns_group=owns)
+
+
+def _average_grads(module: nn.Module) -> None:
+    """All-reduce (mean) the gradients of a module that is not wrapped in DDP (the critic)."""
+    world = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+# --------------------------------------------------------------------------- model + schedule
+
+
+class _PairModel(nn.Module):
+    """Embeds a SAR batch and an optical batch and computes the metric losses in one forward
+
+    (one forward per step is what DistributedDataParallel expects; the learnable InfoNCE
+    temperature lives here so DDP keeps it identical on every rank).
+    """
+
+    def __init__(self, embedder: Embedder, losses: CombinedLoss) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.losses = losses
+
+    def forward(
+        self, sar_x: torch.Tensor, opt_x: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        sar, opt = self.embedder.forward_pair(sar_x, opt_x)
+        sar, opt = sar.float(), opt.float()
+        total, parts = self.losses(sar, opt, labels)
+        return sar, opt, total, parts
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.01) -> float:
+    """Linear warm-up over ``warmup_steps`` then cosine decay to ``floor`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norm scales, GeM p and the temperature (0-D / 1-D tensors)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def embed_patches(
+    model: Embedder, data: PatchDataset, indices: np.ndarray, modality: str, device: torch.device, batch_size: int = 128
+) -> torch.Tensor:
+    """(len(indices), D) float32 CPU embeddings of ``data[indices]`` (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for s in range(0, len(indices), batch_size):
+        x = torch.stack([data.load(int(i)) for i in indices[s : s + batch_size]]).to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+            out.append(model(x, modality).float().cpu())
+    model.train(was_training)
+    d = model.embed_dim
+    return torch.cat(out) if out else torch.zeros(0, d)
+
+
+def recall_at_k(
+    query_emb: torch.Tensor, query_ids: np.ndarray, ref_emb: torch.Tensor, ref_ids: np.ndarray, ks: tuple[int, ...] = (1, 5), chunk: int = 1024
+) -> dict[str, float]:
+    """Share of queries whose location id is among the ``k`` most similar references.
+
+    Streams over query chunks (memory ``chunk x references``). Returns {"1": f, "5": f}.
+    """
+    if len(query_ids) == 0 or len(ref_ids) == 0:
+        return {str(k): float("nan") for k in ks}
+    kmax = min(max(ks), len(ref_ids))
+    ref_ids_t = torch.as_tensor(ref_ids)
+    hits = {k: 0 for k in ks}
+    for s in range(0, len(query_ids), chunk):
+        top = (query_emb[s : s + chunk] @ ref_emb.T).topk(kmax, dim=1).indices
+        correct = ref_ids_t[top] == torch.as_tensor(query_ids[s : s + chunk])[:, None]
+        for k in ks:
+            hits[k] += int(correct[:, :k].any(dim=1).sum())
+    return {str(k): hits[k] / len(query_ids) for k in ks}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Data:
+    optical: PatchDataset
+    sar: PatchDataset
+    train_locs: np.ndarray  # indices into optical annotations
+    val_locs: np.ndarray
+    val_queries: np.ndarray  # indices into sar annotations
+    pairs: PairDataset
+    sar_channels: int
+    optical_channels: int
+
+
+def _load_data(exp: Experiment, progress: bool) -> _Data:
+    root = exp.data.root
+    if not Path(root).is_dir():
+        raise DataError(f"dataset root not found: {root} (make one with `cmpc data synth` then `cmpc data tile`, or set data.root)")
+    refs = read_annotations(root, "train", "opt")
+    queries = read_annotations(root, "train", "sar")
+    sar_ch, opt_ch = dataset_channels(root, "train")
+    optical = PatchDataset(root, "train", "opt", exp.data.img_size, annotations=refs, cache=exp.data.cache)
+    sar = PatchDataset(root, "train", "sar", exp.data.img_size, annotations=queries, cache=exp.data.cache)
+    sar_of = queries_by_location(refs, queries, non_aligned=exp.train.non_aligned)
+    split = spatial_holdout(positions(refs), exp.train.val_fraction, footprint_side_m(refs))
+    has_query = np.array([len(q) > 0 for q in sar_of], dtype=bool)
+    train_locs = split.train[has_query[split.train]]
+    val_locs = split.val
+    if len(train_locs) < 2:
+        raise DataError(f"{root}: fewer than 2 training locations with SAR queries; the dataset is too small to train on")
+    # Validation mimics the test: aligned queries of validation locations vs validation references.
+    aligned_of = queries_by_location(refs, queries, non_aligned=False)
+    val_queries = np.array(sorted(q for i in val_locs for q in aligned_of[int(i)]), dtype=np.int64)
+    pairs = PairDataset(optical, sar, sar_of, seed=exp.train.seed, augment=exp.data.augment, rotate=exp.train.rotate)
+    if exp.data.cache:
+        pairs.preload(train_locs, progress=progress)
+    views = getattr(getattr(exp, "translate", None), "views", None)
+    if views:
+        # Auxiliary views (DESIGN "Translators"): translated patches replace a view with
+        # probability translate.view_prob; validation keeps the real patches (optical/sar above).
+        from cmpc.translate.augment import with_translated_views
+
+        pairs = with_translated_views(exp, pairs, split="train", progress=progress)
+    return _Data(optical, sar, train_locs, val_locs, val_queries, pairs, sar_ch, opt_ch)
+
+
+class _Subset(torch.utils.data.Dataset):
+    """Maps sampler keys (position among training locations, epoch) to dataset locations."""
+
+    def __init__(self, pairs: PairDataset, locs: np.ndarray) -> None:
+        self.pairs = pairs
+        self.locs = locs
+
+    def __len__(self) -> int:
+        return len(self.locs)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        sar, opt, loc = self.pairs[(int(self.locs[key[0]]), key[1])]
+        return sar, opt, int(key[0])
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys (``section.key``) that differ between two experiment dicts and change training."""
+    a, b = _flatten(old), _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in _RESUME_IGNORED or key.split(".")[0] in _RESUME_IGNORED:
+            continue
+        if key.startswith("translate.") and key not in _RESUME_TRANSLATE_KEYS:
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(x) for x in state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def train_embedder(exp: Experiment, *, stop_after_steps: int | None = None) -> Path:
+    """Train (or resume, or skip when finished) the embedder of ``exp``; return the best checkpoint path.
+
+    ``stop_after_steps`` is a test hook: raise :class:`TrainingInterrupted` after that many
+    global steps without saving, as if the process had been killed.
+    """
+    return fit_embedder(exp, stop_after_steps=stop_after_steps).best_path
+
+
+def fit_embedder(exp: Experiment, *, stop_after_steps: int | None = None) -> TrainResult:
+    """:func:`train_embedder`, returning the trained model and metrics as well."""
+    ddp = _init_distributed(exp.train.device)
+    try:
+        return _fit(exp, ddp, stop_after_steps)
+    finally:
+        if ddp.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _say(ddp: _Dist, msg: str) -> None:
+    if ddp.main:
+        tqdm.write(f"[train emb] {msg}", file=sys.stderr)
+
+
+def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResult:
+    tc = exp.train
+    run_dir = exp.run_dir
+    last_path, best_path, log_path = run_dir / "emb_last.pt", run_dir / "emb_best.pt", run_dir / "log.jsonl"
+
+    threads = tc.threads or max(1, default_num_threads() // ddp.world)
+    torch.set_num_threads(threads)
+    device = resolve_device(tc.device)
+    if device.type == "cuda" and ddp.enabled:
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    on_cuda = device.type == "cuda"
+
+    # ---- resume or skip? ----
+    resume: dict[str, Any] | None = None
+    if last_path.exists():
+        resume = load_checkpoint(last_path)
+        diffs = _config_differences(resume.get("experiment") or {}, exp.to_dict())
+        if diffs:
+            raise ConfigError(
+                f"{last_path} was trained with a different configuration ({diffs[0]}"
+                f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
+                f"use another experiment name or delete {run_dir} to start over"
+            )
+        if resume.get("finished"):
+            metrics = dict(resume.get("best_metrics") or {})
+            _say(ddp, f"{run_dir}: already trained ({resume.get('epoch')} epochs, best val {metrics}); delete {last_path} to retrain")
+            from cmpc.models.checkpoint import load_embedder
+
+            model, _ = load_embedder(best_path if best_path.exists() else last_path)
+            return TrainResult(best_path if best_path.exists() else last_path, last_path, model, metrics, int(resume.get("step", 0)), True)
+
+    seed_everything(tc.seed)
+    data = _load_data(exp, progress=ddp.main)
+    model = build_embedder(exp.model, data.sar_channels, data.optical_channels)
+    losses = build_losses(exp.loss)
+    critic = build_critic(exp.loss, exp.model.embed_dim)
+    pair_model = _PairModel(model, losses).to(device)
+    if on_cuda and tc.channels_last:
+        pair_model = pair_model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if critic is not None:
+        critic.to(device)
+    optimizer = torch.optim.AdamW(_param_groups(pair_model, tc.weight_decay), lr=tc.lr)
+    critic_opt = build_critic_optimizer(critic, exp.loss) if critic is not None else None
+
+    sampler = LocationBatchSampler(
+        positions(data.optical.annotations)[data.train_locs],
+        tc.batch_size,
+        seed=tc.seed,
+        hard_negatives=tc.hard_negatives,
+        group_size=tc.hard_group,
+        neighbours_k=tc.neighbours_k,
+        mining_start_epoch=tc.mining_start_epoch,
+        max_batches=tc.max_steps_per_epoch,
+        rank=ddp.rank,
+        world_size=ddp.world,
+    )
+    steps_per_epoch = len(sampler.batches(0))
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size {tc.batch_size} is larger than the {len(data.train_locs)} training locations; lower it")
+    total_steps = tc.epochs * steps_per_epoch
+    warmup = int(round(tc.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
+    amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp = on_cuda and tc.amp
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    start_epoch, start_batch, step, elapsed0 = 0, 0, 0, 0.0
+    best: dict[str, Any] = {"recall": None, "epoch": None}
+    if resume is not None:
+        try:
+            model.load_state_dict(resume["model"])
+            losses.load_state_dict(resume["losses"])
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            scaler.load_state_dict(resume["scaler"])
+            if critic is not None:
+                critic.load_state_dict(resume["critic"])
+                critic_opt.load_state_dict(resume["critic_optimizer"])  # type: ignore[union-attr]
+            sampler.load_state_dict(resume["sampler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            from cmpc.errors import CheckpointError
+
+            raise CheckpointError(f"{last_path} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0]}); delete it to start over") from None
+        start_epoch, start_batch = sampler.epoch, sampler.start_batch
+        step = int(resume["step"])
+        elapsed0 = float(resume.get("elapsed_s", 0.0))
+        best = dict(resume.get("best") or best)
+        _set_rng_state(resume["rng"])
+        if ddp.main:
+            _truncate_log(log_path, step)
+        _say(ddp, f"resuming {run_dir} at epoch {start_epoch + 1}, batch {start_batch}/{steps_per_epoch} (step {step})")
+
+    if ddp.enabled:
+        ddp_model: nn.Module = nn.parallel.DistributedDataParallel(pair_model, device_ids=[device.index] if on_cuda else None)
+    else:
+        ddp_model = pair_model
+    if ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        exp.save(run_dir / "config.json")
+
+    loader = DataLoader(
+        _Subset(data.pairs, data.train_locs),
+        batch_sampler=sampler,
+        num_workers=exp.data.num_workers,
+        persistent_workers=exp.data.num_workers > 0,
+        pin_memory=on_cuda,
+    )
+    sync = _average_grads if ddp.enabled else None
+    t0 = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed0 + time.perf_counter() - t0
+
+    def state_payload(epoch: int, next_batch: int, finished: bool) -> dict[str, Any]:
+        sampler_state = sampler.state_dict()
+        sampler_state.update(epoch=epoch, start_batch=next_batch)
+        return embedder_payload(
+            model,
+            exp.data.img_size,
+            epoch=epoch,
+            step=step,
+            finished=finished,
+            metrics=dict(best.get("recall") or {}),
+            best=best,
+            best_metrics=dict(best.get("recall") or {}),
+            experiment=exp.to_dict(),
+            losses=losses.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
+            critic=critic.state_dict() if critic is not None else None,
+            critic_optimizer=critic_opt.state_dict() if critic_opt is not None else None,
+            sampler=sampler_state,
+            rng=_rng_state(),
+            elapsed_s=elapsed(),
+        )
+
+    metrics: dict[str, Any] = dict(best.get("recall") or {})
+    for epoch in range(start_epoch, tc.epochs):
+        first_batch = start_batch if epoch == start_epoch else 0
+        if first_batch == 0 and sampler.uses_embeddings(epoch):
+            _refresh_mining(model, data, sampler, tc.neighbours_k, device, ddp)
+        sampler.set_epoch(epoch, first_batch)
+        ddp_model.train()
+        bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not ddp.main, leave=False, mininterval=1.0, file=sys.stderr)
+        t_batch = time.perf_counter()
+        for b, (sar_x, opt_x, labels) in enumerate(loader, start=first_batch):
+            sar_x, opt_x, labels = sar_x.to(device, non_blocking=True), opt_x.to(device, non_blocking=True), labels.to(device)
+            if on_cuda and tc.channels_last:
+                sar_x, opt_x = sar_x.contiguous(memory_format=torch.channels_last), opt_x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                sar_e, opt_e, loss, parts = ddp_model(sar_x, opt_x, labels)
+            record: dict[str, Any] = {}
+            if critic is not None:
+                gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
+                record["critic_w"] = critic.update(sar_e, opt_e, critic_opt, exp.loss.critic_steps, generator=gen, sync_grads=sync)  # type: ignore[arg-type]
+                align = critic(sar_e, opt_e)
+                parts = {**parts, "critic": align}
+                loss = loss + exp.loss.critic * align
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tc.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(pair_model.parameters(), tc.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            now = time.perf_counter()
+            n_img = 2 * sar_x.shape[0] * ddp.world
+            if ddp.main:
+                record.update(
+                    kind="train",
+                    step=step,
+                    epoch=epoch + (b + 1) / steps_per_epoch,
+                    loss=float(loss.detach()),
+                    losses={k: float(v.detach()) for k, v in parts.items()},
+                    lr=optimizer.param_groups[0]["lr"],
+                    img_per_s=round(n_img / max(now - t_batch, 1e-9), 1),
+                    seconds=round(elapsed(), 2),
+                )
+                if "infonce" in losses.terms:
+                    record["temperature"] = losses.terms["infonce"].temperature  # type: ignore[union-attr]
+                append_jsonl(log_path, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}", refresh=False)
+            bar.update(1)
+            t_batch = now
+            if tc.save_every_steps and step % tc.save_every_steps == 0 and ddp.main:
+                save_checkpoint(last_path, state_payload(epoch, b + 1, finished=False))
+            if stop_after_steps is not None and step >= stop_after_steps:
+                bar.close()
+                raise TrainingInterrupted(f"stopped after {step} steps (test hook)")
+        bar.close()
+
+        # ---- epoch end: validate (rank 0), keep the best, save last ----
+        is_last = epoch + 1 == tc.epochs
+        if ddp.main:
+            if len(data.val_queries) and ((epoch + 1) % tc.val_every == 0 or is_last):
+                metrics = validate(model, data, device)
+                append_jsonl(log_path, {"kind": "val", "step": step, "epoch": epoch + 1, "recall": metrics, "seconds": round(elapsed(), 2)})
+                _say(ddp, f"epoch {epoch + 1}: val R@1 {metrics['1']:.3f} R@5 {metrics['5']:.3f} ({len(data.val_queries)} queries, {len(data.val_locs)} references)")
+                if _better(metrics, best.get("recall")):
+                    best = {"recall": metrics, "epoch": epoch + 1, "step": step}
+                    save_checkpoint(best_path, _best_payload(model, exp, epoch + 1, step, metrics, losses))
+            elif not len(data.val_queries):
+                # No validation data: the latest weights are the best we know.
+                best = {"recall": None, "epoch": epoch + 1, "step": step}
+                save_checkpoint(best_path, _best_payload(model, exp, epoch + 1, step, {}, losses))
+            save_checkpoint(last_path, state_payload(epoch + 1, 0, finished=is_last))
+        ddp.barrier()
+
+    if ddp.main:
+        append_jsonl(log_path, {"kind": "done", "step": step, "epoch": tc.epochs, "best": best, "seconds": round(elapsed(), 2)})
+        _say(ddp, f"done in {elapsed():.0f} s; best {best_path} (epoch {best.get('epoch')}, val R@k {best.get('recall')})")
+    ddp.barrier()
+    return TrainResult(best_path, last_path, model.cpu(), dict(best.get("recall") or {}), step)
+
+
+def _better(new: dict[str, float], old: dict[str, float] | None) -> bool:
+    if old is None:
+        return True
+    return (new["1"], new["5"]) > (old["1"], old["5"])
+
+
+def _best_payload(model: Embedder, exp: Experiment, epoch: int, step: int, metrics: dict[str, float], losses: CombinedLoss) -> dict[str, Any]:
+    return embedder_payload(model, exp.data.img_size, epoch=epoch, step=step, metrics=metrics, experiment=exp.to_dict(), losses=losses.state_dict())
+
+
+def validate(model: Embedder, data: _Data, device: torch.device) -> dict[str, float]:
+    """R@1 / R@5 of the validation SAR queries against the validation optical references."""
+    q = embed_patches(model, data.sar, data.val_queries, "sar", device)
+    r = embed_patches(model, data.optical, data.val_locs, "opt", device)
+    q_ids = np.array([data.sar.annotations[int(i)].id for i in data.val_queries], dtype=np.int64)
+    r_ids = np.array([data.optical.annotations[int(i)].id for i in data.val_locs], dtype=np.int64)
+    return recall_at_k(q, q_ids, r, r_ids, ks=(1, 5))
+
+
+def _refresh_mining(model: Embedder, data: _Data, sampler: LocationBatchSampler, k: int, device: torch.device, ddp: _Dist) -> None:
+    """Embed every training reference and give the sampler each one's nearest in embedding space."""
+    kk = min(k, len(data.train_locs) - 1)
+    if ddp.main:
+        emb = embed_patches(model, data.optical, data.train_locs, "opt", device)
+        table = torch.from_numpy(embedding_neighbours(emb, kk))
+    else:
+        table = torch.zeros(len(data.train_locs), kk, dtype=torch.int64)
+    if ddp.enabled:
+        table = table.to(device)  # nccl broadcasts device tensors only
+        dist.broadcast(table, src=0)
+    sampler.set_embedding_neighbours(table.cpu().numpy())
+
