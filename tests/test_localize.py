@@ -299,3 +299,32 @@ def test_failed_run_leaves_previous_outputs(world, monkeypatch):
         localize(experiment("loc", "ds", "eval.plots=false", "localize.batch_size=4"), "ds/test/imgs/sar", out="keep")
     assert (root / "keep" / "predictions.csv").read_bytes() == before
     assert sorted(p.name for p in (root / "keep").iterdir()) == ["predictions.csv", "predictions.geojson"]
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_real_sentinel1_geotiff_against_sentinel2_map(real_data, tmp_path, monkeypatch):
+    """Real 2-band float Sentinel-1 GeoTIFF localized on the fly against a Sentinel-2 map."""
+    from cmpc.config import TileConfig
+    from cmpc.data.tiler import tile
+    from cmpc.evaluate.run import evaluate
+    from cmpc.localize.run import localize
+
+    s1 = real_data / "s1s2-gefolki" / "S1_patch11.tif"
+    s2 = real_data / "s1s2-gefolki" / "S2_patch11.tif"
+    tile(s1, s2, tmp_path / "ds", TileConfig(patch_px=128, split="same-area", test_fraction=0.5, non_aligned_per_ref=0.0), progress=False)
+    write_checkpoint(tmp_path / "runs" / "s1s2" / "emb_best.pt", sar_channels=2, optical_channels=3, img_size=32)
+    monkeypatch.chdir(tmp_path)
+    exp = experiment("s1s2", "ds", "eval.plots=false")
+    m = evaluate(exp)  # builds index/s1s2 from the 6 x 6 S2 reference grid first
+    assert m["meta"]["references"] == 36 and m["meta"]["split"] == "same-area"
+    assert m["aligned"]["n_queries"] > 0 and 0.0 <= m["aligned"]["coarse"]["recall"]["20"] <= 1.0
+    s = localize(exp, str(s1), out="tif")
+    assert s["kind"] == "raster" and s["queries"] == 36  # 1280 m footprints = 128 px at 10 m, stride 64 px
+    rows = _read_csv(tmp_path / "tif" / "predictions.csv")
+    xy = np.array([[float(r["x"]), float(r["y"])] for r in rows])
+    assert (xy[:, 0] >= 399_940).all() and (xy[:, 0] <= 404_420).all()  # S2 map extent, EPSG:32631
+    assert (xy[:, 1] >= 5_095_540).all() and (xy[:, 1] <= 5_100_020).all()
