@@ -206,11 +206,17 @@ class Localizer:
         from cmpc.evaluate.metrics import count_higher, first_correct_position
 
         k = result.rows.shape[1]
-        correct = self.index.correct_scores(result.query_emb, true_ids, self.allowed_mask)
-        higher = count_higher(result.query_emb, true_ids, correct, self.index.iter_features(), self.index.ids, self.allowed_mask)
-        exact = np.where(np.isfinite(correct), 1.0 + higher, np.inf)
-        outside = np.maximum(exact, k + 1.0)
         pos = first_correct_position(result.ids, true_ids)
+        outside = np.full(len(pos), np.inf)
+        # Only queries whose correct reference is not in the top-k need the streamed count:
+        # with a good model that is few of them, which keeps evaluation cheap on big maps.
+        todo = np.flatnonzero(~np.isfinite(pos) & (true_ids >= 0))
+        if len(todo):
+            emb, ids = result.query_emb[todo], true_ids[todo]
+            correct = self.index.correct_scores(emb, ids, self.allowed_mask)
+            higher = count_higher(emb, ids, correct, self.index.iter_features(), self.index.ids, self.allowed_mask)
+            exact = np.where(np.isfinite(correct), 1.0 + higher, np.inf)
+            outside[todo] = np.maximum(exact, k + 1.0)
         coarse = np.where(np.isfinite(pos), pos, outside)
         if result.refined_rows is None:
             return coarse, None
