@@ -137,16 +137,26 @@ def plot_error_map(
     error in metres (log colour scale). At most ``max_arrows`` queries (evenly subsampled)."""
     import matplotlib.colors as mcolors
 
-    fig, ax = plt.subplots(figsize=(7, 6), layout="constrained")
+    fp = None
     if footprints_gpkg is not None and Path(footprints_gpkg).is_file():
         import geopandas as gpd
 
         fp = gpd.read_file(footprints_gpkg, engine="pyogrio")
         if len(fp) > max_footprints:
             fp = fp.iloc[np.linspace(0, len(fp) - 1, max_footprints).astype(int)]
-        fp.boundary.plot(ax=ax, color="0.75", linewidth=0.4, zorder=1)
     ok = np.isfinite(true_xy).all(axis=1) & np.isfinite(pred_xy).all(axis=1)
     t, p = true_xy[ok], pred_xy[ok]
+    # figure shaped like the map (a long strip stays readable), colour bar beside it
+    pts = np.concatenate([t, p]) if len(t) else np.zeros((0, 2))
+    if fp is not None and len(fp):
+        b = fp.total_bounds
+        pts = np.concatenate([pts, [[b[0], b[1]], [b[2], b[3]]]])
+    span = np.ptp(pts, axis=0) if len(pts) else np.ones(2)
+    aspect = float(np.clip(span[0] / max(span[1], 1e-9), 0.25, 4.0))
+    h = 6.5 if aspect <= 1 else max(3.5, 8.0 / aspect)
+    fig, ax = plt.subplots(figsize=(max(3.5, h * aspect) + 1.6, h), layout="constrained")
+    if fp is not None:
+        fp.boundary.plot(ax=ax, color="0.75", linewidth=0.4, zorder=1)
     if len(t) > max_arrows:
         pick = np.linspace(0, len(t) - 1, max_arrows).astype(int)
         t, p = t[pick], p[pick]
@@ -163,5 +173,5 @@ def plot_error_map(
     ax.set_ylabel("y (m)")
     ax.ticklabel_format(useOffset=False, style="plain")
     ax.tick_params(labelsize=7)
-    ax.set_title(title + " (dot = true, arrow -> predicted)", fontsize=9)
+    ax.set_title(title + "\ndot = true position, arrow -> predicted", fontsize=9)
     return _save(fig, path)
