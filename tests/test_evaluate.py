@@ -244,3 +244,27 @@ def test_refiner_plugs_into_localizer_and_report(world, monkeypatch, tmp_path):
         assert m[qset]["refined"]["error_m"]["mean"] != m[qset]["coarse"]["error_m"]["mean"]
     head = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0].split(",")
     assert {"refined_x", "refined_y", "refined_rank", "refined_error_m"} <= set(head)
+
+
+def test_sn6_style_dataset_without_extensions(tmp_path, monkeypatch):
+    """Annotations with only id/pos/file_path (no bounds, gsd, crs, aligned): footprints are
+    estimated from the grid spacing, and an empty query set still has every key."""
+    from cmpc.data.layout import read_annotations, write_annotation
+    from cmpc.evaluate.run import evaluate
+
+    write_dataset(tmp_path / "ds", grid=3, non_aligned=0, with_bounds=False, crs=None)
+    for mode in ("opt", "sar"):  # strip the extensions this project adds
+        for a in read_annotations(tmp_path / "ds", "test", mode):
+            a.aligned = a.gsd = a.bounds = a.crs = None
+            write_annotation(tmp_path / "ds", "test", mode, a)
+    write_checkpoint(tmp_path / "runs" / "sn6" / "emb_best.pt")
+    monkeypatch.chdir(tmp_path)
+    m = evaluate(experiment("sn6", "ds", "eval.plots=false"))
+    man = json.loads((tmp_path / "index" / "sn6" / "manifest.json").read_text())
+    assert man["crs"] is None and man["patch_m"] == 16.0 and man["patch_m_source"].startswith("estimated")
+    assert m["meta"]["split"] == "unknown"
+    assert m["aligned"]["n_queries"] == 9  # no flag counts as aligned
+    empty = m["non_aligned"]
+    assert empty["n_queries"] == 0 and set(empty["coarse"]["recall"]) == {"1", "5", "10", "20"}
+    saved = json.loads((tmp_path / "reports" / "sn6" / "metrics.json").read_text())
+    assert saved["non_aligned"]["coarse"]["mAP"] is None and saved["non_aligned"]["coarse"]["error_m"]["median"] is None
