@@ -194,6 +194,18 @@ class RefineConfig:
     fine_align: bool = param(True, doc="estimate the sub-patch offset by dense feature correlation")
     fine_top: int = param(3, lo=1, hi=50, doc="candidates aligned densely")
     fine_max_shift_px: int | None = param(None, lo=0, doc="search radius of the dense alignment, pixels; null = patch/2")
+    fine_phases: bool = param(True, doc="refine the alignment peak to the pixel with 16 phase-shifted descriptor maps of the map (16x their memory and build time)")
+    rerank: bool = param(True, doc="use the GNN's candidate order (false: keep the coarse order; ablations)")
+    gnn_position: bool = param(True, doc="use the GNN's regressed position (false: centre of the refined top-1; ablations)")
+    align_min_peak: float | None = param(None, lo=-1.0, hi=1.0, doc="alignment peaks (mean cosine) below this keep the GNN position; null = calibrated in training")
+    align_steps: int = param(800, lo=0, hi=1_000_000, doc="training steps of the dense alignment descriptor (0 = no fine alignment)")
+    align_batch_size: int = param(16, lo=1, hi=4096, doc="SAR crops per alignment training step")
+    align_lr: float = param(2e-3, lo=1e-7, hi=1.0, doc="alignment descriptor learning rate")
+    align_dim: int = param(16, lo=4, hi=256, doc="dense descriptor channels")
+    align_width: int = param(32, lo=8, hi=512, doc="dense descriptor network width")
+    align_crop_px: int = param(64, lo=16, hi=4096, doc="SAR crop side in alignment training, pixels")
+    align_shift_px: int = param(32, lo=4, hi=4096, doc="largest random offset between SAR crop and optical window in training, pixels")
+    seed: int = param(0, lo=0, doc="random seed of refiner training")
 
 
 @dataclass

@@ -1,0 +1,313 @@
+"""Fine alignment: the sub-patch offset of a SAR query by dense cross-modal correlation.
+
+Retrieval picks a reference; references sit every ``stride`` metres (64 m in the demo), so a
+query that falls between them is tens of metres from the best reference centre. Fine
+alignment measures where the query lies inside the optical map around a candidate:
+
+1. A small fully-convolutional network (:class:`DenseDescriptor`, one branch per modality,
+   output stride 4, L2-normalised per cell) maps the SAR query and the optical map to dense
+   descriptors that agree at corresponding places.
+2. The optical descriptors of the whole reference map are computed once
+   (:func:`build_feature_mosaic`, from the stitched references) and cached: at query time
+   only the query goes through the network.
+3. For each candidate, the query descriptors (template) are correlated against the map
+   descriptors within ``max_shift_px`` of the candidate (FFT, :func:`correlate`); the peak
+   (sub-cell by a quadratic fit, :func:`subpixel_peak`) gives the query's position and its
+   height (mean cosine over the template, in [-1, 1]) how sure the match is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STRIDE = 4  # pixels per descriptor cell
+
+
+def _branch(in_ch: int, dim: int, width: int) -> nn.Sequential:
+    w1, w2, w3 = max(8, width // 2), width, width + width // 2
+
+    def cbr(i: int, o: int, k: int, s: int = 1, d: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, k, stride=s, padding=d * (k // 2), dilation=d, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+    # stride 2 at once (speckle is pixel-scale noise), then context at 1/4 with a dilated
+    # layer: ~50 px receptive field, enough to see a building and its SAR layover/shadow
+    return nn.Sequential(
+        *cbr(in_ch, w1, 5, 2),
+        *cbr(w1, w2, 3),
+        *cbr(w2, w3, 3, 2),
+        *cbr(w3, w3, 3),
+        *cbr(w3, w3, 3, 1, 2),
+        nn.Conv2d(w3, dim, 1),
+    )
+
+
+class DenseDescriptor(nn.Module):
+    """Cross-modal dense descriptors: (B, C_mod, H, W) -> (B, dim, ceil(H/4), ceil(W/4)).
+
+    Cell ``(r, c)`` describes the neighbourhood of pixel ``(4 r, 4 c)``; descriptors are unit
+    vectors. ``modality`` is ``"sar"`` or ``"opt"``; inputs are standardised per channel.
+    """
+
+    stride = STRIDE
+
+    def __init__(self, sar_channels: int, optical_channels: int, dim: int = 16, width: int = 32) -> None:
+        super().__init__()
+        self.sar_channels = sar_channels
+        self.optical_channels = optical_channels
+        self.dim = dim
+        self.width = width
+        self.branches = nn.ModuleDict({"sar": _branch(sar_channels, dim, width), "opt": _branch(optical_channels, dim, width)})
+
+    def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        return F.normalize(self.branches[modality](x), dim=1)
+
+
+# --------------------------------------------------------------------------- correlation
+
+
+def correlate(template: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Valid-mode cross-correlation of descriptor maps, averaged over template cells.
+
+    ``template``: (B, C, h, w); ``context``: (B, M, C, H, W) with H >= h, W >= w. Returns
+    (B, M, H - h + 1, W - w + 1): entry ``(u, v)`` is the mean over template cells of the dot
+    product with the context placed at offset ``(u, v)`` (for unit descriptors a mean cosine
+    in [-1, 1]). Computed with FFTs of the context size (no wrap-around reaches valid
+    offsets).
+    """
+    B, C, h, w = template.shape
+    H, W = context.shape[-2:]
+    if H < h or W < w:
+        raise ValueError(f"context {H}x{W} is smaller than the template {h}x{w}")
+    t = F.pad(template.float(), (0, W - w, 0, H - h))
+    ft = torch.fft.rfft2(t)[:, None]  # (B, 1, C, H, W/2+1)
+    fc = torch.fft.rfft2(context.float())
+    corr = torch.fft.irfft2((fc * ft.conj()).sum(dim=2), s=(H, W))
+    return corr[..., : H - h + 1, : W - w + 1] / float(h * w)
+
+
+def subpixel_peak(score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Peak of score maps with a 1-D quadratic fit per axis around the maximum.
+
+    ``score``: (..., H, W). Returns ``(value (...), row (...), col (...))``, rows/cols as
+    float offsets in cells; at a border the fit falls back to the integer peak.
+    """
+    *lead, H, W = score.shape
+    s = score.reshape(-1, H, W)
+    n = s.shape[0]
+    flat = s.reshape(n, -1).argmax(dim=1)
+    r, c = flat // W, flat % W
+    idx = torch.arange(n, device=s.device)
+    val = s[idx, r, c]
+
+    def fit(lo: torch.Tensor, mid: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        den = lo - 2.0 * mid + hi
+        d = torch.where(den < -1e-12, 0.5 * (lo - hi) / den.clamp(max=-1e-12), torch.zeros_like(den))
+        return d.clamp(-0.5, 0.5)
+
+    rin = (r > 0) & (r < H - 1)
+    cin = (c > 0) & (c < W - 1)
+    up = s[idx, (r - 1).clamp(min=0), c]
+    dn = s[idx, (r + 1).clamp(max=H - 1), c]
+    lf = s[idx, r, (c - 1).clamp(min=0)]
+    rt = s[idx, r, (c + 1).clamp(max=W - 1)]
+    dr = torch.where(rin, fit(up, val, dn), torch.zeros_like(val))
+    dc = torch.where(cin, fit(lf, val, rt), torch.zeros_like(val))
+    rows = r.to(s.dtype) + dr
+    cols = c.to(s.dtype) + dc
+    return val.reshape(lead), rows.reshape(lead), cols.reshape(lead)
+
+
+# --------------------------------------------------------------------------- feature mosaic
+
+
+@dataclass
+class FeatureMosaic:
+    """Optical descriptors of a whole reference map.
+
+    ``desc``: (C, Hc, Wc) float32 unit vectors (0 outside the covered area); cell ``(r, c)``
+    sits at mosaic pixel ``(4 r, 4 c)``. ``origin_x``/``origin_y``: metres of the mosaic's
+    north-west corner; ``gsd_m``: metres per mosaic pixel. ``phases``: optional
+    (4, 4, C, Hc, Wc): ``phases[p, q]`` holds the descriptors of pixels ``(4 r + p, 4 c + q)``
+    (``phases[0, 0] == desc``), for pixel-level peak refinement.
+    """
+
+    desc: torch.Tensor
+    origin_x: float
+    origin_y: float
+    gsd_m: float
+    stride: int = STRIDE
+    phases: torch.Tensor | None = None
+
+    def crops(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Windows of the descriptor map, zero outside it.
+
+        ``top``, ``left``: (...,) long cell coordinates of the windows' first cell. Returns
+        (..., C, h, w).
+        """
+        return _crops(self.desc, top, left, h, w)
+
+    def phase_crops(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Windows of all 16 phase maps: (...,) cell coordinates -> (..., 16, C, h, w)."""
+        if self.phases is None:
+            raise ValueError("this feature mosaic has no phase maps")
+        P, Q, C, Hc, Wc = self.phases.shape
+        out = _crops(self.phases.reshape(P * Q * C, Hc, Wc), top, left, h, w)
+        return out.reshape(*top.shape, P * Q, C, h, w)
+
+
+def _crops(desc: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Windows ``desc[:, top:top+h, left:left+w]`` (zero outside) for (...,) corners -> (..., C, h, w)."""
+    C, Hc, Wc = desc.shape
+    lead = top.shape
+    t = top.reshape(-1)
+    lf = left.reshape(-1)
+    rows = t[:, None] + torch.arange(h)[None, :]  # (M, h)
+    cols = lf[:, None] + torch.arange(w)[None, :]  # (M, w)
+    rin = (rows >= 0) & (rows < Hc)
+    cin = (cols >= 0) & (cols < Wc)
+    out = desc[:, rows.clamp(0, Hc - 1)[:, :, None], cols.clamp(0, Wc - 1)[:, None, :]]  # (C, M, h, w)
+    mask = (rin[:, :, None] & cin[:, None, :]).to(out.dtype)
+    out = (out * mask[None]).permute(1, 0, 2, 3)
+    return out.reshape(*lead, C, h, w)
+
+
+@torch.no_grad()
+def _descriptor_map(model: DenseDescriptor, img: torch.Tensor, tile_px: int, margin_px: int, device: torch.device | str) -> torch.Tensor:
+    """Optical descriptors (dim, ceil(H/4), ceil(W/4)) of an image (C, H, W), in overlapping tiles."""
+    s = STRIDE
+    C, H, W = img.shape
+    Hc, Wc = -(-H // s), -(-W // s)
+    out = torch.zeros((model.dim, Hc, Wc), dtype=torch.float32)
+    for r0 in range(0, H, tile_px):
+        for c0 in range(0, W, tile_px):
+            ra, ca = max(0, r0 - margin_px), max(0, c0 - margin_px)
+            rb, cb = min(H, r0 + tile_px + margin_px), min(W, c0 + tile_px + margin_px)
+            d = model(img[None, :, ra:rb, ca:cb].to(device), "opt")[0].float().cpu()
+            cr0, cc0 = (r0 - ra) // s, (c0 - ca) // s
+            nr = min(tile_px // s, Hc - r0 // s)
+            nc = min(tile_px // s, Wc - c0 // s)
+            out[:, r0 // s : r0 // s + nr, c0 // s : c0 // s + nc] = d[:, cr0 : cr0 + nr, cc0 : cc0 + nc]
+    return out
+
+
+@torch.no_grad()
+def build_feature_mosaic(
+    model: DenseDescriptor,
+    image: np.ndarray,
+    valid: np.ndarray,
+    origin_x: float,
+    origin_y: float,
+    gsd_m: float,
+    tile_px: int = 512,
+    margin_px: int = 64,
+    phases: bool = False,
+    device: torch.device | str = "cpu",
+) -> FeatureMosaic:
+    """Optical descriptors of a standardised map image (C, H, W), computed in overlapping
+    tiles (``tile_px`` core, ``margin_px`` context on each side, both multiples of 4) so
+    memory stays bounded and tile seams do not show. Cells outside ``valid`` are zeroed.
+    ``phases``: also compute the 16 pixel-phase maps (16x the work and memory) that make
+    pixel-level peak refinement possible."""
+    s = STRIDE
+    if tile_px % s or margin_px % s:
+        raise ValueError("tile_px and margin_px must be multiples of 4")
+    model.eval()
+    C, H, W = image.shape
+    Hc, Wc = -(-H // s), -(-W // s)
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    vmask = torch.from_numpy(np.ascontiguousarray(valid))
+    desc = _descriptor_map(model, img, tile_px, margin_px, device) * vmask[::s, ::s][None].float()
+    ph = None
+    if phases:
+        ph = torch.zeros((s, s, model.dim, Hc, Wc), dtype=torch.float32)
+        for p in range(s):
+            for q in range(s):
+                if p == 0 and q == 0:
+                    ph[0, 0] = desc
+                    continue
+                # cell (r, c) of the map of the image cropped by (p, q) sits at pixel (4r+p, 4c+q)
+                d = _descriptor_map(model, img[:, p:, q:], tile_px, margin_px, device)
+                d = d * vmask[p::s, q::s][None].float()
+                ph[p, q, :, : d.shape[1], : d.shape[2]] = d
+    return FeatureMosaic(desc=desc, origin_x=float(origin_x), origin_y=float(origin_y), gsd_m=float(gsd_m), phases=ph)
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+@dataclass
+class AlignResult:
+    """Per query and aligned candidate: ``position_m`` (B, M, 2) the query centre found,
+    metres; ``peak`` (B, M) the correlation peak (mean cosine, higher = surer)."""
+
+    position_m: torch.Tensor
+    peak: torch.Tensor
+
+
+def align_to_mosaic(
+    query_desc: torch.Tensor,
+    mosaic: FeatureMosaic,
+    centres_m: torch.Tensor,
+    query_px: int,
+    max_shift_px: int,
+    border: int = 1,
+) -> AlignResult:
+    """Find each query in the map around each of its candidates.
+
+    Args:
+        query_desc: (B, C, h, w) SAR descriptors of queries of ``query_px`` pixels (at the
+            mosaic's gsd).
+        mosaic: optical descriptors of the reference map.
+        centres_m: (B, M, 2) candidate centres (x, y metres): the search windows' centres.
+        query_px: query side, pixels.
+        max_shift_px: the query centre is searched within +-``max_shift_px`` of each centre.
+        border: template cells dropped at each edge (zero padding makes them unreliable).
+
+    Returns an :class:`AlignResult`.
+    """
+    s = mosaic.stride
+    B, C, h, w = query_desc.shape
+    tmpl = query_desc[:, :, border : h - border, border : w - border]
+    ht, wt = tmpl.shape[-2:]
+    cen = centres_m.double()
+    # query top-left pixel if it sat exactly on the candidate
+    row_tl = (mosaic.origin_y - cen[..., 1]) / mosaic.gsd_m - query_px / 2.0
+    col_tl = (cen[..., 0] - mosaic.origin_x) / mosaic.gsd_m - query_px / 2.0
+    top = torch.floor((row_tl - max_shift_px) / s).long() + border
+    left = torch.floor((col_tl - max_shift_px) / s).long() + border
+    n_shift = int(np.ceil(2.0 * max_shift_px / s)) + 2
+    ctx = mosaic.crops(top, left, ht + n_shift - 1, wt + n_shift - 1)  # (B, M, C, Hc, Wc)
+    score = correlate(tmpl, ctx)  # (B, M, n_shift, n_shift)
+    peak, du, dv = subpixel_peak(score)
+    # template's top-left pixel in the mosaic (the template starts at query cell `border`)
+    t_row = (top.double() + du.double()) * s
+    t_col = (left.double() + dv.double()) * s
+    if mosaic.phases is not None:
+        # pixel-level refinement of each query's best candidate: correlate against the 16
+        # phase maps around the cell peak -> a correlation surface sampled every pixel
+        best = peak.argmax(dim=1)
+        bi = torch.arange(B)
+        u0 = top[bi, best] + du[bi, best].round().long()  # template top-left cell at the peak
+        v0 = left[bi, best] + dv[bi, best].round().long()
+        R = 2  # cells searched each side
+        win = mosaic.phase_crops(u0 - R, v0 - R, ht + 2 * R, wt + 2 * R)  # (B, 16, C, ., .)
+        ps = correlate(tmpl, win)  # (B, 16, 2R+1, 2R+1): phase (p, q) at cell shift (a, b)
+        n = 2 * R + 1
+        surf = ps.reshape(B, s, s, n, n).permute(0, 3, 1, 4, 2).reshape(B, n * s, n * s)  # [a*4+p, b*4+q]
+        pk, pr, pc = subpixel_peak(surf)
+        t_row = t_row.clone()
+        t_col = t_col.clone()
+        t_row[bi, best] = (u0 - R).double() * s + pr.double()
+        t_col[bi, best] = (v0 - R).double() * s + pc.double()
+        peak = peak.clone()
+        peak[bi, best] = torch.maximum(peak[bi, best], pk)
+    q_row = t_row - border * s
+    q_col = t_col - border * s
+    x = mosaic.origin_x + (q_col + query_px / 2.0) * mosaic.gsd_m
+    y = mosaic.origin_y - (q_row + query_px / 2.0) * mosaic.gsd_m
+    return AlignResult(position_m=torch.stack([x, y], dim=-1), peak=peak)

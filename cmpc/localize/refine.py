@@ -1,0 +1,353 @@
+"""Query-time refinement: top-k coarse candidates -> reranked candidates + metre-level position.
+
+:class:`GraphRefiner` is what :class:`~cmpc.localize.localizer.Localizer` calls (its
+``refine`` contract). For a batch of queries it
+
+1. builds the candidate graphs of the first ``k`` candidates (:mod:`cmpc.localize.graph`),
+2. runs the GNN (:mod:`cmpc.models.refiner`): new order of those ``k`` and a regressed
+   position (candidates beyond ``k`` keep their coarse order after them),
+3. fine alignment (:mod:`cmpc.localize.align`): correlates the query's dense SAR descriptors
+   against the cached optical descriptors of the map around the best ``fine_top``
+   candidates; the strongest peak gives the position (falling back to the GNN position when
+   no peak reaches ``align_min_peak``), and the candidate nearest to that position is moved
+   to the front.
+
+Fewer than ``k`` candidates (a small map or a tight prior): the missing graph nodes are
+masked out (padding), so the refiner works with any number >= 1. Non-finite embeddings are a
+one-line :class:`~cmpc.errors.DataError`; a refiner trained for another ``k`` or embedding
+size is a :class:`~cmpc.errors.CheckpointError` / :class:`~cmpc.errors.IndexMismatchError`.
+
+The optical descriptors of a map are computed once per index and cached in
+``index/<name>/align_features.pt`` (keyed by the aligner weights and the index manifest), so
+a query only pays for its own descriptors and a few FFT correlations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cmpc.config import Experiment, RefineConfig
+from cmpc.errors import CheckpointError, DataError, IndexMismatchError
+from cmpc.localize.align import DenseDescriptor, FeatureMosaic, align_to_mosaic, build_feature_mosaic
+from cmpc.localize.graph import build_graphs, grid_spacing_m
+from cmpc.localize.mosaic import mosaic_from_index
+from cmpc.models.checkpoint import load_checkpoint, save_checkpoint
+from cmpc.models.refiner import SceneGraphRefiner
+from cmpc.utils.io import atomic_path
+
+REFINER_FILE = "refiner.pt"
+ALIGN_CACHE_FILE = "align_features.pt"
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state_dict's tensors (names, shapes, bytes): the identity of weights."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class GraphRefiner:
+    """GNN reranking + position regression + dense fine alignment (see the module doc).
+
+    Args:
+        gnn: the trained :class:`SceneGraphRefiner`, or None (coarse order and top-1 centre).
+        aligner: the trained :class:`DenseDescriptor`, or None (no fine alignment).
+        cfg: the refine section in use (k, kNN sizes, switches, fine_top, fine_max_shift_px).
+        k: candidates per graph the GNN was trained with.
+        embed_dim: D of the embeddings the GNN was trained on.
+        align_min_peak: alignment peaks below this are ignored (GNN position kept).
+    """
+
+    def __init__(
+        self,
+        gnn: SceneGraphRefiner | None,
+        aligner: DenseDescriptor | None,
+        cfg: RefineConfig,
+        k: int,
+        embed_dim: int,
+        align_min_peak: float = 0.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.gnn = gnn.eval().to(device) if gnn is not None else None
+        self.aligner = aligner.eval().to(device) if aligner is not None else None
+        self.cfg = cfg
+        self.k = int(k)
+        self.embed_dim = int(embed_dim)
+        self.align_min_peak = float(align_min_peak)
+        self.device = torch.device(device)
+        self._spacing: dict[str, float] = {}
+        self._mosaics: dict[str, FeatureMosaic] = {}
+        self._aligner_hash = state_hash(aligner.state_dict()) if aligner is not None else ""
+        #: accumulated seconds per step and number of queries (for benchmarks)
+        self.timings: dict[str, float] = defaultdict(float)
+        #: (B,) best alignment peak of each query of the last batch (None without alignment)
+        self.last_peaks: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ map-level caches
+
+    def spacing_m(self, index: Any) -> float:
+        """Reference spacing of ``index`` (median nearest-neighbour distance, metres)."""
+        key = str(getattr(index, "directory", id(index)))
+        if key not in self._spacing:
+            self._spacing[key] = grid_spacing_m(index.positions)
+        return self._spacing[key]
+
+    def feature_mosaic(self, index: Any, progress: bool = False) -> FeatureMosaic:
+        """Optical descriptors of the map of ``index``: from memory, the index folder's cache,
+        or computed from the reference images (then cached there when writable)."""
+        assert self.aligner is not None
+        key = str(getattr(index, "directory", id(index)))
+        if key in self._mosaics:
+            return self._mosaics[key]
+        t0 = time.perf_counter()
+        directory = getattr(index, "directory", None)
+        manifest = json.dumps(getattr(index, "manifest", {}), sort_keys=True, default=str)
+        phases = bool(self.cfg.fine_phases)
+        ident = hashlib.sha256(f"{self._aligner_hash}|phases={phases}|{manifest}".encode()).hexdigest()
+        cache = Path(directory) / ALIGN_CACHE_FILE if directory is not None else None
+        fm = None
+        if cache is not None and cache.is_file():
+            try:
+                obj = torch.load(cache, map_location="cpu", weights_only=True)
+                if obj.get("ident") == ident:
+                    ph = obj.get("phases")
+                    fm = FeatureMosaic(
+                        desc=obj["desc"].float(),
+                        origin_x=float(obj["origin_x"]),
+                        origin_y=float(obj["origin_y"]),
+                        gsd_m=float(obj["gsd_m"]),
+                        phases=ph.float() if ph is not None else None,
+                    )
+            except Exception:  # a stale or torn cache is rebuilt, never trusted
+                fm = None
+        if fm is None:
+            img = mosaic_from_index(index, progress=progress)
+            fm = build_feature_mosaic(
+                self.aligner, img.standardized(), img.valid, img.origin_x, img.origin_y, img.gsd_m, phases=phases, device=self.device
+            )
+            if cache is not None:
+                try:
+                    with atomic_path(cache) as tmp:
+                        torch.save(
+                            {
+                                "ident": ident,
+                                "desc": fm.desc.half(),
+                                "phases": fm.phases.half() if fm.phases is not None else None,
+                                "origin_x": fm.origin_x,
+                                "origin_y": fm.origin_y,
+                                "gsd_m": fm.gsd_m,
+                            },
+                            tmp,
+                        )
+                except OSError:
+                    pass  # read-only index folder: keep the mosaic in memory only
+        self._mosaics[key] = fm
+        self.timings["mosaic_s"] += time.perf_counter() - t0
+        return fm
+
+    # ------------------------------------------------------------------ the contract
+
+    @torch.no_grad()
+    def refine(
+        self,
+        query_emb: np.ndarray,
+        topk_rows: np.ndarray,
+        topk_scores: np.ndarray,
+        index: Any,
+        query_images: torch.Tensor | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rerank and localize a batch.
+
+        Args:
+            query_emb: (B, D) float32 query embeddings.
+            topk_rows: (B, kq) int64 index rows, coarse order (any kq >= 1).
+            topk_scores: (B, kq) float32 coarse cosine scores.
+            index: the :class:`~cmpc.index.store.ReferenceIndex` searched.
+            query_images: (B, C, S, S) standardised SAR patches (model input), or None
+                (then no fine alignment).
+
+        Returns ``(refined_rows (B, kq) int64, positions (B, 2) float64 metres)``.
+        """
+        t_all = time.perf_counter()
+        self.last_peaks = None
+        q = np.asarray(query_emb, dtype=np.float32)
+        rows = np.asarray(topk_rows, dtype=np.int64)
+        B, kq = rows.shape
+        if B == 0:
+            return rows.copy(), np.zeros((0, 2))
+        if q.shape != (B, self.embed_dim):
+            raise IndexMismatchError(f"the refiner was trained on {self.embed_dim}-dimensional embeddings but got {q.shape[1]}-dimensional ones; retrain it with `cmpc train refine EXPERIMENT.json`")
+        if not np.isfinite(q).all():
+            raise DataError("query embeddings contain NaN or inf (a corrupt query patch or a diverged embedder); check the inputs")
+        if kq == 0:
+            raise DataError("no candidates to refine (the prior excludes every reference)")
+        kg = min(self.k, kq)
+        pos_m = np.asarray(index.positions, dtype=np.float64)[rows]  # (B, kq, 2)
+        order = np.broadcast_to(np.arange(kq), (B, kq)).copy()
+        position = pos_m[:, 0].copy()
+        if self.gnn is not None:
+            t0 = time.perf_counter()
+            feats = index.gather_features(rows[:, :kg].reshape(-1)).reshape(B, kg, -1)
+            if not np.isfinite(feats).all():
+                raise DataError(f"reference features of index {getattr(index, 'directory', '')} contain NaN or inf; rebuild the index")
+            spacing = self.spacing_m(index)
+            valid = torch.ones((B, self.k), dtype=torch.bool)
+            cand = torch.zeros((B, self.k, feats.shape[2]))
+            cpos = torch.zeros((B, self.k, 2), dtype=torch.float64)
+            csim = torch.zeros((B, self.k))
+            cand[:, :kg] = torch.from_numpy(feats)
+            cpos[:, :kg] = torch.from_numpy(pos_m[:, :kg])
+            csim[:, :kg] = torch.from_numpy(np.asarray(topk_scores, dtype=np.float32)[:, :kg])
+            valid[:, kg:] = False  # fewer than k candidates: mask the missing nodes
+            g = build_graphs(torch.from_numpy(q), cand, cpos, csim, spacing, self.cfg.spatial_knn, self.cfg.feature_knn, valid, rank_den=max(self.k - 1, 1))
+            self.timings["graph_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            g.batch = g.batch.to(self.device)
+            out = self.gnn(g)
+            scores = out.scores.float().cpu().numpy()[:, :kg]
+            if self.cfg.rerank:
+                # stable: equal scores keep the coarse order
+                order[:, :kg] = np.argsort(-scores, axis=1, kind="stable")
+            if self.cfg.gnn_position:
+                position = pos_m[:, 0] + out.position.double().cpu().numpy() * spacing
+            else:
+                position = np.take_along_axis(pos_m, order[:, :1, None], axis=1)[:, 0]
+            self.timings["gnn_s"] += time.perf_counter() - t0
+        if self.aligner is not None and self.cfg.fine_align and query_images is not None:
+            position, order = self._fine_align(query_images, pos_m, order, position, index)
+        refined = np.take_along_axis(rows, order, axis=1)
+        self.timings["refine_s"] += time.perf_counter() - t_all
+        self.timings["queries"] += B
+        return refined, position
+
+    def _fine_align(self, x: torch.Tensor, pos_m: np.ndarray, order: np.ndarray, position: np.ndarray, index: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Dense alignment around the first ``fine_top`` candidates of ``order``."""
+        assert self.aligner is not None
+        fm = self.feature_mosaic(index)
+        t0 = time.perf_counter()
+        B, kq = order.shape
+        side_m = float(np.median(index.bounds[:, 2] - index.bounds[:, 0])) if getattr(index, "bounds", None) is not None else x.shape[-1] * fm.gsd_m
+        S = max(16, int(round(side_m / fm.gsd_m)))
+        x = x.float()
+        if x.shape[-1] != S or x.shape[-2] != S:
+            # queries reach us at the embedder's input size; alignment works at the map's gsd
+            x = torch.nn.functional.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+        if x.shape[1] != self.aligner.sar_channels:
+            raise DataError(f"queries have {x.shape[1]} band(s) but the fine aligner was trained on {self.aligner.sar_channels}")
+        dq = self.aligner(x.to(self.device), "sar").float().cpu()
+        self.timings["align_desc_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        m = min(self.cfg.fine_top, kq)
+        cand = np.take_along_axis(pos_m, order[:, :m, None], axis=1)  # (B, m, 2)
+        max_shift = self.cfg.fine_max_shift_px if self.cfg.fine_max_shift_px is not None else S // 2
+        res = align_to_mosaic(dq, fm, torch.from_numpy(cand), S, int(max_shift))
+        peak = res.peak.numpy()
+        best = peak.argmax(axis=1)
+        found = res.position_m.numpy()[np.arange(B), best]
+        self.last_peaks = peak[np.arange(B), best]
+        ok = self.last_peaks >= self.align_min_peak
+        position = np.where(ok[:, None], found, position)
+        if self.cfg.rerank:
+            # the reference nearest the aligned position is the best answer to "which reference"
+            d = np.linalg.norm(np.take_along_axis(pos_m, order[..., None], axis=1) - position[:, None], axis=2)
+            first = d.argmin(axis=1)
+            new = order.copy()
+            for b in np.nonzero(ok & (first > 0))[0]:
+                j = first[b]
+                new[b] = np.concatenate([order[b, j : j + 1], order[b, :j], order[b, j + 1 :]])
+            order = new
+        self.timings["align_corr_s"] += time.perf_counter() - t0
+        return position, order
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def refiner_payload(
+    gnn: SceneGraphRefiner | None,
+    aligner: DenseDescriptor | None,
+    cfg: RefineConfig,
+    k: int,
+    embed_dim: int,
+    stats: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Plain data (``weights_only=True`` loadable) describing a trained refiner."""
+    return {
+        "kind": "refiner",
+        "k": int(k),
+        "embed_dim": int(embed_dim),
+        "refine_cfg": dataclasses.asdict(cfg),
+        "gnn": {k_: v.detach().cpu() for k_, v in gnn.state_dict().items()} if gnn is not None else None,
+        "gnn_arch": {"hidden": cfg.hidden, "layers": cfg.layers, "heads": cfg.heads},
+        "aligner": {k_: v.detach().cpu() for k_, v in aligner.state_dict().items()} if aligner is not None else None,
+        "aligner_arch": (
+            {"sar_channels": aligner.sar_channels, "optical_channels": aligner.optical_channels, "dim": aligner.dim, "width": aligner.width}
+            if aligner is not None
+            else None
+        ),
+        "stats": stats,
+        **extra,
+    }
+
+
+def save_refiner(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write a refiner checkpoint atomically."""
+    return save_checkpoint(path, payload)
+
+
+def refiner_from_checkpoint(path: str | Path, cfg: RefineConfig, device: torch.device | str = "cpu") -> GraphRefiner:
+    """Rebuild a :class:`GraphRefiner` from ``path`` with the query-time switches of ``cfg``.
+
+    The graph size ``k`` must match the checkpoint's (one-line :class:`CheckpointError`
+    otherwise); the switches (rerank, gnn_position, fine_align, fine_top, ...) are free.
+    """
+    ck = load_checkpoint(path)
+    if ck.get("kind") != "refiner":
+        raise CheckpointError(f"{path} is not a refiner checkpoint (kind={ck.get('kind')!r})")
+    k = int(ck["k"])
+    if cfg.k != k:
+        raise CheckpointError(f"{path} was trained for k={k} candidates but refine.k is {cfg.k}; set refine.k={k} or retrain with `cmpc train refine EXPERIMENT.json`")
+    D = int(ck["embed_dim"])
+    gnn = None
+    if ck.get("gnn") is not None:
+        arch = ck["gnn_arch"]
+        gnn = SceneGraphRefiner(D, int(arch["hidden"]), int(arch["layers"]), int(arch["heads"]))
+        try:
+            gnn.load_state_dict(ck["gnn"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: GNN weights do not fit their stored architecture: {str(e).splitlines()[0]}") from None
+    aligner = None
+    if ck.get("aligner") is not None:
+        a = ck["aligner_arch"]
+        aligner = DenseDescriptor(int(a["sar_channels"]), int(a["optical_channels"]), int(a["dim"]), int(a["width"]))
+        try:
+            aligner.load_state_dict(ck["aligner"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: aligner weights do not fit their stored architecture: {str(e).splitlines()[0]}") from None
+    min_peak = cfg.align_min_peak if cfg.align_min_peak is not None else float(ck.get("stats", {}).get("align_min_peak", 0.0))
+    return GraphRefiner(gnn, aligner, cfg, k, D, align_min_peak=min_peak, device=device)
+
+
+def load_refiner(exp: Experiment) -> GraphRefiner | None:
+    """The refiner of ``exp`` (``runs/<name>/refiner.pt``), or None when ``refine.enabled``
+    is false or no refiner was trained."""
+    path = exp.run_dir / REFINER_FILE
+    if not exp.refine.enabled or not path.is_file():
+        return None
+    from cmpc.utils.runtime import resolve_device
+
+    return refiner_from_checkpoint(path, exp.refine, resolve_device(exp.train.device))

@@ -1,0 +1,360 @@
+"""``cmpc train refine`` / ``train_refine.py``: train the scene-graph refiner and fine alignment.
+
+From the training split only:
+
+1. the embedder checkpoint (``runs/<name>/emb_best.pt``) embeds the training references into
+   ``index/<index name>-train/`` (built with :func:`cmpc.index.build.build_index`, reused
+   when it was built by the same checkpoint) and the training SAR queries (cached in
+   ``runs/<name>/refine_queries.h5``, keyed by the checkpoint hash);
+2. each query's top-k training references form a graph; the GNN learns to score the correct
+   one (cross-entropy + ranking margin) and to regress the query position (Huber). Queries
+   whose correct reference is *not* in the top-k cannot teach the ranking: they are counted
+   (``stats.missing_in_topk``, logged) and train the position head only;
+3. the dense descriptor of fine alignment is trained on the co-registered SAR queries and
+   the stitched optical references (:mod:`cmpc.train.align`);
+4. on held-out training queries, the coarse / GNN / aligned errors are measured and the
+   alignment peak threshold under which the GNN position is kept is calibrated.
+
+Writes ``runs/<name>/refiner.pt`` (plain data: weights, architecture, k, embedding size,
+stats) and ``runs/<name>/refine_log.jsonl`` (one JSON record per epoch / logging step).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cmpc.config import Experiment
+from cmpc.data.layout import read_annotations
+from cmpc.data.patches import PatchDataset
+from cmpc.errors import DataError
+from cmpc.localize.graph import build_graphs, grid_spacing_m
+from cmpc.localize.refine import REFINER_FILE, GraphRefiner, refiner_payload, save_refiner
+from cmpc.models.checkpoint import embed_batches, load_embedder
+from cmpc.models.refiner import SceneGraphRefiner, refiner_loss
+from cmpc.utils.io import append_jsonl, atomic_path
+from cmpc.utils.runtime import default_num_threads, resolve_device, seed_everything
+
+
+def _say(msg: str) -> None:
+    print(f"[train refine] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def train_index(exp: Experiment, checkpoint: Path, ckpt_hash: str):  # noqa: ANN201 - ReferenceIndex
+    """The index of the training references (``index/<index name>-train/``), built with the
+    given checkpoint when missing or built by another one."""
+    from cmpc.index.build import build_index
+    from cmpc.index.store import ReferenceIndex, read_manifest
+
+    texp = copy.deepcopy(exp)
+    texp.index.name = f"{exp.index_dir.name}-train"
+    texp.index.split = "train"
+    texp.index.factory = "Flat"  # exact: the training graphs should not carry ANN noise
+    d = texp.index_dir
+    fresh = False
+    try:
+        man = read_manifest(d)
+        src = man.get("sources", [{}])
+        fresh = (
+            man.get("checkpoint", {}).get("hash") == ckpt_hash
+            and len(src) == 1
+            and src[0].get("split") == "train"
+            and Path(src[0].get("root", "")).resolve() == Path(exp.data.root).resolve()
+        )
+    except DataError:
+        fresh = False
+    if not fresh:
+        _say(f"embedding the training references into {d}")
+        build_index(texp, checkpoint=str(checkpoint))
+    return ReferenceIndex.load(d, expect_hash=ckpt_hash)
+
+
+def embed_train_queries(exp: Experiment, model, meta: dict[str, Any], device: torch.device) -> tuple[np.ndarray, list]:  # noqa: ANN001
+    """(N, D) float32 embeddings of the training SAR queries and their annotations; cached in
+    ``runs/<name>/refine_queries.h5`` for the checkpoint that made them."""
+    anns = read_annotations(exp.data.root, "train", "sar")
+    cache = exp.run_dir / "refine_queries.h5"
+    if cache.is_file():
+        try:
+            with h5py.File(cache, "r") as h5:
+                if h5.attrs.get("checkpoint_hash") == meta["hash"] and int(h5["emb"].shape[0]) == len(anns):
+                    return np.asarray(h5["emb"][:], dtype=np.float32), anns
+        except OSError:
+            pass
+    img_size = int(meta.get("img_size") or exp.data.img_size)
+    ds = PatchDataset(exp.data.root, "train", "sar", img_size, annotations=anns)
+    loader = DataLoader(ds, batch_size=64, shuffle=False, num_workers=exp.data.num_workers)
+    out = np.zeros((len(anns), model.embed_dim), dtype=np.float32)
+    for e, idx in tqdm(embed_batches(model, loader, "sar", device), total=len(loader), desc="embed training queries", unit="batch", leave=False):
+        out[idx] = e
+    with atomic_path(cache) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            h5.create_dataset("emb", data=out)
+            h5.attrs["checkpoint_hash"] = meta["hash"]
+    return out, anns
+
+
+@dataclasses.dataclass
+class GraphSet:
+    """Training graphs in table form (N queries x k candidates).
+
+    ``q`` (N, D), ``cand`` (N, k, D), ``pos`` (N, k, 2) metres, ``sim`` (N, k),
+    ``target`` (N,) slot of the correct candidate or -1, ``target_rel`` (N, 2) true position
+    relative to the top-1 in spacing units, ``true_pos`` (N, 2) metres, ``aligned`` (N,) bool.
+    """
+
+    q: torch.Tensor
+    cand: torch.Tensor
+    pos: torch.Tensor
+    sim: torch.Tensor
+    target: torch.Tensor
+    target_rel: torch.Tensor
+    true_pos: np.ndarray
+    aligned: np.ndarray
+    rows: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.q)
+
+
+def make_graph_set(q_emb: np.ndarray, anns: list, index, k: int, spacing: float) -> GraphSet:  # noqa: ANN001
+    """Search the top-k of every query and tabulate the graph inputs and targets."""
+    scores, rows = index.search(q_emb, k)
+    if rows.shape[1] < k:
+        raise DataError(f"the training map has only {rows.shape[1]} references, fewer than refine.k={k}; lower refine.k")
+    ids = index.ids[rows]
+    qid = np.array([a.id for a in anns], dtype=np.int64)
+    hit = ids == qid[:, None]
+    target = np.where(hit.any(1), hit.argmax(1), -1)
+    pos = index.positions[rows]
+    true = np.array([[a.x, a.y] for a in anns], dtype=np.float64)
+    rel = (true - pos[:, 0]) / spacing
+    return GraphSet(
+        q=torch.from_numpy(q_emb),
+        cand=torch.from_numpy(index.gather_features(rows.reshape(-1)).reshape(len(rows), k, -1)),
+        pos=torch.from_numpy(pos),
+        sim=torch.from_numpy(scores),
+        target=torch.from_numpy(target),
+        target_rel=torch.from_numpy(rel).float(),
+        true_pos=true,
+        aligned=np.array([bool(a.aligned) if a.aligned is not None else False for a in anns]),
+        rows=rows,
+        scores=scores,
+    )
+
+
+# --------------------------------------------------------------------------- GNN
+
+
+def _graphs(gs: GraphSet, idx: np.ndarray, spacing: float, spatial_knn: int, feature_knn: int):  # noqa: ANN202
+    i = torch.from_numpy(idx)
+    return build_graphs(gs.q[i], gs.cand[i], gs.pos[i], gs.sim[i], spacing, spatial_knn, feature_knn)
+
+
+@torch.no_grad()
+def gnn_metrics(model: SceneGraphRefiner, gs: GraphSet, idx: np.ndarray, spacing: float, spatial_knn: int, feature_knn: int) -> dict[str, float]:
+    """Coarse vs GNN on queries ``idx``: R@1, median/mean position error (metres), loss parts."""
+    model.eval()
+    g = _graphs(gs, idx, spacing, spatial_knn, feature_knn)
+    out = model(g)
+    i = torch.from_numpy(idx)
+    tgt = gs.target[i]
+    top = out.scores.argmax(1)
+    coarse_err = np.linalg.norm(gs.true_pos[idx] - gs.pos[i, 0].numpy(), axis=1)
+    pred = gs.pos[i, 0].numpy() + out.position.double().numpy() * spacing
+    gnn_err = np.linalg.norm(gs.true_pos[idx] - pred, axis=1)
+    top_pos = gs.pos[i].numpy()[np.arange(len(idx)), top.numpy()]
+    rerank_err = np.linalg.norm(gs.true_pos[idx] - top_pos, axis=1)
+    _, parts = refiner_loss(out, tgt, gs.target_rel[i], 0.0, 1.0)
+    return {
+        "coarse_r1": float((tgt == 0).float().mean()),
+        "refined_r1": float((top == tgt).float().mean()),
+        "coarse_median_m": float(np.median(coarse_err)),
+        "rerank_median_m": float(np.median(rerank_err)),
+        "gnn_median_m": float(np.median(gnn_err)),
+        "gnn_mean_m": float(np.mean(gnn_err)),
+        "ce": parts["ce"],
+        "pos": parts["pos"],
+    }
+
+
+def fit_gnn(exp: Experiment, gs: GraphSet, train_idx: np.ndarray, val_idx: np.ndarray, spacing: float, log_path: Path) -> tuple[SceneGraphRefiner, dict[str, Any]]:
+    """Train the GNN; keeps the weights of the epoch with the lowest validation loss."""
+    rc = exp.refine
+    D = gs.q.shape[1]
+    model = SceneGraphRefiner(D, rc.hidden, rc.layers, rc.heads)
+    opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, int(np.ceil(len(train_idx) / rc.batch_size)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=rc.lr, total_steps=rc.epochs * steps_per_epoch, pct_start=0.1)
+    rng = np.random.default_rng(rc.seed)
+    best: tuple[float, dict[str, torch.Tensor], dict[str, float]] | None = None
+    t0 = time.perf_counter()
+    bar = tqdm(range(rc.epochs), desc="train GNN", unit="epoch", file=sys.stderr)
+    for epoch in bar:
+        model.train()
+        perm = rng.permutation(train_idx)
+        tot = {"loss": 0.0, "ce": 0.0, "rank": 0.0, "pos": 0.0}
+        for s in range(0, len(perm), rc.batch_size):
+            b = perm[s : s + rc.batch_size]
+            g = _graphs(gs, b, spacing, rc.spatial_knn, rc.feature_knn)
+            out = model(g)
+            ib = torch.from_numpy(b)
+            loss, parts = refiner_loss(out, gs.target[ib], gs.target_rel[ib], rc.rank_margin, rc.position_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            tot["loss"] += float(loss.detach()) * len(b)
+            for k_ in ("ce", "rank", "pos"):
+                tot[k_] += parts[k_] * len(b)
+        rec: dict[str, Any] = {"stage": "gnn", "epoch": epoch + 1, **{k_: v / len(perm) for k_, v in tot.items()}, "seconds": round(time.perf_counter() - t0, 2)}
+        if len(val_idx):
+            vm = gnn_metrics(model, gs, val_idx, spacing, rc.spatial_knn, rc.feature_knn)
+            rec["val"] = vm
+            score = vm["ce"] + rc.position_weight * vm["pos"]
+            if best is None or score < best[0]:
+                best = (score, copy.deepcopy(model.state_dict()), vm)
+            bar.set_postfix(val_r1=f"{vm['refined_r1']:.3f}", val_med_m=f"{vm['gnn_median_m']:.1f}")
+        append_jsonl(log_path, rec)
+    if best is not None:
+        model.load_state_dict(best[1])
+    model.eval()
+    stats: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 1), "epochs": rc.epochs}
+    if best is not None:
+        stats["val_best"] = best[2]
+    return model, stats
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def calibrate_min_peak(errors_aligned: np.ndarray, peaks: np.ndarray, errors_fallback: np.ndarray) -> tuple[float, dict[str, float]]:
+    """Peak threshold under which the fallback position is kept: minimises the mean error
+    capped at 100 m (so a few far misses do not dominate). Returns (threshold, summary)."""
+    cands = np.unique(np.concatenate([[-1.0], np.quantile(peaks, np.linspace(0, 0.95, 40))]))
+    best_t, best_v = -1.0, np.inf
+    for t in cands:
+        e = np.where(peaks >= t, errors_aligned, errors_fallback)
+        v = float(np.minimum(e, 100.0).mean())
+        if v < best_v - 1e-9:
+            best_t, best_v = float(t), v
+    final = np.where(peaks >= best_t, errors_aligned, errors_fallback)
+    return best_t, {"capped_mean_m": best_v, "median_m": float(np.median(final)), "within_5m": float(np.mean(final <= 5)), "within_25m": float(np.mean(final <= 25)), "kept_aligned": float(np.mean(peaks >= best_t))}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path:
+    """Train the refiner of ``exp`` on its training split; returns ``runs/<name>/refiner.pt``."""
+    from cmpc.index.build import default_checkpoint
+    from cmpc.train.align import load_align_data, train_aligner
+
+    rc = exp.refine
+    seed_everything(rc.seed)
+    torch.set_num_threads(exp.train.threads or default_num_threads())
+    device = resolve_device(exp.train.device)
+    run_dir = exp.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "refine_log.jsonl"
+    if log_path.exists():
+        log_path.unlink()  # one log per training
+    t_start = time.perf_counter()
+    ckpt = default_checkpoint(exp, checkpoint)
+    model, meta = load_embedder(ckpt, device)
+    index = train_index(exp, ckpt, meta["hash"])
+    q_emb, anns = embed_train_queries(exp, model, meta, device)
+    spacing = grid_spacing_m(index.positions)
+    k = rc.k
+    gs = make_graph_set(q_emb, anns, index, k, spacing)
+    missing = gs.target < 0
+    n_missing = int(missing.sum())
+    stats: dict[str, Any] = {
+        "n_queries": len(gs),
+        "n_references": int(index.ntotal),
+        "spacing_m": spacing,
+        "k": k,
+        "missing_in_topk": n_missing,
+        "missing_in_topk_aligned": int((missing.numpy() & gs.aligned).sum()),
+        "missing_in_topk_non_aligned": int((missing.numpy() & ~gs.aligned).sum()),
+        "missing_policy": "trained for position only (excluded from the cross-entropy and ranking terms)",
+        "embedder": {"path": str(ckpt), "hash": meta["hash"]},
+    }
+    _say(
+        f"{len(gs)} training queries, {index.ntotal} references, spacing {spacing:.1f} m; "
+        f"{n_missing} ({n_missing / max(len(gs), 1):.1%}) have their correct reference outside the top-{k}: "
+        "they train the position head only"
+    )
+    append_jsonl(log_path, {"stage": "data", **{k_: v for k_, v in stats.items() if k_ != "embedder"}})
+    rng = np.random.default_rng(rc.seed)
+    perm = rng.permutation(len(gs))
+    n_val = int(round(0.1 * len(gs))) if len(gs) >= 20 else 0
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    gnn, stats["gnn"] = fit_gnn(exp, gs, train_idx, val_idx, spacing, log_path)
+    _say(f"GNN: {stats['gnn'].get('val_best', {})}")
+
+    aligner = None
+    if rc.fine_align and rc.align_steps > 0:
+        data = load_align_data(exp.data.root, "train", seed=rc.seed, progress=True)
+        aligner, stats["align"] = train_aligner(
+            data,
+            int(data.queries.shape[1]),
+            int(data.map_image.shape[0]),
+            steps=rc.align_steps,
+            batch_size=rc.align_batch_size,
+            lr=rc.align_lr,
+            dim=rc.align_dim,
+            width=rc.align_width,
+            crop_px=rc.align_crop_px,
+            shift_px=rc.align_shift_px,
+            eval_shift_px=rc.fine_max_shift_px if rc.fine_max_shift_px is not None else data.query_px // 2,
+            seed=rc.seed,
+            log_path=log_path,
+        )
+        _say(f"fine alignment: validation {stats['align'].get('val_after')}")
+        if len(val_idx):
+            stats["align_min_peak"], stats["calibration"] = _calibrate(exp, gnn, aligner, gs, val_idx, anns, index, meta)
+            _say(f"alignment peak threshold {stats['align_min_peak']:.3f}: {stats['calibration']}")
+    stats["seconds"] = round(time.perf_counter() - t_start, 1)
+    payload = refiner_payload(gnn, aligner, rc, k, int(gs.q.shape[1]), stats, experiment=exp.to_dict())
+    path = save_refiner(run_dir / REFINER_FILE, payload)
+    append_jsonl(log_path, {"stage": "done", "path": str(path), "seconds": stats["seconds"]})
+    _say(f"saved {path} ({stats['seconds']:.0f} s)")
+    return path
+
+
+def _calibrate(exp: Experiment, gnn, aligner, gs: GraphSet, val_idx: np.ndarray, anns: list, index, meta: dict) -> tuple[float, dict[str, Any]]:  # noqa: ANN001
+    """Run the whole refiner on held-out training queries; choose ``align_min_peak``."""
+    cfg = copy.deepcopy(exp.refine)
+    gr = GraphRefiner(gnn, aligner, cfg, cfg.k, int(gs.q.shape[1]), align_min_peak=-1.0)
+    img_size = int(meta.get("img_size") or exp.data.img_size)
+    ds = PatchDataset(exp.data.root, "train", "sar", img_size, annotations=[anns[i] for i in val_idx])
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    rows, scores = gs.rows[val_idx], gs.scores[val_idx]
+    cfg.fine_align = False
+    _, p_gnn = gr.refine(gs.q[val_idx].numpy(), rows, scores, index, x)
+    cfg.fine_align = True
+    # per-query peaks: run the aligner path and read back what it found
+    _, p_al = gr.refine(gs.q[val_idx].numpy(), rows, scores, index, x)
+    peaks = gr.last_peaks
+    true = gs.true_pos[val_idx]
+    e_gnn = np.linalg.norm(p_gnn - true, axis=1)
+    e_al = np.linalg.norm(p_al - true, axis=1)
+    t, summary = calibrate_min_peak(e_al, peaks, e_gnn)
+    summary.update({"gnn_median_m": float(np.median(e_gnn)), "aligned_median_m": float(np.median(e_al)), "n": int(len(val_idx))})
+    return t, summary

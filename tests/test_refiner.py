@@ -1,0 +1,228 @@
+"""The scene-graph refiner: GNN shapes and gradients, position head, loss, bad input, end to end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cmpc.config import RefineConfig
+from cmpc.errors import CheckpointError, DataError, IndexMismatchError
+from cmpc.localize.graph import build_graphs
+from cmpc.localize.refine import GraphRefiner, refiner_from_checkpoint, refiner_payload, save_refiner
+from cmpc.models.refiner import RefinerOutput, SceneGraphRefiner, mix_positions, refiner_loss
+
+D = 8
+
+
+def _batch(B: int = 3, k: int = 5, seed: int = 0, n_valid: list[int] | None = None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(B, k, D, generator=g), dim=2)
+    pos = torch.randint(0, 6, (B, k, 2), generator=g).double() * 32.0 + 400_000.0
+    sim = (q[:, None] * c).sum(-1)
+    valid = torch.ones(B, k, dtype=torch.bool)
+    for b, n in enumerate(n_valid or []):
+        valid[b, n:] = False
+    return build_graphs(q, c, pos, sim, 32.0, 2, 2, valid)
+
+
+def test_forward_backward_shapes_and_gradients():
+    torch.manual_seed(0)
+    model = SceneGraphRefiner(D, hidden=16, layers=2, heads=2)
+    graphs = _batch(n_valid=[5, 3, 1])
+    out = model(graphs)
+    assert out.scores.shape == (3, 5) and out.weights.shape == (3, 5) and out.position.shape == (3, 2)
+    # padded slots: -inf score, zero weight; weights of each graph sum to 1
+    assert torch.isinf(out.scores[1, 3:]).all() and torch.isfinite(out.scores[1, :3]).all()
+    assert (out.weights[2, 1:] == 0).all() and out.weights[2, 0].item() == pytest.approx(1.0)
+    assert out.weights.sum(1).tolist() == pytest.approx([1.0, 1.0, 1.0])
+    # a graph of one node: the mix is its own (zero) relative position
+    assert out.mix[2].tolist() == pytest.approx([0.0, 0.0])
+    loss, parts = refiner_loss(out, torch.tensor([2, 0, -1]), torch.randn(3, 2), 0.2, 1.0)
+    loss.backward()
+    assert parts["n_ce"] == 2
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    # every block (attention and FFN) and every head receives signal
+    for name in ("blocks.0.conv.lin_l.weight", "blocks.1.ffn.0.weight", "score_head.2.weight", "weight_head.2.weight", "offset_head.2.weight", "sim_gain"):
+        assert grads[name].abs().sum() > 0, name
+
+
+def test_untrained_refiner_keeps_the_coarse_order():
+    model = SceneGraphRefiner(D, hidden=16, layers=2, heads=2)
+    graphs = _batch()
+    out = model(graphs)
+    sim = graphs.batch.x[:, 3 * D].reshape(3, 5)
+    assert torch.equal(out.scores.argsort(1, descending=True), sim.argsort(1, descending=True))
+    assert torch.allclose(out.offset, torch.zeros(3, 2))
+
+
+def test_position_head_is_a_softmax_weighted_mix():
+    # hand-set logits: softmax([0, ln 3]) = [0.25, 0.75]; second graph: 3 equal logits
+    logits = torch.tensor([0.0, math.log(3.0), 1.0, 1.0, 1.0])
+    rel = torch.tensor([[0.0, 0.0], [4.0, -2.0], [0.0, 0.0], [3.0, 0.0], [0.0, 6.0]])
+    batch = torch.tensor([0, 0, 1, 1, 1])
+    mix, w = mix_positions(logits, rel, batch, 2)
+    assert w.tolist() == pytest.approx([0.25, 0.75, 1 / 3, 1 / 3, 1 / 3])
+    assert torch.allclose(mix, torch.tensor([[3.0, -1.5], [1.0, 2.0]]))
+    # through the model: a constant weight head gives the mean of the candidate positions,
+    # and position = mix + offset
+    model = SceneGraphRefiner(D, hidden=16, layers=1, heads=2)
+    torch.nn.init.zeros_(model.weight_head[-1].weight)
+    graphs = _batch(n_valid=[5, 4, 2])
+    out = model(graphs)
+    rel_tab = torch.zeros(15, 2)
+    rel_tab[graphs.slot] = graphs.batch.rel_pos
+    rel_tab = rel_tab.view(3, 5, 2)
+    want = torch.stack([rel_tab[b, :n].mean(0) for b, n in enumerate([5, 4, 2])])
+    assert torch.allclose(out.mix, want, atol=1e-6)
+    assert torch.allclose(out.position, out.mix + out.offset)
+
+
+def test_loss_matches_hand_computation():
+    scores = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]])
+    out = RefinerOutput(scores, torch.zeros(1, 4), torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[0.5, 0.0]]))
+    loss, parts = refiner_loss(out, torch.tensor([1]), torch.tensor([[0.0, 0.0]]), rank_margin=0.5, position_weight=2.0, huber_beta=0.1)
+    ce = -(1.0 - math.log(math.exp(2) + math.exp(1) + math.exp(0)))
+    # hinge: max(0, 0.5 - (1 - 2)) = 1.5 and max(0, 0.5 - (1 - 0)) = 0 over the 2 other valid slots
+    rank = (1.5 + 0.0) / 2
+    pos = 0.5 - 0.05  # Huber(0.5, beta 0.1) in x, 0 in y
+    assert parts["ce"] == pytest.approx(ce, rel=1e-5)
+    assert parts["rank"] == pytest.approx(rank, rel=1e-5)
+    assert parts["pos"] == pytest.approx(pos, rel=1e-5)
+    assert float(loss) == pytest.approx(ce + rank + 2.0 * pos, rel=1e-5)
+    # a query whose correct reference is not among the candidates trains the position only
+    loss2, parts2 = refiner_loss(out, torch.tensor([-1]), torch.tensor([[0.0, 0.0]]), 0.5, 2.0, 0.1)
+    assert parts2["n_ce"] == 0 and parts2["ce"] == 0 and float(loss2) == pytest.approx(2.0 * pos, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+class _Map:
+    """The index attributes the refiner reads (rows, features, positions), for a 6 x 6 grid."""
+
+    def __init__(self, dim: int = D, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        ys, xs = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+        self.positions = np.stack([xs.ravel() * 32.0, ys.ravel() * 32.0], 1) + 5e5
+        self.features = torch.nn.functional.normalize(torch.randn(36, dim, generator=g), dim=1).numpy()
+        self.directory = f"grid-{dim}-{seed}"
+        self.manifest = {}
+        self.bounds = np.concatenate([self.positions - 32, self.positions + 32], 1)
+
+    def gather_features(self, rows: np.ndarray) -> np.ndarray:
+        return self.features[rows]
+
+
+def _refiner(k: int = 4) -> GraphRefiner:
+    cfg = RefineConfig(k=k, hidden=16, layers=1, heads=2, spatial_knn=2, feature_knn=2)
+    return GraphRefiner(SceneGraphRefiner(D, 16, 1, 2), None, cfg, k, D)
+
+
+def _search(m: _Map, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    s = q @ m.features.T
+    rows = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return rows, np.take_along_axis(s, rows, 1).astype(np.float32)
+
+
+def test_fewer_candidates_than_k_are_padded():
+    m = _Map()
+    ref = _refiner(k=4)
+    q = m.features[[3, 10]] + 0.01
+    rows, scores = _search(m, q, 2)  # a tight prior left only 2 candidates
+    order, pos = ref.refine(q, rows, scores, m, None)
+    assert order.shape == (2, 2) and sorted(order[0]) == sorted(rows[0])
+    assert pos.shape == (2, 2) and np.isfinite(pos).all()
+    # more candidates than k: the GNN reorders the first k, the rest keep their coarse order
+    rows, scores = _search(m, q, 7)
+    order, _ = ref.refine(q, rows, scores, m, None)
+    assert order.shape == (2, 7) and np.array_equal(order[:, 4:], rows[:, 4:])
+    assert all(sorted(order[b, :4]) == sorted(rows[b, :4]) for b in range(2))
+
+
+def test_nan_and_wrong_dimension_are_clear_errors():
+    m = _Map()
+    ref = _refiner()
+    q = m.features[[1, 2]].copy()
+    rows, scores = _search(m, q, 4)
+    q[1, 3] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        ref.refine(q, rows, scores, m, None)
+    m.features[rows[0, 1]] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        ref.refine(m.features[[5]] * 0 + 0.3, rows[:1], scores[:1], m, None)
+    m16 = _Map(dim=16)
+    q16 = m16.features[[0]]
+    r16, s16 = _search(m16, q16, 4)
+    with pytest.raises(IndexMismatchError, match="8-dimensional"):
+        ref.refine(q16, r16, s16, m16, None)
+
+
+def test_checkpoint_for_another_k_is_refused(tmp_path: Path):
+    cfg = RefineConfig(k=4, hidden=16, layers=1, heads=2)
+    path = save_refiner(tmp_path / "refiner.pt", refiner_payload(SceneGraphRefiner(D, 16, 1, 2), None, cfg, 4, D, {"n_queries": 0}))
+    ok = refiner_from_checkpoint(path, cfg)
+    assert ok.k == 4 and ok.embed_dim == D and ok.aligner is None
+    with pytest.raises(CheckpointError, match="k=4.*refine.k is 6"):
+        refiner_from_checkpoint(path, RefineConfig(k=6))
+    torch.save({"kind": "embedder"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a refiner"):
+        refiner_from_checkpoint(tmp_path / "other.pt", cfg)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_refinement_lowers_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """train_refiner on a tiny world (SAR = optical pixels and an untrained embedder with tied
+    stems: a weak but honest coarse stage), a real index, the Localizer with the refiner:
+    the refined positions of non-aligned test queries are clearly better than the centres of
+    the coarse top-1 references."""
+    from index_fixtures import experiment, write_checkpoint, write_dataset
+
+    from cmpc.data.patches import PatchDataset
+    from cmpc.index.build import build_index
+    from cmpc.localize.localizer import Localizer
+    from cmpc.train.refine import train_refiner
+    from cmpc.utils.io import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "ds"
+    write_dataset(root, split="train", seed=0, grid=6, patch_px=32, sar_equals_optical=True, non_aligned=60)
+    write_dataset(root, split="test", seed=1, grid=5, patch_px=32, id_offset=1000, sar_equals_optical=True, non_aligned=30)
+    exp = experiment(
+        "e2e", root, "data.img_size=32", "train.threads=1",
+        "refine.k=4", "refine.epochs=6", "refine.hidden=16", "refine.layers=1", "refine.heads=2", "refine.batch_size=32",
+        "refine.align_steps=40", "refine.align_batch_size=8", "refine.align_crop_px=32", "refine.align_shift_px=8",
+        "refine.align_width=16", "refine.align_dim=8",
+    )
+    write_checkpoint(exp.run_dir / "emb_best.pt", sar_channels=3, img_size=32, embed_dim=16, tie_stems=True)
+    path = train_refiner(exp)
+    assert path == exp.run_dir / "refiner.pt" and path.is_file()
+    log = read_jsonl(exp.run_dir / "refine_log.jsonl")
+    data = log[0]
+    assert data["stage"] == "data" and data["n_queries"] == 96 and data["k"] == 4
+    # queries whose correct reference is outside the top-k are counted, split by kind
+    assert data["missing_in_topk"] == data["missing_in_topk_aligned"] + data["missing_in_topk_non_aligned"]
+    assert [r["epoch"] for r in log if r["stage"] == "gnn"] == list(range(1, 7))
+    assert any(r["stage"] == "align" for r in log) and log[-1]["stage"] == "done"
+
+    build_index(exp)
+    loc = Localizer.from_experiment(exp)
+    assert loc.refiner is not None
+    ds = PatchDataset(root, "test", "sar", 32)
+    na = [i for i, a in enumerate(ds.annotations) if not a.aligned]
+    res = loc.localize_batch(torch.stack([ds[i][0] for i in na]))
+    true = np.array([[ds.annotations[i].x, ds.annotations[i].y] for i in na])
+    coarse = np.linalg.norm(res.coarse_xy - true, axis=1)
+    refined = np.linalg.norm(res.refined_xy - true, axis=1)
+    assert np.median(refined) < 0.7 * np.median(coarse), (np.median(coarse), np.median(refined))
+    assert np.mean(refined <= 2.0) >= np.mean(coarse <= 2.0) + 0.2
+    # every refined order is a permutation of the coarse candidates
+    assert all(sorted(a) == sorted(b) for a, b in zip(res.rows, res.refined_rows))
