@@ -77,3 +77,28 @@ def test_run_ensemble_on_tiny_embedders(tmp_path):
     written = json.loads((tmp_path / "reports" / "translate_ensemble.json").read_text())
     assert written["meta"]["weights"] == res["meta"]["weights"]
     assert "| ensemble |" in (tmp_path / "reports" / "translate_ensemble.md").read_text()
+
+
+@pytest.mark.slow
+def test_select_checkpoint_trains_short_runs_and_writes_table(tmp_path):
+    pytest.importorskip("cmpc.train.emb", reason="the embedder trainer is not in this checkout")
+    from cmpc.translate.select import select_checkpoint
+    from cmpc.translate.train import train_translator
+
+    paths = make_world(tmp_path)
+    raw = experiment_dict(paths, tmp_path, model="cyclegan", out=str(tmp_path / "cg"), epochs=2, max_steps_per_epoch=1, select_epochs=1, view_prob=0.5)
+    raw["model"] = {"backbone": "mobilenetv3_small_050", "embed_dim": 16, "stem_channels": 8}
+    raw["train"] = {"batch_size": 8, "val_fraction": 0.3, "max_steps_per_epoch": 2, "threads": 1, "hard_negatives": "none", "device": "cpu"}
+    exp = experiment_from_dict(raw)
+    train_translator(exp, progress=False)
+    res = select_checkpoint(exp)
+    assert [c["epoch"] for c in res["candidates"]] == [1, 2]
+    assert res["best"] in {c["candidate"] for c in res["candidates"]}
+    best = max(c["val_recall"]["1"] for c in res["candidates"])
+    assert res["best_val_r1"] == best and 0.0 <= best <= 1.0
+    assert res["gain_over_baseline"] == pytest.approx(best - res["baseline"]["val_recall"]["1"])
+    md = (tmp_path / "reports" / "translate_select.md").read_text()
+    assert "**(best)**" in md and "none (no translated views)" in md
+    # A second call reuses the finished short runs instead of retraining them.
+    again = select_checkpoint(exp)
+    assert all(c["reused"] for c in again["candidates"]) and again["best"] == res["best"]
