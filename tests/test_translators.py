@@ -225,6 +225,12 @@ def test_misaligned_label_raster_is_one_line_error(world, tmp_path, kind, kwargs
     LabelRaster(world["labels"], optical=world["optical"])  # the aligned one opens
 
 
+def test_label_raster_in_another_crs_than_the_dataset(world, tmp_path):
+    bad = write_raster(tmp_path / "labels_4326.tif", make_labels(0), crs="EPSG:32632")
+    with pytest.raises(DataError, match="has CRS EPSG:32632, the dataset has EPSG:32631"):
+        LabelRaster(bad, optical=None, crs=CRS)
+
+
 def test_label_raster_reads_the_footprint(world):
     lr = LabelRaster(world["labels"], optical=world["optical"], crs=CRS)
     lab = make_labels(0)

@@ -159,7 +159,8 @@ class LabelRaster:
             raise DataError(f"cannot open label raster {self.path}: {type(e).__name__}") from None
         if optical is not None and Path(optical).is_file():
             self._check_against(Path(optical))
-        elif crs is not None and not _same_crs(self._src.crs, crs):
+        # Footprints are in the dataset CRS: the label raster must be in it too.
+        if crs is not None and not _same_crs(self._src.crs, crs):
             raise DataError(f"label raster {self.path} has CRS {self._src.crs}, the dataset has {crs}; reproject it onto the optical grid")
         self.nodata = self._src.nodata
 
@@ -213,9 +214,16 @@ def default_label_raster(label_raster: str | None, synth_out: str) -> Path | Non
 
 
 def optical_raster(tile_optical: str | None, synth_out: str, root: str | os.PathLike[str]) -> Path | None:
-    """The optical raster a dataset was cut from: dataset.json, ``tile.optical``, or ``<synth.out>/optical.tif``."""
+    """The optical raster a dataset was cut from (dataset.json ``sources``, ``tile.optical`` or
+    ``<synth.out>/optical.tif``), or None when unknown or when the tiler reprojected it (then
+    the dataset grid, not the source raster, is what a label raster must match)."""
     meta = read_dataset_meta(root)
-    for cand in (meta.get("optical"), (meta.get("sources") or {}).get("optical") if isinstance(meta.get("sources"), dict) else None, tile_optical, str(Path(synth_out) / "optical.tif")):
+    src = (meta.get("sources") or {}).get("optical") if isinstance(meta.get("sources"), dict) else None
+    if isinstance(src, dict):
+        if src.get("warped"):
+            return None
+        src = src.get("path")
+    for cand in (src, tile_optical, str(Path(synth_out) / "optical.tif")):
         if isinstance(cand, str) and Path(cand).is_file():
             return Path(cand)
     return None
