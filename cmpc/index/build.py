@@ -41,6 +41,7 @@ from cmpc.index.store import (
     MANIFEST_FILE,
     ReferenceIndex,
     normalize_crs,
+    read_manifest,
     short_hash,
 )
 from cmpc.models.checkpoint import embed_batches, load_embedder
@@ -325,18 +326,16 @@ def index_is_current(exp: Experiment, checkpoint_hash: str) -> tuple[bool, str]:
     if not (d / MANIFEST_FILE).is_file():
         return False, f"no index at {d}"
     try:
-        from cmpc.index.store import read_manifest
-
         m = read_manifest(d)
     except DataError as e:
         return False, str(e)
     if any(not (d / f).is_file() for f in (INDEX_FILE, FEATURES_FILE, FOOTPRINTS_FILE)):
-        return False, f"index {d} is incomplete"
+        return False, f"{d} is incomplete"
     if m["checkpoint"].get("hash") != checkpoint_hash:
-        return False, f"index {d} was built with checkpoint {short_hash(m['checkpoint'].get('hash'))}"
+        return False, f"{d} was built with checkpoint {short_hash(m['checkpoint'].get('hash'))}"
     ds = m.get("dataset", {})
     if ds.get("root") != str(Path(exp.data.root).resolve()) or ds.get("split") != exp.index.split:
-        return False, f"index {d} was built from {ds.get('root')}/{ds.get('split')}"
+        return False, f"{d} was built from {ds.get('root')}/{ds.get('split')}"
     if exp.index.factory.lower() != "auto" and exp.index.factory != m.get("factory"):
-        return False, f"index {d} uses factory {m.get('factory')!r}, the experiment asks for {exp.index.factory!r}"
+        return False, f"{d} uses factory {m.get('factory')!r}, the experiment asks for {exp.index.factory!r}"
     return True, ""
