@@ -64,6 +64,10 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator
         raise FileExistsError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    # mkdtemp makes the folder private (0700); a dataset or index is a normal folder (umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         if path.exists():
