@@ -122,3 +122,16 @@ def test_fid_from_features_of_samples():
     b = rng.normal(0, 1, (4000, 3)) + np.array([2.0, 0.0, 0.0])
     assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-6)
     assert fid_from_features(a, b) == pytest.approx(4.0, abs=0.15)
+
+
+def test_fid_with_floor_scale_free_and_equal_sizes():
+    from cmpc.translate.metrics import fid_with_floor
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(0, 1, (2000, 3))
+    fake = rng.normal(0, 1, (2000, 3)) + np.array([1.0, 0.0, 0.0])
+    fid, floor = fid_with_floor(real, fake)
+    assert fid == pytest.approx(1.0, abs=0.1) and floor < 0.05 and fid > 10 * floor
+    # Scaling every feature by 1000 (another network's magnitude) changes nothing.
+    fid2, floor2 = fid_with_floor(1000 * real, 1000 * fake)
+    assert fid2 == pytest.approx(fid, rel=1e-6) and floor2 == pytest.approx(floor, rel=1e-6)

@@ -6,9 +6,10 @@ For each direction the checkpoint translates, on up to ``translate.eval_max`` al
 - mPA / mIoU / FwIoU of the target modality's segmentation network on the translations,
   against the class mask at the patch footprint, and the same network on the real target
   patches (the ceiling);
-- ``fid_seg``: Fréchet distance between segmentation-encoder features of real and translated
-  target patches, and ``fid_seg_floor``: the same between two halves of the real patches
-  (what sampling noise alone gives at this sample size); with ``translate.fid_embedder``,
+- ``fid_seg``: Fréchet distance between segmentation-encoder features of translated and real
+  target patches (disjoint halves of the pairs, features scaled to unit mean variance), and
+  ``fid_seg_floor``: the same between the two halves of the real patches (what sampling
+  noise alone gives at this sample size); with ``translate.fid_embedder``,
   ``fid_emb`` does the same with a trained embedder's pooled trunk features (no labels
   needed). Neither is comparable to Inception-based FIDs.
 Writes ``<report_dir>/translate/<model>_e<epoch>.json`` and a sample grid PNG per direction
@@ -30,7 +31,7 @@ from cmpc.errors import DataError
 from cmpc.models.translators.base import direction_modes
 from cmpc.translate.apply import LoadedTranslator, data_contract, load_translator
 from cmpc.translate.data import LabelStore, PatchStore, read_split, require_pairs, sample_indices
-from cmpc.translate.metrics import confusion_matrix, fid_from_features, mean_finite, psnr, segmentation_scores, ssim
+from cmpc.translate.metrics import confusion_matrix, fid_with_floor, mean_finite, psnr, segmentation_scores, ssim
 from cmpc.utils.io import atomic_path, atomic_write_json
 from cmpc.utils.runtime import default_num_threads, resolve_device
 
@@ -49,6 +50,8 @@ def save_grid(path: Path, rows: list[list[np.ndarray]], titles: list[str]) -> No
     """Rows of equally sized (H, W, 3) uint8 tiles -> one PNG with column titles (atomic)."""
     from PIL import Image, ImageDraw
 
+    up = max(1, 128 // rows[0][0].shape[0])  # small patches are enlarged (nearest) to stay legible
+    rows = [[np.kron(t, np.ones((up, up, 1), np.uint8)) for t in row] for row in rows]
     h, w = rows[0][0].shape[:2]
     gap, head = 2, 14
     canvas = np.full((head + len(rows) * (h + gap), len(titles) * (w + gap), 3), 255, np.uint8)
@@ -191,14 +194,12 @@ def evaluate_translator(
             block["seg"] = segmentation_scores(cm_fake)
             block["seg_real"] = segmentation_scores(cm_real)
             fr, ff = np.concatenate(f_real), np.concatenate(f_fake)
-            if len(fr) >= 4:
-                block["fid_seg"] = fid_from_features(fr, ff)
-                half = len(fr) // 2
-                block["fid_seg_floor"] = fid_from_features(fr[:half], fr[half:])
+            if len(fr) >= 8:
+                block["fid_seg"], block["fid_seg_floor"] = fid_with_floor(fr, ff)
         if e_real:
             er, ef = np.concatenate(e_real), np.concatenate(e_fake)
-            block["fid_emb"] = fid_from_features(er, ef)
-            block["fid_emb_floor"] = fid_from_features(er[: len(er) // 2], er[len(er) // 2 :])
+            if len(er) >= 8:
+                block["fid_emb"], block["fid_emb_floor"] = fid_with_floor(er, ef)
         img = out_dir / f"{tr.model}_e{tr.epoch:03d}_{direction}.png"
         save_grid(img, grid, [f"{src} (input)", f"pseudo-{tgt}", f"{tgt} (truth)"])
         block["grid"] = str(img)

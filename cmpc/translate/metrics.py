@@ -9,7 +9,8 @@
   of its own segmentation network (:class:`cmpc.models.translators.seg.SegNet`, trained here on
   the target modality), because no Inception weights can be downloaded. Its values are NOT
   comparable to Inception-based FIDs in the literature; compare them only with each other
-  (same segmentation checkpoint, same split).
+  (same segmentation checkpoint, same split). :func:`fid_with_floor` reports it at equal
+  sample sizes beside the value two halves of the real set give (the noise floor).
 """
 
 from __future__ import annotations
@@ -138,9 +139,33 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(max(0.0, diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean)))
 
 
-def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
-    """Fréchet distance between two (N, D) feature sets (see the module note on comparability)."""
-    return frechet_distance(*feature_stats(real), *feature_stats(fake))
+def fid_from_features(real: np.ndarray, fake: np.ndarray, scale: float | None = None) -> float:
+    """Fréchet distance between two (N, D) feature sets (see the module note on comparability).
+
+    ``scale``: features are divided by it first (e.g. :func:`feature_scale` of the real set,
+    which makes values independent of the feature network's overall magnitude).
+    """
+    s = 1.0 if scale is None else float(scale)
+    return frechet_distance(*feature_stats(np.asarray(real) / s), *feature_stats(np.asarray(fake) / s))
+
+
+def feature_scale(features: np.ndarray) -> float:
+    """sqrt of the mean per-dimension variance of (N, D) features (1 when degenerate)."""
+    v = float(np.asarray(features, dtype=np.float64).var(axis=0, ddof=1).mean())
+    return math.sqrt(v) if v > 0 else 1.0
+
+
+def fid_with_floor(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
+    """(FID, floor) at equal sample sizes: translations of the first half of the pairs against
+    real patches of the second half, and real first half against the same real second half.
+
+    Disjoint halves keep paired samples from flattering the score, and the floor shows what
+    sampling noise alone gives at this size. Features are scaled so the real set has unit mean
+    variance per dimension.
+    """
+    h = len(real) // 2
+    s = feature_scale(real)
+    return fid_from_features(real[h:], fake[:h], s), fid_from_features(real[h:], real[:h], s)
 
 
 def mean_finite(values: list[float]) -> float:
