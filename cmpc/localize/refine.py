@@ -90,6 +90,7 @@ class GraphRefiner:
         self.device = torch.device(device)
         self._spacing: dict[str, float] = {}
         self._mosaics: dict[str, FeatureMosaic] = {}
+        self._query_px: dict[str, int] = {}
         self._aligner_hash = state_hash(aligner.state_dict()) if aligner is not None else ""
         #: accumulated seconds per step and number of queries (for benchmarks)
         self.timings: dict[str, float] = defaultdict(float)
@@ -157,6 +158,16 @@ class GraphRefiner:
         self._mosaics[key] = fm
         self.timings["mosaic_s"] += time.perf_counter() - t0
         return fm
+
+    def query_px(self, index: Any, fm: FeatureMosaic, given_px: int) -> int:
+        """Side of a query in map pixels: the references' footprint (queries share it in
+        the CMPC protocol) over the map gsd; ``given_px`` when the index has no footprints."""
+        key = str(getattr(index, "directory", id(index)))
+        if key not in self._query_px:
+            bounds = getattr(index, "bounds", None)
+            side_m = float(np.median(bounds[:, 2] - bounds[:, 0])) if bounds is not None and len(bounds) else given_px * fm.gsd_m
+            self._query_px[key] = max(16, int(round(side_m / fm.gsd_m)))
+        return self._query_px[key]
 
     # ------------------------------------------------------------------ the contract
 
@@ -239,8 +250,7 @@ class GraphRefiner:
         fm = self.feature_mosaic(index)
         t0 = time.perf_counter()
         B, kq = order.shape
-        side_m = float(np.median(index.bounds[:, 2] - index.bounds[:, 0])) if getattr(index, "bounds", None) is not None else x.shape[-1] * fm.gsd_m
-        S = max(16, int(round(side_m / fm.gsd_m)))
+        S = self.query_px(index, fm, x.shape[-1])
         x = x.float()
         if x.shape[-1] != S or x.shape[-2] != S:
             # queries reach us at the embedder's input size; alignment works at the map's gsd

@@ -145,13 +145,16 @@ def aligner_losses(model: DenseDescriptor, sar: torch.Tensor, ctx: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate_aligner(model: DenseDescriptor, data: AlignData, rows: np.ndarray, max_shift_px: int, seed: int = 0, batch: int = 32) -> dict[str, float]:
+def evaluate_aligner(
+    model: DenseDescriptor, data: AlignData, rows: np.ndarray, max_shift_px: int, seed: int = 0, batch: int = 32, phases: bool = False
+) -> dict[str, float]:
     """Alignment error (pixels) of whole queries ``rows``, each searched within
     +-``max_shift_px`` of a seeded random point near its true centre (like a candidate
-    reference would be): median, mean, share within 1 / 2 / 4 px."""
+    reference would be): median, mean, share within 1 / 2 / 4 px. ``phases``: with
+    pixel-level refinement (16x the map descriptor work)."""
     model.eval()
     m = data.mosaic
-    fm = build_feature_mosaic(model, data.map_image.numpy(), m.valid, m.origin_x, m.origin_y, m.gsd_m)
+    fm = build_feature_mosaic(model, data.map_image.numpy(), m.valid, m.origin_x, m.origin_y, m.gsd_m, phases=phases)
     rng = np.random.default_rng(seed)
     S = data.query_px
     errs = []
