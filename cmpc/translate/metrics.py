@@ -155,17 +155,26 @@ def feature_scale(features: np.ndarray) -> float:
     return math.sqrt(v) if v > 0 else 1.0
 
 
-def fid_with_floor(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
+def fid_with_floor(real: np.ndarray, fake: np.ndarray, max_dims: int = 64) -> tuple[float, float]:
     """(FID, floor) at equal sample sizes: translations of the first half of the pairs against
     real patches of the second half, and real first half against the same real second half.
 
     Disjoint halves keep paired samples from flattering the score, and the floor shows what
-    sampling noise alone gives at this size. Features are scaled so the real set has unit mean
-    variance per dimension.
+    sampling noise alone gives at this size. A covariance needs many more samples than
+    dimensions, so features are first projected on the real set's top ``k`` principal axes,
+    ``k = min(max_dims, D, n_half // 4)``, then scaled so the real set has unit mean variance
+    per dimension (values do not depend on the feature network's magnitude).
     """
+    real = np.asarray(real, dtype=np.float64)
+    fake = np.asarray(fake, dtype=np.float64)
     h = len(real) // 2
-    s = feature_scale(real)
-    return fid_from_features(real[h:], fake[:h], s), fid_from_features(real[h:], real[:h], s)
+    k = max(1, min(max_dims, real.shape[1], h // 4))
+    mu = real.mean(0)
+    _, _, vt = np.linalg.svd(real - mu, full_matrices=False)
+    proj = vt[:k].T
+    r, f = (real - mu) @ proj, (fake - mu) @ proj
+    s = feature_scale(r)
+    return fid_from_features(r[h:], f[:h], s), fid_from_features(r[h:], r[:h], s)
 
 
 def mean_finite(values: list[float]) -> float:
