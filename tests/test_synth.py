@@ -301,3 +301,20 @@ def test_failed_generation_leaves_previous_world_intact(tmp_path: Path, monkeypa
         generate_world(SynthConfig(out=str(tmp_path / "w"), seed=2, size_m=128.0), preview=False)
     assert (tmp_path / "w" / "world.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_misregistration_shift_is_recorded_with_its_direction() -> None:
+    # Same seed: same scene and same speckle draw; only the co-registration error differs.
+    base = build_world(SynthConfig(seed=6, size_m=256.0, misregistration_m=0.0, looks=64))
+    moved = build_world(SynthConfig(seed=6, size_m=256.0, misregistration_m=8.0, looks=64))
+    dx, dy = moved["shift_m"]
+    assert 0.0 < np.hypot(dx, dy) <= 8.0
+    # Speckle is drawn on the SAR grid (not shifted): smooth it away, keep the scene.
+    a, b = (ndi.gaussian_filter(w["sar"][0], 2.0) for w in (base, moved))
+    a, b = a - a.mean(), b - b.mean()
+    corr = np.fft.ifft2(np.fft.fft2(b) * np.conj(np.fft.fft2(a))).real
+    r, c = np.unravel_index(np.argmax(corr), corr.shape)
+    r = r - 256 if r > 128 else r
+    c = c - 256 if c > 128 else c
+    assert c == pytest.approx(dx, abs=1.0)  # columns grow eastward
+    assert -r == pytest.approx(dy, abs=1.0)  # rows grow southward

@@ -14,7 +14,13 @@ import numpy as np
 from cmpc.config import SynthConfig
 from cmpc.data.synth.sar import BANDS
 
+_BOX = {"facecolor": "black", "alpha": 0.6, "lw": 0, "pad": 2}
 _DIR = {"east": (1.0, 0.0), "west": (-1.0, 0.0), "north": (0.0, 1.0), "south": (0.0, -1.0)}
+
+
+def geom_side(look: str) -> str:
+    """The side of the scene the sensor sits on, for a look direction."""
+    return {"east": "west", "west": "east", "north": "south", "south": "north"}[look]
 
 
 def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
@@ -118,13 +124,14 @@ def make_preview(path: Path, world: dict[str, Any], cfg: SynthConfig, max_px: in
         ax = axes[1, 1]
         ax.annotate("roof in layover\n(toward sensor)", xy=(bx - dx * lay_m, by - dy * lay_m),
                     xytext=(bx - dx * lay_m - dy * side * 0.3, by - dy * lay_m - dx * side * 0.3),
-                    color="yellow", fontsize=10, ha="center", arrowprops={"arrowstyle": "->", "color": "yellow"})
+                    color="yellow", fontsize=10, ha="center", arrowprops={"arrowstyle": "->", "color": "yellow"}, bbox=_BOX)
         ax.annotate("radar shadow", xy=(bx + dx * (shd_m * 0.5 + 8), by + dy * (shd_m * 0.5 + 8)),
                     xytext=(bx + dx * (shd_m * 0.5 + 8) + dy * side * 0.3, by + dy * (shd_m * 0.5 + 8) + dx * side * 0.3),
-                    color="orange", fontsize=10, ha="center", arrowprops={"arrowstyle": "->", "color": "orange"})
+                    color="orange", fontsize=10, ha="center", arrowprops={"arrowstyle": "->", "color": "orange"}, bbox=_BOX)
         ax.annotate("", xy=(0.5 + 0.18 * dx, 0.06 + 0.04 * dy + 0.02), xytext=(0.5 - 0.18 * dx, 0.06 - 0.04 * dy + 0.02),
                     xycoords="axes fraction", arrowprops={"arrowstyle": "-|>", "color": "white", "lw": 2})
-        ax.text(0.5, 0.1, f"radar look ({cfg.look})", transform=ax.transAxes, color="white", ha="center", fontsize=10)
+        ax.text(0.03, 0.96, f"radar looks {cfg.look} (arrow); sensor on the {geom_side(cfg.look)} side", transform=ax.transAxes,
+                color="white", ha="left", va="top", fontsize=10, bbox=_BOX)
         axes[1, 0].set_title(f"zoom: building {bh:.0f} m tall (cyan: footprint), sun shadow")
         axes[1, 1].set_title(f"zoom: roof laid over {lay_m:.0f} m toward sensor (dashed), shadow {shd_m:.0f} m")
     else:

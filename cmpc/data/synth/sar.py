@@ -51,7 +51,7 @@ _COS_N = np.array([2.5, 2.5, 2.0, 3.0, 3.0, 2.0, 6.0, 1.0, 1.5, 2.0, 1.0], np.fl
 # Amplitude (dB) of the fine texture of natural surfaces.
 _TEXTURE_DB = np.array([0.5, 0.5, 0.8, 0.0, 0.0, 0.0, 0.0, 2.0, 0.7, 0.7, 0.0], np.float32)
 # Crops (wheat, maize, rapeseed, beet, ploughed, hay): VV offset from the crop mean, dB.
-_CROP_DB = np.array([-1.0, 1.5, 1.0, 0.0, 0.5, -2.0], np.float32)
+_CROP_DB = np.array([-2.5, 2.5, 1.5, 0.0, 1.0, -3.5], np.float32)
 # Smoothness of the ground in front of a wall: weight of the specular ground bounce.
 _MIRROR = np.array([0.5, 0.5, 0.4, 0.9, 0.85, 0.6, 1.0, 0.0, 0.3, 0.4, 0.5], np.float32)
 
@@ -192,7 +192,7 @@ def reflectivity(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np
     # Parcel moisture/roughness: partly shared with the optical tone (same crop and soil),
     # partly new (a different day).
     p_noise = rng.normal(0.0, 1.0, len(par["tone"])).astype(np.float32)
-    p_db = 1.2 * par["tone"] + 0.9 * p_noise
+    p_db = 1.8 * par["tone"] + 0.8 * p_noise
     for m in (SOIL, GRASS, CROP, GRAVEL, CONSTRUCTION, CONCRETE, ASPHALT):
         sel = mat == m
         db[sel] += p_db[pid[sel]]
@@ -241,7 +241,7 @@ def render_sar_mean(
     # 0.8 x canopy height (projecting every crown bump on its own folds a forest into
     # streaks), and the same smooth canopy casts the (partial) canopy shadow.
     is_tree = (mat == TREE).astype(np.float32)
-    size = max(3, int(round(8.0 / gsd)) | 1)
+    size = max(3, int(round(24.0 / gsd)) | 1)
     mean_h = ndi.uniform_filter(dsm * is_tree, size) / np.maximum(ndi.uniform_filter(is_tree, size), 1e-3)
     height = np.where(is_tree > 0, 0.8 * mean_h, dsm).astype(np.float32)
     shadow_hard, horizon = radar_shadow(np.where(is_tree > 0, 0.0, dsm).astype(np.float32), gsd, theta)

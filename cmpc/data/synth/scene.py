@@ -130,7 +130,9 @@ class Scene:
                     "sar_db": np.zeros(1, np.float32),
                 }
             ),
-            trees=ObjectTable({"colour": np.zeros((1, 3), np.float32), "evergreen": np.zeros(1, bool)}),
+            trees=ObjectTable(
+                {"colour": np.ones((1, 3), np.float32), "evergreen": np.zeros(1, bool), "hue": np.zeros(1, np.uint8)}
+            ),
             vehicles=ObjectTable({"colour": np.zeros((1, 3), np.float32), "kind": np.zeros(1, np.uint8)}),
             parcels=parcels,
         )

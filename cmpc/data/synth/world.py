@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from cmpc.config import SynthConfig
 from cmpc.data.synth.acquisition import Presence, compose_scene, point_scatterers, split_changes
@@ -37,7 +38,8 @@ from cmpc.errors import ConfigError
 from cmpc.utils.io import atomic_dir
 
 GENERATOR_VERSION = 1
-MAX_SIDE_PX = 12_288  # ~150 bytes per pixel at peak: 12288^2 px needs ~20 GB
+MAX_SIDE_PX = 32_768
+BYTES_PER_PX = 270  # measured peak resident memory per world pixel (2048^2 px world: 1.1 GB)
 CLASS_COLOURS = (
     (166, 136, 96), (70, 70, 70), (220, 60, 50), (40, 90, 200), (20, 110, 30), (225, 205, 80), (130, 200, 100),
     (230, 0, 230),
@@ -55,9 +57,27 @@ def world_shape(cfg: SynthConfig) -> tuple[int, int]:
     if side > MAX_SIDE_PX:
         raise ConfigError(
             f"synth world of {cfg.size_m:g} m at {cfg.gsd_m:g} m/px is {side} px wide; the limit is "
-            f"{MAX_SIDE_PX} px (memory): lower size_m or raise gsd_m"
+            f"{MAX_SIDE_PX} px: lower size_m or raise gsd_m"
+        )
+    need = side * side * BYTES_PER_PX
+    avail = _available_memory()
+    if avail is not None and need > avail:
+        raise ConfigError(
+            f"synth world of {side} x {side} px needs about {need / 1e9:.1f} GB of memory, "
+            f"{avail / 1e9:.1f} GB are available: lower size_m or raise gsd_m"
         )
     return side, side
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _umask() -> int:
@@ -107,8 +127,6 @@ def build_world(cfg: SynthConfig) -> dict[str, Any]:
     occupied = np.zeros(shape[0] * shape[1], bool)
     occupied[flat] = True
     occupied = occupied.reshape(shape)
-    from scipy import ndimage as ndi
-
     occupied = ndi.binary_dilation(occupied, iterations=max(1, int(round(2.0 / gsd))))
     trees = place_trees(rng[2], layout, occupied)
     b1, b2, t1, t2 = split_changes(rng[3], len(buildings), len(trees), cfg.change_fraction)
