@@ -96,7 +96,7 @@ def run(exp_path: str, runs: int, n_queries: int) -> dict[str, Any]:
     x = torch.stack([ds[i][0] for i in idx])
     t0 = time.perf_counter()
     if loc.refiner.aligner is not None and exp.refine.fine_align:
-        loc.refiner.feature_mosaic(loc.index)
+        loc.refiner.feature_mosaic(loc.index, loc.refiner.footprint_m(loc.index) / x.shape[-1])
     mosaic_s = time.perf_counter() - t0
     _time_batches(loc, x[:8], 8)  # warm-up (allocators, first FFT plans)
     results: dict[str, dict[str, list[float]]] = {"batch 1": {}, "batch 64": {}}

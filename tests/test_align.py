@@ -104,3 +104,21 @@ def test_alignment_recovers_known_shifts_same_modality():
     # outside the search radius the match is not found
     far = align_to_mosaic(model(q[:1], "opt"), fm, torch.from_numpy(true[:1] + 100 * gsd)[:, None], S, max_shift_px=16)
     assert np.linalg.norm(far.position_m[0, 0].numpy() - true[0]) / gsd > 20
+
+
+def test_resample_keeps_the_corner_and_shrinks_the_valid_area():
+    from cmpc.localize.mosaic import ImageMosaic, resample
+
+    img = np.zeros((1, 8, 12), np.float32)
+    img[0, :, 6:] = 4.0  # right half bright
+    valid = np.ones((8, 12), bool)
+    valid[:, :2] = False  # two uncovered columns
+    m = resample(ImageMosaic(img, valid, 100.0, 200.0, 0.5), 1.0)
+    assert m.image.shape == (1, 4, 6) and (m.origin_x, m.origin_y, m.gsd_m) == (100.0, 200.0, 1.0)
+    # antialiased bilinear (as the queries are resized): only the columns next to the edge blend
+    assert m.image[0, :, :2].max() < 1e-6 and np.allclose(m.image[0, :, 4:], 4.0)
+    assert 0 < m.image[0, 0, 2] < m.image[0, 0, 3] < 4.0
+    # valid only where the whole filter support was covered
+    assert m.valid[:, 2:].all() and not m.valid[:, :2].any()
+    # same point, same place: x = 103 m lies in column 3 at 1 m/px (column 6 at 0.5 m/px)
+    assert float(m.pixel_of(103.0, 199.0)[1]) == 3.0

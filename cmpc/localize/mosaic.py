@@ -56,6 +56,26 @@ class ImageMosaic:
         return out
 
 
+def resample(mosaic: ImageMosaic, gsd_m: float) -> ImageMosaic:
+    """The mosaic at another ground sampling distance (same north-west corner): bilinear with
+    antialiasing for the image; a pixel stays valid only where all it covers was valid.
+
+    Fine alignment works at the resolution of the query tensors it receives (the embedder's
+    input size), so a map is brought to ``footprint / query pixels`` metres per pixel.
+    """
+    if abs(gsd_m - mosaic.gsd_m) <= 1e-9 * mosaic.gsd_m:
+        return mosaic
+    import torch
+    import torch.nn.functional as F
+
+    C, H, W = mosaic.image.shape
+    h = max(1, int(round(H * mosaic.gsd_m / gsd_m)))
+    w = max(1, int(round(W * mosaic.gsd_m / gsd_m)))
+    img = F.interpolate(torch.from_numpy(mosaic.image)[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    v = F.interpolate(torch.from_numpy(mosaic.valid.astype(np.float32))[None, None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    return ImageMosaic(image=img.numpy(), valid=(v > 0.999).numpy(), origin_x=mosaic.origin_x, origin_y=mosaic.origin_y, gsd_m=float(gsd_m))
+
+
 def stitch_patches(paths: list[Path], bounds_m: np.ndarray, progress: bool = False) -> ImageMosaic:
     """Paste patches at their footprints into one north-up map image.
 

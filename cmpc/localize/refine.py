@@ -39,7 +39,7 @@ from cmpc.config import Experiment, RefineConfig
 from cmpc.errors import CheckpointError, DataError, IndexMismatchError
 from cmpc.localize.align import DenseDescriptor, FeatureMosaic, align_to_mosaic, build_feature_mosaic
 from cmpc.localize.graph import build_graphs, grid_spacing_m
-from cmpc.localize.mosaic import mosaic_from_index
+from cmpc.localize.mosaic import mosaic_from_index, resample
 from cmpc.models.checkpoint import load_checkpoint, save_checkpoint
 from cmpc.models.refiner import SceneGraphRefiner
 from cmpc.utils.io import atomic_path
@@ -90,7 +90,7 @@ class GraphRefiner:
         self.device = torch.device(device)
         self._spacing: dict[str, float] = {}
         self._mosaics: dict[str, FeatureMosaic] = {}
-        self._query_px: dict[str, int] = {}
+        self._footprint: dict[str, float] = {}
         self._aligner_hash = state_hash(aligner.state_dict()) if aligner is not None else ""
         #: accumulated seconds per step and number of queries (for benchmarks)
         self.timings: dict[str, float] = defaultdict(float)
@@ -106,19 +106,30 @@ class GraphRefiner:
             self._spacing[key] = grid_spacing_m(index.positions)
         return self._spacing[key]
 
-    def feature_mosaic(self, index: Any, progress: bool = False) -> FeatureMosaic:
-        """Optical descriptors of the map of ``index``: from memory, the index folder's cache,
-        or computed from the reference images (then cached there when writable)."""
-        assert self.aligner is not None
+    def footprint_m(self, index: Any) -> float:
+        """Side of a reference footprint of ``index``, metres (queries share it in the CMPC protocol)."""
         key = str(getattr(index, "directory", id(index)))
+        if key not in self._footprint:
+            bounds = getattr(index, "bounds", None)
+            if bounds is None or not len(bounds):
+                raise DataError(f"index {key} has no reference footprints; fine alignment needs them (set refine.fine_align=false)")
+            self._footprint[key] = float(np.median(bounds[:, 2] - bounds[:, 0]))
+        return self._footprint[key]
+
+    def feature_mosaic(self, index: Any, gsd_m: float | None = None, progress: bool = False) -> FeatureMosaic:
+        """Optical descriptors of the map of ``index`` at ``gsd_m`` metres per pixel (None =
+        the references' own): from memory, the index folder's cache, or computed from the
+        reference images (then cached there when the folder is writable)."""
+        assert self.aligner is not None
+        key = f"{getattr(index, 'directory', id(index))}|{gsd_m}"
         if key in self._mosaics:
             return self._mosaics[key]
         t0 = time.perf_counter()
         directory = getattr(index, "directory", None)
         manifest = json.dumps(getattr(index, "manifest", {}), sort_keys=True, default=str)
         phases = bool(self.cfg.fine_phases)
-        ident = hashlib.sha256(f"{self._aligner_hash}|phases={phases}|{manifest}".encode()).hexdigest()
-        cache = Path(directory) / ALIGN_CACHE_FILE if directory is not None else None
+        ident = hashlib.sha256(f"{self._aligner_hash}|phases={phases}|gsd={gsd_m}|{manifest}".encode()).hexdigest()
+        cache = Path(directory) / (ALIGN_CACHE_FILE if gsd_m is None else f"align_features_{gsd_m:.4g}m.pt") if directory is not None else None
         fm = None
         if cache is not None and cache.is_file():
             try:
@@ -136,6 +147,8 @@ class GraphRefiner:
                 fm = None
         if fm is None:
             img = mosaic_from_index(index, progress=progress)
+            if gsd_m is not None:
+                img = resample(img, gsd_m)
             fm = build_feature_mosaic(
                 self.aligner, img.standardized(), img.valid, img.origin_x, img.origin_y, img.gsd_m, phases=phases, device=self.device
             )
@@ -158,16 +171,6 @@ class GraphRefiner:
         self._mosaics[key] = fm
         self.timings["mosaic_s"] += time.perf_counter() - t0
         return fm
-
-    def query_px(self, index: Any, fm: FeatureMosaic, given_px: int) -> int:
-        """Side of a query in map pixels: the references' footprint (queries share it in
-        the CMPC protocol) over the map gsd; ``given_px`` when the index has no footprints."""
-        key = str(getattr(index, "directory", id(index)))
-        if key not in self._query_px:
-            bounds = getattr(index, "bounds", None)
-            side_m = float(np.median(bounds[:, 2] - bounds[:, 0])) if bounds is not None and len(bounds) else given_px * fm.gsd_m
-            self._query_px[key] = max(16, int(round(side_m / fm.gsd_m)))
-        return self._query_px[key]
 
     # ------------------------------------------------------------------ the contract
 
@@ -247,14 +250,14 @@ class GraphRefiner:
     def _fine_align(self, x: torch.Tensor, pos_m: np.ndarray, order: np.ndarray, position: np.ndarray, index: Any) -> tuple[np.ndarray, np.ndarray]:
         """Dense alignment around the first ``fine_top`` candidates of ``order``."""
         assert self.aligner is not None
-        fm = self.feature_mosaic(index)
+        S = int(x.shape[-1])
+        if x.shape[-2] != S:
+            raise DataError(f"fine alignment needs square query patches, got {tuple(x.shape[-2:])}")
+        # the map is brought to the queries' pixel size (footprint / query pixels)
+        fm = self.feature_mosaic(index, self.footprint_m(index) / S)
         t0 = time.perf_counter()
         B, kq = order.shape
-        S = self.query_px(index, fm, x.shape[-1])
         x = x.float()
-        if x.shape[-1] != S or x.shape[-2] != S:
-            # queries reach us at the embedder's input size; alignment works at the map's gsd
-            x = torch.nn.functional.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
         if x.shape[1] != self.aligner.sar_channels:
             raise DataError(f"queries have {x.shape[1]} band(s) but the fine aligner was trained on {self.aligner.sar_channels}")
         dq = self.aligner(x.to(self.device), "sar").float().cpu()

@@ -32,7 +32,7 @@ from cmpc.data.layout import read_annotations, read_dataset_meta, safe_image_pat
 from cmpc.data.patches import read_patch_array, standardize
 from cmpc.errors import DataError
 from cmpc.localize.align import STRIDE, DenseDescriptor, FeatureMosaic, align_to_mosaic, build_feature_mosaic, correlate
-from cmpc.localize.mosaic import ImageMosaic, annotation_bounds, mosaic_from_annotations
+from cmpc.localize.mosaic import ImageMosaic, annotation_bounds, mosaic_from_annotations, resample
 from cmpc.utils.io import append_jsonl
 
 
@@ -50,10 +50,19 @@ class AlignData:
     query_px: int
 
 
-def load_align_data(root: str | Path, split: str = "train", max_queries: int | None = None, seed: int = 0, progress: bool = False) -> AlignData:
+def load_align_data(
+    root: str | Path,
+    split: str = "train",
+    query_px: int | None = None,
+    max_queries: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> AlignData:
     """Stitch the optical references of ``root/split`` and read its SAR queries with their
-    place in the stitched map. Queries less than 90 % inside the map are left out (they
-    cannot be matched entirely); ``max_queries`` keeps a seeded random subset."""
+    place in the stitched map. ``query_px``: the side the queries will have at query time
+    (the embedder's input size); the map is resampled to match (``None`` = native
+    resolution). Queries less than 90 % inside the map are left out (they cannot be matched
+    entirely); ``max_queries`` keeps a seeded random subset."""
     refs = read_annotations(root, split, "opt")
     mosaic = mosaic_from_annotations(root, split, refs, progress=progress)
     anns = read_annotations(root, split, "sar")
@@ -63,6 +72,8 @@ def load_align_data(root: str | Path, split: str = "train", max_queries: int | N
     first = read_patch_array(safe_image_path(root, split, "sar", anns[0].file_path))
     S_file = first.shape[-1]
     bounds = annotation_bounds(anns, S_file, read_dataset_meta(root))
+    if query_px is not None:
+        mosaic = resample(mosaic, float(bounds[0, 2] - bounds[0, 0]) / query_px)
     S = int(round((bounds[0, 2] - bounds[0, 0]) / mosaic.gsd_m))  # query side at the map's gsd
     H, W = mosaic.valid.shape
     qs, tl = [], []

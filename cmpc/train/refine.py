@@ -310,7 +310,8 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
 
     aligner = None
     if rc.fine_align and rc.align_steps > 0:
-        data = load_align_data(exp.data.root, "train", seed=rc.seed, progress=True)
+        # the aligner sees queries as the Localizer gets them: at the embedder's input size
+        data = load_align_data(exp.data.root, "train", query_px=int(meta.get("img_size") or exp.data.img_size), seed=rc.seed, progress=True)
         aligner, stats["align"] = train_aligner(
             data,
             int(data.queries.shape[1]),
