@@ -175,6 +175,30 @@ def test_checkpoint_for_another_k_is_refused(tmp_path: Path):
         refiner_from_checkpoint(tmp_path / "other.pt", cfg)
 
 
+def test_training_noise_matches_a_target_recall():
+    from cmpc.train.refine import noise_for_recall, noisy, recall_at_1
+
+    m = _Map(dim=32, seed=3)
+    m.ids = np.arange(36)
+
+    def search(q, k):
+        s = q @ m.features.T
+        rows = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(s, rows, 1), rows
+
+    m.search = search
+    q = np.repeat(m.features, 20, axis=0)  # 720 queries, perfect retrieval
+    qid = np.repeat(m.ids, 20)
+    assert recall_at_1(q, qid, m) == 1.0
+    assert noisy(q, 0.0, 0) is q
+    qn = noisy(q, 0.5, 0)
+    assert np.allclose(np.linalg.norm(qn, axis=1), 1.0, atol=1e-5)
+    assert 0.8 < float(np.mean(np.sum(qn * q, axis=1))) < 0.95  # noise norm 0.5 -> cos ~ 0.89
+    sigma = noise_for_recall(q, qid, m, 0.6, seed=0)
+    assert sigma > 0 and abs(recall_at_1(noisy(q, sigma, 0), qid, m) - 0.6) < 0.03
+    assert noise_for_recall(q, qid, m, 1.0) == 0.0
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -26,7 +26,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -157,6 +157,38 @@ def make_graph_set(q_emb: np.ndarray, anns: list, index, k: int, spacing: float)
     )
 
 
+def noisy(q_emb: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """Query embeddings plus isotropic Gaussian noise of std ``sigma`` per dimension (scaled
+    by 1/sqrt(D) so ``sigma`` is the noise norm relative to the unit vectors), re-normalised."""
+    if sigma <= 0:
+        return q_emb
+    rng = np.random.default_rng(seed)
+    n = rng.standard_normal(q_emb.shape).astype(np.float32) * (sigma / np.sqrt(q_emb.shape[1]))
+    q = q_emb + n
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def recall_at_1(q_emb: np.ndarray, qid: np.ndarray, index) -> float:  # noqa: ANN001
+    """Share of queries whose top-1 reference has their id."""
+    _, rows = index.search(q_emb, 1)
+    return float(np.mean(index.ids[rows[:, 0]] == qid))
+
+
+def noise_for_recall(q_emb: np.ndarray, qid: np.ndarray, index, target_r1: float, seed: int = 0) -> float:  # noqa: ANN001
+    """Noise ``sigma`` (see :func:`noisy`) under which the training queries' R@1 drops to
+    ``target_r1`` (bisection; 0 when they are already no better)."""
+    if recall_at_1(q_emb, qid, index) <= target_r1:
+        return 0.0
+    lo, hi = 0.0, 4.0
+    for _ in range(14):
+        mid = 0.5 * (lo + hi)
+        if recall_at_1(noisy(q_emb, mid, seed), qid, index) > target_r1:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 # --------------------------------------------------------------------------- GNN
 
 
@@ -192,8 +224,20 @@ def gnn_metrics(model: SceneGraphRefiner, gs: GraphSet, idx: np.ndarray, spacing
     }
 
 
-def fit_gnn(exp: Experiment, gs: GraphSet, train_idx: np.ndarray, val_idx: np.ndarray, spacing: float, log_path: Path) -> tuple[SceneGraphRefiner, dict[str, Any]]:
-    """Train the GNN; keeps the weights of the epoch with the lowest validation loss."""
+def fit_gnn(
+    exp: Experiment,
+    gs: GraphSet,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    spacing: float,
+    log_path: Path,
+    epoch_graphs: Callable[[int], GraphSet] | None = None,
+) -> tuple[SceneGraphRefiner, dict[str, Any]]:
+    """Train the GNN; keeps the weights of the epoch with the lowest validation loss.
+
+    ``epoch_graphs(epoch)``: the graph set of an epoch (fresh noisy top-k lists), default
+    ``gs`` every epoch; validation always uses ``gs``.
+    """
     rc = exp.refine
     D = gs.q.shape[1]
     model = SceneGraphRefiner(D, rc.hidden, rc.layers, rc.heads)
@@ -206,14 +250,15 @@ def fit_gnn(exp: Experiment, gs: GraphSet, train_idx: np.ndarray, val_idx: np.nd
     bar = tqdm(range(rc.epochs), desc="train GNN", unit="epoch", file=sys.stderr)
     for epoch in bar:
         model.train()
+        tg = epoch_graphs(epoch) if epoch_graphs is not None else gs
         perm = rng.permutation(train_idx)
         tot = {"loss": 0.0, "ce": 0.0, "rank": 0.0, "pos": 0.0}
         for s in range(0, len(perm), rc.batch_size):
             b = perm[s : s + rc.batch_size]
-            g = _graphs(gs, b, spacing, rc.spatial_knn, rc.feature_knn)
+            g = _graphs(tg, b, spacing, rc.spatial_knn, rc.feature_knn)
             out = model(g)
             ib = torch.from_numpy(b)
-            loss, parts = refiner_loss(out, gs.target[ib], gs.target_rel[ib], rc.rank_margin, rc.position_weight)
+            loss, parts = refiner_loss(out, tg.target[ib], tg.target_rel[ib], rc.rank_margin, rc.position_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -281,7 +326,19 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
     q_emb, anns = embed_train_queries(exp, model, meta, device)
     spacing = grid_spacing_m(index.positions)
     k = rc.k
-    gs = make_graph_set(q_emb, anns, index, k, spacing)
+    qid = np.array([a.id for a in anns], dtype=np.int64)
+    clean_r1 = recall_at_1(q_emb, qid, index)
+    val_r1 = (meta.get("metrics") or {}).get("1")
+    if rc.train_noise is not None:
+        sigma = float(rc.train_noise)
+    elif val_r1 is not None:
+        # training queries were seen by the embedder: make their top-k lists as hard as
+        # those of unseen places (the embedder's validation R@1)
+        sigma = noise_for_recall(q_emb, qid, index, float(val_r1), seed=rc.seed)
+    else:
+        sigma = 0.0
+    _say(f"training R@1 {clean_r1:.3f}, embedder validation R@1 {val_r1}; query noise sigma {sigma:.3f}")
+    gs = make_graph_set(noisy(q_emb, sigma, 10_000 + rc.seed), anns, index, k, spacing)
     missing = gs.target < 0
     n_missing = int(missing.sum())
     stats: dict[str, Any] = {
@@ -294,6 +351,10 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
         "missing_in_topk_non_aligned": int((missing.numpy() & ~gs.aligned).sum()),
         "missing_policy": "trained for position only (excluded from the cross-entropy and ranking terms)",
         "embedder": {"path": str(ckpt), "hash": meta["hash"]},
+        "train_r1_clean": clean_r1,
+        "embedder_val_r1": val_r1,
+        "train_noise": sigma,
+        "train_r1_noisy": float((gs.target == 0).float().mean()),
     }
     _say(
         f"{len(gs)} training queries, {index.ntotal} references, spacing {spacing:.1f} m; "
@@ -305,7 +366,8 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
     perm = rng.permutation(len(gs))
     n_val = int(round(0.1 * len(gs))) if len(gs) >= 20 else 0
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    gnn, stats["gnn"] = fit_gnn(exp, gs, train_idx, val_idx, spacing, log_path)
+    epoch_graphs = (lambda e: make_graph_set(noisy(q_emb, sigma, rc.seed * 1000 + e), anns, index, k, spacing)) if sigma > 0 else None
+    gnn, stats["gnn"] = fit_gnn(exp, gs, train_idx, val_idx, spacing, log_path, epoch_graphs)
     _say(f"GNN: {stats['gnn'].get('val_best', {})}")
 
     aligner = None
