@@ -122,7 +122,8 @@ def cmd_train_all(args: argparse.Namespace) -> int:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from cmpc.index.build import build_index
 
-    exp = _exp(args, _flag_overrides(args, {"name": "index.name", "factory": "index.factory", "split": "index.split"}))
+    exp = _exp(args, _flag_overrides(args, {"name": "index.name", "factory": "index.factory", "split": "index.split", "raster": "index.raster",
+                                            "patch_px": "index.patch_px", "stride_px": "index.stride_px", "shards": "index.shards"}))
     manifest = build_index(exp, checkpoint=args.checkpoint, add=args.add)
     print(json.dumps(manifest, indent=2))
     return 0
@@ -301,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factory", help="faiss factory string or auto")
     p.add_argument("--split", choices=("train", "test"))
     p.add_argument("--add", action="store_true", help="add references to an existing index")
+    p.add_argument("--raster", help="optical GeoTIFF mosaic to cut the references from (windowed, resumable; instead of the dataset)")
+    p.add_argument("--patch-px", dest="patch_px", type=int, help="reference patch side on --raster, pixels")
+    p.add_argument("--stride-px", dest="stride_px", type=int, help="reference grid stride on --raster, pixels")
+    p.add_argument("--shards", type=int, help="split the index into this many FAISS files searched as one")
     p.set_defaults(func=cmd_index_build)
     p = s_idx.add_parser("info", help="print an index manifest")
     p.add_argument("path", help="index folder")
@@ -386,6 +391,12 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    if os.environ.get("CMPC_THREADS"):
+        # One knob for torch and faiss (OpenMP) threads: on a shared CPU, fewer threads than
+        # cores avoids threads spinning against each other (see docs/BENCHMARKS.md).
+        from cmpc.utils.runtime import set_threads
+
+        set_threads(int(os.environ["CMPC_THREADS"]))
     return run(args.func, args)
 
 

@@ -172,7 +172,14 @@ class IndexConfig:
     batch_size: int = param(64, lo=1, hi=65536, doc="references embedded per batch")
     nprobe: int = param(16, lo=1, hi=65536, doc="IVF cells visited per query")
     ef_search: int = param(64, lo=1, hi=65536, doc="HNSW efSearch")
-    use_gpu: bool = param(True, doc="use faiss GPU when available")
+    use_gpu: bool = param(True, doc="search on the GPU when one is present: faiss-gpu, or torch matmul+topk for Flat where faiss has no GPU")
+    shards: int = param(1, lo=1, hi=4096, doc="split the map into this many FAISS files (shards/), searched as one; for maps past one machine's memory")
+    mmap: bool = param(False, doc="memory-map the FAISS file(s) at query time instead of reading them into RAM")
+    raster: str | None = param(None, doc="optical GeoTIFF mosaic to cut the references from (windowed, resumable) instead of a dataset split")
+    patch_px: int | None = param(None, lo=8, hi=8192, doc="reference patch side when cutting index.raster, pixels; null = dataset.json patch_m of data.root / the raster GSD, else the model input size")
+    stride_px: int | None = param(None, lo=1, doc="reference grid stride on index.raster, pixels; null = patch_px/2 (50 % overlap)")
+    bands: list[int] | None = param(None, lo=1, doc="1-based bands of index.raster to use; null = all")
+    resume: bool = param(True, doc="continue an interrupted raster build from its checkpointed blocks (index/.<name>.building/)")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from cmpc.data.layout import Annotation, check_root, read_annotations, read_data
 from cmpc.data.patches import PatchDataset
 from cmpc.errors import CheckpointError, DataError
 from cmpc.index.factory import maybe_to_gpu, new_index, resolve_factory, to_cpu, train_index, training_sample_size
+from cmpc.index.shards import SHARD_DIR, read_faiss, write_shards
 from cmpc.index.store import (
     FEATURES_FILE,
     FOOTPRINTS_FILE,
@@ -129,15 +130,31 @@ class _FeatureWriter:
         return int(self.h5["features"].shape[0])
 
     def append(self, feats: np.ndarray, refs: list[Annotation], bounds: np.ndarray, source: int) -> None:
+        """Append the rows of annotated references (dataset builds)."""
+        self.append_arrays(
+            feats,
+            ids=np.array([a.id for a in refs], dtype=np.int64),
+            positions=np.array([[a.x, a.y] for a in refs], dtype=np.float64).reshape(-1, 2),
+            bounds=bounds,
+            source=source,
+            names=[a.name for a in refs],
+            file_paths=[a.file_path for a in refs],
+        )
+
+    def append_arrays(
+        self, feats: np.ndarray, *, ids: np.ndarray, positions: np.ndarray, bounds: np.ndarray, source: int,
+        names: list[str], file_paths: list[str],
+    ) -> None:
+        """Append n rows: features (n, D), ids (n,), positions (n, 2) and bounds (n, 4) metres."""
         n0, n = self.rows, len(feats)
         values: dict[str, Any] = {
-            "features": feats.astype(np.float32),
-            "ids": np.array([a.id for a in refs], dtype=np.int64),
-            "positions": np.array([[a.x, a.y] for a in refs], dtype=np.float64).reshape(-1, 2),
-            "bounds": bounds,
+            "features": np.asarray(feats, dtype=np.float32),
+            "ids": np.asarray(ids, dtype=np.int64),
+            "positions": np.asarray(positions, dtype=np.float64).reshape(-1, 2),
+            "bounds": np.asarray(bounds, dtype=np.float64).reshape(-1, 4),
             "source": np.full(n, source, dtype=np.int32),
-            "names": [a.name for a in refs],
-            "file_paths": [a.file_path for a in refs],
+            "names": names,
+            "file_paths": file_paths,
         }
         for key, v in values.items():
             ds = self.h5[key]
@@ -173,13 +190,142 @@ def _write_footprints(h5_path: Path, out: Path, crs: str | None) -> None:
     gdf.to_file(out, driver="GPKG", layer="references", engine="pyogrio")
 
 
+def fill_faiss(
+    folder: Path,
+    h5: h5py.File,
+    factory: str,
+    dim: int,
+    *,
+    shards: int = 1,
+    use_gpu: bool = False,
+    old_dir: Path | None = None,
+    old_manifest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train (when the factory needs it) and fill the FAISS index from ``h5["features"]``.
+
+    Writes ``folder/index.faiss``, or ``folder/shards/*.faiss`` when ``shards`` > 1 or the
+    old index is sharded. With ``old_dir``/``old_manifest`` (``--add``) the old rows are
+    already in the index: only rows after them are added (to a sharded index as new
+    shards). Rows are read back from HDF5 in chunks, so memory is the index plus a chunk.
+    Returns ``{"trained_on": int, "built_on_gpu": bool, "shards": [entries] | None}``.
+    """
+    ds = h5["features"]
+    n_total = int(ds.shape[0])
+    n_old = int(old_manifest["count"]) if old_manifest else 0
+    trained_on = int((old_manifest or {}).get("counts", {}).get("trained_on", 0))
+
+    def read_rows(start: int, stop: int) -> np.ndarray:
+        return np.asarray(ds[start:stop], dtype=np.float32)
+
+    def trained(index: faiss.Index) -> faiss.Index:
+        nonlocal trained_on
+        if not index.is_trained:
+            # IVF/PQ: train on a seeded sample of the whole map (sorted: HDF5 reads in order).
+            n_train = training_sample_size(index, n_total)
+            pick = np.sort(np.random.default_rng(0).choice(n_total, size=n_train, replace=False))
+            train_index(index, np.asarray(ds[pick], dtype=np.float32), factory)
+            trained_on = n_train
+        return index
+
+    old_shards = list((old_manifest or {}).get("shards") or [])
+    if shards > 1 or old_shards:
+        if old_shards:
+            assert old_dir is not None
+            shutil.copytree(old_dir / SHARD_DIR, folder / SHARD_DIR)
+            template = read_faiss(old_dir / old_shards[0]["file"])
+            template.reset()  # trained (same quantizer and codebook), empty
+        else:
+            template = trained(new_index(factory, dim))
+        new_entries = write_shards(folder, template, n_total - n_old, max(1, shards), lambda a, b: read_rows(n_old + a, n_old + b),
+                                   chunk_rows=_ADD_CHUNK, row0=n_old, first_file=len(old_shards))
+        return {"trained_on": trained_on, "built_on_gpu": False, "shards": old_shards + new_entries}
+    index = faiss.read_index(str(old_dir / INDEX_FILE)) if old_manifest is not None and old_dir is not None else new_index(factory, dim)
+    index = trained(index)
+    index, on_gpu = maybe_to_gpu(index, use_gpu)
+    for s in range(n_old, n_total, _ADD_CHUNK):
+        index.add(read_rows(s, min(n_total, s + _ADD_CHUNK)))
+    if index.ntotal != n_total:
+        raise RuntimeError(f"faiss holds {index.ntotal} rows but {n_total} references were written")  # a bug
+    faiss.write_index(to_cpu(index, on_gpu), str(folder / INDEX_FILE))
+    return {"trained_on": trained_on, "built_on_gpu": on_gpu, "shards": None}
+
+
+def index_manifest(
+    out_dir: Path,
+    *,
+    ckpt_path: Path,
+    meta: dict[str, Any],
+    model: Any,
+    img_size: int,
+    factory: str,
+    requested: str,
+    exp: Experiment,
+    crs: str | None,
+    n_total: int,
+    n_added: int,
+    all_bounds: np.ndarray,
+    side_m: float,
+    side_source: str,
+    dataset: dict[str, Any],
+    sources: list[dict[str, Any]],
+    filled: dict[str, Any],
+    created: str,
+    now: str,
+) -> dict[str, Any]:
+    """The ``manifest.json`` of an index (see :mod:`cmpc.index.store`)."""
+    manifest: dict[str, Any] = {
+        "format": 1,
+        "name": out_dir.name,
+        "checkpoint": {"path": str(ckpt_path), "hash": meta["hash"]},
+        "embed_dim": int(model.embed_dim),
+        "img_size": img_size,
+        "sar_channels": int(model.sar_channels),
+        "optical_channels": int(model.optical_channels),
+        "metric": "inner_product",
+        "metric_note": "inner product of L2-normalised embeddings = cosine similarity",
+        "factory": factory,
+        "factory_requested": requested,
+        "nprobe": exp.index.nprobe,
+        "ef_search": exp.index.ef_search,
+        "crs": crs,
+        "count": n_total,
+        "counts": {"references": n_total, "added_now": n_added, "trained_on": filled["trained_on"]},
+        "extent": [
+            float(all_bounds[:, 0].min()),
+            float(all_bounds[:, 1].min()),
+            float(all_bounds[:, 2].max()),
+            float(all_bounds[:, 3].max()),
+        ],
+        "patch_m": side_m,
+        "patch_m_source": side_source,
+        "dataset": dataset,
+        "sources": sources,
+        "built_on_gpu": filled["built_on_gpu"],
+        "versions": _versions(),
+        "created": created,
+        "updated": now,
+        "files": {"index": INDEX_FILE if not filled["shards"] else SHARD_DIR, "features": FEATURES_FILE, "footprints": FOOTPRINTS_FILE},
+    }
+    if filled["shards"]:
+        manifest["shards"] = filled["shards"]
+    return manifest
+
+
 def build_index(exp: Experiment, checkpoint: str | None = None, add: bool = False) -> dict[str, Any]:
     """Embed the optical references of ``exp.index.split`` into ``exp.index_dir``; return the manifest.
 
     ``checkpoint``: embedder checkpoint (default ``runs/<name>/emb_best.pt``). ``add``: append
     to the existing index (refused when it was built with another checkpoint, another CRS,
-    from the same dataset split already, or when location ids would repeat).
+    from the same dataset split already, or when location ids would repeat). With
+    ``index.raster`` set, the references are cut from that GeoTIFF mosaic instead
+    (:func:`cmpc.index.raster_build.build_index_from_raster`).
     """
+    if exp.index.raster:
+        if add:
+            raise DataError("--add with index.raster is not supported: build one index per mosaic, or join the mosaics into one VRT (gdalbuildvrt) and index that")
+        from cmpc.index.raster_build import build_index_from_raster
+
+        return build_index_from_raster(exp, checkpoint=checkpoint)
     ckpt_path = default_checkpoint(exp, checkpoint)
     device = resolve_device(exp.train.device)
     model, meta = load_embedder(ckpt_path, device)
@@ -210,7 +356,7 @@ def build_index(exp: Experiment, checkpoint: str | None = None, add: bool = Fals
         old = ReferenceIndex.load(out_dir, expect_hash=meta["hash"], checkpoint_path=ckpt_path)
         old.check_crs(crs, f"references of {root}/{split}")
         for src in old.manifest["sources"]:
-            if src["root"] == source_entry["root"] and src["split"] == split:
+            if src.get("root") == source_entry["root"] and src.get("split") == split:
                 raise DataError(f"--add: the references of {root}/{split} are already in {out_dir}; nothing to add")
         clash = np.intersect1d(old.ids, np.array([a.id for a in refs], dtype=np.int64))
         if len(clash):
@@ -233,85 +379,40 @@ def build_index(exp: Experiment, checkpoint: str | None = None, add: bool = Fals
     )
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     with atomic_dir(out_dir) as tmp:
-        _umask = os.umask(0)
-        os.umask(_umask)
-        os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes 0700; an index is an ordinary folder
         h5_path = tmp / FEATURES_FILE
         if old is not None:
             shutil.copy2(out_dir / FEATURES_FILE, h5_path)
-            index = faiss.read_index(str(out_dir / INDEX_FILE))
             sources = list(old.manifest["sources"])
-            trained_on = int(old.manifest.get("counts", {}).get("trained_on", 0))
         else:
-            index = new_index(factory, dim)
             sources = []
-            trained_on = 0
         n_old = old.ntotal if old is not None else 0
         source_entry["first_row"] = n_old
         source_entry["added"] = now
         sources.append(source_entry)
-        index, on_gpu = maybe_to_gpu(index, exp.index.use_gpu)
         with h5py.File(h5_path, "a") as h5:
             writer = _FeatureWriter(h5, dim)
             stream = embed_batches(model, loader, "opt", device, amp=exp.train.amp)
             for feats, idx in tqdm(stream, total=len(loader), desc=f"index {out_dir.name}", unit="batch", disable=None):
                 rows = [int(i) for i in idx]
                 writer.append(feats, [refs[i] for i in rows], bounds[rows], len(sources) - 1)
-                if index.is_trained:
-                    index.add(np.ascontiguousarray(feats, dtype=np.float32))
             n_total = writer.rows
             if n_total != n_old + len(refs):
                 raise RuntimeError(f"embedded {n_total - n_old} of {len(refs)} references")  # a bug, not user input
-            if not index.is_trained:
-                # IVF/PQ: train on a seeded sample of what was just written, then add in chunks.
-                ds = h5["features"]
-                n_train = training_sample_size(index, n_total)
-                pick = np.sort(np.random.default_rng(0).choice(n_total, size=n_train, replace=False))
-                train_index(index, np.asarray(ds[pick], dtype=np.float32), factory)
-                trained_on = n_train
-                for s in range(0, n_total, _ADD_CHUNK):
-                    index.add(np.ascontiguousarray(ds[s : s + _ADD_CHUNK], dtype=np.float32))
+            filled = fill_faiss(
+                tmp, h5, factory, dim, shards=exp.index.shards if old is None else 1, use_gpu=exp.index.use_gpu,
+                old_dir=out_dir if old is not None else None, old_manifest=old.manifest if old is not None else None,
+            )
             h5.attrs["checkpoint_hash"] = meta["hash"]
             h5.attrs["embed_dim"] = dim
             h5.attrs["crs"] = crs or ""
             all_bounds = h5["bounds"][:]
-        if index.ntotal != n_total:
-            raise RuntimeError(f"faiss holds {index.ntotal} rows but {n_total} references were written")
-        faiss.write_index(to_cpu(index, on_gpu), str(tmp / INDEX_FILE))
         _write_footprints(h5_path, tmp / FOOTPRINTS_FILE, crs)
-        manifest: dict[str, Any] = {
-            "format": 1,
-            "name": out_dir.name,
-            "checkpoint": {"path": str(ckpt_path), "hash": meta["hash"]},
-            "embed_dim": dim,
-            "img_size": img_size,
-            "sar_channels": int(model.sar_channels),
-            "optical_channels": int(model.optical_channels),
-            "metric": "inner_product",
-            "metric_note": "inner product of L2-normalised embeddings = cosine similarity",
-            "factory": factory,
-            "factory_requested": requested,
-            "nprobe": exp.index.nprobe,
-            "ef_search": exp.index.ef_search,
-            "crs": crs,
-            "count": n_total,
-            "counts": {"references": n_total, "added_now": len(refs), "trained_on": trained_on},
-            "extent": [
-                float(all_bounds[:, 0].min()),
-                float(all_bounds[:, 1].min()),
-                float(all_bounds[:, 2].max()),
-                float(all_bounds[:, 3].max()),
-            ],
-            "patch_m": side_m,
-            "patch_m_source": side_source,
-            "dataset": {"root": sources[0]["root"], "split": sources[0]["split"]},
-            "sources": sources,
-            "built_on_gpu": on_gpu,
-            "versions": _versions(),
-            "created": old.manifest.get("created", now) if old is not None else now,
-            "updated": now,
-            "files": {"index": INDEX_FILE, "features": FEATURES_FILE, "footprints": FOOTPRINTS_FILE},
-        }
+        manifest = index_manifest(
+            out_dir, ckpt_path=ckpt_path, meta=meta, model=model, img_size=img_size, factory=factory, requested=requested,
+            exp=exp, crs=crs, n_total=n_total, n_added=len(refs), all_bounds=all_bounds, side_m=side_m, side_source=side_source,
+            dataset={"root": sources[0].get("root"), "split": sources[0].get("split")}, sources=sources, filled=filled,
+            created=old.manifest.get("created", now) if old is not None else now, now=now,
+        )
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
     return manifest
 
@@ -334,7 +435,10 @@ def index_is_current(exp: Experiment, checkpoint_hash: str) -> tuple[bool, str]:
     if m["checkpoint"].get("hash") != checkpoint_hash:
         return False, f"{d} was built with checkpoint {short_hash(m['checkpoint'].get('hash'))}"
     ds = m.get("dataset", {})
-    if ds.get("root") != str(Path(exp.data.root).resolve()) or ds.get("split") != exp.index.split:
+    if exp.index.raster:
+        if ds.get("raster") != str(Path(exp.index.raster).resolve()):
+            return False, f"{d} was not built from the mosaic {exp.index.raster}"
+    elif ds.get("root") != str(Path(exp.data.root).resolve()) or ds.get("split") != exp.index.split:
         return False, f"{d} was built from {ds.get('root')}/{ds.get('split')}"
     if exp.index.factory.lower() != "auto" and exp.index.factory != m.get("factory"):
         return False, f"{d} uses factory {m.get('factory')!r}, the experiment asks for {exp.index.factory!r}"

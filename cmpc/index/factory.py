@@ -22,6 +22,8 @@ from cmpc.errors import ConfigError
 AUTO_FLAT_MAX = 50_000
 #: Below this many references HNSW keeps everything in RAM at high recall; above it IVF-PQ.
 AUTO_HNSW_MAX = 1_000_000
+#: Training points per PQ centroid (see :func:`_no_polysemous_training`).
+PQ_POINTS_PER_CENTROID = 64
 #: A Refine(...) index re-scores this many times k compressed-code candidates exactly.
 REFINE_K_FACTOR = 4.0
 
@@ -75,8 +77,9 @@ def new_index(factory: str, dim: int) -> faiss.Index:
 
 
 def _no_polysemous_training(index: faiss.Index) -> None:
-    """Switch off polysemous code training: it only serves Hamming-filtered search, which we
-    do not use, and it is by far the slowest part of training a PQ index (minutes)."""
+    """Cheaper PQ training: no polysemous code training (it only serves Hamming-filtered
+    search, which we do not use, and is the slowest part of training a PQ index), and
+    :data:`PQ_POINTS_PER_CENTROID` training points per codebook centroid."""
     real = faiss.downcast_index(index)
     if isinstance(real, faiss.IndexRefine):
         _no_polysemous_training(real.base_index)
@@ -86,6 +89,10 @@ def _no_polysemous_training(index: faiss.Index) -> None:
         return
     if hasattr(real, "do_polysemous_training"):
         real.do_polysemous_training = False
+    if hasattr(real, "pq"):
+        # PQ codebooks: 64 training points per centroid (faiss default 256) are plenty for
+        # 256 centroids and make training 4x cheaper (minutes at 1M references on a CPU).
+        real.pq.cp.max_points_per_centroid = PQ_POINTS_PER_CENTROID
 
 
 def _faiss_reason(e: Exception) -> str:

@@ -8,6 +8,13 @@
     footprints.gpkg  one polygon per reference (the map, for plots and GIS)
     manifest.json    checkpoint hash, embed dim, CRS, factory, counts, sources, versions
 
+A sharded index (``index.shards`` > 1, see :mod:`cmpc.index.shards`) has
+``shards/shard_NNN.faiss`` instead of ``index.faiss``; it is searched through the same
+:meth:`ReferenceIndex.search`. Search backends (chosen by :meth:`ReferenceIndex.load`):
+faiss on the CPU; faiss on the GPU when this faiss build has GPU support; for an exact
+(Flat) index on a CUDA machine without faiss-gpu, torch ``matmul + topk`` on the GPU
+(:mod:`cmpc.index.torch_search`).
+
 :meth:`ReferenceIndex.load` refuses an index that does not fit the model or the queries
 (another checkpoint, another embedding size, another CRS) with one line saying how to fix it.
 """
@@ -25,13 +32,16 @@ import h5py
 import numpy as np
 
 from cmpc.errors import DataError, IndexMismatchError
-from cmpc.index.factory import filtered_search_params, maybe_to_gpu, set_search_defaults
+from cmpc.index.factory import filtered_search_params, gpu_available, maybe_to_gpu, set_search_defaults
+from cmpc.index.shards import ShardedIndex, read_faiss
 
 INDEX_FILE = "index.faiss"
 FEATURES_FILE = "features.h5"
 FOOTPRINTS_FILE = "footprints.gpkg"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILES = (INDEX_FILE, FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE)
+#: Search backends :meth:`ReferenceIndex.load` accepts (``auto`` picks; see the module doc).
+BACKENDS = ("auto", "faiss", "torch")
 
 #: Feature matrices up to this size are read into RAM once; larger ones stream from HDF5.
 _IN_MEMORY_BYTES = 512 * 2**20
@@ -114,6 +124,10 @@ class ReferenceIndex:
         self.nprobe = nprobe
         self.ef_search = ef_search
         self.on_gpu = False
+        #: "faiss", "faiss-gpu" or "torch-<device>" (exact matmul + topk)
+        self.backend = "faiss"
+        self.sharded: ShardedIndex | None = None
+        self._torch: Any = None
         self._features: np.ndarray | None = None
         self._strings: dict[str, list[str]] = {}
         self._source: np.ndarray | None = None
@@ -133,16 +147,27 @@ class ReferenceIndex:
         nprobe: int | None = None,
         ef_search: int | None = None,
         use_gpu: bool = False,
+        mmap: bool = False,
+        backend: str = "auto",
+        torch_device: str | None = None,
     ) -> ReferenceIndex:
         """Open ``directory`` and check it against the model and the queries.
 
         ``expect_hash``: SHA-256 of the embedder checkpoint the queries are embedded with;
         ``expect_dim``: its embedding size; ``expect_crs``: the queries' CRS. Any mismatch is
         an :class:`IndexMismatchError`; missing or corrupt files are a :class:`DataError`.
+        ``mmap``: memory-map the FAISS file(s) read-only instead of reading them into RAM.
+        ``backend``: ``auto`` (faiss; with ``use_gpu``: faiss-gpu, else torch on CUDA for a
+        Flat index), ``faiss`` or ``torch`` (exact matmul + topk on ``torch_device``, default
+        CUDA when present else CPU; Flat indexes only).
         """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         d = Path(directory)
         manifest = read_manifest(d)
-        for name in INDEX_FILES:
+        shard_entries = manifest.get("shards") or []
+        needed = [n for n in INDEX_FILES if not (shard_entries and n == INDEX_FILE)] + [e["file"] for e in shard_entries]
+        for name in needed:
             if not (d / name).is_file():
                 raise DataError(f"index {d} is incomplete: {name} is missing; rebuild it with `cmpc index build EXPERIMENT.json`")
         built_hash = manifest.get("checkpoint", {}).get("hash")
@@ -159,7 +184,16 @@ class ReferenceIndex:
                 f"{d} holds {dim}-dimensional embeddings but the model makes {expect_dim}-dimensional ones; "
                 "rebuild it with `cmpc index build EXPERIMENT.json`"
             )
-        index = cls._read_faiss(d / INDEX_FILE)
+        sharded = None
+        if shard_entries:
+            try:
+                sharded = ShardedIndex.open(d, shard_entries, int(manifest["embed_dim"]), mmap=mmap)
+            except (RuntimeError, ValueError) as e:
+                first = " ".join(str(e).split())[-160:]
+                raise DataError(f"the shards of index {d} are corrupt or inconsistent ({first}); rebuild it with `cmpc index build EXPERIMENT.json`") from None
+            index = sharded.index
+        else:
+            index = cls._read_faiss(d / INDEX_FILE, mmap)
         try:
             with h5py.File(d / FEATURES_FILE, "r") as h5:
                 ids = np.asarray(h5["ids"][:], dtype=np.int64)
@@ -187,14 +221,41 @@ class ReferenceIndex:
         )
         if expect_crs is not None:
             ref.check_crs(expect_crs, "the queries")
-        set_search_defaults(ref.index, ref.nprobe, ref.ef_search)
-        ref.index, ref.on_gpu = maybe_to_gpu(ref.index, use_gpu)
+        ref.sharded = sharded
+        for sub in [s for _, s in sharded.shards] if sharded is not None else [ref.index]:
+            set_search_defaults(sub, ref.nprobe, ref.ef_search)
+        ref._choose_backend(backend, use_gpu, torch_device)
         return ref
 
+    @property
+    def exact(self) -> bool:
+        """Whether the index is exact (a Flat factory): search = brute-force inner product."""
+        return str(self.manifest.get("factory", "")).replace(" ", "") in ("Flat", "IDMap,Flat")
+
+    def _choose_backend(self, backend: str, use_gpu: bool, torch_device: str | None) -> None:
+        """Pick faiss / faiss-gpu / torch (see :meth:`load`)."""
+        import torch
+
+        if backend == "torch" or (backend == "auto" and use_gpu and self.exact and not gpu_available() and torch.cuda.is_available()):
+            if not self.exact:
+                raise IndexMismatchError(
+                    f"the torch search backend is exact (matmul + topk) and needs a Flat index; {self.directory} uses "
+                    f"{self.manifest.get('factory')!r}"
+                )
+            from cmpc.index.torch_search import TorchFlatSearch
+
+            dev = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._torch = TorchFlatSearch(self.features, dev)
+            self.backend = f"torch-{torch.device(dev).type}"
+            return
+        if use_gpu and self.sharded is None:
+            self.index, self.on_gpu = maybe_to_gpu(self.index, True)
+        self.backend = "faiss-gpu" if self.on_gpu else "faiss"
+
     @staticmethod
-    def _read_faiss(path: Path) -> faiss.Index:
+    def _read_faiss(path: Path, mmap: bool = False) -> faiss.Index:
         try:
-            return faiss.read_index(str(path))
+            return read_faiss(path, mmap)
         except RuntimeError as e:
             first = " ".join(str(e).split())[-160:]
             raise DataError(f"{path} is corrupt (faiss cannot read it: ...{first}); rebuild it with `cmpc index build EXPERIMENT.json`") from None
@@ -263,6 +324,8 @@ class ReferenceIndex:
         from cmpc.data.layout import safe_image_path
 
         src = self.manifest["sources"][int(self.source[row])]
+        if "root" not in src:  # references cut from a raster mosaic have no patch files
+            return None
         try:
             p = safe_image_path(src["root"], src["split"], "opt", self.file_paths[row])
         except DataError:
@@ -346,6 +409,8 @@ class ReferenceIndex:
             k_eff = min(int(k), self.ntotal)
             if len(q) == 0 or k_eff == 0:
                 return np.zeros((len(q), k_eff), np.float32), np.zeros((len(q), k_eff), np.int64)
+            if self._torch is not None:
+                return self._torch.search(q, k_eff)
             scores, rows = self.index.search(q, k_eff)
             rows = rows.astype(np.int64)
             bad = (rows < 0).any(axis=1)  # HNSW may return fewer than k for tiny graphs
@@ -359,6 +424,10 @@ class ReferenceIndex:
             return np.zeros((len(q), k_eff), np.float32), np.zeros((len(q), k_eff), np.int64)
         if len(allowed) == self.ntotal:
             return self.search(q, k_eff, None)
+        if self._torch is not None:
+            return self._exact_search(q, k_eff, allowed)
+        if self.sharded is not None:
+            return self._sharded_filtered_search(q, k_eff, allowed)
         params = filtered_search_params(self.index, allowed, self.nprobe, self.ef_search)
         if params is None:
             return self._exact_search(q, k_eff, allowed)
@@ -370,6 +439,30 @@ class ReferenceIndex:
             s2, r2 = self._exact_search(q[bad], k_eff, allowed)
             scores[bad], rows[bad] = s2, r2
         return scores.astype(np.float32), rows
+
+    def _sharded_filtered_search(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Filtered search shard by shard (shard-local selectors), merged into the global top-k."""
+        assert self.sharded is not None
+        best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+        best_r = np.zeros((len(q), 0), dtype=np.int64)
+        for first, sub in self.sharded.shards:
+            local = allowed[(allowed >= first) & (allowed < first + sub.ntotal)] - first
+            if len(local) == 0:
+                continue
+            kk = min(k, len(local))
+            params = filtered_search_params(sub, local, self.nprobe, self.ef_search)
+            if params is None:
+                s, r = self._exact_search(q, kk, local + first)
+            else:
+                s, r = sub.search(q, kk, params=params[0])
+                r = r.astype(np.int64)
+                bad = (r < 0).any(axis=1)
+                r = np.where(r >= 0, r + first, -1)
+                if bad.any():
+                    s2, r2 = self._exact_search(q[bad], kk, local + first)
+                    s[bad], r[bad] = s2, r2
+            best_s, best_r = merge_topk(best_s, best_r, s.astype(np.float32), r, k)
+        return best_s, best_r
 
     def _exact_search(self, q: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k by inner product over all rows or ``allowed`` rows, in chunks."""

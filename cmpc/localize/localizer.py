@@ -142,7 +142,9 @@ class Localizer:
             checkpoint_path=ckpt,
             nprobe=exp.index.nprobe,
             ef_search=exp.index.ef_search,
-            use_gpu=exp.index.use_gpu,
+            use_gpu=exp.index.use_gpu and device.type == "cuda",
+            mmap=exp.index.mmap,
+            torch_device=str(device) if device.type == "cuda" else None,
         )
         allowed = prior_rows(exp.localize, index)
         refiner = load_refiner(exp) if use_refiner else None
@@ -176,6 +178,8 @@ class Localizer:
         """(B, C, S, S) standardised SAR patches -> (B, D) float32 L2-normalised embeddings."""
         self.model.eval()
         x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=self.device.type, enabled=self.amp, dtype=torch.float16):
             e = self.model(x, "sar")
         return e.float().cpu().numpy()

@@ -95,6 +95,8 @@ def load_embedder(path: str | os.PathLike[str], device: str | torch.device = "cp
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the stored model config: {str(e).splitlines()[0]}") from None
     model.to(device).eval()
+    if torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)  # convolutions run faster in NHWC on GPUs (inputs follow)
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "critic", "critic_optimizer", "rng")}
     meta["hash"] = checkpoint_hash(path)
     meta["path"] = str(path)

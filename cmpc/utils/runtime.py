@@ -31,3 +31,15 @@ def default_num_threads() -> int:
     if env:
         return max(1, int(env))
     return max(1, os.cpu_count() or 1)
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` CPU threads in torch (intra-op) and in faiss (OpenMP)."""
+    n = max(1, int(n))
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:  # faiss is optional for training-only installs
+        pass

@@ -1,0 +1,252 @@
+"""``cmpc index build --raster MAP.tif``: index an optical mosaic of any size, resumably.
+
+The references are a regular grid of ``patch_px`` windows every ``stride_px`` pixels over
+the mosaic (its own grid; a geographic mosaic is viewed in its local UTM zone, see
+:func:`cmpc.data.raster.open_raster`). Nothing ever holds the mosaic: it is read block by
+block (``tile.block_px`` + one patch a side), each block's patches are embedded in batches
+of ``index.batch_size`` and written to a chunk file, then the block is dropped.
+
+Resumable: the work happens in ``index/.<name>.building/`` beside the final folder. Each
+finished block is one chunk file ``chunks/block_NNNNNN.npz`` written atomically (temp file
++ rename), so after an interruption (Ctrl-C, crash, power loss) every chunk on disk is whole
+and the next run with the same parameters (``params.json``: raster, its size and mtime,
+checkpoint hash, patch, stride, bands, block size) skips the finished blocks. Other
+parameters start over. When every block is done the chunks are assembled into
+``features.h5``, the FAISS index (or shards) is filled from it, and the complete folder is
+renamed into ``index/<name>/`` in one step (the previous index stays until then); the work
+folder is removed last.
+
+Ids: a reference's location id is its grid cell number ``row_index * n_cols + col_index``
+(stable across runs; cells skipped as nodata leave gaps). Names are ``r<top>_c<left>``
+(pixel offsets of the window in the mosaic).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cmpc.config import Experiment
+from cmpc.data.layout import read_dataset_meta
+from cmpc.data.patches import standardize
+from cmpc.data.raster import block_groups, crs_name, grid_positions, open_raster
+from cmpc.errors import DataError
+from cmpc.index.build import _FeatureWriter, _write_footprints, default_checkpoint, fill_faiss, index_manifest
+from cmpc.index.factory import resolve_factory
+from cmpc.index.store import FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE, normalize_crs
+from cmpc.models.checkpoint import load_embedder
+from cmpc.models.embedder import Embedder
+from cmpc.utils.io import atomic_dir, atomic_path, atomic_write_json
+from cmpc.utils.runtime import resolve_device
+
+PARAMS_FILE = "params.json"
+CHUNK_DIR = "chunks"
+
+
+def work_dir(out_dir: Path) -> Path:
+    """The resumable work folder of a raster build of ``out_dir``."""
+    return out_dir.parent / f".{out_dir.name}.building"
+
+
+def reference_patch_px(exp: Experiment, gsd_m: float, img_size: int) -> tuple[int, str]:
+    """(reference patch side in pixels of the mosaic, where it came from).
+
+    ``index.patch_px``; else the training dataset's footprint (``dataset.json`` ``patch_m``
+    of ``data.root``) over the mosaic GSD, so references cover the ground the model was
+    trained on; else the model input size.
+    """
+    if exp.index.patch_px:
+        return int(exp.index.patch_px), "index.patch_px"
+    try:
+        meta = read_dataset_meta(exp.data.root)
+    except DataError:
+        meta = {}
+    if meta.get("patch_m"):
+        return max(8, int(round(float(meta["patch_m"]) / gsd_m))), f"dataset.json patch_m of {exp.data.root} / mosaic GSD"
+    return int(img_size), "model input size"
+
+
+def prepare_batch(arrays: list[np.ndarray], img_size: int) -> torch.Tensor:
+    """(C, p, p) float32 patches (NaN = nodata) -> (B, C, S, S) model input.
+
+    Nodata pixels take their band's mean over the patch (as for raster queries), then each
+    patch is resized (bilinear, antialiased) and standardised per channel, exactly as
+    :func:`cmpc.data.patches.to_model_input` does one patch at a time.
+    """
+    a = np.stack(arrays).astype(np.float32, copy=False)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        mean = np.nan_to_num(np.nanmean(np.where(bad, np.nan, a), axis=(2, 3), keepdims=True), nan=0.0)
+        a = np.where(bad, mean, a).astype(np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if t.shape[-1] != img_size or t.shape[-2] != img_size:
+        t = F.interpolate(t, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
+    return standardize(t)
+
+
+@torch.no_grad()
+def embed_arrays(model: Embedder, arrays: list[np.ndarray], img_size: int, batch_size: int, device: torch.device, amp: bool) -> np.ndarray:
+    """(N, D) float32 optical embeddings of N patches, in batches (AMP + channels_last on CUDA)."""
+    out = []
+    cuda = device.type == "cuda"
+    for s in range(0, len(arrays), batch_size):
+        x = prepare_batch(arrays[s : s + batch_size], img_size).to(device, non_blocking=True)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, enabled=amp and cuda, dtype=torch.float16):
+            e = model(x, "opt")
+        out.append(e.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
+
+
+def _chunk_path(work: Path, b: int) -> Path:
+    return work / CHUNK_DIR / f"block_{b:06d}.npz"
+
+
+def _done_blocks(work: Path, n_blocks: int) -> int:
+    """Number of leading blocks whose chunk file exists (chunks are written atomically)."""
+    b = 0
+    while b < n_blocks and _chunk_path(work, b).is_file():
+        b += 1
+    return b
+
+
+def build_index_from_raster(
+    exp: Experiment,
+    raster: str | os.PathLike[str] | None = None,
+    checkpoint: str | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Index the optical mosaic ``raster`` (default ``index.raster``) into ``exp.index_dir``.
+
+    See the module doc. ``on_block(done, total)`` is called after each block is committed
+    (progress hooks; an exception raised there interrupts the build like a crash would).
+    Returns the manifest; its ``raster_build`` entry says how many blocks were resumed.
+    """
+    path = Path(raster or exp.index.raster or "")
+    if not str(path) or not path.is_file():
+        raise DataError(f"optical mosaic not found: {path} (index.raster / --raster)")
+    ckpt_path = default_checkpoint(exp, checkpoint)
+    device = resolve_device(exp.train.device)
+    model, meta = load_embedder(ckpt_path, device)
+    img_size = int(meta.get("img_size") or exp.data.img_size)
+    dim = int(model.embed_dim)
+    out_dir = exp.index_dir
+    amp = bool(exp.train.amp)
+
+    with open_raster(path, bands=exp.index.bands, role="optical map") as src:
+        if src.count != model.optical_channels:
+            raise DataError(
+                f"the optical mosaic {path} has {src.count} band(s) (index.bands {exp.index.bands}) but checkpoint "
+                f"{ckpt_path} takes {model.optical_channels} optical band(s); select bands with index.bands or use a matching model"
+            )
+        g = src.grid
+        patch_px, patch_source = reference_patch_px(exp, g.gsd_m, img_size)
+        stride_px = int(exp.index.stride_px or max(1, patch_px // 2))
+        tops, lefts = grid_positions(g.height, g.width, patch_px, stride_px)
+        if len(tops) == 0:
+            raise DataError(f"the optical mosaic {path} ({g.width} x {g.height} px) is smaller than one {patch_px} px reference patch")
+        n_cols = (g.width - patch_px) // stride_px + 1
+        cell_ids = (tops // stride_px) * n_cols + (lefts // stride_px)
+        block_px = max(int(exp.tile.block_px), stride_px)
+        groups = block_groups(tops, lefts, block_px)
+        crs = normalize_crs(crs_name(g.crs))
+        st = path.stat()
+        params = {
+            "raster": str(path.resolve()), "raster_bytes": st.st_size, "raster_mtime_ns": st.st_mtime_ns,
+            "checkpoint_hash": meta["hash"], "patch_px": patch_px, "stride_px": stride_px, "bands": list(src.bands),
+            "block_px": block_px, "img_size": img_size, "nodata_max_frac": exp.tile.nodata_max_frac, "crs": crs,
+        }
+        work = work_dir(out_dir)
+        resumed = 0
+        if work.is_dir() and exp.index.resume and (work / PARAMS_FILE).is_file():
+            try:
+                same = json.loads((work / PARAMS_FILE).read_text()) == params
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                same = False
+            if same:
+                resumed = _done_blocks(work, len(groups))
+        if resumed == 0:
+            shutil.rmtree(work, ignore_errors=True)
+            (work / CHUNK_DIR).mkdir(parents=True)
+            atomic_write_json(work / PARAMS_FILE, params)
+        bar = tqdm(total=len(tops), desc=f"index {out_dir.name} (raster)", unit="ref", disable=None, mininterval=2.0)
+        bar.update(sum(len(groups[b]) for b in range(resumed)))
+        for b in range(resumed, len(groups)):
+            idx = groups[b]
+            r0, c0 = int(tops[idx].min()), int(lefts[idx].min())
+            h, w = int(tops[idx].max()) + patch_px - r0, int(lefts[idx].max()) + patch_px - c0
+            arr, valid = src.read_on(g, r0, c0, h, w)
+            keep, arrays = [], []
+            for i in idx:
+                r, c = int(tops[i]) - r0, int(lefts[i]) - c0
+                if 1.0 - float(valid[r : r + patch_px, c : c + patch_px].mean()) > exp.tile.nodata_max_frac:
+                    continue
+                keep.append(int(i))
+                arrays.append(arr[:, r : r + patch_px, c : c + patch_px])
+            del arr, valid
+            feats = embed_arrays(model, arrays, img_size, exp.index.batch_size, device, amp)
+            keep_a = np.asarray(keep, dtype=np.int64)
+            with atomic_path(_chunk_path(work, b)) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, features=feats, cells=keep_a)
+            bar.update(len(idx))
+            if on_block is not None:
+                on_block(b + 1, len(groups))
+        bar.close()
+
+    # ---- every block is on disk: assemble features.h5, fill FAISS, rename into place
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    source = {
+        "raster": params["raster"], "bands": params["bands"], "patch_px": patch_px, "stride_px": stride_px,
+        "gsd_m": g.gsd_m, "grid": [int(g.height), int(g.width)], "first_row": 0, "added": now,
+    }
+    with atomic_dir(out_dir) as tmp:
+        h5_path = tmp / FEATURES_FILE
+        with h5py.File(h5_path, "w") as h5:
+            writer = _FeatureWriter(h5, dim)
+            for b in range(len(groups)):
+                with np.load(_chunk_path(work, b)) as z:
+                    feats, cells = z["features"], z["cells"]
+                if len(cells) == 0:
+                    continue
+                t, l = tops[cells], lefts[cells]
+                xs = g.transform.c + (l + patch_px / 2.0) * g.res_x
+                ys = g.transform.f - (t + patch_px / 2.0) * g.res_y
+                bounds = np.stack([xs - patch_px * g.res_x / 2, ys - patch_px * g.res_y / 2, xs + patch_px * g.res_x / 2, ys + patch_px * g.res_y / 2], axis=1)
+                writer.append_arrays(
+                    feats, ids=cell_ids[cells], positions=np.stack([xs, ys], axis=1), bounds=bounds, source=0,
+                    names=[f"r{int(a)}_c{int(c)}" for a, c in zip(t, l)], file_paths=[""] * len(cells),
+                )
+            n_total = writer.rows
+            if n_total == 0:
+                raise DataError(f"every reference patch of {path} is mostly nodata (tile.nodata_max_frac {exp.tile.nodata_max_frac}); nothing to index")
+            factory = resolve_factory(exp.index.factory, n_total, dim)
+            filled = fill_faiss(tmp, h5, factory, dim, shards=exp.index.shards, use_gpu=exp.index.use_gpu)
+            h5.attrs["checkpoint_hash"] = meta["hash"]
+            h5.attrs["embed_dim"] = dim
+            h5.attrs["crs"] = crs or ""
+            all_bounds = h5["bounds"][:]
+        _write_footprints(h5_path, tmp / FOOTPRINTS_FILE, crs)
+        source["count"] = n_total
+        manifest = index_manifest(
+            out_dir, ckpt_path=ckpt_path, meta=meta, model=model, img_size=img_size, factory=factory,
+            requested=exp.index.factory, exp=exp, crs=crs, n_total=n_total, n_added=n_total, all_bounds=all_bounds,
+            side_m=float(patch_px * g.gsd_m), side_source=f"raster patch {patch_px} px ({patch_source}) x {g.gsd_m:g} m/px",
+            dataset={"root": None, "split": None, "raster": params["raster"]}, sources=[source], filled=filled, created=now, now=now,
+        )
+        manifest["raster_build"] = {"blocks": len(groups), "resumed_blocks": resumed, "grid_cells": int(len(tops)), "block_px": block_px}
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
