@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cmpc.models.backbones  # noqa: F401  (registers the cmpc_cnn_* trunks with timm)
 from cmpc.config import ModelConfig
 from cmpc.errors import CheckpointError, ConfigError
 
@@ -33,6 +34,25 @@ class GeM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p.clamp(min=1.0)
         return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+class GridPool(nn.Module):
+    """Layout-keeping pooling: (B, C, h, w) -> 1x1 conv to ``channels`` -> average into a
+
+    ``size`` x ``size`` grid -> (B, channels * size * size). Unlike a global pool it keeps
+    *where* things are in the patch, which separates references that share content but
+    not position (50 %-overlapping neighbours). The same transform (flip, rotation) applied to
+    a SAR patch and its optical reference permutes both grids identically.
+    """
+
+    def __init__(self, in_channels: int, channels: int = 32, size: int = 4) -> None:
+        super().__init__()
+        self.size = size
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.out_features = channels * size * size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.reduce(x), self.size).flatten(1)
 
 
 def _stem(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -93,8 +113,14 @@ class Embedder(nn.Module):
         else:
             self.trunks = nn.ModuleDict({"sar": _trunk(cfg), "opt": _trunk(cfg)})
         feat = self._trunk("sar").num_features
-        self.pool = GeM(cfg.gem_p)
-        self.proj = nn.Sequential(nn.Linear(feat, cfg.embed_dim), nn.BatchNorm1d(cfg.embed_dim))
+        self.pool: nn.Module
+        if getattr(cfg, "pool", "gem") == "grid":
+            self.pool = GridPool(feat, cfg.grid_channels, cfg.grid_size)
+            pooled = self.pool.out_features
+        else:
+            self.pool = GeM(cfg.gem_p)
+            pooled = feat
+        self.proj = nn.Sequential(nn.Linear(pooled, cfg.embed_dim), nn.BatchNorm1d(cfg.embed_dim))
         self.embed_dim = cfg.embed_dim
 
     def _trunk(self, modality: str) -> nn.Module:

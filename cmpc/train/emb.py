@@ -242,6 +242,9 @@ def _load_data(exp: Experiment, progress: bool) -> _Data:
     refs = read_annotations(root, "train", "opt")
     queries = read_annotations(root, "train", "sar")
     sar_ch, opt_ch = dataset_channels(root, "train")
+    for key, given, found in (("sar_channels", exp.model.sar_channels, sar_ch), ("optical_channels", exp.model.optical_channels, opt_ch)):
+        if given is not None and given != found:  # before decoding the whole dataset
+            raise ConfigError(f"model.{key} is {given} but the data has {found} band(s); set it to {found} or null (from the data)")
     optical = PatchDataset(root, "train", "opt", exp.data.img_size, annotations=refs, cache=exp.data.cache)
     sar = PatchDataset(root, "train", "sar", exp.data.img_size, annotations=queries, cache=exp.data.cache)
     sar_of = queries_by_location(refs, queries, non_aligned=exp.train.non_aligned)
@@ -553,6 +556,11 @@ def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResu
                 bar.close()
                 raise TrainingInterrupted(f"stopped after {step} steps (test hook)")
         bar.close()
+        if ddp.enabled:
+            # DDP syncs buffers at the start of each forward, so after the last step every rank
+            # holds BN running stats of its own last shard: take rank 0's everywhere.
+            for buf in pair_model.buffers():
+                dist.broadcast(buf, src=0)
 
         # ---- epoch end: validate (rank 0), keep the best, save last ----
         is_last = epoch + 1 == tc.epochs
