@@ -175,6 +175,24 @@ def test_checkpoint_for_another_k_is_refused(tmp_path: Path):
         refiner_from_checkpoint(tmp_path / "other.pt", cfg)
 
 
+def test_aligner_reused_from_another_refiner(tmp_path: Path):
+    from cmpc.localize.align import DenseDescriptor
+    from cmpc.train.refine import aligner_from
+
+    cfg = RefineConfig(k=4, hidden=16, layers=1, heads=2)
+    al = DenseDescriptor(1, 3, dim=8, width=16)
+    with torch.no_grad():
+        al.branches["sar"][0].weight.fill_(0.25)
+    path = save_refiner(tmp_path / "r.pt", refiner_payload(SceneGraphRefiner(D, 16, 1, 2), al, cfg, 4, D, {"align": {"query_px": 32}}))
+    got, st = aligner_from(path, 32)
+    assert torch.equal(got.branches["sar"][0].weight, al.branches["sar"][0].weight) and st["from"] == str(path)
+    with pytest.raises(CheckpointError, match="32-pixel queries.*64-pixel"):
+        aligner_from(path, 64)
+    bare = save_refiner(tmp_path / "b.pt", refiner_payload(SceneGraphRefiner(D, 16, 1, 2), None, cfg, 4, D, {}))
+    with pytest.raises(CheckpointError, match="fine-alignment descriptor"):
+        aligner_from(bare, 32)
+
+
 def test_training_noise_matches_a_target_recall():
     from cmpc.train.refine import noise_for_recall, noisy, recall_at_1
 

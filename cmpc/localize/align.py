@@ -83,11 +83,28 @@ def correlate(template: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     H, W = context.shape[-2:]
     if H < h or W < w:
         raise ValueError(f"context {H}x{W} is smaller than the template {h}x{w}")
-    t = F.pad(template.float(), (0, W - w, 0, H - h))
-    ft = torch.fft.rfft2(t)[:, None]  # (B, 1, C, H, W/2+1)
-    fc = torch.fft.rfft2(context.float())
-    corr = torch.fft.irfft2((fc * ft.conj()).sum(dim=2), s=(H, W))
+    # zero-padding both to a fast FFT size >= the context keeps valid offsets wrap-free
+    s = (fft_size(H), fft_size(W))
+    ft = torch.fft.rfft2(template.float(), s=s)  # (B, C, N, N/2+1)
+    fc = torch.fft.rfft2(context.float(), s=s)  # (B, M, C, N, N/2+1)
+    corr = torch.fft.irfft2(torch.einsum("bmcuv,bcuv->bmuv", fc, ft.conj()), s=s)
     return corr[..., : H - h + 1, : W - w + 1] / float(h * w)
+
+
+def fft_size(n: int) -> int:
+    """Smallest 2^a 3^b 5^c >= n (sizes the FFT handles fastest)."""
+    best = 1 << max(0, (n - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            p = p35
+            while p < n:
+                p *= 2
+            best = min(best, p)
+            p35 *= 3
+        p5 *= 5
+    return best
 
 
 def subpixel_peak(score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,37 +160,53 @@ class FeatureMosaic:
     stride: int = STRIDE
     phases: torch.Tensor | None = None
 
+    def _pad(self, which: str, h: int, w: int) -> torch.Tensor:
+        """Zero-bordered, channels-last copy of ``desc`` or the stacked phase maps, made
+        once per window size (query time then only gathers)."""
+        cache = self.__dict__.setdefault("_pad_cache", {})
+        key = (which, h, w)
+        if key not in cache:
+            src = self.desc if which == "desc" else self.phases.reshape(-1, *self.desc.shape[1:])  # type: ignore[union-attr]
+            for stale in [k for k in cache if k[0] == which]:
+                del cache[stale]  # one window size per map is in use at a time
+            cache[key] = _pad_channels_last(src, h, w)
+        return cache[key]
+
     def crops(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Windows of the descriptor map, zero outside it.
 
         ``top``, ``left``: (...,) long cell coordinates of the windows' first cell. Returns
         (..., C, h, w).
         """
-        return _crops(self.desc, top, left, h, w)
+        _, Hc, Wc = self.desc.shape
+        return _crops_padded(self._pad("desc", h, w), Hc, Wc, top, left, h, w)
 
     def phase_crops(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Windows of all 16 phase maps: (...,) cell coordinates -> (..., 16, C, h, w)."""
         if self.phases is None:
             raise ValueError("this feature mosaic has no phase maps")
         P, Q, C, Hc, Wc = self.phases.shape
-        out = _crops(self.phases.reshape(P * Q * C, Hc, Wc), top, left, h, w)
+        out = _crops_padded(self._pad("phases", h, w), Hc, Wc, top, left, h, w)
         return out.reshape(*top.shape, P * Q, C, h, w)
 
 
-def _crops(desc: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Windows ``desc[:, top:top+h, left:left+w]`` (zero outside) for (...,) corners -> (..., C, h, w)."""
-    C, Hc, Wc = desc.shape
+def _crops_padded(pad: torch.Tensor, Hc: int, Wc: int, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Windows of a map (C, Hc, Wc) given as ``pad``: the map with ``h`` rows / ``w`` columns
+    of zeros around it, channels last (Hc + 2h, Wc + 2w, C). (...,) corners -> (..., C, h, w);
+    a window reaching past the map reads zeros, one entirely outside is clamped to an
+    all-zero place."""
+    C = pad.shape[-1]
     lead = top.shape
-    t = top.reshape(-1)
-    lf = left.reshape(-1)
+    t = top.reshape(-1).clamp(-h, Hc) + h
+    lf = left.reshape(-1).clamp(-w, Wc) + w
     rows = t[:, None] + torch.arange(h)[None, :]  # (M, h)
     cols = lf[:, None] + torch.arange(w)[None, :]  # (M, w)
-    rin = (rows >= 0) & (rows < Hc)
-    cin = (cols >= 0) & (cols < Wc)
-    out = desc[:, rows.clamp(0, Hc - 1)[:, :, None], cols.clamp(0, Wc - 1)[:, None, :]]  # (C, M, h, w)
-    mask = (rin[:, :, None] & cin[:, None, :]).to(out.dtype)
-    out = (out * mask[None]).permute(1, 0, 2, 3)
-    return out.reshape(*lead, C, h, w)
+    out = pad[rows[:, :, None], cols[:, None, :]]  # (M, h, w, C): one gather of whole cells
+    return out.permute(0, 3, 1, 2).reshape(*lead, C, h, w)
+
+
+def _pad_channels_last(desc: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return F.pad(desc, (w, w, h, h)).permute(1, 2, 0).contiguous()
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from cmpc.config import Experiment
 from cmpc.data.layout import read_annotations
 from cmpc.data.patches import PatchDataset
 from cmpc.errors import DataError
+from cmpc.localize.align import DenseDescriptor
 from cmpc.localize.graph import build_graphs, grid_spacing_m
 from cmpc.localize.refine import REFINER_FILE, GraphRefiner, refiner_payload, save_refiner
 from cmpc.models.checkpoint import embed_batches, load_embedder
@@ -371,9 +372,13 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
     _say(f"GNN: {stats['gnn'].get('val_best', {})}")
 
     aligner = None
-    if rc.fine_align and rc.align_steps > 0:
+    query_px = int(meta.get("img_size") or exp.data.img_size)
+    if rc.fine_align and rc.align_from:
+        aligner, stats["align"] = aligner_from(rc.align_from, query_px)
+        _say(f"fine alignment: descriptor taken from {rc.align_from}")
+    elif rc.fine_align and rc.align_steps > 0:
         # the aligner sees queries as the Localizer gets them: at the embedder's input size
-        data = load_align_data(exp.data.root, "train", query_px=int(meta.get("img_size") or exp.data.img_size), seed=rc.seed, progress=True)
+        data = load_align_data(exp.data.root, "train", query_px=query_px, seed=rc.seed, progress=True)
         aligner, stats["align"] = train_aligner(
             data,
             int(data.queries.shape[1]),
@@ -389,16 +394,41 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
             seed=rc.seed,
             log_path=log_path,
         )
+        stats["align"]["query_px"] = query_px
         _say(f"fine alignment: validation {stats['align'].get('val_after')}")
-        if len(val_idx):
-            stats["align_min_peak"], stats["calibration"] = _calibrate(exp, gnn, aligner, gs, val_idx, anns, index, meta)
-            _say(f"alignment peak threshold {stats['align_min_peak']:.3f}: {stats['calibration']}")
+    if aligner is not None and len(val_idx):
+        stats["align_min_peak"], stats["calibration"] = _calibrate(exp, gnn, aligner, gs, val_idx, anns, index, meta)
+        _say(f"alignment peak threshold {stats['align_min_peak']:.3f}: {stats['calibration']}")
     stats["seconds"] = round(time.perf_counter() - t_start, 1)
     payload = refiner_payload(gnn, aligner, rc, k, int(gs.q.shape[1]), stats, experiment=exp.to_dict())
     path = save_refiner(run_dir / REFINER_FILE, payload)
     append_jsonl(log_path, {"stage": "done", "path": str(path), "seconds": stats["seconds"]})
     _say(f"saved {path} ({stats['seconds']:.0f} s)")
     return path
+
+
+def aligner_from(path: str | Path, query_px: int) -> tuple[DenseDescriptor, dict[str, Any]]:
+    """The fine-alignment descriptor of another refiner checkpoint (it depends on the data,
+    not on the embedder, so a new embedder need not retrain it); it must have been trained
+    for queries of ``query_px`` pixels."""
+    from cmpc.errors import CheckpointError
+    from cmpc.models.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    if ck.get("kind") != "refiner" or ck.get("aligner") is None:
+        raise CheckpointError(f"refine.align_from: {path} is not a refiner checkpoint with a fine-alignment descriptor")
+    st = dict(ck.get("stats", {}).get("align") or {})
+    got = st.get("query_px")
+    if got is not None and int(got) != query_px:
+        raise CheckpointError(f"refine.align_from: {path} aligns {got}-pixel queries but this embedder takes {query_px}-pixel ones; train a new aligner (unset refine.align_from)")
+    a = ck["aligner_arch"]
+    model = DenseDescriptor(int(a["sar_channels"]), int(a["optical_channels"]), int(a["dim"]), int(a["width"]))
+    try:
+        model.load_state_dict(ck["aligner"])
+    except RuntimeError as e:
+        raise CheckpointError(f"refine.align_from: {path}: aligner weights do not fit their architecture: {str(e).splitlines()[0]}") from None
+    st["from"] = str(path)
+    return model.eval(), st
 
 
 def _calibrate(exp: Experiment, gnn, aligner, gs: GraphSet, val_idx: np.ndarray, anns: list, index, meta: dict) -> tuple[float, dict[str, Any]]:  # noqa: ANN001
