@@ -104,7 +104,7 @@ def cmd_train_emb(args: argparse.Namespace) -> int:
 def cmd_train_refine(args: argparse.Namespace) -> int:
     from cmpc.train.refine import train_refiner
 
-    train_refiner(_exp(args))
+    train_refiner(_exp(args), checkpoint=getattr(args, "checkpoint", None))
     return 0
 
 
@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = s_train.add_parser(name, help=hlp)
         _add_common(p, "required")
+        if name == "refine":
+            p.add_argument("--checkpoint", help="embedder checkpoint (default: runs/<name>/emb_best.pt)")
         p.set_defaults(func=func)
 
     # index
