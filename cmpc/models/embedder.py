@@ -91,7 +91,29 @@ def _trunk(cfg: ModelConfig) -> nn.Module:
         missing, unexpected = trunk.load_state_dict(state, strict=False)
         if len(missing) > len(trunk.state_dict()) // 2:
             raise CheckpointError(f"model.weights {path} does not fit backbone {cfg.backbone!r} ({len(missing)} missing keys)")
+    _freeze_unused(trunk, cfg.stem_channels)
     return trunk
+
+
+def _freeze_unused(trunk: nn.Module, in_ch: int) -> None:
+    """``requires_grad=False`` on trunk parameters that ``forward_features`` never uses.
+
+    Some timm models keep head layers outside ``forward_features`` (MobileNetV3's
+    ``conv_head``); they never get a gradient, which DistributedDataParallel refuses
+    ("parameters that were not used in producing loss"). Found by one tiny backward pass
+    in eval mode (no batch-norm statistics change); the weights stay in the state dict.
+    """
+    was_training = trunk.training
+    trunk.eval()
+    params = [p for p in trunk.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    trunk.forward_features(torch.zeros(1, in_ch, 64, 64)).float().sum().backward()
+    for p in params:
+        if p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
+    trunk.train(was_training)
 
 
 class Embedder(nn.Module):
