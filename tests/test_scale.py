@@ -246,3 +246,21 @@ def test_torch_search_equals_faiss_flat(shard_world, monkeypatch):
     assert np.array_equal(ri.search(base.features, 3, allowed)[1], base.search(base.features, 3, allowed)[1])
     with pytest.raises(IndexMismatchError, match="needs a Flat index"):
         ReferenceIndex.load("index/ivf2", backend="torch", torch_device="cpu")
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def test_every_trainable_embedder_parameter_gets_a_gradient():
+    """DistributedDataParallel refuses parameters without gradient (MobileNetV3's conv_head
+    sits outside forward_features): they must be frozen, the rest must all train."""
+    from cmpc.config import ModelConfig
+    from cmpc.models.embedder import build_embedder
+
+    torch.manual_seed(0)
+    m = build_embedder(ModelConfig(backbone="mobilenetv3_small_050", embed_dim=16, stem_channels=8), 1, 3).train()
+    sar, opt = m.forward_pair(torch.randn(4, 1, 32, 32), torch.randn(4, 3, 32, 32))
+    (sar.sum() + opt.sum()).backward()
+    frozen = [n for n, p in m.named_parameters() if not p.requires_grad]
+    assert frozen and all("conv_head" in n for n in frozen)
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
