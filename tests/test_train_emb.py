@@ -177,3 +177,13 @@ def test_ddp_two_processes_gloo(tiny_root: Path, tmp_path: Path) -> None:
     init = build_embedder(exp.model, 1, 3).state_dict()
     moved = [k for k in w0 if w0[k].is_floating_point() and not torch.allclose(w0[k], init[k])]
     assert len(moved) > len(w0) // 2
+
+
+@pytest.mark.slow
+def test_same_weights_with_or_without_loader_workers(tiny_root: Path, tmp_path: Path) -> None:
+    # Augmentation and query choice come from (seed, epoch, location), not from worker state.
+    args = ("train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=3", "train.val_fraction=0", "loss.critic=0")
+    a = fit_embedder(_exp(tiny_root, tmp_path, "w0", *args, "data.num_workers=0"))
+    b = fit_embedder(_exp(tiny_root, tmp_path, "w2", *args, "data.num_workers=2"))
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

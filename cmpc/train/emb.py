@@ -508,7 +508,9 @@ def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResu
         sampler.set_epoch(epoch, first_batch)
         ddp_model.train()
         bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not ddp.main, leave=False, mininterval=1.0, file=sys.stderr)
-        t_batch = time.perf_counter()
+        t_batch = t_epoch = time.perf_counter()
+        cpu_epoch = time.process_time()  # CPU seconds of this process: throughput on a shared machine
+        epoch_images = 0
         for b, (sar_x, opt_x, labels) in enumerate(loader, start=first_batch):
             sar_x, opt_x, labels = sar_x.to(device, non_blocking=True), opt_x.to(device, non_blocking=True), labels.to(device)
             if on_cuda and tc.channels_last:
@@ -533,6 +535,7 @@ def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResu
             step += 1
             now = time.perf_counter()
             n_img = 2 * sar_x.shape[0] * ddp.world
+            epoch_images += n_img
             if ddp.main:
                 record.update(
                     kind="train",
@@ -556,6 +559,23 @@ def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResu
                 bar.close()
                 raise TrainingInterrupted(f"stopped after {step} steps (test hook)")
         bar.close()
+        if ddp.main and epoch_images:
+            # Training throughput of the epoch (data loading included; validation and mining not).
+            train_s = time.perf_counter() - t_epoch
+            cpu_s = time.process_time() - cpu_epoch
+            append_jsonl(
+                log_path,
+                {
+                    "kind": "epoch",
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "images": epoch_images,
+                    "train_seconds": round(train_s, 2),
+                    "img_per_s": round(epoch_images / max(train_s, 1e-9), 1),
+                    "cpu_seconds": round(cpu_s, 2),
+                    "img_per_cpu_s": round(epoch_images / max(cpu_s, 1e-9), 1),
+                },
+            )
         if ddp.enabled:
             # DDP syncs buffers at the start of each forward, so after the last step every rank
             # holds BN running stats of its own last shard: take rank 0's everywhere.
