@@ -74,7 +74,9 @@ class EmbedderFeatures:
     def __init__(self, path: str | os.PathLike[str], device: torch.device) -> None:
         from cmpc.models.checkpoint import load_embedder
 
-        self.model, meta = load_embedder(path, device)
+        # Building an embedder runs a backward pass (unused-parameter freezing): needs grad mode.
+        with torch.enable_grad():
+            self.model, meta = load_embedder(path, device)
         self.img_size = int(meta["img_size"])
         self.hash = meta["hash"]
         self.device = device
