@@ -128,6 +128,26 @@ def _init_distributed(device_name: str) -> _Dist:
     return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owns_group=owns)
 
 
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed blocks up to 256 MB in the heap instead of unmapping them.
+
+    CPU training allocates and frees the same activation buffers (megabytes) every step; by
+    default glibc returns them to the kernel and faults them back in, which cost 30 % of the
+    CPU time of a step here (sys time; cmpc_cnn_s at 96 px: 145 -> 194 images per CPU second).
+    No effect off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _average_grads(module: nn.Module) -> None:
     """All-reduce (mean) the gradients of a module that is not wrapped in DDP (the critic)."""
     world = dist.get_world_size()
@@ -374,6 +394,8 @@ def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResu
         device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)
     on_cuda = device.type == "cuda"
+    if not on_cuda:
+        _keep_freed_memory()
 
     # ---- resume or skip? ----
     resume: dict[str, Any] | None = None
