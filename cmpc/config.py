@@ -216,7 +216,7 @@ class RefineConfig:
     align_crop_px: int = param(64, lo=16, hi=4096, doc="SAR crop side in alignment training, pixels")
     align_shift_px: int = param(32, lo=4, hi=4096, doc="largest random offset between SAR crop and optical window in training, pixels")
     align_from: str | None = param(None, doc="take the fine-alignment descriptor from this refiner.pt instead of training one (it depends on the data, not the embedder)")
-    train_noise: float | None = param(None, lo=0.0, hi=4.0, doc="noise (norm, relative to the unit embeddings) added to training query embeddings each epoch so their top-k lists are as hard as unseen places; null = matched to the embedder's validation R@1; 0 = off")
+    train_noise: float | None = param(None, lo=0.0, hi=4.0, doc="noise (norm, relative to the unit embeddings) added to training query embeddings each epoch so their top-k lists are as hard as unseen places; null = matched to the R@1 of the places the embedder did not train on (its validation block); 0 = off")
     seed: int = param(0, lo=0, doc="random seed of refiner training")
 
 

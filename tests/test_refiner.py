@@ -98,6 +98,9 @@ def test_loss_matches_hand_computation():
     # a query whose correct reference is not among the candidates trains the position only
     loss2, parts2 = refiner_loss(out, torch.tensor([-1]), torch.tensor([[0.0, 0.0]]), 0.5, 2.0, 0.1)
     assert parts2["n_ce"] == 0 and parts2["ce"] == 0 and float(loss2) == pytest.approx(2.0 * pos, rel=1e-5)
+    # ... unless it is out of reach of every candidate: then it trains nothing
+    loss3, parts3 = refiner_loss(out, torch.tensor([-1]), torch.tensor([[0.0, 0.0]]), 0.5, 2.0, 0.1, position_mask=torch.tensor([False]))
+    assert parts3["pos"] == 0 and float(loss3) == 0.0
 
 
 # --------------------------------------------------------------------------- bad input
@@ -252,6 +255,7 @@ def test_tiny_end_to_end_refinement_lowers_the_error(tmp_path: Path, monkeypatch
     assert data["stage"] == "data" and data["n_queries"] == 96 and data["k"] == 4
     # queries whose correct reference is outside the top-k are counted, split by kind
     assert data["missing_in_topk"] == data["missing_in_topk_aligned"] + data["missing_in_topk_non_aligned"]
+    assert 0 <= data["unreachable"] <= data["missing_in_topk"]
     assert [r["epoch"] for r in log if r["stage"] == "gnn"] == list(range(1, 7))
     assert any(r["stage"] == "align" for r in log) and log[-1]["stage"] == "done"
 

@@ -17,9 +17,10 @@ masked out (padding), so the refiner works with any number >= 1. Non-finite embe
 one-line :class:`~cmpc.errors.DataError`; a refiner trained for another ``k`` or embedding
 size is a :class:`~cmpc.errors.CheckpointError` / :class:`~cmpc.errors.IndexMismatchError`.
 
-The optical descriptors of a map are computed once per index and cached in
-``index/<name>/align_features.pt`` (keyed by the aligner weights and the index manifest), so
-a query only pays for its own descriptors and a few FFT correlations.
+The optical descriptors of a map are computed once per index (at the queries' pixel size)
+and cached in ``index/<name>/align_features_<gsd>m.pt`` (keyed by the aligner weights, the
+gsd and the index manifest), so a query only pays for its own descriptors and a few FFT
+correlations.
 """
 
 from __future__ import annotations

@@ -139,6 +139,7 @@ def refiner_loss(
     rank_margin: float,
     position_weight: float,
     huber_beta: float = 0.1,
+    position_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Training loss of the refiner for a batch.
 
@@ -150,6 +151,9 @@ def refiner_loss(
         rank_margin: hinge margin between the correct candidate's logit and every other's.
         position_weight: weight of the Huber position term.
         huber_beta: Huber transition, spacing units.
+        position_mask: (B,) bool, queries that train the position head (default all);
+            a query far from every candidate cannot be reached by their mix and would only
+            teach the head a biased compromise.
 
     Returns ``(loss, parts)``; ``parts`` holds floats ``ce``, ``rank``, ``pos``, ``n_ce``.
     """
@@ -165,7 +169,10 @@ def refiner_loss(
         others[torch.arange(len(t)), t] = False
         hinge = F.relu(rank_margin - (s_t - s.masked_fill(~others, 0.0)))
         rank = (hinge * others).sum() / others.sum().clamp(min=1)
-    pos = F.smooth_l1_loss(out.position, target_rel.to(out.position.dtype), beta=huber_beta, reduction="none").sum(1).mean()
+    per = F.smooth_l1_loss(out.position, target_rel.to(out.position.dtype), beta=huber_beta, reduction="none").sum(1)
+    if position_mask is not None:
+        per = per[position_mask]
+    pos = per.mean() if per.numel() else zero
     loss = ce + rank + position_weight * pos
     parts = {"ce": float(ce.detach()), "rank": float(rank.detach()), "pos": float(pos.detach()), "n_ce": int(has.sum())}
     return loss, parts

@@ -9,7 +9,11 @@ From the training split only:
 2. each query's top-k training references form a graph; the GNN learns to score the correct
    one (cross-entropy + ranking margin) and to regress the query position (Huber). Queries
    whose correct reference is *not* in the top-k cannot teach the ranking: they are counted
-   (``stats.missing_in_topk``, logged) and train the position head only;
+   (``stats.missing_in_topk``, logged) and train the position head only, unless no
+   candidate lies within one reference spacing of them (``stats.unreachable``: no mix of
+   the candidates can reach them, they are left out of the position term too);
+   the GNN is validated on the places the embedder did not train on (its validation
+   block); the other queries' embeddings get noise so their top-k lists are as hard;
 3. the dense descriptor of fine alignment is trained on the co-registered SAR queries and
    the stitched optical references (:mod:`cmpc.train.align`);
 4. on held-out training queries, the coarse / GNN / aligned errors are measured and the
@@ -35,7 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmpc.config import Experiment
-from cmpc.data.layout import read_annotations
+from cmpc.data.layout import positions, read_annotations
 from cmpc.data.patches import PatchDataset
 from cmpc.errors import DataError
 from cmpc.localize.align import DenseDescriptor
@@ -114,7 +118,9 @@ class GraphSet:
 
     ``q`` (N, D), ``cand`` (N, k, D), ``pos`` (N, k, 2) metres, ``sim`` (N, k),
     ``target`` (N,) slot of the correct candidate or -1, ``target_rel`` (N, 2) true position
-    relative to the top-1 in spacing units, ``true_pos`` (N, 2) metres, ``aligned`` (N,) bool.
+    relative to the top-1 in spacing units, ``true_pos`` (N, 2) metres, ``aligned`` (N,) bool,
+    ``reachable`` (N,) bool: some candidate lies within one spacing of the true position
+    (only those train the position head: no mix of far candidates can reach the others).
     """
 
     q: torch.Tensor
@@ -127,6 +133,7 @@ class GraphSet:
     aligned: np.ndarray
     rows: np.ndarray
     scores: np.ndarray
+    reachable: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.q)
@@ -144,6 +151,7 @@ def make_graph_set(q_emb: np.ndarray, anns: list, index, k: int, spacing: float)
     pos = index.positions[rows]
     true = np.array([[a.x, a.y] for a in anns], dtype=np.float64)
     rel = (true - pos[:, 0]) / spacing
+    reach = np.linalg.norm(pos - true[:, None], axis=2).min(axis=1) <= spacing
     return GraphSet(
         q=torch.from_numpy(q_emb),
         cand=torch.from_numpy(index.gather_features(rows.reshape(-1)).reshape(len(rows), k, -1)),
@@ -155,6 +163,7 @@ def make_graph_set(q_emb: np.ndarray, anns: list, index, k: int, spacing: float)
         aligned=np.array([bool(a.aligned) if a.aligned is not None else False for a in anns]),
         rows=rows,
         scores=scores,
+        reachable=torch.from_numpy(reach),
     )
 
 
@@ -212,7 +221,7 @@ def gnn_metrics(model: SceneGraphRefiner, gs: GraphSet, idx: np.ndarray, spacing
     gnn_err = np.linalg.norm(gs.true_pos[idx] - pred, axis=1)
     top_pos = gs.pos[i].numpy()[np.arange(len(idx)), top.numpy()]
     rerank_err = np.linalg.norm(gs.true_pos[idx] - top_pos, axis=1)
-    _, parts = refiner_loss(out, tgt, gs.target_rel[i], 0.0, 1.0)
+    _, parts = refiner_loss(out, tgt, gs.target_rel[i], 0.0, 1.0, position_mask=gs.reachable[i])
     return {
         "coarse_r1": float((tgt == 0).float().mean()),
         "refined_r1": float((top == tgt).float().mean()),
@@ -259,7 +268,7 @@ def fit_gnn(
             g = _graphs(tg, b, spacing, rc.spatial_knn, rc.feature_knn)
             out = model(g)
             ib = torch.from_numpy(b)
-            loss, parts = refiner_loss(out, tg.target[ib], tg.target_rel[ib], rc.rank_margin, rc.position_weight)
+            loss, parts = refiner_loss(out, tg.target[ib], tg.target_rel[ib], rc.rank_margin, rc.position_weight, position_mask=tg.reachable[ib])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -306,6 +315,19 @@ def calibrate_min_peak(errors_aligned: np.ndarray, peaks: np.ndarray, errors_fal
 # --------------------------------------------------------------------------- main
 
 
+def embedder_unseen(exp: Experiment, meta: dict[str, Any], anns: list) -> np.ndarray:
+    """(N,) bool: training queries at places the embedder did not train on (its spatial
+    validation block and the buffer around it, as :func:`cmpc.data.pairs.spatial_holdout`
+    draws them with the checkpoint's ``train.val_fraction``)."""
+    from cmpc.data.pairs import footprint_side_m, spatial_holdout
+
+    refs = read_annotations(exp.data.root, "train", "opt")
+    frac = float(((meta.get("experiment") or {}).get("train") or {}).get("val_fraction", exp.train.val_fraction))
+    split = spatial_holdout(positions(refs), frac, footprint_side_m(refs))
+    ids = {refs[int(i)].id for i in np.concatenate([split.val, split.buffer])}
+    return np.array([a.id in ids for a in anns], dtype=bool)
+
+
 def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path:
     """Train the refiner of ``exp`` on its training split; returns ``runs/<name>/refiner.pt``."""
     from cmpc.index.build import default_checkpoint
@@ -328,18 +350,35 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
     spacing = grid_spacing_m(index.positions)
     k = rc.k
     qid = np.array([a.id for a in anns], dtype=np.int64)
-    clean_r1 = recall_at_1(q_emb, qid, index)
-    val_r1 = (meta.get("metrics") or {}).get("1")
+    # GNN validation = the places the embedder never trained on (its spatial validation
+    # block): their top-k lists look like those of test places. The other training queries
+    # were seen by the embedder, so their lists are too easy: noise on their embeddings
+    # brings their R@1 down to that of the unseen ones.
+    unseen = embedder_unseen(exp, meta, anns)
+    rng = np.random.default_rng(rc.seed)
+    if unseen.sum() >= 20 and (~unseen).sum() >= 20:
+        val_idx, train_idx = np.nonzero(unseen)[0], np.nonzero(~unseen)[0]
+        target_r1: float | None = recall_at_1(q_emb[val_idx], qid[val_idx], index)
+    else:
+        perm = rng.permutation(len(anns))
+        n_val = int(round(0.1 * len(anns))) if len(anns) >= 20 else 0
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        target_r1 = None
+    seen_r1 = recall_at_1(q_emb[train_idx], qid[train_idx], index)
     if rc.train_noise is not None:
         sigma = float(rc.train_noise)
-    elif val_r1 is not None:
-        # training queries were seen by the embedder: make their top-k lists as hard as
-        # those of unseen places (the embedder's validation R@1)
-        sigma = noise_for_recall(q_emb, qid, index, float(val_r1), seed=rc.seed)
+    elif target_r1 is not None:
+        sigma = noise_for_recall(q_emb[train_idx], qid[train_idx], index, target_r1, seed=rc.seed)
     else:
         sigma = 0.0
-    _say(f"training R@1 {clean_r1:.3f}, embedder validation R@1 {val_r1}; query noise sigma {sigma:.3f}")
-    gs = make_graph_set(noisy(q_emb, sigma, 10_000 + rc.seed), anns, index, k, spacing)
+
+    def queries_of_epoch(seed: int) -> np.ndarray:
+        q = q_emb.copy()
+        q[train_idx] = noisy(q_emb[train_idx], sigma, seed)
+        return q
+
+    _say(f"R@1 on the training map: seen places {seen_r1:.3f}, unseen places {target_r1}; query noise sigma {sigma:.3f}")
+    gs = make_graph_set(queries_of_epoch(10_000 + rc.seed), anns, index, k, spacing)
     missing = gs.target < 0
     n_missing = int(missing.sum())
     stats: dict[str, Any] = {
@@ -350,24 +389,26 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
         "missing_in_topk": n_missing,
         "missing_in_topk_aligned": int((missing.numpy() & gs.aligned).sum()),
         "missing_in_topk_non_aligned": int((missing.numpy() & ~gs.aligned).sum()),
-        "missing_policy": "trained for position only (excluded from the cross-entropy and ranking terms)",
+        "missing_policy": (
+            "excluded from the cross-entropy and ranking terms; they still train the position head "
+            "when a candidate lies within one reference spacing of the true position"
+        ),
+        "unreachable": int((~gs.reachable).sum()),
+        "unreachable_policy": "no candidate within one spacing of the true position: excluded from the position term too (counted here)",
         "embedder": {"path": str(ckpt), "hash": meta["hash"]},
-        "train_r1_clean": clean_r1,
-        "embedder_val_r1": val_r1,
+        "n_val_unseen_by_embedder": int(len(val_idx)) if target_r1 is not None else 0,
+        "r1_seen": seen_r1,
+        "r1_unseen": target_r1,
         "train_noise": sigma,
-        "train_r1_noisy": float((gs.target == 0).float().mean()),
+        "r1_seen_noisy": float((gs.target[torch.from_numpy(train_idx)] == 0).float().mean()) if len(train_idx) else None,
     }
     _say(
         f"{len(gs)} training queries, {index.ntotal} references, spacing {spacing:.1f} m; "
-        f"{n_missing} ({n_missing / max(len(gs), 1):.1%}) have their correct reference outside the top-{k}: "
-        "they train the position head only"
+        f"{n_missing} ({n_missing / max(len(gs), 1):.1%}) have their correct reference outside the top-{k} "
+        f"(no ranking loss); {stats['unreachable']} of them have no candidate within {spacing:.0f} m (no position loss either)"
     )
     append_jsonl(log_path, {"stage": "data", **{k_: v for k_, v in stats.items() if k_ != "embedder"}})
-    rng = np.random.default_rng(rc.seed)
-    perm = rng.permutation(len(gs))
-    n_val = int(round(0.1 * len(gs))) if len(gs) >= 20 else 0
-    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    epoch_graphs = (lambda e: make_graph_set(noisy(q_emb, sigma, rc.seed * 1000 + e), anns, index, k, spacing)) if sigma > 0 else None
+    epoch_graphs = (lambda e: make_graph_set(queries_of_epoch(rc.seed * 1000 + e), anns, index, k, spacing)) if sigma > 0 else None
     gnn, stats["gnn"] = fit_gnn(exp, gs, train_idx, val_idx, spacing, log_path, epoch_graphs)
     _say(f"GNN: {stats['gnn'].get('val_best', {})}")
 
