@@ -7,7 +7,8 @@ real ``evaluate`` run (the code path of ``test.py``) with switches of the refine
 - coarse only: the centre of the coarse top-1 reference;
 - + GNN rerank: the GNN's order, position = centre of its top-1;
 - + GNN position: the GNN's regressed position;
-- + fine alignment: dense alignment around the best candidates (the full refiner);
+- + fine alignment: dense alignment around the best ``fine_top`` candidates (the full
+  refiner), also with only the best 3 and 10 candidates verified;
 - fine alignment without the GNN (coarse order, alignment around the coarse candidates);
 - spatial edges off: a GNN retrained with ``refine.spatial_knn=0`` (same embedder, same
   aligner weights), then the full refiner.
@@ -33,6 +34,8 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("gnn_rerank", "+ GNN rerank", ["refine.fine_align=false", "refine.gnn_position=false"]),
     ("gnn_position", "+ GNN position", ["refine.fine_align=false"]),
     ("full", "+ fine alignment (full refiner)", []),
+    ("full_top3", "full, fine alignment over the best 3 candidates only", ["refine.fine_top=3"]),
+    ("full_top10", "full, fine alignment over the best 10 candidates", ["refine.fine_top=10"]),
     ("fine_only", "fine alignment without GNN", ["refine.rerank=false", "refine.gnn_position=false"]),
     ("no_spatial", "full, GNN without spatial edges", []),
 ]

@@ -1,19 +1,23 @@
-"""Refinement latency per query: graph + GNN + fine alignment, beside the coarse search.
+"""Refinement latency per query: candidate graphs + GNN + fine alignment, beside the coarse search.
 
-``python -m benchmarks.bench_refine [EXPERIMENT.json] [--runs N] [--queries N]`` (default
-experiments/demo.json; needs its embedder, test index and refiner: ``make demo`` first).
+Full run: the experiment in ``CMPC_BENCH_REFINE_EXP`` (default experiments/demo.json; it needs
+its embedder, test index and refiner: ``make demo``). Its Localizer (embedder + index +
+refiner) localizes the test SAR queries of its dataset; for single queries (batch 1: the
+latency one user sees) and batches of 64 (the throughput of ``cmpc localize``), and for
+``refine.fine_top`` = 3, 10 and 20 (how many candidates fine alignment verifies), each step
+is timed per query:
 
-Loads the experiment's Localizer (embedder + index + refiner), reads test SAR queries and
-times, over ``--runs`` repetitions, each step per query, for single queries (batch 1: the
-latency a user sees) and for batches of 64 (the throughput of ``cmpc localize``):
-
-- coarse: embedding + FAISS search (the baseline, measured in the same run);
-- refine: candidate graphs, GNN, SAR dense descriptors, correlation + peak refinement.
+- coarse (the baseline, measured in the same run): embedding + FAISS search;
+- refine: candidate graphs, GNN, SAR dense descriptors, correlation + peak.
 
 The one-off cost of the map's dense optical descriptors (built on first use, cached in the
-index folder) is reported separately. Medians over runs; the machine and its load average
-are recorded because timings on a shared CPU are noisy. Writes its section of
-docs/BENCHMARKS.md (between ``<!-- bench_refine -->`` markers) and ``docs/bench_refine.json``.
+index folder) is reported separately. Medians of 3 runs. One torch thread (the machine is
+shared: two threads on two busy cores thrash).
+
+``--quick``: a 512 m synthetic world at 2 m/px, an untrained embedder and an untrained
+refiner (the latency does not depend on the weights), seconds to set up.
+
+Standalone: ``python -m benchmarks.bench_refine [EXPERIMENT.json] [--set k=v ...]`` prints rows.
 """
 
 from __future__ import annotations
@@ -21,8 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,162 +33,155 @@ from typing import Any
 import numpy as np
 import torch
 
-START = "<!-- bench_refine:start -->"
-END = "<!-- bench_refine:end -->"
+from benchmarks.harness import median, table
+
+BENCH = "refine"
+TITLE = "Refinement latency per query (graph, GNN, fine alignment) beside the coarse search"
 STEPS = ("graph_s", "gnn_s", "align_desc_s", "align_corr_s")
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, torch threads, load average (the CPU is shared: say how busy it was)."""
-    model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
+FINE_TOP = (3, 10, 20)
 
 
 def _time_batches(loc, x: torch.Tensor, batch: int) -> dict[str, float]:  # noqa: ANN001 - Localizer
-    """Seconds per query of each step over all of ``x`` in batches of ``batch``."""
+    """Milliseconds per query of each step over all of ``x`` in batches of ``batch``."""
     ref = loc.refiner
-    saved = loc.refiner
     for k in list(ref.timings):
         ref.timings[k] = 0.0
-    coarse = 0.0
-    refine = 0.0
-    n = len(x)
-    for s in range(0, n, batch):
+    coarse = refine = 0.0
+    for s in range(0, len(x), batch):
         xb = x[s : s + batch]
         t0 = time.perf_counter()
         loc.refiner = None
         res = loc.localize_batch(xb)  # embedding + search only
         coarse += time.perf_counter() - t0
-        loc.refiner = saved
+        loc.refiner = ref
         t0 = time.perf_counter()
         ref.refine(res.query_emb, res.rows, res.scores, loc.index, xb)
         refine += time.perf_counter() - t0
-    out = {"coarse": coarse / n, "refine": refine / n}
+    n = len(x) / 1e3
+    out = {"coarse_ms": coarse / n, "refine_ms": refine / n}
     for k in STEPS:
-        out[k[:-2]] = ref.timings.get(k, 0.0) / n
+        out[k[:-2] + "_ms"] = ref.timings.get(k, 0.0) / n
     return out
 
 
-def run(exp_path: str, runs: int, n_queries: int) -> dict[str, Any]:
-    """Measure; returns the record written to docs/bench_refine.json."""
+def measure(exp_path: str | Path, overrides: list[str] | None = None, n_queries: int = 217, runs: int = 3) -> list[dict[str, Any]]:
+    """Rows (one per batch size and fine_top) for the experiment's test queries."""
     from cmpc.config import load_experiment
     from cmpc.data.patches import PatchDataset
     from cmpc.localize.localizer import Localizer
 
-    exp = load_experiment(exp_path)
+    exp = load_experiment(exp_path, overrides)
     loc = Localizer.from_experiment(exp)
     if loc.refiner is None:
-        raise SystemExit(f"no refiner for {exp.name}: train it first (cmpc train refine {exp_path})")
+        raise RuntimeError(f"no refiner for {exp.name}: train it first (cmpc train refine {exp_path})")
     ds = PatchDataset(exp.data.root, "test", "sar", loc.img_size or exp.data.img_size)
     idx = [i for i, a in enumerate(ds.annotations) if not a.aligned][:n_queries] or list(range(min(n_queries, len(ds))))
     x = torch.stack([ds[i][0] for i in idx])
-    t0 = time.perf_counter()
-    cached = None
+    mosaic_s, cached = 0.0, None
     if loc.refiner.aligner is not None and exp.refine.fine_align:
         cached = any(Path(loc.index.directory).glob("align_features*.pt"))
+        t0 = time.perf_counter()
         loc.refiner.feature_mosaic(loc.index, loc.refiner.footprint_m(loc.index) / x.shape[-1])
-    mosaic_s = time.perf_counter() - t0
-    _time_batches(loc, x[:8], 8)  # warm-up (allocators, first FFT plans)
-    results: dict[str, dict[str, list[float]]] = {"batch 1": {}, "batch 64": {}}
-    for _ in range(runs):
-        for name, bs in (("batch 1", 1), ("batch 64", 64)):
-            xs = x[: min(len(x), 64)] if bs == 1 else x
-            for k, v in _time_batches(loc, xs, bs).items():
-                results[name].setdefault(k, []).append(v * 1e3)
-    med = {name: {k: round(statistics.median(v), 2) for k, v in r.items()} for name, r in results.items()}
-    return {
-        "experiment": exp_path,
-        "index": str(loc.index.directory),
-        "references": int(loc.index.ntotal),
-        "queries": len(x),
-        "runs": runs,
-        "k": loc.refiner.k,
-        "top_k": loc.top_k,
-        "fine_top": exp.refine.fine_top,
-        "fine_phases": exp.refine.fine_phases,
-        "map_descriptors_s": round(mosaic_s, 2),
-        "map_descriptors_from_cache": cached,
-        "ms_per_query_median": med,
-        "machine": machine(),
-    }
+        mosaic_s = time.perf_counter() - t0
+    _time_batches(loc, x[:8], 8)  # warm-up (allocators, FFT plans)
+    rows = []
+    for fine_top in FINE_TOP:
+        loc.refiner.cfg.fine_top = fine_top
+        for batch in (1, 64):
+            xs = x[: min(len(x), 32)] if batch == 1 else x
+            per_run = [_time_batches(loc, xs, batch) for _ in range(runs)]
+            row: dict[str, Any] = {"bench": BENCH, "experiment": str(exp_path), "overrides": list(overrides or []),
+                                   "references": int(loc.index.ntotal), "queries": len(xs), "query_px": int(x.shape[-1]),
+                                   "k": loc.refiner.k, "top_k": loc.top_k, "fine_top": fine_top, "batch": batch, "runs": runs,
+                                   "threads": torch.get_num_threads(), "map_descriptors_s": round(mosaic_s, 2),
+                                   "map_descriptors_from_cache": cached}
+            for key in per_run[0]:
+                row[key] = round(median(r[key] for r in per_run), 3)
+            rows.append(row)
+    return rows
 
 
-def section(rec: dict[str, Any]) -> str:
-    """The markdown section for docs/BENCHMARKS.md."""
-    m = rec["machine"]
-    lines = [
-        START,
-        "## Refinement latency (`benchmarks/bench_refine.py`)",
+def _setup_quick(tmp: Path) -> Path:
+    """A 512 m world at 2 m/px tiled into a dataset, untrained embedder and refiner, test index."""
+    from cmpc.config import ModelConfig, RefineConfig, load_experiment
+    from cmpc.data.synth import generate_world
+    from cmpc.data.tiler import tile_dataset
+    from cmpc.index.build import build_index
+    from cmpc.localize.align import DenseDescriptor
+    from cmpc.localize.refine import refiner_payload, save_refiner
+    from cmpc.models.checkpoint import embedder_payload, save_checkpoint
+    from cmpc.models.embedder import build_embedder
+    from cmpc.models.refiner import SceneGraphRefiner
+
+    exp_path = tmp / "exp.json"
+    exp_path.write_text(json.dumps({
+        "name": "bench_refine_quick", "runs_dir": str(tmp / "runs"), "train": {"device": "cpu"},
+        "synth": {"out": str(tmp / "world"), "size_m": 512, "gsd_m": 2.0, "seed": 5},
+        "tile": {"patch_px": 32, "split": "cross-area", "test_fraction": 0.5},
+        "data": {"root": str(tmp / "dataset"), "img_size": 32}, "model": {"embed_dim": 64},
+        "index": {"name": "bench_refine_quick", "factory": "Flat"}, "localize": {"top_k": 20},
+        "refine": {"k": 10}, "eval": {"plots": False},
+    }))
+    exp = load_experiment(exp_path)
+    generate_world(exp.synth, preview=False)
+    tile_dataset(exp)
+    torch.manual_seed(0)
+    model = build_embedder(ModelConfig(backbone="mobilenetv3_small_050", embed_dim=64, stem_channels=8), 1, 3).eval()
+    exp.run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(exp.run_dir / "emb_best.pt", embedder_payload(model, 32))
+    rc = RefineConfig(k=10)
+    save_refiner(exp.run_dir / "refiner.pt", refiner_payload(SceneGraphRefiner(64, rc.hidden, rc.layers, rc.heads), DenseDescriptor(1, 3).eval(),
+                                                              rc, 10, 64, {"align_min_peak": -1.0}))
+    build_index(exp)
+    return exp_path
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    from cmpc.utils.runtime import set_threads
+
+    set_threads(1)
+    if not quick:
+        return measure(os.environ.get("CMPC_BENCH_REFINE_EXP", "experiments/demo.json"))
+    old = Path.cwd()
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td).resolve()
+        os.chdir(tmp)  # index/ is relative to the working directory
+        try:
+            return measure(_setup_quick(tmp), n_queries=128, runs=1)
+        finally:
+            os.chdir(old)
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    r0 = rows[0]
+    return "\n".join([
+        f"{r0['queries']} test SAR queries ({r0['query_px']} px) of `{r0['experiment']}`"
+        f"{' with ' + ', '.join(r0['overrides']) if r0['overrides'] else ''} against {r0['references']} references, "
+        f"top-{r0['top_k']}, GNN over k = {r0['k']}; {r0['threads']} torch thread, median of {r0['runs']} runs, "
+        "milliseconds per query. `coarse` (embedding + FAISS search) is the baseline measured in the same run; "
+        "`refine` is what refinement adds (graph + GNN + SAR descriptors + correlation/peak over `fine_top` candidates).",
         "",
-        f"{rec['queries']} test SAR queries of `{rec['experiment']}` against {rec['references']} references "
-        f"(`{rec['index']}`), top-{rec['top_k']}, GNN over k={rec['k']}, fine alignment over {rec['fine_top']} candidates"
-        f"{' with pixel-level phase refinement' if rec['fine_phases'] else ''}; median of {rec['runs']} runs, milliseconds per query.",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
-        f"GPU: {m['gpu'] or 'none'}; 1-minute load average {m['load_avg_1m']} when measured "
-        "(the CPU is shared with other jobs, so absolute times are noisy; compare within a row).",
+        table(rows, [("fine_top", "fine_top"), ("batch", "batch"), ("coarse_ms", "coarse"), ("refine_ms", "refine"),
+                     ("graph_ms", "graph"), ("gnn_ms", "GNN"), ("align_desc_ms", "SAR descriptors"), ("align_corr_ms", "correlation + peak")]),
         "",
-        "| batch | coarse (embed + search) | refine total | graph | GNN | SAR descriptors | correlation + peak |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, r in rec["ms_per_query_median"].items():
-        lines.append(
-            f"| {name} | {r['coarse']:.2f} | {r['refine']:.2f} | {r['graph']:.2f} | {r['gnn']:.2f} | {r['align_desc']:.2f} | {r['align_corr']:.2f} |"
-        )
-    lines += [
-        "",
-        f"One-off per map: dense optical descriptors of the reference map {rec['map_descriptors_s']:.1f} s "
-        f"({'read from the cache' if rec['map_descriptors_from_cache'] else 'computed'}; cached in the index folder as `align_features_<gsd>m.pt`).",
-        END,
-    ]
-    return "\n".join(lines)
-
-
-def write_docs(rec: dict[str, Any], docs: Path = Path("docs")) -> None:
-    """Replace (or append) this benchmark's section of docs/BENCHMARKS.md; write its JSON."""
-    from cmpc.utils.io import atomic_write_json, atomic_write_text
-
-    md = docs / "BENCHMARKS.md"
-    text = md.read_text(encoding="utf-8") if md.is_file() else "# Benchmarks\n"
-    sec = section(rec)
-    if START in text and END in text:
-        a = text.index(START)
-        b = text.index(END) + len(END)
-        text = text[:a] + sec + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + sec + "\n"
-    atomic_write_text(md, text)
-    atomic_write_json(docs / "bench_refine.json", rec)
+        f"One-off per map: dense optical descriptors of the reference map {r0['map_descriptors_s']:.1f} s "
+        f"({'read from the cache' if r0['map_descriptors_from_cache'] else 'computed'}; kept in the index folder as "
+        "`align_features_<gsd>m.pt`).",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("experiment", nargs="?", default="experiments/demo.json")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--queries", type=int, default=217)
-    p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--runs", type=int, default=3)
     a = p.parse_args(argv)
-    threads = os.environ.get("CMPC_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    rec = run(a.experiment, a.runs, a.queries)
-    print(json.dumps(rec, indent=2))
-    if not a.no_write:
-        write_docs(rec)
+    from cmpc.utils.runtime import set_threads
+
+    set_threads(1)
+    rows = measure(a.experiment, a.set, runs=a.runs)
+    print(render(rows))
+    print(json.dumps(rows))
     return 0
 
 
