@@ -17,6 +17,7 @@ synthetic vectors (rows say which).
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -127,6 +128,7 @@ def measure_map(x: np.ndarray, q: np.ndarray, quick: bool, data_label: str, extr
             index, secs, size_mb, peak = build(factory, x, seed=b)
             times.append(secs)
         assert index is not None
+        print(f"bench_index: {factory} on {n:,}: built in {median(times):.1f} s", file=sys.stderr, flush=True)
         for value in sweep:
             param = set_param(index, label, value)
             q_ms, b_ms, rows = search_latency(index, q, n_single, passes)
@@ -154,6 +156,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
             for s in bdata.SIZES:
                 bdata.ensure_queries(s)
         feats, ids = bdata.load_features()
+        pos = bdata.load_positions()
+        row_of_cell = {int(c): i for i, c in enumerate(ids)}
         grid = bdata.Grid.of()
         sizes = {"10k": bdata.SIZES["10k"], "100k": bdata.SIZES["100k"], "1m": bdata.SIZES["1m"]}
         if quick:
@@ -168,10 +172,13 @@ def run(quick: bool) -> list[dict[str, Any]]:
             flat = faiss.IndexFlatIP(x.shape[1])
             flat.add(x)
             _, top = flat.search(q, 1)
+            true_rows = np.array([row_of_cell[int(c)] for c in true_cells])
+            err_m = np.hypot(*(pos[sel][top[:, 0]] - pos[true_rows]).T)
             model_r1 = float(np.mean(ids[sel][top[:, 0]] == true_cells))
+            within = float(np.mean(err_m <= grid.patch_px / 2))  # 1 m/px: half a footprint
             del flat
             rows += measure_map(x, q, quick, "real: optical mosaic embeddings (index/bench_1m), SAR queries",
-                                {"map": key, "model_recall@1_true_cell": round(model_r1, 4)},
+                                {"map": key, "model_recall@1_true_cell": round(model_r1, 4), "model_top1_within_half_patch": round(within, 4)},
                                 builds=1 if quick else 3, n_single=50 if quick else (100 if n > 500_000 else 200),
                                 passes=1 if quick else (2 if n > 500_000 else 3))
             del x
@@ -204,10 +211,12 @@ def render(rows: list[dict[str, Any]]) -> str:
         "`x Flat` = Flat single-query time / this configuration's.",
         "",
     ]
-    if "model_recall@1_true_cell" in r0:
-        ctx = {r["n_refs"]: r["model_recall@1_true_cell"] for r in rows}
-        parts += ["Model accuracy (exact search, top-1 is the query's own cell): "
-                  + ", ".join(f"{n:,} refs: {v:.3f}" for n, v in sorted(ctx.items())) + ".", ""]
+    if "model_top1_within_half_patch" in r0:
+        ctx = {r["n_refs"]: (r["model_recall@1_true_cell"], r["model_top1_within_half_patch"]) for r in rows}
+        parts += ["Context, the embedder's own accuracy (exact search; neighbouring references overlap by 7/8, so the exact "
+                  "cell is a hard target): top-1 is the query's cell / top-1 within half a footprint (32 m): "
+                  + ", ".join(f"{n:,} refs: {a:.3f} / {b:.3f}" for n, (a, b) in sorted(ctx.items()))
+                  + ". The index benchmark measures how well each index reproduces exact search, not the model.", ""]
     parts += [table(rows, cols), "", "Fastest configuration with recall@10 >= 0.95 against exact search, per map size:", ""]
     parts.append(table(best_per_size(rows), cols[:5] + [("index_mb", "index MB")]))
     return "\n".join(parts)
@@ -215,6 +224,5 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 if __name__ == "__main__":
     import json
-    import sys
 
     print(json.dumps(run("--quick" in sys.argv), indent=1))

@@ -8,7 +8,7 @@ skipped when its output exists, and the long ones resume after an interruption):
 2. the 8192 x 8192 px mosaic ``data/bench/mosaic/{optical,sar}.tif`` (16 worlds, see
    :mod:`benchmarks.mosaic`);
 3. ``index/bench_1m``: every 64 px window every 8 px of the optical mosaic, embedded by
-   ``cmpc index build --raster`` (1009 x 1009 = 1,018,081 references; Flat); its
+   ``cmpc index build --raster`` (1017 x 1017 = 1,034,289 references; Flat); its
    ``features.h5`` is the 1M real-embedding cache. Wall time and peak RSS of that build are
    recorded in ``data/bench/build_1m.json``;
 4. query embeddings ``data/bench/queries_<n>.npz``: SAR patches of the SAR mosaic at random
@@ -38,7 +38,7 @@ BENCH_DIR = Path("data/bench")
 MOSAIC = BENCH_DIR / "mosaic"
 INDEX_1M = Path("index/bench_1m")
 PATCH_PX, STRIDE_PX = 64, 8
-SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_018_081}
+SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_034_289}
 N_QUERIES = 1000
 
 
@@ -140,6 +140,14 @@ def load_features(index_dir: Path = INDEX_1M) -> tuple[np.ndarray, np.ndarray]:
 
     with h5py.File(index_dir / "features.h5", "r") as h5:
         return np.asarray(h5["features"][:], dtype=np.float32), np.asarray(h5["ids"][:], dtype=np.int64)
+
+
+def load_positions(index_dir: Path = INDEX_1M) -> np.ndarray:
+    """(N, 2) float64 reference centres, metres (same rows as :func:`load_features`)."""
+    import h5py
+
+    with h5py.File(index_dir / "features.h5", "r") as h5:
+        return np.asarray(h5["positions"][:], dtype=np.float64)
 
 
 def region_rows(n: int, ids: np.ndarray, grid: Grid) -> np.ndarray:

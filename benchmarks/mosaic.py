@@ -9,7 +9,7 @@ world is its own city); that does not matter for indexing.
 
 The default 4 x 4 mosaic of 2048 px worlds is 8192 x 8192 px: 201 MB of optical pixels
 (3 x uint8) and 268 MB of SAR (float32), tiled 512 px blocks, uncompressed (windowed reads
-touch only their blocks). Cut into 64 px references every 8 px it gives 1009^2 = 1.02 M
+touch only their blocks). Cut into 64 px references every 8 px it gives 1017^2 = 1.03 M
 references, the 1M-reference benchmark. Generation is resumable: finished worlds are
 recorded in ``progress.json`` and skipped on a rerun; the folder is renamed into place
 when complete.

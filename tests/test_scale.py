@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import faiss
@@ -154,6 +155,15 @@ def shard_world(tmp_path_factory):
     write_dataset(root / "ds", grid=6, non_aligned=0, seed=2)  # 36 references
     write_dataset(root / "more", grid=3, non_aligned=0, seed=3, id_offset=100, origin=(500_100.0, 5_000_000.0))
     write_checkpoint(root / "ck.pt")
+    from cmpc.index.build import build_index
+
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        build_index(experiment("one", "ds", "index.factory=Flat"), checkpoint="ck.pt")  # the unsharded reference
+        build_index(experiment("ivf2", "ds", "index.factory=IVF4,Flat", "index.shards=2", "index.nprobe=4"), checkpoint="ck.pt")
+    finally:
+        os.chdir(cwd)
     return root
 
 
@@ -161,7 +171,6 @@ def test_sharded_flat_equals_unsharded(shard_world, monkeypatch):
     from cmpc.index.build import build_index
 
     monkeypatch.chdir(shard_world)
-    build_index(experiment("one", "ds", "index.factory=Flat"), checkpoint="ck.pt")
     m = build_index(experiment("three", "ds", "index.factory=Flat", "index.shards=3"), checkpoint="ck.pt")
     assert [(e["first_row"], e["count"]) for e in m["shards"]] == [(0, 12), (12, 12), (24, 12)]
     assert not (shard_world / "index/three/index.faiss").exists()
@@ -185,10 +194,7 @@ def test_sharded_flat_equals_unsharded(shard_world, monkeypatch):
 
 
 def test_sharded_ivf_shares_quantizer_and_is_exact_with_all_cells(shard_world, monkeypatch):
-    from cmpc.index.build import build_index
-
     monkeypatch.chdir(shard_world)
-    build_index(experiment("ivf2", "ds", "index.factory=IVF4,Flat", "index.shards=2", "index.nprobe=4"), checkpoint="ck.pt")
     ri = ReferenceIndex.load("index/ivf2")
     subs = [faiss.extract_index_ivf(s) for _, s in ri.sharded.shards]
     c0, c1 = (faiss.rev_swig_ptr(faiss.downcast_index(s.quantizer).get_xb(), 4 * 16) for s in subs)
@@ -244,6 +250,16 @@ def test_torch_search_equals_faiss_flat(shard_world, monkeypatch):
     assert np.array_equal(ri.search(base.features, 7)[1], base.search(base.features, 7)[1])
     allowed = np.arange(0, 36, 4)
     assert np.array_equal(ri.search(base.features, 3, allowed)[1], base.search(base.features, 3, allowed)[1])
+    # default (auto) on the CPU: batches of 16+ go through torch on a view of faiss's vectors
+    auto = ReferenceIndex.load("index/one")
+    pure = ReferenceIndex.load("index/one", backend="faiss")
+    assert "torch-cpu" in auto.backend and pure.backend == "faiss"
+    qs = base.features[:20] + 0.1
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    sa, ra = auto.search(qs, 9)
+    sp, rp = pure.search(qs, 9)
+    assert np.array_equal(ra, rp) and np.allclose(sa, sp, atol=1e-5)
+    assert ReferenceIndex.load("index/one", mmap=True).search(qs, 9)[1].tolist() == rp.tolist()
     with pytest.raises(IndexMismatchError, match="needs a Flat index"):
         ReferenceIndex.load("index/ivf2", backend="torch", torch_device="cpu")
 

@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from cmpc.errors import DataError, IndexMismatchError
-from cmpc.index.factory import filtered_search_params, gpu_available, maybe_to_gpu, set_search_defaults
+from cmpc.index.factory import filtered_search_params, flat_vectors, gpu_available, maybe_to_gpu, set_search_defaults
 from cmpc.index.shards import ShardedIndex, read_faiss
 
 INDEX_FILE = "index.faiss"
@@ -42,6 +42,11 @@ MANIFEST_FILE = "manifest.json"
 INDEX_FILES = (INDEX_FILE, FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE)
 #: Search backends :meth:`ReferenceIndex.load` accepts (``auto`` picks; see the module doc).
 BACKENDS = ("auto", "faiss", "torch")
+#: On the CPU, exact (Flat) searches of at least this many queries go through torch
+#: matmul + topk: one GEMM, 5x faster per query than faiss's batched Flat search at 100k
+#: references (faiss 1.15 only switches to BLAS from 128000 queries; docs/BENCHMARKS.md,
+#: "Exact search"). Single queries stay with faiss (slightly faster).
+TORCH_BATCH_MIN = 16
 
 #: Feature matrices up to this size are read into RAM once; larger ones stream from HDF5.
 _IN_MEMORY_BYTES = 512 * 2**20
@@ -128,6 +133,7 @@ class ReferenceIndex:
         self.backend = "faiss"
         self.sharded: ShardedIndex | None = None
         self._torch: Any = None
+        self._torch_batch: Any = None
         self._features: np.ndarray | None = None
         self._strings: dict[str, list[str]] = {}
         self._source: np.ndarray | None = None
@@ -251,6 +257,13 @@ class ReferenceIndex:
         if use_gpu and self.sharded is None:
             self.index, self.on_gpu = maybe_to_gpu(self.index, True)
         self.backend = "faiss-gpu" if self.on_gpu else "faiss"
+        if backend == "auto" and not self.on_gpu and self.exact and self.sharded is None:
+            vectors = flat_vectors(self.index)  # a view of faiss's own storage: no second copy
+            if vectors is not None:
+                from cmpc.index.torch_search import TorchFlatSearch
+
+                self._torch_batch = TorchFlatSearch(vectors, "cpu")
+                self.backend = f"faiss (torch-cpu for batches of {TORCH_BATCH_MIN}+)"
 
     @staticmethod
     def _read_faiss(path: Path, mmap: bool = False) -> faiss.Index:
@@ -411,6 +424,8 @@ class ReferenceIndex:
                 return np.zeros((len(q), k_eff), np.float32), np.zeros((len(q), k_eff), np.int64)
             if self._torch is not None:
                 return self._torch.search(q, k_eff)
+            if self._torch_batch is not None and len(q) >= TORCH_BATCH_MIN:
+                return self._torch_batch.search(q, k_eff)
             scores, rows = self.index.search(q, k_eff)
             rows = rows.astype(np.int64)
             bad = (rows < 0).any(axis=1)  # HNSW may return fewer than k for tiny graphs
