@@ -3,7 +3,7 @@
 A training *location* is an optical reference patch; its positives are the SAR queries whose
 ``id`` is the reference's id. Aligned queries share the reference's footprint exactly;
 non-aligned ones are offset by up to half a grid step and are used only when asked
-(``train.non_aligned``; see docs in :mod:`cmpc.train.emb` for the measurement).
+(``train.non_aligned``, off by default: measured in docs/EMBEDDING.md, they lower aligned R@1).
 
 Validation is a contiguous block of locations (the west end of the training area) with a
 one-footprint buffer removed from training, so, like the cross-area test, validation

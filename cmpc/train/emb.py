@@ -6,8 +6,9 @@ with the weighted metric losses and the Wasserstein critic; writes to ``runs/<na
 
 - ``config.json``: the resolved experiment;
 - ``log.jsonl``: one record per step (``kind: "train"``: step, epoch, loss, per-term losses,
-  lr, temperature, critic estimate, img/s, seconds) and per validation (``kind: "val"``:
-  ``recall`` {"1", "5"} of validation SAR queries against validation optical references);
+  lr, temperature, critic estimate, img/s, seconds), per epoch (``kind: "epoch"``: images,
+  wall and CPU seconds, img/s) and per validation (``kind: "val"``: ``recall`` {"1", "5"} of
+  validation SAR queries against validation optical references);
 - ``emb_best.pt``: the best validation R@1 (ties: R@5) so far;
 - ``emb_last.pt``: everything needed to resume (optimiser, scheduler, critic and its
   optimiser, loss parameters, AMP scaler, RNG state, sampler position), saved every
