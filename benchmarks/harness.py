@@ -254,12 +254,13 @@ def render_markdown(
     renderers: dict[str, Callable[[list[dict[str, Any]]], str]],
     titles: dict[str, str],
     old_text: str = "",
-    intro: str = "",
+    intro: str | Callable[[list[dict[str, Any]]], str] = "",
 ) -> str:
     """docs/BENCHMARKS.md: intro, then one marked section per benchmark in ``rows``, then
     every other marked section of ``old_text`` (``<!-- X:start -->...<!-- X:end -->``
     written by other tools) carried over verbatim."""
-    parts = ["# Benchmarks", "", intro.strip(), ""] if intro else ["# Benchmarks", ""]
+    text = intro(rows) if callable(intro) else intro
+    parts = ["# Benchmarks", "", text.strip(), ""] if text else ["# Benchmarks", ""]
     order: list[str] = []
     for r in rows:
         if r["bench"] not in order:
@@ -269,7 +270,12 @@ def render_markdown(
         rs = [r for r in rows if r["bench"] == b]
         tag = f"bench:{b}"
         ours.add(tag)
-        body = renderers[b](rs) if b in renderers else generic_table(rs)
+        body = generic_table(rs)
+        if b in renderers:
+            try:
+                body = renderers[b](rs)
+            except (KeyError, ValueError, TypeError, IndexError) as e:  # rows of an older format: still show them
+                body = f"(section renderer failed: {type(e).__name__}: {e}; plain table)\n\n" + body
         quick = " (quick run: small sizes)" if any(r.get("quick") for r in rs) else ""
         parts += [
             f"<!-- {tag}:start -->",
@@ -292,7 +298,7 @@ def write_results(
     docs: Path = DOCS,
     renderers: dict[str, Callable[[list[dict[str, Any]]], str]] | None = None,
     titles: dict[str, str] | None = None,
-    intro: str = "",
+    intro: str | Callable[[list[dict[str, Any]]], str] = "",
 ) -> list[dict[str, Any]]:
     """Merge ``new_rows`` into ``docs/benchmarks.json`` and regenerate ``docs/BENCHMARKS.md`` (atomic writes)."""
     from cmpc.utils.io import atomic_write_json, atomic_write_text

@@ -131,3 +131,22 @@ def test_run_all_discovers_contract_modules_and_stamps_rows(tmp_path, capsys):
     assert run_all.main(["--only", "nope", "--docs", str(tmp_path)]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
     assert run_all.main(["--list"]) == 0 and "index:" in capsys.readouterr().out
+
+
+def test_summary_reads_the_targets_from_rows(tmp_path):
+    m = {"load_avg": [1.0, 1.0, 1.0]}
+    rows = [
+        _row("index", "Flat 1,000,000", index_type="Flat", n_refs=1_000_000, **{"recall@10": 1.0}, query_ms=80.0, machine=m),
+        _row("index", "HNSW32 ef=16", index_type="HNSW32", n_refs=1_000_000, **{"recall@10": 0.93}, query_ms=0.1, machine=m),
+        _row("index", "HNSW32 ef=32", index_type="HNSW32", n_refs=1_000_000, **{"recall@10": 0.98}, query_ms=0.2, machine=m),
+        _row("localize", "a", n_queries=1000, wall_s=5.0, peak_rss_mb=1000.0, factory="HNSW32", machine=m),
+        _row("localize", "b", n_queries=10000, wall_s=20.0, peak_rss_mb=1010.0, factory="HNSW32", machine=m),
+    ]
+    text = run_all.summary(rows)
+    assert "**0.20 ms at recall@10 0.980** (HNSW32 ef=32; exact Flat: 80 ms)" in text  # ef=16 misses 0.95
+    assert "**10,000 queries in 20 s**" in text and "1000-1010 MB" in text
+    assert "not measured yet" in run_all.summary([])
+    (tmp_path / "benchmarks.json").write_text(json.dumps(rows))
+    assert run_all.main(["--render", "--docs", str(tmp_path)]) == 0
+    assert "**10,000 queries in 20 s**" in (tmp_path / "BENCHMARKS.md").read_text()
+    assert "section renderer failed: KeyError" in (tmp_path / "BENCHMARKS.md").read_text()  # fake rows lack keys
