@@ -61,7 +61,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         if quick:
             from benchmarks.bench_localize import _setup_quick
 
-            exp_path, _, _, _ = _setup_quick(tmp)
+            exp_path = _setup_quick(tmp)[0]
             optical = tmp / "optical.tif"
             side, patch, stride, block = 256, 16, 8, 64
         else:
