@@ -24,3 +24,16 @@ def real_data() -> Path:
     if not REAL.is_dir():
         pytest.skip(f"real data folder {REAL} is absent (set CMPC_REAL_DATA to point at it)")
     return REAL
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions and searches: two OpenMP threads spin against each other on a shared
+    2-core machine and run up to ~100x slower than one. Tests that need more set it themselves."""
+    import faiss
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -21,17 +20,6 @@ from cmpc.evaluate.metrics import (
     recall_at_k,
 )
 from index_fixtures import experiment, write_checkpoint, write_dataset
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine: 2 OpenMP threads spin against each other
-    # and run ~100x slower than 1.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------- pure metrics

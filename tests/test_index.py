@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import faiss
 import h5py
 import numpy as np
 import pytest
@@ -16,16 +15,6 @@ from cmpc.errors import ConfigError, DataError, IndexMismatchError
 from cmpc.index.factory import choose_factory, new_index, train_index
 from cmpc.index.store import ReferenceIndex, read_manifest
 from index_fixtures import experiment, write_checkpoint, write_dataset, write_experiment_json
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine: 2 OpenMP threads spin against each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import csv
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -14,16 +13,6 @@ from PIL import Image
 
 from cmpc.errors import ConfigError, DataError, IndexMismatchError
 from index_fixtures import CRS, ORIGIN, experiment, write_checkpoint, write_dataset, write_experiment_json
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine: 2 OpenMP threads spin against each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

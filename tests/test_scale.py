@@ -22,15 +22,6 @@ from cmpc.index.store import ReferenceIndex
 PATCH, STRIDE, BLOCK = 16, 8, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mosaic(tmp_path_factory):
     """A 72 x 88 px optical/SAR pair at 1 m (textured), its same-area tiled dataset, a checkpoint."""
