@@ -1,0 +1,101 @@
+"""Translator experiment files (experiments/translate/) and the docs' comparison grids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmpc.config import load_experiment
+from cmpc.translate.evaluate import save_grid
+from cmpc.translate.report import comparison_grid
+
+REPO = Path(__file__).resolve().parents[1]
+TRANSLATE = REPO / "experiments" / "translate"
+# What may differ between the embedders of one comparison: the translated views, nothing else.
+ALLOWED = {"name", "description", "translate.views"}
+
+
+@pytest.mark.parametrize("exp_file", sorted(TRANSLATE.glob("*.json")), ids=lambda p: p.name)
+def test_translator_experiments_load(exp_file):
+    exp = load_experiment(exp_file)
+    assert exp.name == exp_file.stem  # run folders are named after the files
+    for v in exp.translate.views:
+        assert v.startswith("runs/translate_") and v.endswith(".pt")
+
+
+def _flat(exp) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in exp.to_dict().items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _differences(a, b) -> set[str]:
+    fa, fb = _flat(a), _flat(b)
+    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
+
+
+@pytest.mark.parametrize("world,translators", [("demo", ["pix2pix", "cyclegan", "segcyclegan"]), ("uavsar", ["pix2pix", "cyclegan", "cyclegan_e004"])])
+def test_embedders_with_and_without_views_differ_only_in_views(world, translators):
+    base = load_experiment(TRANSLATE / f"translate_{world}_emb_none.json")
+    assert base.translate.views == [] and base.train.non_aligned is False and base.refine.enabled is False
+    for t in translators:
+        other = load_experiment(TRANSLATE / f"translate_{world}_emb_{t}.json")
+        assert other.translate.views, t
+        assert _differences(base, other) <= ALLOWED, (t, _differences(base, other) - ALLOWED)
+
+
+def test_embedder_settings_do_not_follow_the_main_experiments(tmp_path):
+    """The lead may change demo.json / uavsar.json (backbone, epochs, non-aligned positives):
+    the translator comparison must keep the settings its runs were made with."""
+    exp_dir = tmp_path / "experiments"
+    shutil.copytree(REPO / "experiments", exp_dir)
+    for parent in ("demo.json", "uavsar.json"):
+        p = exp_dir / parent
+        d = json.loads(p.read_text())
+        d["model"] = {**d.get("model", {}), "backbone": "resnet18", "pool": "gem", "embed_dim": 128}
+        d["loss"] = {**d.get("loss", {}), "triplet": 0.5, "infonce": 2.0, "critic": 0.5}
+        d["train"] = {**d.get("train", {}), "epochs": 99, "batch_size": 8, "lr": 0.1, "non_aligned": True, "val_fraction": 0.3, "seed": 7}
+        d.setdefault("data", {})["img_size"] = 256
+        p.write_text(json.dumps(d))
+    for world, img, epochs in (("demo", 96, 6), ("uavsar", 64, 12)):
+        exp = load_experiment(exp_dir / "translate" / f"translate_{world}_emb_cyclegan.json")
+        ref = load_experiment(TRANSLATE / f"translate_{world}_emb_cyclegan.json")
+        assert (exp.model.backbone, exp.model.pool, exp.model.embed_dim) == ("cmpc_cnn_s", "grid", 256)
+        assert (exp.loss.triplet, exp.loss.infonce, exp.loss.critic) == (1.0, 1.0, 0.0)
+        assert (exp.train.epochs, exp.train.batch_size, exp.train.lr, exp.train.non_aligned) == (epochs, 32, 0.001, False)
+        assert (exp.train.val_fraction, exp.train.seed, exp.data.img_size) == (0.1, 0, img)
+        assert _differences(exp, ref) == set()
+
+
+def _fake_grid(path: Path, inputs: list[np.ndarray], fake_value: int) -> None:
+    rows = [[x, np.full_like(x, fake_value), 255 - x] for x in inputs]
+    save_grid(path, rows, ["sar (input)", "pseudo-opt", "opt (truth)"])
+
+
+def test_comparison_grid_columns_and_mismatch(tmp_path):
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
+    _fake_grid(tmp_path / "a.png", inputs, 40)
+    _fake_grid(tmp_path / "b.png", inputs, 200)
+    out = comparison_grid([("A", tmp_path / "a.png"), ("B", tmp_path / "b.png")], tmp_path / "cmp.png", rows=3, scale=0.5, colours=256)
+    from PIL import Image
+
+    img = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    side, gap, head = 64, 2, 12  # 32 px tiles are enlarged to 128 by save_grid, then halved
+    assert img.shape == (head + 3 * (side + gap) - gap, 4 * (side + gap) - gap, 3)
+    cell = lambda r, c: img[head + r * (side + gap) + 8 : head + r * (side + gap) + side - 8, c * (side + gap) + 8 : c * (side + gap) + side - 8]
+    # Columns: input | A | B | truth; the translated columns keep their own (constant) values.
+    assert abs(cell(1, 1).mean() - 40) < 3 and abs(cell(1, 2).mean() - 200) < 3
+    assert abs(cell(2, 0).mean() + cell(2, 3).mean() - 255) < 6
+    _fake_grid(tmp_path / "c.png", inputs[::-1], 90)
+    with pytest.raises(ValueError, match="another input patch"):
+        comparison_grid([("A", tmp_path / "a.png"), ("C", tmp_path / "c.png")], tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
