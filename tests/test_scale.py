@@ -85,6 +85,25 @@ def test_raster_index_equals_tiled_dataset_index(mosaic, monkeypatch):
     assert not (mosaic / "index" / ".from_raster.building").exists()  # work folder removed
 
 
+def test_fine_alignment_map_of_a_raster_index_is_the_raster(mosaic, monkeypatch):
+    """A raster-built index has no patch files: the refiner's map is read from the raster and
+    equals the map stitched from the tiler's reference patches of the same grid."""
+    from cmpc.index.build import build_index
+    from cmpc.localize.mosaic import mosaic_from_index
+
+    monkeypatch.chdir(mosaic)
+    if not (mosaic / "index" / "from_raster").exists():
+        build_index(_raster_exp("from_raster"), checkpoint="ck.pt")
+    if not (mosaic / "index" / "from_tiles").exists():
+        build_index(experiment("from_tiles", "ds", "index.factory=Flat"), checkpoint="ck.pt")
+    a = mosaic_from_index(ReferenceIndex.load("index/from_raster"))
+    b = mosaic_from_index(ReferenceIndex.load("index/from_tiles"))
+    assert a.image.shape == b.image.shape == (3, 72, 88)
+    assert (a.origin_x, a.origin_y, a.gsd_m) == (b.origin_x, b.origin_y, b.gsd_m) == (500_000.0, 5_000_000.0, 1.0)
+    assert a.valid.all() and b.valid.all()
+    np.testing.assert_allclose(a.image, b.image, atol=0.51)  # PNG patches are the raster's 8-bit values
+
+
 @pytest.mark.slow
 def test_resumed_raster_build_equals_straight_build(mosaic, monkeypatch):
     """Interrupted after 4 of 6 blocks, a rerun embeds only the 2 left and gives the same index."""

@@ -143,9 +143,41 @@ def mosaic_from_annotations(root: str | os.PathLike[str], split: str, anns: list
     return stitch_patches(paths, annotation_bounds(anns, patch_px, read_dataset_meta(root)), progress)
 
 
+def mosaic_from_raster(path: str | os.PathLike[str], bounds_m: np.ndarray, bands: list[int] | None = None, crs: str | None = None) -> ImageMosaic:
+    """Read the map straight from the optical raster an index was cut from, over the union of
+    the reference footprints ``bounds_m`` (N, 4) metres, at the raster's own pixel size
+    (windowed read of that extent only; pixels outside the raster are invalid)."""
+    from cmpc.data.raster import open_raster
+
+    bounds_m = np.asarray(bounds_m, dtype=np.float64).reshape(-1, 4)
+    if not len(bounds_m):
+        raise DataError("no references to read a map for")
+    src = open_raster(path, bands=bands, crs=crs, role="map raster")
+    gsd = float(src.grid.res_x)
+    minx, maxy = float(bounds_m[:, 0].min()), float(bounds_m[:, 3].max())
+    W = int(round((bounds_m[:, 2].max() - minx) / gsd))
+    H = int(round((maxy - bounds_m[:, 1].min()) / gsd))
+    if H * W > 40_000 * 40_000:
+        raise DataError(f"the reference map is too large to hold in memory ({H} x {W} px); set refine.fine_align=false")
+    image, valid = src.read_bounds((minx, maxy - H * gsd, minx + W * gsd, maxy), (H, W))
+    image = np.nan_to_num(image.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    return ImageMosaic(image=image, valid=np.asarray(valid, dtype=bool), origin_x=minx, origin_y=maxy, gsd_m=gsd)
+
+
 def mosaic_from_index(index, progress: bool = False) -> ImageMosaic:  # noqa: ANN001 - ReferenceIndex
-    """Stitch the references of a :class:`~cmpc.index.store.ReferenceIndex` (its rows'
-    image files and footprints); :class:`DataError` when reference images are gone."""
+    """The map behind a :class:`~cmpc.index.store.ReferenceIndex`: its reference patches
+    stitched at their footprints, or, for an index built from a raster mosaic
+    (``cmpc index build --raster``), that raster read over the references' extent.
+    :class:`DataError` when the reference images (or the raster) are gone."""
+    sources = index.manifest.get("sources", [])
+    if sources and all("raster" in s and "root" not in s for s in sources):
+        rasters = {s["raster"] for s in sources}
+        if len(rasters) != 1:
+            raise DataError(f"index {index.directory} was built from {len(rasters)} rasters; fine alignment reads one map (set refine.fine_align=false)")
+        path = rasters.pop()
+        if not Path(path).is_file():
+            raise DataError(f"map raster {path} of index {index.directory} is missing (fine alignment reads it; restore it or set refine.fine_align=false)")
+        return mosaic_from_raster(path, index.bounds, sources[0].get("bands"), index.manifest.get("crs"))
     paths = []
     for row in range(index.ntotal):
         p = index.reference_path(row)
