@@ -80,12 +80,13 @@ def _no_spatial_refiner(exp, ckpt: Path) -> Any:  # noqa: ANN001 - Experiment
     return var
 
 
-def run(exp_path: str) -> dict[str, Any]:
+def run(exp_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     from cmpc.config import load_experiment
     from cmpc.evaluate.run import evaluate
     from cmpc.index.build import default_checkpoint
 
-    base = load_experiment(exp_path)
+    overrides = list(overrides or [])
+    base = load_experiment(exp_path, overrides)
     ckpt = default_checkpoint(base)
     if not (base.run_dir / "refiner.pt").is_file():
         raise SystemExit(f"no refiner at {base.run_dir / 'refiner.pt'}: train it first (cmpc train refine {exp_path})")
@@ -95,7 +96,7 @@ def run(exp_path: str) -> dict[str, Any]:
         if key == "no_spatial":
             exp = _no_spatial_refiner(base, ckpt)
         else:
-            exp = load_experiment(exp_path, sets)
+            exp = load_experiment(exp_path, overrides + sets)
         exp.eval.out = str(base.report_dir / "ablation" / key)
         exp.eval.plots = key == "full"
         metrics = evaluate(exp, checkpoint=str(ckpt))
@@ -192,9 +193,12 @@ def write_docs(rec: dict[str, Any], docs: Path = Path("docs")) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("experiment", nargs="?", default="experiments/demo.json")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="experiment override (repeatable)")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
-    rec = run(a.experiment)
+    rec = run(a.experiment, a.set)
+    if a.set:
+        rec["overrides"] = a.set
     if not a.no_write:
         write_docs(rec)
     return 0
