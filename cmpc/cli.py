@@ -155,6 +155,17 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_pairs(args: argparse.Namespace) -> int:
+    from cmpc.evaluate.pairs import run_pairs_eval
+    from cmpc.index.build import default_checkpoint
+
+    exp = _exp(args)
+    res = run_pairs_eval(default_checkpoint(exp, args.checkpoint), exp.report_dir, pairs=args.pairs, root=args.root,
+                         fit=args.fit, sar_scale=args.sar_scale, sar_bands=args.sar_bands)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("ranks", "pairs", "meta")}, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cmpc.pipeline import run_demo
 
@@ -331,6 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "required")
     p.add_argument("--checkpoint")
     p.set_defaults(func=cmd_test)
+
+    # eval
+    p_ev = sub.add_parser("eval", help="extra evaluations of a trained embedder")
+    s_ev = p_ev.add_subparsers(dest="sub", required=True)
+    p = s_ev.add_parser("pairs", help="N-way SAR -> optical retrieval on real patch pairs (R@k, mAP, chance levels)")
+    _add_common(p, "required")
+    p.add_argument("--pairs", default="bigearthnet", choices=("bigearthnet",), help="pair set")
+    p.add_argument("--root", help="pair folder (default ../shared/data/real/bigearthnet-s1s2)")
+    p.add_argument("--checkpoint", help="embedder checkpoint (default: runs/<name>/emb_best.pt)")
+    p.add_argument("--fit", default="resize", choices=("resize", "crop", "native"),
+                   help="120 px patch -> model input: resize to img_size, centre crop of img_size px, or whole patch")
+    p.add_argument("--sar-scale", dest="sar_scale", default="db", choices=("db", "amplitude", "intensity"), help="SAR values fed to the model")
+    p.add_argument("--sar-bands", dest="sar_bands", nargs="+", default=["VV", "VH"], metavar="BAND", help="SAR bands in model order (VV, VH)")
+    p.set_defaults(func=cmd_eval_pairs)
 
     # translate
     p_tr = sub.add_parser("translate", help="SAR <-> optical translators: train, apply, eval, checkpoint selection, ensemble")
