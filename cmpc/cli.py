@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -417,6 +418,8 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # torch_geometric still calls torch.jit.script at import; the deprecation notice is noise to users.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     if os.environ.get("CMPC_THREADS"):
         # One knob for torch and faiss (OpenMP) threads: on a shared CPU, fewer threads than
