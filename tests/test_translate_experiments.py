@@ -42,7 +42,7 @@ def _differences(a, b) -> set[str]:
     return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
 
 
-@pytest.mark.parametrize("world,translators", [("demo", ["pix2pix", "cyclegan", "segcyclegan"]), ("uavsar", ["pix2pix", "cyclegan", "cyclegan_e004"])])
+@pytest.mark.parametrize("world,translators", [("demo", ["pix2pix", "cyclegan", "segcyclegan"]), ("uavsar", ["pix2pix", "cyclegan"])])
 def test_embedders_with_and_without_views_differ_only_in_views(world, translators):
     base = load_experiment(TRANSLATE / f"translate_{world}_emb_none.json")
     assert base.translate.views == [] and base.train.non_aligned is False and base.refine.enabled is False
@@ -99,3 +99,48 @@ def test_comparison_grid_columns_and_mismatch(tmp_path):
     with pytest.raises(ValueError, match="another input patch"):
         comparison_grid([("A", tmp_path / "a.png"), ("C", tmp_path / "c.png")], tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def _fake_study(root: Path) -> tuple[Path, Path]:
+    """reports/ and runs/ as experiments/translate/study.sh leaves them, for one demo translator."""
+    rng = np.random.default_rng(1)
+    inputs = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    reports, runs = root / "reports", root / "runs"
+    ev = reports / "translate_demo_cyclegan" / "translate"
+    ev.mkdir(parents=True)
+    blocks = {}
+    for d, val in (("sar2opt", 60), ("opt2sar", 120)):
+        _fake_grid(ev / f"cyclegan_e008_{d}.png", inputs, val)
+        blocks[d] = {"n": 40, "psnr_db": 14.25 if d == "sar2opt" else 17.5, "ssim": 0.312, "grid": str(ev / f"cyclegan_e008_{d}.png"),
+                     "seg": {"mPA": 0.41, "mIoU": 0.29, "FwIoU": 0.5}, "seg_real": {"mPA": 0.8, "mIoU": 0.7, "FwIoU": 0.75},
+                     "fid_seg": 3.21, "fid_seg_floor": 0.55}
+    (ev / "cyclegan_e008.json").write_text(json.dumps({"meta": {"model": "cyclegan", "epoch": 8}, **blocks}))
+    tr = runs / "translate_demo_cyclegan" / "translator"
+    tr.mkdir(parents=True)
+    (tr / "last.pt").write_bytes(b"x")
+    (tr / "config.json").write_text(json.dumps({"translate": {"model": "cyclegan", "direction": "sar2opt", "patch_px": 64, "ngf": 16, "ndf": 16, "batch_size": 4}}))
+    (tr / "log.jsonl").write_text("\n".join(json.dumps({"epoch": e, "step": 160 * e, "lr": 2e-4, "seconds": 45.0 * e, "g": 1.5, "cyc": 0.25}) for e in (1, 2)) + "\n")
+    sel = reports / "translate_demo_select"
+    sel.mkdir(parents=True)
+    (sel / "translate_select.md").write_text("# Translator checkpoint selection: x\n\n| candidate | epoch |\n|---|---|\n| epoch_002.pt | 2 |\n")
+    return reports, runs
+
+
+def test_study_section_and_results_markers(tmp_path):
+    from cmpc.translate.report import END, START, study_section, write_results
+
+    reports, runs = _fake_study(tmp_path)
+    section = study_section(reports, runs, tmp_path / "img")
+    # Training row: 2 epochs x 160 steps, 90 s = 1.5 min, final losses; quality rows per direction.
+    assert "| translate_demo_cyclegan | cyclegan | both | 64 | 16/16 | 2 x 160 | 4 | 1.5 | g 1.50, cyc 0.25 |" in section
+    assert "| cyclegan | 8 | sar2opt | 40 | 14.25 | 0.312 | 0.410 | 0.290 | 0.500 | 3.21 (0.55) | - |" in section
+    assert "| cyclegan | 8 | opt2sar | 40 | 17.50 |" in section
+    assert "| epoch_002.pt | 2 |" in section and "Translator checkpoint selection" not in section
+    assert (tmp_path / "img" / "translate_demo_sar2opt.png").is_file() and "uavsar" not in section
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nbefore\n")
+    write_results(md, section)
+    write_results(md, section.replace("14.25", "15.00"))  # the second run replaces, never duplicates
+    text = md.read_text()
+    assert text.count(START) == 1 and text.count(END) == 1 and text.startswith("# Results\n\nbefore\n")
+    assert "15.00" in text and "14.25" not in text
