@@ -273,7 +273,7 @@ def test_cli_train_eval_apply_cyclegan(world, tmp_path, capsys):
     p = tmp_path / "cg.json"
     p.write_text(json.dumps(cfg))
     assert main(["translate", "train", str(p)]) == 0
-    assert sorted(x.name for x in (tmp_path / "cg").glob("*.pt")) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+    assert sorted(x.name for x in (tmp_path / "cg").glob("*.pt")) == ["epoch_001.pt", "epoch_002.pt", "last.pt", "state.pt"]
     log = [json.loads(line) for line in (tmp_path / "cg" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and log[1]["lr"] < log[0]["lr"]
     capsys.readouterr()
@@ -368,3 +368,43 @@ def test_multiband_sar_channels_follow_the_data(tmp_path):
     model = create_translator("cyclegan", exp.translate, 2, 3)
     model.train_step(batch)
     assert model.translate(batch["opt"], "opt2sar").shape == (2, 2, 32, 32)
+
+
+def test_interrupted_training_resumes_after_the_last_finished_epoch(world, tmp_path, monkeypatch):
+    """A crash after epoch 2's log line (before its state is saved) resumes after epoch 1:
+    epoch 1's checkpoint is kept, epochs 2-3 are (re)trained, the log has each epoch once and
+    the step count continues; a finished run is not retrained."""
+    import cmpc.translate.train as tt
+
+    exp = _exp(world, tmp_path, model="pix2pix", out=str(tmp_path / "p2p"), epochs=3, max_steps_per_epoch=2, save_every=1)
+    real_append = tt.append_jsonl
+    calls = {"n": 0}
+
+    def crash_on_second(path, rec):
+        calls["n"] += 1
+        real_append(path, rec)
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tt, "append_jsonl", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_translator(exp, progress=False)
+    out = tmp_path / "p2p"
+    assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 1
+    e1 = (out / "epoch_001.pt").read_bytes()
+    monkeypatch.setattr(tt, "append_jsonl", real_append)
+    train_translator(exp, progress=False)
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2, 3] and [r["step"] for r in recs] == [2, 4, 6]
+    assert (out / "epoch_001.pt").read_bytes() == e1
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["step"] == 6
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+    # Finished: a second call trains nothing; a run with other settings starts from scratch.
+    mtime = (out / "last.pt").stat().st_mtime_ns
+    train_translator(exp, progress=False)
+    assert (out / "last.pt").stat().st_mtime_ns == mtime and len((out / "log.jsonl").read_text().splitlines()) == 3
+    exp.translate.lambda_l1 = 50.0
+    train_translator(exp, progress=False)
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (out / "epoch_001.pt").read_bytes() != e1

@@ -15,6 +15,7 @@ Learning rate: constant for the first half of the epochs, then linear decay to z
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import sys
@@ -29,8 +30,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmpc.config import Experiment
-from cmpc.errors import DataError
-from cmpc.models.checkpoint import save_checkpoint
+from cmpc.errors import CheckpointError, DataError
+from cmpc.models.checkpoint import load_checkpoint, save_checkpoint
 from cmpc.models.translators import TRANSLATORS, TranslatorModel, create_translator
 from cmpc.translate.data import (
     LabelStore,
@@ -41,7 +42,7 @@ from cmpc.translate.data import (
     require_pairs,
 )
 from cmpc.translate.segment import ensure_segmenters, fit_normalizers, open_labels
-from cmpc.utils.io import append_jsonl
+from cmpc.utils.io import append_jsonl, atomic_write_text
 from cmpc.utils.runtime import default_num_threads, resolve_device, seed_everything
 
 
@@ -121,6 +122,12 @@ def build_training_data(exp: Experiment, model_name: str) -> tuple[Any, dict[str
 def train_translator(exp: Experiment, progress: bool = True) -> Path:
     """Train ``exp.translate.model`` on ``exp.data.root``; returns the path of ``last.pt``."""
     tc = exp.translate
+    out = translator_dir(exp)
+    last = out / "last.pt"
+    state = _resumable_state(out / STATE_FILE, exp)
+    if state is not None and int(state["epoch"]) >= tc.epochs and last.is_file():
+        print(f"[translate] {out}: already trained ({tc.epochs} epochs); nothing to do", file=sys.stderr, flush=True)
+        return last
     seed_everything(tc.seed)
     torch.set_num_threads(tc.threads or default_num_threads())
     device = resolve_device(tc.device)
@@ -132,11 +139,18 @@ def train_translator(exp: Experiment, progress: bool = True) -> Path:
     seed_everything(tc.seed)  # segmenter training consumed random numbers; restart the stream
     model = create_translator(tc.model, tc, facts["sar_channels"], facts["opt_channels"], **kwargs).to(device)
 
-    out = translator_dir(exp)
     out.mkdir(parents=True, exist_ok=True)
+    start_epoch, step, elapsed = 0, 0, 0.0
     exp.save(out / "config.json")
     log_path = out / "log.jsonl"
-    if log_path.exists():
+    if state is not None:
+        model.load_state_dict(state["model"])
+        for opt, st in zip(model.optimizers, state["optimizers"]):
+            opt.load_state_dict(st)
+        start_epoch, step, elapsed = int(state["epoch"]), int(state["step"]), float(state["seconds"])
+        _truncate_log(log_path, start_epoch)
+        print(f"[translate] resuming {out} after epoch {start_epoch} (image pools restart empty)", file=sys.stderr, flush=True)
+    elif log_path.exists():
         log_path.unlink()
     loader = DataLoader(
         data,
@@ -144,7 +158,8 @@ def train_translator(exp: Experiment, progress: bool = True) -> Path:
         shuffle=True,
         drop_last=len(data) > tc.batch_size,
         num_workers=0,
-        generator=torch.Generator().manual_seed(tc.seed),
+        # Seeded per start epoch: a resumed run draws fresh crops rather than replaying epoch 1.
+        generator=torch.Generator().manual_seed(tc.seed + start_epoch),
     )
     steps = len(loader) if tc.max_steps_per_epoch is None else min(len(loader), tc.max_steps_per_epoch)
     print(
@@ -153,10 +168,8 @@ def train_translator(exp: Experiment, progress: bool = True) -> Path:
         file=sys.stderr,
         flush=True,
     )
-    step = 0
-    t0 = time.perf_counter()
-    last = out / "last.pt"
-    for epoch in range(tc.epochs):
+    t0 = time.perf_counter() - elapsed
+    for epoch in range(start_epoch, tc.epochs):
         lr = lr_at(epoch, tc.epochs, tc.lr)
         model.set_lr(lr)
         sums: dict[str, list[float]] = defaultdict(list)
@@ -184,4 +197,56 @@ def train_translator(exp: Experiment, progress: bool = True) -> Path:
             tmp = out / ".last.pt.copy"
             shutil.copyfile(path, tmp)
             tmp.replace(last)
+        # Everything needed to continue after this epoch (written after last.pt, so a resumed
+        # run never has a state newer than its checkpoints).
+        save_checkpoint(
+            out / STATE_FILE,
+            {
+                "kind": "translator_state",
+                "epoch": epoch + 1,
+                "step": step,
+                "seconds": rec["seconds"],
+                "signature": _signature(exp),
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizers": [o.state_dict() for o in model.optimizers],
+            },
+        )
     return last
+
+
+STATE_FILE = "state.pt"
+#: translate.* keys that shape training (evaluation, selection, views and threads do not).
+TRAINING_KEYS = (
+    "model", "direction", "patch_px", "ngf", "ndf", "n_blocks", "unet_depth", "disc_layers", "epochs", "lr",
+    "batch_size", "max_steps_per_epoch", "lambda_l1", "lambda_cycle", "lambda_identity", "lambda_seg",
+    "pool_size", "label_raster", "seg_epochs", "seg_width", "save_every", "seed",
+)
+
+
+def _signature(exp: Experiment) -> dict[str, Any]:
+    """What must match for a run to continue another: the translator settings and the dataset."""
+    tc = json.loads(json.dumps(dataclasses.asdict(exp.translate)))
+    return {"translate": {k: tc[k] for k in TRAINING_KEYS}, "dataset": str(exp.data.root)}
+
+
+def _resumable_state(path: Path, exp: Experiment) -> dict[str, Any] | None:
+    """The saved training state of an interrupted (or finished) run of the same settings, else None."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        print(f"[translate] not resuming: {e}", file=sys.stderr, flush=True)
+        return None
+    if state.get("kind") != "translator_state" or state.get("signature") != _signature(exp):
+        print(f"[translate] {path} is from other settings: training from scratch", file=sys.stderr, flush=True)
+        return None
+    return state
+
+
+def _truncate_log(log_path: Path, epochs: int) -> None:
+    """Keep the first ``epochs`` epoch records of log.jsonl (a crash may have left later ones)."""
+    if not log_path.is_file():
+        return
+    recs = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["epoch"] <= epochs]
+    atomic_write_text(log_path, "".join(r + "\n" for r in recs))

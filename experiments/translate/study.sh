@@ -21,8 +21,8 @@ say() { printf '\n[study %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 # run_if_missing OUTPUT CMD...: run CMD unless OUTPUT exists
 run_if_missing() { local out=$1; shift; if [[ -e $out ]]; then say "skip (exists): $out"; else say "$*"; "$@"; fi; }
 
-translator() {  # translator EXPERIMENT: train
-  run_if_missing "runs/$1/translator/last.pt" "$CMPC" translate train "$T/$1.json"
+translator() {  # translator EXPERIMENT: train (continues an interrupted run; returns at once when finished)
+  say "$CMPC translate train $T/$1.json"; "$CMPC" translate train "$T/$1.json" > /dev/null
 }
 
 evaluate() {  # evaluate EXPERIMENT FID_EMBEDDER: PSNR/SSIM/segmentation/FID of the last checkpoint
