@@ -144,3 +144,22 @@ def test_study_section_and_results_markers(tmp_path):
     text = md.read_text()
     assert text.count(START) == 1 and text.count(END) == 1 and text.startswith("# Results\n\nbefore\n")
     assert "15.00" in text and "14.25" not in text
+
+
+def test_seed_table_means_and_ranges(tmp_path):
+    from cmpc.translate.report import seed_table
+
+    def block(r1: float, err: float) -> dict:
+        return {"aligned": {"n_queries": 10, "coarse": {"recall": {"1": r1, "5": 1.0}, "mAP": r1, "error_m": {"median": err, "within": {"25": r1}}}}}
+
+    for seed, (none, p2p, ens) in enumerate(((0.5, 0.6, 0.7), (0.7, 0.8, 0.9))):
+        d = tmp_path / f"translate_demo_ensemble_s{seed}"
+        d.mkdir()
+        test = {"translate_demo_emb_none_s%d" % seed: block(none, 10.0 * (seed + 1)), "translate_demo_emb_pix2pix_s%d" % seed: block(p2p, 0.0), "ensemble": block(ens, 0.0)}
+        (d / "translate_ensemble.json").write_text(json.dumps({"test": test}))
+    md = seed_table(tmp_path, "demo")
+    lines = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[0] for line in lines] == ["| none", "| pix2pix", "| ensemble"]
+    assert lines[0] == "| none | aligned | 2 | 0.600 (0.500-0.700) | 1.000 (1.000-1.000) | 0.600 (0.500-0.700) | 15.0 (10.0-20.0) | 0.600 (0.500-0.700) |"
+    assert "0.800 (0.700-0.900)" in lines[2] and md.startswith("Seeds 0, 1 ")
+    assert seed_table(tmp_path, "uavsar") == ""

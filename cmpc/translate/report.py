@@ -151,6 +151,46 @@ def training_table(runs: Path, ds: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+def seed_table(reports: Path, ds: str) -> str:
+    """Test metrics over the seed replicates (``translate_<ds>_ensemble_s<seed>``): mean and range per system."""
+    import re
+
+    import numpy as np
+
+    runs = sorted(reports.glob(f"translate_{ds}_ensemble_s*/translate_ensemble.json"))
+    if not runs:
+        return ""
+    vals: dict[tuple[str, str], dict[str, list[float]]] = {}
+    seeds = []
+    for p in runs:
+        seeds.append(p.parent.name.rsplit("_s", 1)[-1])
+        for name, block in json.loads(p.read_text(encoding="utf-8"))["test"].items():
+            system = re.sub(r"_s\d+$", "", name.removeprefix(f"translate_{ds}_emb_"))
+            for qset, b in block.items():
+                c = b["coarse"]
+                d = vals.setdefault((system, qset), {"R@1": [], "R@5": [], "mAP": [], "median err (m)": [], "within 25 m": []})
+                d["R@1"].append(c["recall"]["1"])
+                d["R@5"].append(c["recall"]["5"])
+                d["mAP"].append(c["mAP"])
+                d["median err (m)"].append(c["error_m"]["median"])
+                d["within 25 m"].append(c["error_m"]["within"]["25"])
+    cols = ["R@1", "R@5", "mAP", "median err (m)", "within 25 m"]
+    rows = [
+        f"Seeds {', '.join(seeds)} (embedder initialisation and sampling; same data, translators and validation hold-out); "
+        "each cell: mean (min-max) over the seeds, test split.",
+        "",
+        "| system | query set | seeds | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    order = lambda key: (key[1], key[0] != "none", key[0] == "ensemble", key[0])  # noqa: E731
+    for (system, qset) in sorted(vals, key=order):
+        d = vals[(system, qset)]
+        nd = lambda c: 1 if c == "median err (m)" else 3  # noqa: E731
+        cells = [f"{np.mean(d[c]):.{nd(c)}f} ({min(d[c]):.{nd(c)}f}-{max(d[c]):.{nd(c)}f})" for c in cols]
+        rows.append(f"| {system} | {qset} | {len(d['R@1'])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def _strip_title(md: str) -> str:
     return "\n".join(line for line in md.splitlines() if not line.startswith("# ")).strip() + "\n"
 
@@ -195,10 +235,13 @@ def study_section(reports: str | Path = "reports", runs: str | Path = "runs", im
         if ens.is_file():
             out += [
                 "**Embedders without / with translated views, and the score-fusion ensemble** (`cmpc translate ensemble`; "
-                "coarse retrieval, no refiner: error = distance from the top-1 reference centre to the true position)",
+                "coarse retrieval, no refiner: error = distance from the top-1 reference centre to the true position); seed 0:",
                 "",
                 ens.read_text(encoding="utf-8").strip() + "\n",
             ]
+        seeds = seed_table(reports, ds)
+        if seeds:
+            out += ["**The same comparison over three seeds** (the ensemble fuses the pix2pix / CycleGAN / Seg-CycleGAN embedders of each seed)", "", seeds]
     return "\n".join(out).rstrip() + "\n"
 
 

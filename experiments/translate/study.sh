@@ -49,13 +49,29 @@ selected_embedder() {  # selected_embedder DATASET: embedder with the checkpoint
   embedder "translate_${ds}_emb_none" --set "name=translate_${ds}_emb_selected" --set "translate.views=[\"$best\"]"
 }
 
-ensemble() {  # ensemble DATASET MEMBER_RUN...: fuse the members, report the no-translator run beside them
+ensemble() {  # ensemble DATASET SUFFIX MEMBER_RUN...: fuse the members, report the no-translator run beside them
+  local ds=$1 sfx=$2; shift 2
+  local members=() seed=${sfx#_s}
+  for m in "$@"; do [[ -e runs/$m$sfx/emb_best.pt ]] && members+=("runs/$m$sfx/emb_best.pt"); done
+  run_if_missing "reports/translate_${ds}_ensemble$sfx/translate_ensemble.json" \
+    "$CMPC" translate ensemble "$T/translate_${ds}_ensemble.json" --set "name=translate_${ds}_ensemble$sfx" \
+    --set "train.seed=${seed:-0}" --members "${members[@]}" --references "runs/translate_${ds}_emb_none$sfx/emb_best.pt" > /dev/null
+}
+
+seeds() {  # seeds DATASET TRANSLATOR...: the without/with/ensemble comparison again for seeds 0, 1, 2
+  # (same data, translators and validation hold-out; only the embedders' initialisation and
+  # sampling change): the spread says which differences are larger than the seed noise.
   local ds=$1; shift
-  local members=()
-  for m in "$@"; do [[ -e runs/$m/emb_best.pt ]] && members+=("runs/$m/emb_best.pt"); done
-  run_if_missing "reports/translate_${ds}_ensemble/translate_ensemble.json" \
-    "$CMPC" translate ensemble "$T/translate_${ds}_ensemble.json" --members "${members[@]}" \
-    --references "runs/translate_${ds}_emb_none/emb_best.pt" > /dev/null
+  for s in 0 1 2; do
+    for e in none "$@"; do
+      if [[ $s == 0 ]]; then
+        [[ -e runs/translate_${ds}_emb_${e}_s0 ]] || ln -s "translate_${ds}_emb_$e" "runs/translate_${ds}_emb_${e}_s0"
+      else
+        embedder "translate_${ds}_emb_$e" --set "name=translate_${ds}_emb_${e}_s$s" --set "train.seed=$s"
+      fi
+    done
+    ensemble "$ds" "_s$s" $(printf "translate_${ds}_emb_%s " "$@")
+  done
 }
 
 study_demo() {
@@ -68,7 +84,8 @@ study_demo() {
   for t in "${ts[@]}"; do evaluate "$t" runs/translate_demo_emb_none/emb_best.pt; done
   for e in pix2pix cyclegan segcyclegan; do embedder "translate_demo_emb_$e"; done
   selected_embedder demo
-  ensemble demo translate_demo_emb_pix2pix translate_demo_emb_cyclegan translate_demo_emb_segcyclegan translate_demo_emb_selected
+  ensemble demo "" translate_demo_emb_pix2pix translate_demo_emb_cyclegan translate_demo_emb_segcyclegan translate_demo_emb_selected
+  seeds demo pix2pix cyclegan segcyclegan
 }
 
 study_uavsar() {
@@ -81,7 +98,8 @@ study_uavsar() {
   for t in "${ts[@]}"; do evaluate "$t" runs/translate_uavsar_emb_none/emb_best.pt; done
   for e in pix2pix cyclegan; do embedder "translate_uavsar_emb_$e"; done
   selected_embedder uavsar
-  ensemble uavsar translate_uavsar_emb_pix2pix translate_uavsar_emb_cyclegan translate_uavsar_emb_selected
+  ensemble uavsar "" translate_uavsar_emb_pix2pix translate_uavsar_emb_cyclegan translate_uavsar_emb_selected
+  seeds uavsar pix2pix cyclegan
 }
 
 case $WHICH in
