@@ -141,7 +141,7 @@ def training_table(runs: Path, ds: str) -> str:
         recs = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
         tc = json.loads(cfg.read_text(encoding="utf-8"))["translate"]
         last = recs[-1]
-        losses = ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k not in ("epoch", "step", "lr", "seconds"))
+        losses = ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k not in ("epoch", "step", "lr", "seconds", "identity_used"))
         direction = tc["direction"] if tc["model"] == "pix2pix" else "both"
         steps = last["step"] // max(1, last["epoch"])
         rows.append(
@@ -226,7 +226,7 @@ def study_section(reports: str | Path = "reports", runs: str | Path = "runs", im
             if grids:
                 dst = img_dir / f"translate_{ds}_{direction}.png"
                 src, tgt = ("SAR", "optical") if direction == "sar2opt" else ("optical", "SAR")
-                comparison_grid(grids, dst, source=f"{src} in", truth=f"{tgt} truth")
+                comparison_grid(grids, dst, scale=0.75, source=f"{src} in", truth=f"{tgt} truth")
                 out += [f"![{ds} {direction}](img/{dst.name})", "", f"*{ds}, {src} -> {tgt}: input, each translator, truth (test patches).*", ""]
         sel = reports / f"translate_{ds}_select" / "translate_select.md"
         if sel.is_file():
