@@ -404,6 +404,9 @@ def test_interrupted_training_resumes_after_the_last_finished_epoch(world, tmp_p
     mtime = (out / "last.pt").stat().st_mtime_ns
     train_translator(exp, progress=False)
     assert (out / "last.pt").stat().st_mtime_ns == mtime and len((out / "log.jsonl").read_text().splitlines()) == 3
+    (out / "state.pt").unlink()  # runs saved before state.pt existed: last.pt at the final epoch says finished
+    train_translator(exp, progress=False)
+    assert (out / "last.pt").stat().st_mtime_ns == mtime and not (out / "state.pt").exists()
     exp.translate.lambda_l1 = 50.0
     train_translator(exp, progress=False)
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]

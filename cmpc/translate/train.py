@@ -125,7 +125,7 @@ def train_translator(exp: Experiment, progress: bool = True) -> Path:
     out = translator_dir(exp)
     last = out / "last.pt"
     state = _resumable_state(out / STATE_FILE, exp)
-    if state is not None and int(state["epoch"]) >= tc.epochs and last.is_file():
+    if (state is not None and int(state["epoch"]) >= tc.epochs and last.is_file()) or (state is None and _finished_checkpoint(last, exp)):
         print(f"[translate] {out}: already trained ({tc.epochs} epochs); nothing to do", file=sys.stderr, flush=True)
         return last
     seed_everything(tc.seed)
@@ -242,6 +242,20 @@ def _resumable_state(path: Path, exp: Experiment) -> dict[str, Any] | None:
         print(f"[translate] {path} is from other settings: training from scratch", file=sys.stderr, flush=True)
         return None
     return state
+
+
+def _finished_checkpoint(last: Path, exp: Experiment) -> bool:
+    """True when ``last`` holds the final epoch of a run with the same settings (runs saved
+    before ``state.pt`` existed have only their checkpoints to say they are finished)."""
+    if not last.is_file():
+        return False
+    try:
+        meta = load_checkpoint(last)
+    except CheckpointError:
+        return False
+    cfg = meta.get("config") or {}
+    same = {k: cfg.get(k) for k in TRAINING_KEYS} == _signature(exp)["translate"] and meta.get("dataset") == str(exp.data.root)
+    return same and int(meta.get("epoch", -1)) == exp.translate.epochs
 
 
 def _truncate_log(log_path: Path, epochs: int) -> None:

@@ -32,9 +32,13 @@ evaluate() {  # evaluate EXPERIMENT FID_EMBEDDER: PSNR/SSIM/segmentation/FID of 
   fi
 }
 
-embedder() {  # embedder EXPERIMENT [--set ...]: train (coarse retrieval only; the refiner is off)
-  local name=$1; shift
-  run_if_missing "runs/$name/emb_best.pt" "$CMPC" train emb "$T/$name.json" "$@"
+embedder() {  # embedder EXPERIMENT: train (coarse retrieval only; the refiner is off)
+  run_if_missing "runs/$1/emb_best.pt" "$CMPC" train emb "$T/$1.json"
+}
+
+embedder_as() {  # embedder_as RUN EXPERIMENT [--set ...]: EXPERIMENT's embedder, renamed RUN, with overrides
+  local run=$1 file=$2; shift 2
+  run_if_missing "runs/$run/emb_best.pt" "$CMPC" train emb "$T/$file.json" --set "name=$run" "$@"
 }
 
 selected_embedder() {  # selected_embedder DATASET: embedder with the checkpoint `translate select` picked
@@ -42,11 +46,11 @@ selected_embedder() {  # selected_embedder DATASET: embedder with the checkpoint
   run_if_missing "reports/translate_${ds}_select/translate_select.json" "$CMPC" translate select "$T/translate_${ds}_select.json"
   local best
   best=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['best'])" "reports/translate_${ds}_select/translate_select.json")
-  if [[ $best == baseline || $best == none ]]; then
-    say "selection kept the baseline (no translator checkpoint beat it): no selected-checkpoint embedder"
+  if cmp -s "$best" "$(dirname "$best")/last.pt"; then
+    say "selection picked the last checkpoint: translate_${ds}_emb_cyclegan already uses it (no extra run)"
     return
   fi
-  embedder "translate_${ds}_emb_none" --set "name=translate_${ds}_emb_selected" --set "translate.views=[\"$best\"]"
+  embedder_as "translate_${ds}_emb_selected" "translate_${ds}_emb_none" --set "translate.views=[\"$best\"]"
 }
 
 ensemble() {  # ensemble DATASET SUFFIX MEMBER_RUN...: fuse the members, report the no-translator run beside them
@@ -67,7 +71,7 @@ seeds() {  # seeds DATASET TRANSLATOR...: the without/with/ensemble comparison a
       if [[ $s == 0 ]]; then
         [[ -e runs/translate_${ds}_emb_${e}_s0 ]] || ln -s "translate_${ds}_emb_$e" "runs/translate_${ds}_emb_${e}_s0"
       else
-        embedder "translate_${ds}_emb_$e" --set "name=translate_${ds}_emb_${e}_s$s" --set "train.seed=$s"
+        embedder_as "translate_${ds}_emb_${e}_s$s" "translate_${ds}_emb_$e" --set "train.seed=$s"
       fi
     done
     ensemble "$ds" "_s$s" $(printf "translate_${ds}_emb_%s " "$@")
