@@ -183,7 +183,25 @@ def render(rows: list[dict[str, Any]]) -> str:
         "",
         table(pipe, [("name", "configuration"), ("num_workers", "workers"), ("patches_s", "patches/s"),
                      ("ms_per_patch", "ms/patch"), ("vs_model_only", "vs model only")]),
+        "",
+        _bottleneck_note(pipe),
     ])
+
+
+def _bottleneck_note(pipe: list[dict[str, Any]]) -> str:
+    """One reading line: which backbones the data loader holds back (vs model only < 0.8)."""
+    both = [r for r in pipe if r["mode"] == "loader+model" and r.get("vs_model_only") is not None]
+    loaders = [r["patches_s"] for r in pipe if r["mode"] == "loader"]
+    slow = sorted({r["backbone"] for r in both if r["vs_model_only"] < 0.8})
+    if not both or not loaders:
+        return ""
+    if not slow:
+        return "Reading: the loader keeps up with every backbone (vs model only >= 0.8)."
+    return (
+        f"Reading: the loader (decode + resize + standardise, {min(loaders):,.0f}-{max(loaders):,.0f} patches/s alone) "
+        f"holds back {', '.join(slow)} (vs model only < 0.8): for these small trunks, reading patch files costs more than "
+        "the network; a worker process does not help on 2 cores."
+    )
 
 
 if __name__ == "__main__":

@@ -157,9 +157,14 @@ def test_seed_table_means_and_ranges(tmp_path):
         d.mkdir()
         test = {"translate_demo_emb_none_s%d" % seed: block(none, 10.0 * (seed + 1)), "translate_demo_emb_pix2pix_s%d" % seed: block(p2p, 0.0), "ensemble": block(ens, 0.0)}
         (d / "translate_ensemble.json").write_text(json.dumps({"test": test}))
+    control = tmp_path / "translate_demo_control_s0"
+    control.mkdir()
+    members = [{"name": "translate_demo_emb_none_s0"}, {"name": "translate_demo_emb_none_s1"}]
+    (control / "translate_ensemble.json").write_text(json.dumps({"meta": {"members": members}, "test": {"translate_demo_emb_none_s0": block(0.1, 0.0), "ensemble": block(0.75, 0.0)}}))
     md = seed_table(tmp_path, "demo")
     lines = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [line.split(" | ")[0] for line in lines] == ["| none", "| pix2pix", "| ensemble"]
+    assert [line.split(" | ")[0] for line in lines] == ["| none", "| pix2pix", "| control: 2 no-translator embedders fused", "| ensemble"]
+    assert lines[2].split(" | ")[2:4] == ["1", "0.750 (0.750-0.750)"]  # only the control's fused row counts
     assert lines[0] == "| none | aligned | 2 | 0.600 (0.500-0.700) | 1.000 (1.000-1.000) | 0.600 (0.500-0.700) | 15.0 (10.0-20.0) | 0.600 (0.500-0.700) |"
-    assert "0.800 (0.700-0.900)" in lines[2] and md.startswith("Seeds 0, 1 ")
+    assert "0.800 (0.700-0.900)" in lines[3] and md.startswith("Seeds 0, 1 ")
     assert seed_table(tmp_path, "uavsar") == ""

@@ -161,11 +161,19 @@ def seed_table(reports: Path, ds: str) -> str:
     if not runs:
         return ""
     vals: dict[tuple[str, str], dict[str, list[float]]] = {}
-    seeds = []
-    for p in runs:
-        seeds.append(p.parent.name.rsplit("_s", 1)[-1])
-        for name, block in json.loads(p.read_text(encoding="utf-8"))["test"].items():
+    seeds = [p.parent.name.rsplit("_s", 1)[-1] for p in runs]
+    # The control: ensembles of no-translator embedders of different seeds (only their fused row),
+    # i.e. what fusing the same number of models gives without any translator.
+    controls = sorted(reports.glob(f"translate_{ds}_control_s*/translate_ensemble.json"))
+    for p in runs + controls:
+        res = json.loads(p.read_text(encoding="utf-8"))
+        is_control = p in controls
+        for name, block in res["test"].items():
+            if is_control and name != "ensemble":
+                continue
             system = re.sub(r"_s\d+$", "", name.removeprefix(f"translate_{ds}_emb_"))
+            if is_control:
+                system = f"control: {len(res['meta']['members'])} no-translator embedders fused"
             for qset, b in block.items():
                 c = b["coarse"]
                 d = vals.setdefault((system, qset), {"R@1": [], "R@5": [], "mAP": [], "median err (m)": [], "within 25 m": []})
@@ -182,7 +190,7 @@ def seed_table(reports: Path, ds: str) -> str:
         "| system | query set | seeds | " + " | ".join(cols) + " |",
         "|---|---|---|" + "---|" * len(cols),
     ]
-    order = lambda key: (key[1], key[0] != "none", key[0] == "ensemble", key[0])  # noqa: E731
+    order = lambda key: (key[1], key[0] != "none", key[0].startswith(("ensemble", "control")), key[0])  # noqa: E731
     for (system, qset) in sorted(vals, key=order):
         d = vals[(system, qset)]
         nd = lambda c: 1 if c == "median err (m)" else 3  # noqa: E731
@@ -217,6 +225,8 @@ def study_section(reports: str | Path = "reports", runs: str | Path = "runs", im
         if not evals:
             continue
         out += [f"### {ds}: {desc}", "", "**Training (CPU sizes, 2 cores)**", "", training_table(runs, ds), "**Translation quality**", "", eval_table(evals)]
+        if not any("seg" in json.loads(e.read_text(encoding="utf-8")).get(d, {}) for e in evals for d in ("sar2opt", "opt2sar")):
+            out += ["No label raster for this data: no segmentation scores and no FID-seg; FID-emb only.", ""]
         for direction in ("sar2opt", "opt2sar"):
             grids: list[tuple[str, str | Path]] = []
             for e in evals:
@@ -241,7 +251,9 @@ def study_section(reports: str | Path = "reports", runs: str | Path = "runs", im
             ]
         seeds = seed_table(reports, ds)
         if seeds:
-            out += ["**The same comparison over three seeds** (the ensemble fuses the pix2pix / CycleGAN / Seg-CycleGAN embedders of each seed)", "", seeds]
+            first = sorted(reports.glob(f"translate_{ds}_ensemble_s*/translate_ensemble.json"))[0]
+            fused = [m["name"].removeprefix(f"translate_{ds}_emb_").rsplit("_s", 1)[0] for m in json.loads(first.read_text(encoding="utf-8"))["meta"]["members"]]
+            out += [f"**The same comparison over seeds** (per seed, the ensemble fuses the embedders trained with {' / '.join(fused)} views)", "", seeds]
     return "\n".join(out).rstrip() + "\n"
 
 

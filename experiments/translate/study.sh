@@ -78,6 +78,18 @@ seeds() {  # seeds DATASET TRANSLATOR...: the without/with/ensemble comparison a
   done
 }
 
+control() {  # control DATASET N: fuse N no-translator embedders of different seeds (the fair baseline
+  # for an ensemble of N translator embedders: how much is model ensembling alone)
+  local ds=$1 n=$2 s
+  for s in 0 1 2; do
+    local members=() k
+    for ((k = 0; k < n; k++)); do members+=("runs/translate_${ds}_emb_none_s$(((s + k) % 3))/emb_best.pt"); done
+    run_if_missing "reports/translate_${ds}_control_s$s/translate_ensemble.json" \
+      "$CMPC" translate ensemble "$T/translate_${ds}_ensemble.json" --set "name=translate_${ds}_control_s$s" --members "${members[@]}" > /dev/null
+    ((n < 3)) || break  # with 3 seeds, every rotation of 3 members is the same ensemble
+  done
+}
+
 study_demo() {
   say "demo world: data"
   run_if_missing data/demo/world/world.json "$CMPC" data synth experiments/demo.json > /dev/null
@@ -90,6 +102,7 @@ study_demo() {
   selected_embedder demo
   ensemble demo "" translate_demo_emb_pix2pix translate_demo_emb_cyclegan translate_demo_emb_segcyclegan translate_demo_emb_selected
   seeds demo pix2pix cyclegan segcyclegan
+  control demo 3
 }
 
 study_uavsar() {
@@ -104,6 +117,7 @@ study_uavsar() {
   selected_embedder uavsar
   ensemble uavsar "" translate_uavsar_emb_pix2pix translate_uavsar_emb_cyclegan translate_uavsar_emb_selected
   seeds uavsar pix2pix cyclegan
+  control uavsar 2
 }
 
 case $WHICH in
