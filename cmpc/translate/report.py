@@ -151,10 +151,15 @@ def training_table(runs: Path, ds: str) -> str:
     return "\n".join(rows) + "\n"
 
 
-def seed_table(reports: Path, ds: str) -> str:
-    """Test metrics over the seed replicates (``translate_<ds>_ensemble_s<seed>``): mean and range per system."""
+def _system(name: str, ds: str) -> str:
+    """'translate_demo_emb_pix2pix_s1' -> 'pix2pix' (ensemble member name -> translator)."""
     import re
 
+    return re.sub(r"_s\d+$", "", name.removeprefix(f"translate_{ds}_emb_"))
+
+
+def seed_table(reports: Path, ds: str) -> str:
+    """Test metrics over the seed replicates (``translate_<ds>_ensemble_s<seed>``): mean and range per system."""
     import numpy as np
 
     runs = sorted(reports.glob(f"translate_{ds}_ensemble_s*/translate_ensemble.json"))
@@ -171,9 +176,7 @@ def seed_table(reports: Path, ds: str) -> str:
         for name, block in res["test"].items():
             if is_control and name != "ensemble":
                 continue
-            system = re.sub(r"_s\d+$", "", name.removeprefix(f"translate_{ds}_emb_"))
-            if is_control:
-                system = f"control: {len(res['meta']['members'])} no-translator embedders fused"
+            system = f"control: {len(res['meta']['members'])} no-translator embedders fused" if is_control else _system(name, ds)
             for qset, b in block.items():
                 c = b["coarse"]
                 d = vals.setdefault((system, qset), {"R@1": [], "R@5": [], "mAP": [], "median err (m)": [], "within 25 m": []})
@@ -190,11 +193,13 @@ def seed_table(reports: Path, ds: str) -> str:
         "| system | query set | seeds | " + " | ".join(cols) + " |",
         "|---|---|---|" + "---|" * len(cols),
     ]
-    order = lambda key: (key[1], key[0] != "none", key[0].startswith(("ensemble", "control")), key[0])  # noqa: E731
-    for (system, qset) in sorted(vals, key=order):
+    def order(key: tuple[str, str]) -> tuple[str, bool, bool, str]:  # none, translators, control, ensemble
+        return (key[1], key[0] != "none", key[0].startswith(("ensemble", "control")), key[0])
+
+    for system, qset in sorted(vals, key=order):
         d = vals[(system, qset)]
-        nd = lambda c: 1 if c == "median err (m)" else 3  # noqa: E731
-        cells = [f"{np.mean(d[c]):.{nd(c)}f} ({min(d[c]):.{nd(c)}f}-{max(d[c]):.{nd(c)}f})" for c in cols]
+        nd = {c: 1 if c == "median err (m)" else 3 for c in cols}
+        cells = [f"{np.mean(d[c]):.{nd[c]}f} ({min(d[c]):.{nd[c]}f}-{max(d[c]):.{nd[c]}f})" for c in cols]
         rows.append(f"| {system} | {qset} | {len(d['R@1'])} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
@@ -252,7 +257,7 @@ def study_section(reports: str | Path = "reports", runs: str | Path = "runs", im
         seeds = seed_table(reports, ds)
         if seeds:
             first = sorted(reports.glob(f"translate_{ds}_ensemble_s*/translate_ensemble.json"))[0]
-            fused = [m["name"].removeprefix(f"translate_{ds}_emb_").rsplit("_s", 1)[0] for m in json.loads(first.read_text(encoding="utf-8"))["meta"]["members"]]
+            fused = [_system(m["name"], ds) for m in json.loads(first.read_text(encoding="utf-8"))["meta"]["members"]]
             out += [f"**The same comparison over seeds** (per seed, the ensemble fuses the embedders trained with {' / '.join(fused)} views)", "", seeds]
     return "\n".join(out).rstrip() + "\n"
 
