@@ -125,7 +125,8 @@ def train_translator(exp: Experiment, progress: bool = True) -> Path:
     out = translator_dir(exp)
     last = out / "last.pt"
     state = _resumable_state(out / STATE_FILE, exp)
-    if (state is not None and int(state["epoch"]) >= tc.epochs and last.is_file()) or (state is None and _finished_checkpoint(last, exp)):
+    finished = (int(state["epoch"]) >= tc.epochs and last.is_file()) if state is not None else _finished_checkpoint(last, exp)
+    if finished:
         print(f"[translate] {out}: already trained ({tc.epochs} epochs); nothing to do", file=sys.stderr, flush=True)
         return last
     seed_everything(tc.seed)
@@ -225,8 +226,12 @@ TRAINING_KEYS = (
 
 def _signature(exp: Experiment) -> dict[str, Any]:
     """What must match for a run to continue another: the translator settings and the dataset."""
-    tc = json.loads(json.dumps(dataclasses.asdict(exp.translate)))
-    return {"translate": {k: tc[k] for k in TRAINING_KEYS}, "dataset": str(exp.data.root)}
+    return _signature_of(dataclasses.asdict(exp.translate), str(exp.data.root))
+
+
+def _signature_of(translate: dict[str, Any], dataset: str | None) -> dict[str, Any]:
+    tc = json.loads(json.dumps(translate))  # tuples -> lists, as stored in checkpoints
+    return {"translate": {k: tc.get(k) for k in TRAINING_KEYS}, "dataset": dataset}
 
 
 def _resumable_state(path: Path, exp: Experiment) -> dict[str, Any] | None:
@@ -253,8 +258,7 @@ def _finished_checkpoint(last: Path, exp: Experiment) -> bool:
         meta = load_checkpoint(last)
     except CheckpointError:
         return False
-    cfg = meta.get("config") or {}
-    same = {k: cfg.get(k) for k in TRAINING_KEYS} == _signature(exp)["translate"] and meta.get("dataset") == str(exp.data.root)
+    same = _signature_of(meta.get("config") or {}, meta.get("dataset")) == _signature(exp)
     return same and int(meta.get("epoch", -1)) == exp.translate.epochs
 
 
