@@ -112,6 +112,7 @@ def _setup_quick(tmp: Path) -> Path:
     from cmpc.models.checkpoint import embedder_payload, save_checkpoint
     from cmpc.models.embedder import build_embedder
     from cmpc.models.refiner import SceneGraphRefiner
+    from cmpc.utils.provenance import record
 
     exp_path = tmp / "exp.json"
     exp_path.write_text(json.dumps({
@@ -131,7 +132,8 @@ def _setup_quick(tmp: Path) -> Path:
     save_checkpoint(exp.run_dir / "emb_best.pt", embedder_payload(model, 32))
     rc = RefineConfig(k=10)
     save_refiner(exp.run_dir / "refiner.pt", refiner_payload(SceneGraphRefiner(64, rc.hidden, rc.layers, rc.heads), DenseDescriptor(1, 3).eval(),
-                                                              rc, 10, 64, {"align_min_peak": -1.0}))
+                                                              rc, 10, 64, {"align_min_peak": -1.0},
+                                                              inputs={"embedder": record(exp.run_dir / "emb_best.pt")}))
     build_index(exp)
     return exp_path
 

@@ -333,8 +333,10 @@ class Experiment:
 
     @property
     def index_dir(self) -> Path:
-        """``index/<index.name or name>/``."""
-        return Path("index") / (self.index.name or self.name)
+        """``index/<index.name or name>/`` (the name must be a plain folder name: ConfigError)."""
+        from cmpc.index.store import validate_index_name
+
+        return Path("index") / validate_index_name(self.index.name or self.name, "index.name" if self.index.name else "name")
 
     @property
     def report_dir(self) -> Path:

@@ -121,10 +121,16 @@ def test_evaluate_writes_design_metrics_and_plots(world, monkeypatch):
     for png in ("cmc.png", "error_cdf.png", "retrieval_grid.png", "error_map.png"):
         data = (root / "rep" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    assert (root / "index" / "ev" / "manifest.json").is_file()
+    # ck.pt is not the experiment's runs/ev/emb_best.pt: its index is index/ev@<hash[:12]>
+    from pathlib import Path
+
+    from cmpc.models.checkpoint import checkpoint_hash
+
+    assert saved["meta"]["index"] == str(Path("index") / f"ev@{checkpoint_hash(root / 'ck.pt')[:12]}")
+    assert (root / saved["meta"]["index"] / "manifest.json").is_file()
 
     # The numbers, recomputed independently: brute-force ranks over the model's embeddings.
-    loc = Localizer.from_experiment(exp, "ck.pt")
+    loc = Localizer.from_experiment(exp, "ck.pt", index_dir=saved["meta"]["index"])
     from cmpc.data.patches import PatchDataset
 
     q = PatchDataset("ds", "test", "sar", 16)
@@ -147,6 +153,9 @@ def test_evaluate_writes_design_metrics_and_plots(world, monkeypatch):
 
 
 def test_evaluate_rebuilds_a_stale_index(world, monkeypatch, capsys):
+    import shutil
+    from pathlib import Path
+
     from cmpc.cli import main
     from cmpc.evaluate.run import evaluate
     from cmpc.index.store import read_manifest
@@ -156,13 +165,21 @@ def test_evaluate_rebuilds_a_stale_index(world, monkeypatch, capsys):
     monkeypatch.chdir(root)
     exp = experiment("stale", "ds", "eval.out=rep_stale", "eval.query_sets=[\"all\"]", "eval.plots=false")
     exp.save(root / "stale.json")
-    assert main(["test", "stale.json", "--checkpoint", "ck.pt"]) == 0  # = python test.py stale.json
+    h1, h2 = checkpoint_hash(root / "ck.pt"), checkpoint_hash(root / "ck2.pt")
+    (root / "runs" / "stale").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(root / "ck.pt", root / "runs" / "stale" / "emb_best.pt")
+    assert main(["test", "stale.json"]) == 0  # = python test.py stale.json
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) == {"all"} and printed["all"]["n_queries"] == 21
-    assert read_manifest(root / "index" / "stale")["checkpoint"]["hash"] == checkpoint_hash(root / "ck.pt")
-    m = evaluate(exp, checkpoint="ck2.pt")  # another checkpoint: the index must follow it
-    assert read_manifest(root / "index" / "stale")["checkpoint"]["hash"] == checkpoint_hash(root / "ck2.pt")
+    assert read_manifest(root / "index" / "stale")["checkpoint"]["hash"] == h1
+    shutil.copy2(root / "ck2.pt", root / "runs" / "stale" / "emb_best.pt")  # retrained: the index must follow it
+    m = evaluate(exp)
+    assert read_manifest(root / "index" / "stale")["checkpoint"]["hash"] == h2
     assert m["meta"]["index_rebuilt"] is True
+    # Another checkpoint than the experiment's gets its own index; the experiment's stays.
+    m_old = evaluate(exp, checkpoint="ck.pt")
+    assert m_old["meta"]["index"] == str(Path("index") / f"stale@{h1[:12]}")
+    assert read_manifest(root / "index" / "stale")["checkpoint"]["hash"] == h2
     assert set(m) == {"meta", "all"} and m["all"]["n_queries"] == 21
     assert not (root / "rep_stale" / "cmc.png").exists()  # eval.plots=false
 

@@ -255,7 +255,8 @@ def test_interrupted_build_leaves_no_corrupt_index(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "embed_batches", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         build.build_index(exp, checkpoint="ck.pt")
-    assert list((tmp_path / "index").iterdir()) == []  # no index, no partial folder
+    # no index, no partial folder (the build's lock file index/.atomic.lock stays beside it)
+    assert [p.name for p in (tmp_path / "index").iterdir()] == [".atomic.lock"]
 
     monkeypatch.setattr(build, "embed_batches", real)
     build.build_index(exp, checkpoint="ck.pt")
@@ -263,7 +264,7 @@ def test_interrupted_build_leaves_no_corrupt_index(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "embed_batches", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         build.build_index(experiment("atomic", "ds", "index.factory=HNSW16"), checkpoint="ck.pt")
-    assert [p.name for p in (tmp_path / "index").iterdir()] == ["atomic"]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [".atomic.lock", "atomic"]
     assert _tree_digest(tmp_path / "index" / "atomic") == good  # the old index is intact
     assert ReferenceIndex.load(tmp_path / "index" / "atomic").ntotal == 16
 

@@ -410,7 +410,7 @@ def test_failed_run_keeps_the_existing_dataset(tmp_path, capsys):
     rc, err = _cli(capsys, *_args(bad, opt, root))
     assert rc == 2 and "cannot open the SAR raster" in err
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
-    assert not list(tmp_path.glob(".ds*"))
+    assert [p.name for p in tmp_path.glob(".ds*")] == [".ds.lock"]  # no partial folder; the build lock stays beside
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path):

@@ -43,6 +43,7 @@ def evaluate(exp: Experiment, checkpoint: str | None = None) -> dict[str, Any]:
         "query_split": "test",
         "checkpoint": str(ckpt),
         "checkpoint_hash": localizer.index.manifest["checkpoint"]["hash"],
+        "inputs": localizer.inputs(),  # embedder / index / refiner {path, sha256} (cmpc.utils.provenance)
         "index": str(localizer.index.directory),
         "index_factory": localizer.index.manifest.get("factory"),
         "index_rebuilt": not ok,

@@ -10,14 +10,24 @@ Everything is built in a temporary folder beside ``index/<name>/`` and renamed i
 at the end: an interrupted or failed build leaves the previous index (if any) untouched and
 no partial folder behind. ``add=True`` appends the references of another dataset/split to an
 existing index built with the same checkpoint (new rows after the old ones).
+
+Safety at the seams: the index name must be a plain folder name
+(:func:`cmpc.index.store.validate_index_name`); one build per index at a time
+(:func:`index_lock`, ``index/.<name>.lock``: a second one stops at once naming the running
+build's process id); an existing ``index/<name>/`` that is not a cmpc index (no readable
+manifest) is never replaced. An evaluation with a checkpoint other than the experiment's
+``runs/<name>/emb_best.pt`` uses its own ``index/<name>@<hash[:12]>/``
+(:func:`index_experiment`), leaving the experiment's index alone.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +49,18 @@ from cmpc.index.store import (
     FEATURES_FILE,
     FOOTPRINTS_FILE,
     INDEX_FILE,
+    INDEX_FORMAT,
     MANIFEST_FILE,
     ReferenceIndex,
+    check_replaceable,
     normalize_crs,
     read_manifest,
     short_hash,
+    validate_index_name,
 )
-from cmpc.models.checkpoint import embed_batches, load_embedder
+from cmpc.models.checkpoint import checkpoint_hash, embed_batches, load_embedder
 from cmpc.utils.io import atomic_dir, atomic_write_json
+from cmpc.utils.locks import exclusive, lock_path
 from cmpc.utils.runtime import resolve_device
 
 _ADD_CHUNK = 65_536
@@ -274,7 +288,7 @@ def index_manifest(
 ) -> dict[str, Any]:
     """The ``manifest.json`` of an index (see :mod:`cmpc.index.store`)."""
     manifest: dict[str, Any] = {
-        "format": 1,
+        "format": INDEX_FORMAT,
         "name": out_dir.name,
         "checkpoint": {"path": str(ckpt_path), "hash": meta["hash"]},
         "embed_dim": int(model.embed_dim),
@@ -311,6 +325,50 @@ def index_manifest(
     return manifest
 
 
+def index_lock(out_dir: Path):  # noqa: ANN201 - context manager
+    """The exclusive build lock of ``index/<name>/``: ``index/.<name>.lock`` beside it.
+
+    A second build of the same index while one runs stops at once with
+    :class:`cmpc.utils.locks.BusyError` naming the running build's process id.
+    """
+    return exclusive(lock_path(out_dir), what="index build", target=out_dir)
+
+
+def hashed_index_name(base: str, ckpt_hash: str) -> str:
+    """``<base>@<first 12 hex of the checkpoint's SHA-256>``: the index of a non-default checkpoint."""
+    return validate_index_name(f"{base}@{ckpt_hash[:12]}")
+
+
+def is_default_checkpoint(exp: Experiment, ckpt_path: str | os.PathLike[str], ckpt_hash: str) -> bool:
+    """Whether ``ckpt_path`` is (or has the bytes of) the experiment's ``runs/<name>/emb_best.pt``."""
+    default = exp.run_dir / "emb_best.pt"
+    try:
+        if Path(ckpt_path).resolve() == default.resolve():
+            return True
+        return default.is_file() and checkpoint_hash(default) == ckpt_hash
+    except OSError:
+        return False
+
+
+def index_experiment(
+    exp: Experiment, ckpt_path: str | os.PathLike[str], ckpt_hash: str,
+    is_current: Callable[[Experiment, str], bool] | None = None,
+) -> Experiment:
+    """The experiment whose ``index_dir`` serves checkpoint ``ckpt_path`` without clobbering another model's index.
+
+    ``exp`` itself when its index already serves this checkpoint (``is_current``, default
+    :func:`index_is_current`) or when the checkpoint is the experiment's default
+    ``runs/<name>/emb_best.pt`` (its index is rebuilt when stale); otherwise a copy whose
+    index is ``index/<index name>@<checkpoint hash[:12]>/``, beside the experiment's.
+    """
+    current = is_current or (lambda e, h: index_is_current(e, h)[0])
+    if current(exp, ckpt_hash) or is_default_checkpoint(exp, ckpt_path, ckpt_hash):
+        return exp
+    other = copy.deepcopy(exp)
+    other.index.name = hashed_index_name(exp.index_dir.name, ckpt_hash)
+    return other
+
+
 def build_index(exp: Experiment, checkpoint: str | None = None, add: bool = False) -> dict[str, Any]:
     """Embed the optical references of ``exp.index.split`` into ``exp.index_dir``; return the manifest.
 
@@ -319,13 +377,24 @@ def build_index(exp: Experiment, checkpoint: str | None = None, add: bool = Fals
     from the same dataset split already, or when location ids would repeat). With
     ``index.raster`` set, the references are cut from that GeoTIFF mosaic instead
     (:func:`cmpc.index.raster_build.build_index_from_raster`).
+
+    One build per index at a time (:func:`index_lock`); an existing ``index/<name>/`` that is
+    not a cmpc index is never replaced (:func:`cmpc.index.store.check_replaceable`).
     """
+    out_dir = exp.index_dir  # validates the index name
     if exp.index.raster:
         if add:
             raise DataError("--add with index.raster is not supported: build one index per mosaic, or join the mosaics into one VRT (gdalbuildvrt) and index that")
         from cmpc.index.raster_build import build_index_from_raster
 
         return build_index_from_raster(exp, checkpoint=checkpoint)
+    with index_lock(out_dir):
+        check_replaceable(out_dir)
+        return _build_index_from_dataset(exp, out_dir, checkpoint, add)
+
+
+def _build_index_from_dataset(exp: Experiment, out_dir: Path, checkpoint: str | None, add: bool) -> dict[str, Any]:
+    """:func:`build_index` from ``exp.data.root``, under the index lock."""
     ckpt_path = default_checkpoint(exp, checkpoint)
     device = resolve_device(exp.train.device)
     model, meta = load_embedder(ckpt_path, device)
@@ -348,7 +417,6 @@ def build_index(exp: Experiment, checkpoint: str | None = None, add: bool = Fals
     bounds = footprint_bounds(refs, side_m)
     source_entry = {"root": str(Path(root).resolve()), "split": split, "count": len(refs)}
 
-    out_dir = exp.index_dir
     old: ReferenceIndex | None = None
     if add:
         if not (out_dir / MANIFEST_FILE).is_file():

@@ -6,6 +6,9 @@ the mosaic (its own grid; a geographic mosaic is viewed in its local UTM zone, s
 block (``tile.block_px`` + one patch a side), each block's patches are embedded in batches
 of ``index.batch_size`` and written to a chunk file, then the block is dropped.
 
+One build per index name at a time: the build holds ``index/.<name>.lock`` (see
+:func:`cmpc.index.build.index_lock`); a second one stops at once naming the first's process id.
+
 Resumable: the work happens in ``index/.<name>.building/`` beside the final folder. Each
 finished block is one chunk file ``chunks/block_NNNNNN.npz`` written atomically (temp file
 + rename), so after an interruption (Ctrl-C, crash, power loss) every chunk on disk is whole
@@ -42,9 +45,9 @@ from cmpc.data.layout import read_dataset_meta
 from cmpc.data.patches import standardize
 from cmpc.data.raster import block_groups, crs_name, grid_positions, open_raster
 from cmpc.errors import DataError
-from cmpc.index.build import _FeatureWriter, _write_footprints, default_checkpoint, fill_faiss, index_manifest
+from cmpc.index.build import _FeatureWriter, _write_footprints, default_checkpoint, fill_faiss, index_lock, index_manifest
 from cmpc.index.factory import resolve_factory
-from cmpc.index.store import FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE, normalize_crs
+from cmpc.index.store import FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE, check_replaceable, normalize_crs
 from cmpc.models.checkpoint import load_embedder
 from cmpc.models.embedder import Embedder
 from cmpc.utils.io import atomic_dir, atomic_path, atomic_write_json
@@ -133,7 +136,23 @@ def build_index_from_raster(
     See the module doc. ``on_block(done, total)`` is called after each block is committed
     (progress hooks; an exception raised there interrupts the build like a crash would).
     Returns the manifest; its ``raster_build`` entry says how many blocks were resumed.
+    Holds the index's build lock throughout (the work folder is never shared by two builds)
+    and never replaces an ``index/<name>/`` that is not a cmpc index.
     """
+    out_dir = exp.index_dir  # validates the index name
+    with index_lock(out_dir):
+        check_replaceable(out_dir)
+        return _build_from_raster(exp, out_dir, raster, checkpoint, on_block)
+
+
+def _build_from_raster(
+    exp: Experiment,
+    out_dir: Path,
+    raster: str | os.PathLike[str] | None,
+    checkpoint: str | None,
+    on_block: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    """:func:`build_index_from_raster` under the index lock."""
     path = Path(raster or exp.index.raster or "")
     if not str(path) or not path.is_file():
         raise DataError(f"optical mosaic not found: {path} (index.raster / --raster)")
@@ -142,7 +161,6 @@ def build_index_from_raster(
     model, meta = load_embedder(ckpt_path, device)
     img_size = int(meta.get("img_size") or exp.data.img_size)
     dim = int(model.embed_dim)
-    out_dir = exp.index_dir
     amp = bool(exp.train.amp)
 
     with open_raster(path, bands=exp.index.bands, role="optical map") as src:

@@ -40,6 +40,8 @@ FEATURES_FILE = "features.h5"
 FOOTPRINTS_FILE = "footprints.gpkg"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILES = (INDEX_FILE, FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE)
+#: ``manifest["format"]`` of the indexes this version writes (and recognises as its own).
+INDEX_FORMAT = 1
 #: Search backends :meth:`ReferenceIndex.load` accepts (``auto`` picks; see the module doc).
 BACKENDS = ("auto", "faiss", "torch")
 #: On the CPU, exact (Flat) searches of at least this many queries go through torch
@@ -51,6 +53,61 @@ TORCH_BATCH_MIN = 16
 #: Feature matrices up to this size are read into RAM once; larger ones stream from HDF5.
 _IN_MEMORY_BYTES = 512 * 2**20
 _CHUNK_ROWS = 65_536
+
+
+#: Longest index name accepted (a folder name, with room for the ``.<name>.*`` siblings).
+MAX_INDEX_NAME = 200
+
+
+def validate_index_name(name: Any, key: str = "index.name") -> str:
+    """``name`` when it is a plain folder name for ``index/<name>/``; else a one-line ConfigError.
+
+    Like experiment names: not empty, no path separator, not ``.``/``..`` and not starting
+    with ``.`` (the hidden ``index/.<name>.*`` siblings are the builds' work and lock files).
+    """
+    from cmpc.errors import ConfigError
+
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_INDEX_NAME
+        and not name.startswith(".")
+        and not any(c in name for c in ("/", "\\", "\0"))
+        and name.strip() == name
+        and name.isprintable()
+    )
+    if not ok:
+        raise ConfigError(
+            f"config key '{key}': {name!r} must be a plain folder name under index/ (no '/' or '\\', "
+            f"not starting with '.', at most {MAX_INDEX_NAME} characters)"
+        )
+    return name
+
+
+def check_replaceable(d: str | os.PathLike[str]) -> None:
+    """Refuse (one line) to build over ``d`` unless it is absent, an empty folder, or a cmpc index.
+
+    A build replaces ``index/<name>/`` as a whole; a folder without a readable
+    ``manifest.json`` of the index format (:data:`INDEX_FORMAT`) is someone else's and is
+    never replaced.
+    """
+    p = Path(d)
+    if p.is_symlink():
+        raise DataError(f"refusing to replace {p}: it is a symbolic link; remove the link or choose another index.name")
+    if not p.exists():
+        return
+    if p.is_dir():
+        if not any(p.iterdir()):
+            return
+        try:
+            m = read_manifest(p)
+        except DataError:
+            m = None
+        if m is not None and m.get("format") == INDEX_FORMAT:
+            return
+    raise DataError(
+        f"refusing to replace {p}: it exists and is not a cmpc index (no readable {MANIFEST_FILE}); "
+        "move it away or choose another index.name"
+    )
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -14,7 +14,11 @@ The refiner is any object with::
         -> (refined_order (B, k) rows, refined_positions (B, 2) metres)
 
 and is loaded in exactly one place, :func:`load_refiner` (which defers to the refiner's own
-loader in :mod:`cmpc.localize.refine`).
+loader in :mod:`cmpc.localize.refine`). :meth:`Localizer.from_experiment` hands it the
+embedder checkpoint in use: a refiner trained on another embedder (another SHA-256 of the
+checkpoint file) is refused with one line naming both hashes, as an index built by another
+embedder is. :meth:`Localizer.inputs` is the provenance record reports carry
+(:mod:`cmpc.utils.provenance`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from cmpc.index.store import ReferenceIndex
 from cmpc.localize.prior import prior_rows
 from cmpc.models.checkpoint import load_embedder
 from cmpc.models.embedder import Embedder
+from cmpc.utils import provenance
 from cmpc.utils.runtime import resolve_device
 
 REFINER_FILE = "refiner.pt"
@@ -52,9 +57,13 @@ class Refiner(Protocol):
     ) -> tuple[Any, Any]: ...
 
 
-def load_refiner(exp: Experiment) -> Refiner | None:
+def load_refiner(exp: Experiment, embedder: dict[str, Any] | str | os.PathLike[str] | None = None) -> Refiner | None:
     """The experiment's refiner, or None when ``refine.enabled`` is false or
-    ``runs/<name>/refiner.pt`` is absent. The loading itself is the refiner module's."""
+    ``runs/<name>/refiner.pt`` is absent. The loading itself is the refiner module's.
+
+    ``embedder``: the embedder checkpoint in use (path or ``{"path", "sha256"}``; default
+    ``runs/<name>/emb_best.pt``): a refiner trained on another one is a one-line
+    :class:`CheckpointError` naming both hashes."""
     path = exp.run_dir / REFINER_FILE
     if not exp.refine.enabled or not path.is_file():
         return None
@@ -64,7 +73,7 @@ def load_refiner(exp: Experiment) -> Refiner | None:
         if e.name != "cmpc.localize.refine":
             raise
         raise CheckpointError(f"{path} exists but this cmpc has no refiner (cmpc.localize.refine); set refine.enabled=false") from None
-    return _load(exp)
+    return _load(exp, embedder)
 
 
 @dataclass
@@ -108,6 +117,7 @@ class Localizer:
         device: str | torch.device = "cpu",
         amp: bool = True,
         checkpoint_path: str | os.PathLike[str] | None = None,
+        checkpoint_sha256: str | None = None,
     ) -> None:
         self.model = model
         self.index = index
@@ -121,6 +131,7 @@ class Localizer:
         self.device = torch.device(device)
         self.amp = amp and self.device.type == "cuda"
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self._checkpoint_sha256 = checkpoint_sha256
 
     @classmethod
     def from_experiment(
@@ -147,8 +158,26 @@ class Localizer:
             torch_device=str(device) if device.type == "cuda" else None,
         )
         allowed = prior_rows(exp.localize, index)
-        refiner = load_refiner(exp) if use_refiner else None
-        return cls(model, index, exp.localize.top_k, allowed, refiner, device, exp.train.amp, ckpt)
+        embedder = provenance.record(ckpt, meta["hash"])
+        refiner = load_refiner(exp, embedder) if use_refiner else None
+        return cls(model, index, exp.localize.top_k, allowed, refiner, device, exp.train.amp, ckpt, meta["hash"])
+
+    def inputs(self) -> dict[str, Any]:
+        """The provenance record of a report made with this localizer: ``embedder`` (the
+        checkpoint), ``index`` (its ``manifest.json``) and ``refiner`` (when one is used and
+        was loaded from a file); each ``{"path", "sha256"}`` (see :mod:`cmpc.utils.provenance`)."""
+        from cmpc.index.store import MANIFEST_FILE
+
+        out: dict[str, Any] = {}
+        if self.checkpoint_path is not None:
+            out["embedder"] = provenance.record(self.checkpoint_path, self._checkpoint_sha256)
+        directory = getattr(self.index, "directory", None)
+        if directory is not None and (Path(directory) / MANIFEST_FILE).is_file():
+            out["index"] = provenance.record(Path(directory) / MANIFEST_FILE)
+        source = getattr(self.refiner, "source", None)
+        if source:
+            out["refiner"] = dict(source)
+        return out
 
     # ------------------------------------------------------------------ properties
 

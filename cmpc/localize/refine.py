@@ -15,7 +15,10 @@
 Fewer than ``k`` candidates (a small map or a tight prior): the missing graph nodes are
 masked out (padding), so the refiner works with any number >= 1. Non-finite embeddings are a
 one-line :class:`~cmpc.errors.DataError`; a refiner trained for another ``k`` or embedding
-size is a :class:`~cmpc.errors.CheckpointError` / :class:`~cmpc.errors.IndexMismatchError`.
+size is a :class:`~cmpc.errors.CheckpointError` / :class:`~cmpc.errors.IndexMismatchError`,
+and so is one trained on another embedder: a refiner checkpoint records the SHA-256 of the
+embedder checkpoint it was trained on (``inputs.embedder``, :mod:`cmpc.utils.provenance`),
+and :func:`load_refiner` compares it with the embedder in use before anything runs.
 
 The optical descriptors of a map are computed once per index (at the queries' pixel size)
 and cached in ``index/<name>/align_features_<gsd>m.pt`` (keyed by the aligner weights, the
@@ -43,6 +46,7 @@ from cmpc.localize.graph import build_graphs, grid_spacing_m
 from cmpc.localize.mosaic import mosaic_from_index, resample
 from cmpc.models.checkpoint import load_checkpoint, save_checkpoint
 from cmpc.models.refiner import SceneGraphRefiner
+from cmpc.utils import provenance
 from cmpc.utils.io import atomic_path
 
 REFINER_FILE = "refiner.pt"
@@ -97,6 +101,10 @@ class GraphRefiner:
         self.timings: dict[str, float] = defaultdict(float)
         #: (B,) best alignment peak of each query of the last batch (None without alignment)
         self.last_peaks: np.ndarray | None = None
+        #: {"path", "sha256"} of the checkpoint it was loaded from (None when built in memory)
+        self.source: dict[str, str] | None = None
+        #: the checkpoint's ``inputs`` record (embedder, index, ...; see cmpc.utils.provenance)
+        self.inputs: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ map-level caches
 
@@ -297,11 +305,18 @@ def refiner_payload(
     k: int,
     embed_dim: int,
     stats: dict[str, Any],
+    inputs: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Plain data (``weights_only=True`` loadable) describing a trained refiner."""
+    """Plain data (``weights_only=True`` loadable) describing a trained refiner.
+
+    ``inputs``: what it was trained from, ``{"embedder": {"path", "sha256"}, "index": ...}``
+    (:mod:`cmpc.utils.provenance`); :func:`load_refiner` refuses a refiner without
+    ``inputs.embedder``.
+    """
     return {
         "kind": "refiner",
+        provenance.INPUTS: dict(inputs or {}),
         "k": int(k),
         "embed_dim": int(embed_dim),
         "refine_cfg": dataclasses.asdict(cfg),
@@ -323,15 +338,43 @@ def save_refiner(path: str | Path, payload: dict[str, Any]) -> Path:
     return save_checkpoint(path, payload)
 
 
-def refiner_from_checkpoint(path: str | Path, cfg: RefineConfig, device: torch.device | str = "cpu") -> GraphRefiner:
+def refiner_embedder_record(ck: dict[str, Any]) -> dict[str, Any] | None:
+    """The embedder a refiner checkpoint was trained on: ``inputs.embedder``, else the older
+    ``stats.embedder`` ({path, hash}: the same file SHA-256), else None."""
+    rec = provenance.recorded(ck, "embedder")
+    if rec is None:
+        old = (ck.get("stats") or {}).get("embedder")
+        if isinstance(old, dict) and old.get("hash"):
+            rec = {"path": old.get("path"), "sha256": old["hash"]}
+    return rec
+
+
+def refiner_from_checkpoint(
+    path: str | Path,
+    cfg: RefineConfig,
+    device: torch.device | str = "cpu",
+    embedder: dict[str, Any] | str | Path | None = None,
+) -> GraphRefiner:
     """Rebuild a :class:`GraphRefiner` from ``path`` with the query-time switches of ``cfg``.
 
     The graph size ``k`` must match the checkpoint's (one-line :class:`CheckpointError`
     otherwise); the switches (rerank, gnn_position, fine_align, fine_top, ...) are free.
+    ``embedder``: the embedder checkpoint the queries are embedded with (a path or a
+    ``{"path", "sha256"}`` record); given, the refiner must have been trained on exactly that
+    file (same SHA-256), else a one-line :class:`CheckpointError` naming both hashes. None
+    skips the check (tools that use only the aligner, which does not depend on the embedder).
     """
     ck = load_checkpoint(path)
     if ck.get("kind") != "refiner":
         raise CheckpointError(f"{path} is not a refiner checkpoint (kind={ck.get('kind')!r})")
+    if embedder is not None:
+        provenance.check(
+            refiner_embedder_record(ck),
+            embedder,
+            artefact=f"refiner {path}",
+            role="embedder",
+            fix="retrain the refiner on this embedder with `cmpc train refine EXPERIMENT.json` (or set refine.enabled=false)",
+        )
     k = int(ck["k"])
     if cfg.k != k:
         raise CheckpointError(f"{path} was trained for k={k} candidates but refine.k is {cfg.k}; set refine.k={k} or retrain with `cmpc train refine EXPERIMENT.json`")
@@ -353,15 +396,26 @@ def refiner_from_checkpoint(path: str | Path, cfg: RefineConfig, device: torch.d
         except RuntimeError as e:
             raise CheckpointError(f"{path}: aligner weights do not fit their stored architecture: {str(e).splitlines()[0]}") from None
     min_peak = cfg.align_min_peak if cfg.align_min_peak is not None else float(ck.get("stats", {}).get("align_min_peak", 0.0))
-    return GraphRefiner(gnn, aligner, cfg, k, D, align_min_peak=min_peak, device=device)
+    gr = GraphRefiner(gnn, aligner, cfg, k, D, align_min_peak=min_peak, device=device)
+    gr.source = provenance.record(path)
+    gr.inputs = dict(ck.get(provenance.INPUTS) or {})
+    return gr
 
 
-def load_refiner(exp: Experiment) -> GraphRefiner | None:
+def load_refiner(exp: Experiment, embedder: dict[str, Any] | str | Path | None = None) -> GraphRefiner | None:
     """The refiner of ``exp`` (``runs/<name>/refiner.pt``), or None when ``refine.enabled``
-    is false or no refiner was trained."""
+    is false or no refiner was trained.
+
+    ``embedder``: the embedder checkpoint in use (path or ``{"path", "sha256"}``; default
+    ``runs/<name>/emb_best.pt``); the refiner must have been trained on it (see
+    :func:`refiner_from_checkpoint`).
+    """
     path = exp.run_dir / REFINER_FILE
     if not exp.refine.enabled or not path.is_file():
         return None
+    from cmpc.index.build import default_checkpoint
     from cmpc.utils.runtime import resolve_device
 
-    return refiner_from_checkpoint(path, exp.refine, resolve_device(exp.train.device))
+    if embedder is None:
+        embedder = default_checkpoint(exp)  # one-line error when there is none to check against
+    return refiner_from_checkpoint(path, exp.refine, resolve_device(exp.train.device), embedder=embedder)

@@ -112,6 +112,7 @@ def localize(
             "query_split": source.split,
             "checkpoint": str(localizer.checkpoint_path),
             "checkpoint_hash": localizer.index.manifest["checkpoint"]["hash"],
+            "inputs": localizer.inputs(),  # embedder / index / refiner {path, sha256} (cmpc.utils.provenance)
             "index": str(localizer.index.directory),
             "index_factory": localizer.index.manifest.get("factory"),
             "config": exp.to_dict(),

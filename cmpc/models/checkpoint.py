@@ -7,8 +7,10 @@ An embedder checkpoint holds::
      "epoch": int, "metrics": {...}, "experiment": {...resolved config...}, ...}
 
 Training state (optimizer, scheduler, RNG) may be added under other keys for resuming.
-A checkpoint's identity is the SHA-256 of its file (:func:`checkpoint_hash`); indexes record
-it so a model/index mismatch is caught.
+A checkpoint's identity is the SHA-256 of its file (:func:`checkpoint_hash`); indexes and
+refiners record it so a model/index or model/refiner mismatch is caught. Conversely a
+checkpoint lists the files it was built from under ``"inputs"`` (``{"<role>": {"path",
+"sha256"}}``, see :mod:`cmpc.utils.provenance`).
 """
 
 from __future__ import annotations

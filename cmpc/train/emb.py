@@ -16,6 +16,11 @@ with the weighted metric losses and the Wasserstein critic; writes to ``runs/<na
   resumes from it, mid-epoch included, and ends with the same weights as an uninterrupted
   run (CPU). A finished run is not retrained.
 
+Both checkpoints record ``inputs`` (:mod:`cmpc.utils.provenance`): the SHA-256 of the
+translator checkpoints of ``translate.views`` (``views``) and of ``model.weights``
+(``init_weights``). A run does not resume (or count as finished) when one of those files
+has changed since: one line names both hashes.
+
 Determinism: all sampling and augmentation randomness is derived from ``(seed, epoch,
 location)`` / ``(seed, step)``, never from global state shared with data workers.
 
@@ -52,6 +57,7 @@ from cmpc.errors import ConfigError, DataError
 from cmpc.models.checkpoint import embedder_payload, load_checkpoint, save_checkpoint
 from cmpc.models.embedder import Embedder, build_embedder
 from cmpc.models.losses import CombinedLoss, WassersteinCritic, build_critic, build_critic_optimizer, build_losses
+from cmpc.utils import provenance
 from cmpc.utils.io import append_jsonl, atomic_write_text, read_jsonl
 from cmpc.utils.runtime import default_num_threads, resolve_device, seed_everything
 
@@ -348,6 +354,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _inputs(exp: Experiment) -> dict[str, Any]:
+    """The provenance record of an embedder run: ``views`` (translator checkpoints of
+    ``translate.views``) and ``init_weights`` (``model.weights``), each {path, sha256}. Files
+    that do not exist are left out here (loading them is a one-line error of its own)."""
+    out: dict[str, Any] = {}
+    views = list(getattr(getattr(exp, "translate", None), "views", None) or [])
+    if views:
+        out["views"] = [provenance.record(v) for v in views if Path(v).is_file()]
+    if exp.model.weights and Path(exp.model.weights).is_file():
+        out["init_weights"] = provenance.record(exp.model.weights)
+    return out
+
+
+def _check_inputs(last_path: Path, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+    """Refuse to resume ``last_path`` when an input file it was trained from has changed
+    (older checkpoints without ``inputs`` are not checked)."""
+    if not isinstance(old, dict):
+        return
+    fix = f"use another experiment name or delete {last_path.parent} to start over"
+    old_views, new_views = old.get("views") or [], new.get("views") or []
+    for i, (a, b) in enumerate(zip(old_views, new_views)):
+        provenance.check(a, b, artefact=str(last_path), role=f"translate.views[{i}]", fix=fix)
+    if old.get("init_weights") and new.get("init_weights"):
+        provenance.check(old["init_weights"], new["init_weights"], artefact=str(last_path), role="model.weights", fix=fix)
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log records written after the checkpoint we resume from (they will be redone)."""
     if not path.exists():
@@ -400,6 +432,7 @@ def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResu
 
     # ---- resume or skip? ----
     resume: dict[str, Any] | None = None
+    inputs = _inputs(exp)  # every rank: a refusal must stop them all, not leave some at a barrier
     if last_path.exists():
         resume = load_checkpoint(last_path)
         diffs = _config_differences(resume.get("experiment") or {}, exp.to_dict())
@@ -409,6 +442,7 @@ def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResu
                 f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
                 f"use another experiment name or delete {run_dir} to start over"
             )
+        _check_inputs(last_path, resume.get(provenance.INPUTS), inputs)
         if resume.get("finished"):
             metrics = dict(resume.get("best_metrics") or {})
             _say(ddp, f"{run_dir}: already trained ({resume.get('epoch')} epochs, best val {metrics}); delete {last_path} to retrain")
@@ -521,6 +555,7 @@ def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResu
             sampler=sampler_state,
             rng=_rng_state(),
             elapsed_s=elapsed(),
+            inputs=inputs,
         )
 
     metrics: dict[str, Any] = dict(best.get("recall") or {})
@@ -614,11 +649,11 @@ def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResu
                 _say(ddp, f"epoch {epoch + 1}: val R@1 {metrics['1']:.3f} R@5 {metrics['5']:.3f} ({len(data.val_queries)} queries, {len(data.val_locs)} references)")
                 if _better(metrics, best.get("recall")):
                     best = {"recall": metrics, "epoch": epoch + 1, "step": step}
-                    save_checkpoint(best_path, _best_payload(model, exp, epoch + 1, step, metrics, losses))
+                    save_checkpoint(best_path, _best_payload(model, exp, epoch + 1, step, metrics, losses, inputs))
             elif not len(data.val_queries):
                 # No validation data: the latest weights are the best we know.
                 best = {"recall": None, "epoch": epoch + 1, "step": step}
-                save_checkpoint(best_path, _best_payload(model, exp, epoch + 1, step, {}, losses))
+                save_checkpoint(best_path, _best_payload(model, exp, epoch + 1, step, {}, losses, inputs))
             save_checkpoint(last_path, state_payload(epoch + 1, 0, finished=is_last))
         ddp.barrier()
 
@@ -635,8 +670,12 @@ def _better(new: dict[str, float], old: dict[str, float] | None) -> bool:
     return (new["1"], new["5"]) > (old["1"], old["5"])
 
 
-def _best_payload(model: Embedder, exp: Experiment, epoch: int, step: int, metrics: dict[str, float], losses: CombinedLoss) -> dict[str, Any]:
-    return embedder_payload(model, exp.data.img_size, epoch=epoch, step=step, metrics=metrics, experiment=exp.to_dict(), losses=losses.state_dict())
+def _best_payload(
+    model: Embedder, exp: Experiment, epoch: int, step: int, metrics: dict[str, float], losses: CombinedLoss, inputs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return embedder_payload(
+        model, exp.data.img_size, epoch=epoch, step=step, metrics=metrics, experiment=exp.to_dict(), losses=losses.state_dict(), inputs=dict(inputs or {})
+    )
 
 
 def validate(model: Embedder, data: _Data, device: torch.device) -> dict[str, float]:

@@ -20,7 +20,10 @@ From the training split only:
    alignment peak threshold under which the GNN position is kept is calibrated.
 
 Writes ``runs/<name>/refiner.pt`` (plain data: weights, architecture, k, embedding size,
-stats) and ``runs/<name>/refine_log.jsonl`` (one JSON record per epoch / logging step).
+stats, and ``inputs``: the SHA-256 of the embedder checkpoint, of the training index's
+manifest and of the ``refine.align_from`` refiner it was built from, see
+:mod:`cmpc.utils.provenance`; the localizer refuses it with any other embedder) and
+``runs/<name>/refine_log.jsonl`` (one JSON record per epoch / logging step).
 """
 
 from __future__ import annotations
@@ -441,11 +444,27 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
         stats["align_min_peak"], stats["calibration"] = _calibrate(exp, gnn, aligner, gs, val_idx, anns, index, meta)
         _say(f"alignment peak threshold {stats['align_min_peak']:.3f}: {stats['calibration']}")
     stats["seconds"] = round(time.perf_counter() - t_start, 1)
-    payload = refiner_payload(gnn, aligner, rc, k, int(gs.q.shape[1]), stats, experiment=exp.to_dict())
+    inputs = _inputs(ckpt, meta, index, rc.align_from if aligner is not None and rc.align_from else None)
+    payload = refiner_payload(gnn, aligner, rc, k, int(gs.q.shape[1]), stats, inputs=inputs, experiment=exp.to_dict())
     path = save_refiner(run_dir / REFINER_FILE, payload)
     append_jsonl(log_path, {"stage": "done", "path": str(path), "seconds": stats["seconds"]})
     _say(f"saved {path} ({stats['seconds']:.0f} s)")
     return path
+
+
+def _inputs(ckpt: Path, meta: dict[str, Any], index, align_from: str | None) -> dict[str, Any]:  # noqa: ANN001 - ReferenceIndex
+    """The refiner's provenance record: the embedder checkpoint, the training index (its
+    manifest) and the refiner its aligner was taken from (see :mod:`cmpc.utils.provenance`)."""
+    from cmpc.index.store import MANIFEST_FILE
+    from cmpc.utils import provenance
+
+    out: dict[str, Any] = {"embedder": provenance.record(ckpt, meta["hash"])}
+    manifest = Path(index.directory) / MANIFEST_FILE
+    if manifest.is_file():
+        out["index"] = provenance.record(manifest)
+    if align_from:
+        out["align_from"] = provenance.record(align_from)
+    return out
 
 
 def aligner_from(path: str | Path, query_px: int) -> tuple[DenseDescriptor, dict[str, Any]]:

@@ -27,6 +27,7 @@ from cmpc.models.checkpoint import checkpoint_hash, load_checkpoint
 from cmpc.models.translators.base import build_generator, direction_modes
 from cmpc.models.translators.networks import run_generator
 from cmpc.translate.data import Normalizer
+from cmpc.utils import provenance
 from cmpc.utils.io import atomic_dir, atomic_path, atomic_write_json
 
 
@@ -208,7 +209,10 @@ def apply_translator(
                 write_annotation(tmp, split, tgt, new)
         atomic_write_json(
             tmp / "dataset.json",
-            {"translated": True, "source_dataset": str(root), "split": split, "direction": direction, "translator": str(ckpt), "translator_hash": tr.hash, "epoch": tr.epoch},
+            {
+                "translated": True, "source_dataset": str(root), "split": split, "direction": direction, "translator": str(ckpt),
+                "translator_hash": tr.hash, "epoch": tr.epoch, "inputs": {"translator": provenance.record(ckpt, tr.hash)},
+            },
         )
     summary = {"out": str(out), "split": split, "direction": direction, "patches": len(anns), "translator": str(ckpt), "epoch": tr.epoch}
     return summary

@@ -14,8 +14,9 @@ Two parts with small interfaces:
   output for every source patch, as model input (C, S, S) standardised like
   :func:`cmpc.data.patches.to_model_input`. With ``cache`` they are computed once into an
   HDF5 file per translator (``<runs_dir>/views/<translator hash>_<dataset key>.h5``, one
-  dataset per direction, float16) and read back lazily, so DataLoader workers share nothing
-  but the file name.
+  dataset per direction, float16; reused only when its recorded ``translator_hash``, the
+  SHA-256 of the checkpoint file, is the translator's) and read back lazily, so DataLoader
+  workers share nothing but the file name.
 - :func:`with_translated_views` (the trainer hook): takes the trainer's
   :class:`cmpc.data.pairs.PairDataset` and returns a copy whose optical/SAR patch loaders
   substitute translated views; validation keeps using the real patches.
@@ -116,7 +117,9 @@ class TranslatedViews:
         if path.is_file():
             try:
                 with h5py.File(path, "r") as h5:
-                    if all(d in h5 and h5[d].shape[0] == len(self.annotations[direction_modes(d)[0]]) for d in tr.directions):
+                    # the file name holds 16 hex digits of the translator's SHA-256; the whole one is compared
+                    same = h5.attrs.get("translator_hash") == tr.hash
+                    if same and all(d in h5 and h5[d].shape[0] == len(self.annotations[direction_modes(d)[0]]) for d in tr.directions):
                         return path
             except OSError:
                 pass  # unreadable (interrupted copy): rebuild it

@@ -12,8 +12,9 @@ For each direction the checkpoint translates, on up to ``translate.eval_max`` al
   noise alone gives at this sample size); with ``translate.fid_embedder``,
   ``fid_emb`` does the same with a trained embedder's pooled trunk features (no labels
   needed). Neither is comparable to Inception-based FIDs.
-Writes ``<report_dir>/translate/<model>_e<epoch>.json`` and a sample grid PNG per direction
-(columns: source, translation, truth).
+Writes ``<report_dir>/translate/<model>_e<epoch>.json`` (its ``meta.inputs``: SHA-256 of the
+translator, the segmentation judges and the FID embedder used, :mod:`cmpc.utils.provenance`)
+and a sample grid PNG per direction (columns: source, translation, truth).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cmpc.models.translators.base import direction_modes
 from cmpc.translate.apply import LoadedTranslator, data_contract, load_translator
 from cmpc.translate.data import LabelStore, PatchStore, read_split, require_pairs, sample_indices
 from cmpc.translate.metrics import confusion_matrix, fid_with_floor, mean_finite, psnr, segmentation_scores, ssim
+from cmpc.utils import provenance
 from cmpc.utils.io import atomic_path, atomic_write_json
 from cmpc.utils.runtime import default_num_threads, resolve_device
 
@@ -102,6 +104,20 @@ def _labels_and_segmenters(exp: Experiment, tr: LoadedTranslator, device: torch.
     return labels, ensure_segmenters(exp, modes, device), None
 
 
+def _inputs(exp: Experiment, ckpt: Path, tr: LoadedTranslator, segs: dict[str, Any], emb_feats: EmbedderFeatures | None) -> dict[str, Any]:
+    """What the scores were computed with: translator, segmentation judges, FID embedder."""
+    from cmpc.translate.segment import seg_dir
+
+    out: dict[str, Any] = {"translator": provenance.record(ckpt, tr.hash)}
+    for m in sorted(segs):
+        path = seg_dir(exp) / f"seg_{m}.pt"
+        if path.is_file():
+            out[f"seg_{m}"] = provenance.record(path)
+    if emb_feats is not None:
+        out["fid_embedder"] = provenance.record(exp.translate.fid_embedder, emb_feats.hash)
+    return out
+
+
 @torch.no_grad()
 def evaluate_translator(
     exp: Experiment,
@@ -144,6 +160,7 @@ def evaluate_translator(
             "fid_emb: GeM-pooled trunk features of the embedder translate.fid_embedder (target-modality branch). "
             "Neither is Inception: not comparable to published FIDs",
             "fid_embedder": tc.fid_embedder,
+            "inputs": _inputs(exp, ckpt, tr, segs, emb_feats),
         }
     }
     if seg_note:

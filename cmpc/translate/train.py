@@ -7,7 +7,10 @@ the segmentation networks of :mod:`cmpc.translate.segment` (trained first when m
 
 Writes to ``translate.out`` (default ``runs/<name>/translator/``): ``epoch_NNN.pt`` every
 ``save_every`` epochs (checkpoint selection compares them), ``last.pt``, ``log.jsonl``
-(one line per epoch with mean losses, lr and seconds) and ``config.json``.
+(one line per epoch with mean losses, lr and seconds) and ``config.json``. Checkpoints and
+the training state record ``inputs`` (:mod:`cmpc.utils.provenance`): for Seg-CycleGAN the
+SHA-256 of the segmentation judges ``seg_opt`` / ``seg_sar``; a run whose judges changed
+since its state was saved does not resume (one line names both hashes) but starts over.
 Learning rate: constant for the first half of the epochs, then linear decay to zero
 (the pix2pix/CycleGAN schedule).
 """
@@ -42,6 +45,7 @@ from cmpc.translate.data import (
     require_pairs,
 )
 from cmpc.translate.segment import ensure_segmenters, fit_normalizers, open_labels
+from cmpc.utils import provenance
 from cmpc.utils.io import append_jsonl, atomic_write_text
 from cmpc.utils.runtime import default_num_threads, resolve_device, seed_everything
 
@@ -134,9 +138,14 @@ def train_translator(exp: Experiment, progress: bool = True) -> Path:
     device = resolve_device(tc.device)
     data, facts = build_training_data(exp, tc.model)
     kwargs: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}
     if tc.model == "segcyclegan":
+        from cmpc.translate.segment import seg_dir
+
         segs = ensure_segmenters(exp, ("opt", "sar"), device)
         kwargs = {"seg_opt": segs["opt"], "seg_sar": segs["sar"]}
+        inputs = {f"seg_{m}": provenance.record(seg_dir(exp) / f"seg_{m}.pt") for m in ("opt", "sar")}
+    state = _same_inputs(state, inputs, out / STATE_FILE)
     seed_everything(tc.seed)  # segmenter training consumed random numbers; restart the stream
     model = create_translator(tc.model, tc, facts["sar_channels"], facts["opt_channels"], **kwargs).to(device)
 
@@ -193,7 +202,7 @@ def train_translator(exp: Experiment, progress: bool = True) -> Path:
         print(f"[translate] epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()), file=sys.stderr, flush=True)
         if (epoch + 1) % tc.save_every == 0 or epoch + 1 == tc.epochs:
             path = out / f"epoch_{epoch + 1:03d}.pt"
-            save_checkpoint(path, translator_payload(model, exp, {**facts, "epoch": epoch + 1, "step": step, "losses": means}))
+            save_checkpoint(path, translator_payload(model, exp, {**facts, "epoch": epoch + 1, "step": step, "losses": means, "inputs": inputs}))
             # last.pt is a copy made atomically (save_checkpoint writes a temp file and renames).
             tmp = out / ".last.pt.copy"
             shutil.copyfile(path, tmp)
@@ -210,9 +219,28 @@ def train_translator(exp: Experiment, progress: bool = True) -> Path:
                 "signature": _signature(exp),
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizers": [o.state_dict() for o in model.optimizers],
+                "inputs": inputs,
             },
         )
     return last
+
+
+def _same_inputs(state: dict[str, Any] | None, inputs: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """``state``, or None (train from scratch, saying why in one line naming both hashes) when
+    a file it was trained with (a segmentation judge) has changed since. States saved before
+    ``inputs`` existed are taken as they are."""
+    old = state.get("inputs") if state is not None else None
+    if not isinstance(old, dict):
+        return state
+    from cmpc.errors import CmpcError
+
+    try:
+        for role, rec in inputs.items():
+            provenance.check(old.get(role), rec, artefact=str(path), role=role, fix="training from scratch")
+    except CmpcError as e:
+        print(f"[translate] not resuming: {e}", file=sys.stderr, flush=True)
+        return None
+    return state
 
 
 STATE_FILE = "state.pt"
