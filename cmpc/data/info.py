@@ -5,6 +5,12 @@ SN6-CMPC layout, which has only annotations (``id``, ``pos``, ``file_path``, ``n
 images: CRS, patch size and bands are then inferred from the annotations and the first
 image of each modality, and a SAR query counts as aligned when an optical reference of the
 same split has the same id and centre.
+
+It also says whether positions are ground metres: for a tiled dataset, how the sources' CRS
+became the dataset CRS (used as is, or viewed in the local UTM zone; see
+:func:`cmpc.data.raster.working_crs`); for GeoTIFF patches in a CRS that is not metric at
+the data (World Mercator, feet, degrees), the ground GSD in the local UTM zone and a warning
+that the annotation positions are CRS units, not metres.
 """
 
 from __future__ import annotations
@@ -22,8 +28,31 @@ from cmpc.errors import DataError
 _ALIGN_TOL_M = 1e-3  # a SAR centre within a millimetre of its reference's centre is "aligned"
 
 
+def _ground_gsd(crs: Any, transform: Any, width: int, height: int) -> tuple[float, str | None]:
+    """(pixel size, None) when ``crs`` is metric at the data, else (ground GSD in metres/px
+    measured along the image edges in the local UTM zone, the reason from
+    :func:`cmpc.data.raster.working_crs`)."""
+    from rasterio.warp import transform as warp_transform
+
+    from cmpc.data.raster import normalized_bounds, working_crs
+
+    res = float(abs(transform.a))
+    try:
+        corners = [transform * (0, 0), transform * (width, 0), transform * (0, height)]
+        (x0, y0), (x1, _), (_, y2) = corners
+        wc, reason = working_crs(crs, normalized_bounds((min(x0, x1), min(y0, y2), max(x0, x1), max(y0, y2))))
+        if wc == crs:
+            return res, None
+        xs, ys = warp_transform(crs, wc, [c[0] for c in corners], [c[1] for c in corners])
+        top = float(np.hypot(xs[1] - xs[0], ys[1] - ys[0])) / width
+        left = float(np.hypot(xs[2] - xs[0], ys[2] - ys[0])) / height
+        return (top + left) / 2.0, reason
+    except Exception:  # an exotic CRS PROJ cannot place: report the CRS pixel size as before
+        return res, None
+
+
 def _image_info(path: Path) -> dict[str, Any]:
-    """Bands, dtype, size (px) and, for GeoTIFF, CRS and GSD of one patch file (header only)."""
+    """Bands, dtype, size (px) and, for GeoTIFF, CRS and ground GSD of one patch file (header only)."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import rasterio
@@ -32,6 +61,10 @@ def _image_info(path: Path) -> dict[str, Any]:
                 warnings.simplefilter("ignore")
                 with rasterio.open(path) as src:
                     crs = src.crs
+                    gsd, note = (
+                        _ground_gsd(crs, src.transform, src.width, src.height)
+                        if crs is not None else (None, None)
+                    )
                     return {
                         "bands": src.count,
                         "dtype": src.dtypes[0],
@@ -39,7 +72,8 @@ def _image_info(path: Path) -> dict[str, Any]:
                         "width_px": src.width,
                         "format": "tif",
                         "crs": (f"EPSG:{crs.to_epsg()}" if crs is not None and crs.to_epsg() else (crs.to_string() if crs else None)),
-                        "gsd_m": float(abs(src.transform.a)) if crs is not None else None,
+                        "gsd_m": gsd,
+                        "crs_note": note,
                     }
         from PIL import Image
 
@@ -124,6 +158,7 @@ def dataset_summary(root: str | os.PathLike[str]) -> dict[str, Any]:
         splits[split] = block
 
     modalities: dict[str, Any] = {}
+    patch_notes: list[str] = []
     for mode in MODES:
         if mode in first:
             split, a = first[mode]
@@ -139,17 +174,32 @@ def dataset_summary(root: str | os.PathLike[str]) -> dict[str, Any]:
         }
         if img.get("crs"):
             crs_seen.add(img["crs"])
+        if img.get("crs_note"):
+            patch_notes.append(img["crs_note"])
+            gsd_seen = [img["gsd_m"]]  # the annotations' gsd, if any, is in CRS units
         if img.get("gsd_m") and not gsd_seen:
             gsd_seen.append(img["gsd_m"])
 
     crs = meta.get("crs") or (sorted(crs_seen)[0] if crs_seen else None)
     gsd = meta.get("gsd_m") or (float(np.median(gsd_seen)) if gsd_seen else None)
+    crs_note = None
+    src_opt = (meta.get("sources") or {}).get("optical") or {}
+    if src_opt.get("crs_reason"):
+        crs_note = f"optical source: {src_opt['crs_reason']}"
+    elif patch_notes:
+        # Patches (and so the annotation positions) in a CRS that is not metric at the data,
+        # e.g. tiled by an older version straight in World Mercator: report the ground gsd.
+        gsd = float(np.median(gsd_seen))
+        crs_note = (
+            f"positions are {crs} units, not ground metres ({patch_notes[0]}); gsd is the ground gsd; "
+            f"re-tile from the source rasters with cmpc data tile"
+        )
     patch_px = meta.get("patch_px") or ((modalities["opt"]["patch_px"] or [None])[0])
     patch_m = meta.get("patch_m")
     if patch_m is None and boxes:
         patch_m = float(np.median([b[2] - b[0] for b in boxes]))
-    if patch_m is None and gsd and patch_px:
-        patch_m = gsd * patch_px
+    if (patch_m is None or (patch_notes and not src_opt.get("crs_reason"))) and gsd and patch_px:
+        patch_m = gsd * patch_px  # ground metres when the patches' CRS is not metric
     if boxes:
         arr = np.array(boxes)
         extent = [float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 2].max()), float(arr[:, 3].max())]
@@ -164,6 +214,7 @@ def dataset_summary(root: str | os.PathLike[str]) -> dict[str, Any]:
         "described_by": "dataset.json" if meta else "annotations",
         "crs": crs,
         "crs_all": sorted(crs_seen | ({meta["crs"]} if meta.get("crs") else set())),
+        "crs_note": crs_note,
         "split_protocol": meta.get("split"),
         "gsd_m": gsd,
         "patch_px": patch_px,
@@ -188,6 +239,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"dataset   {s['root']}  (described by {s['described_by']})",
         f"crs       {s['crs'] or 'unknown'}" + (f"  (several: {', '.join(s['crs_all'])})" if len(s["crs_all"]) > 1 else ""),
+        *([f"          {s['crs_note']}"] if s.get("crs_note") else []),
         f"extent    x {ext[0]:.1f} .. {ext[2]:.1f}, y {ext[1]:.1f} .. {ext[3]:.1f}  "
         f"({s['size_m'][0]:.1f} x {s['size_m'][1]:.1f} m, {s['extent_of']})",
         f"patch     {_num(s['patch_px'], '{}')} px = {_num(s['patch_m'])} m  (gsd {_num(s['gsd_m'], '{:.3f}')} m/px"

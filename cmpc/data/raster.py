@@ -1,9 +1,13 @@
 """Opening, validating and streaming GeoTIFF rasters (SAR strips, optical mosaics).
 
 Everything here reads *windows*: a mosaic larger than memory works, because no function
-ever asks rasterio for the whole raster. Positions are metres: a raster in a geographic CRS
-(degrees) is viewed through a ``WarpedVRT`` in the local UTM zone (picked at the raster
-centre), so every patch centre, footprint and ground sampling distance (GSD) is in metres.
+ever asks rasterio for the whole raster. Positions are ground metres (:func:`working_crs`): a
+raster's own CRS is used as is only when its unit is the metre and its point scale factor at
+the data's centre is within 0.002 of 1 (UTM passes); anything else (geographic degrees, US
+feet, World Mercator at 34 N where a unit is 0.83 m) is viewed through a ``WarpedVRT`` in the
+local UTM zone (picked at the raster centre), so every patch centre, footprint and ground
+sampling distance (GSD) is in metres. A south-up or otherwise flipped raster is viewed on
+the equivalent north-up grid (same pixels, no resampling offset).
 
 Validity: a pixel is *nodata* when every selected band equals the raster's nodata value,
 when any band is NaN/inf, when the raster's mask (internal mask or, after warping, the alpha
@@ -11,6 +15,8 @@ band) says so, or when it lies outside the raster. Reads return float32 arrays w
 nodata pixels plus a boolean ``valid`` mask.
 
 Public entry points:
+    working_crs(src_crs, bounds)                        -> (CRS, reason)
+    parse_crs(value, what)                              -> CRS (ConfigError when unknown)
     open_raster(path, bands=None, crs=None, grid=None)  -> RasterSource
     iter_raster_patches(path, patch_px, stride_px, bands) -> Iterator[RasterPatch]
     read_patch_at(src_or_path, bounds, out_px, bands)   -> float32 (C, out_px, out_px)
@@ -38,7 +44,7 @@ from rasterio.warp import transform as warp_transform
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from cmpc.errors import DataError
+from cmpc.errors import ConfigError, DataError
 
 Bounds = tuple[float, float, float, float]  # (minx, miny, maxx, maxy), metres in the working CRS
 
@@ -67,6 +73,97 @@ def local_utm_crs(crs: CRS, bounds: Bounds) -> CRS:
     cx, cy = (bounds[0] + bounds[2]) / 2.0, (bounds[1] + bounds[3]) / 2.0
     lon, lat = warp_transform(crs, CRS.from_epsg(4326), [cx], [cy])
     return utm_crs_for(lon[0], lat[0])
+
+
+SCALE_TOLERANCE = 0.002  # a CRS is "metres" when its point scale factor is within this of 1
+
+
+def parse_crs(value: str | CRS, what: str = "CRS") -> CRS:
+    """``value`` (``EPSG:xxxx``, WKT, PROJ string or a CRS) as a CRS; :class:`ConfigError`
+    naming ``what`` (e.g. ``tile.crs``) when it is not a CRS GDAL/PROJ knows."""
+    if isinstance(value, CRS):
+        return value
+    try:
+        return CRS.from_user_input(value)
+    except (RasterioError, ValueError, TypeError) as e:
+        raise ConfigError(
+            f"{what} {value!r} is not a known CRS ({_first_line(e)}); give e.g. EPSG:32631, a WKT or a PROJ string"
+        ) from None
+
+
+def _horizontal(crs: CRS) -> Any:
+    """The horizontal part of ``crs`` as a pyproj CRS (the first sub-CRS of a compound one)."""
+    import pyproj
+
+    pc = pyproj.CRS.from_wkt(crs.to_wkt())
+    if pc.is_compound and pc.sub_crs_list:
+        pc = pc.sub_crs_list[0]
+    return pc
+
+
+def crs_metric_facts(crs: CRS, bounds: Bounds) -> tuple[str, float, float | None]:
+    """(unit name, metres per unit, point scale factor at the centre of ``bounds``) of a
+    projected CRS; the scale factor is None when it cannot be computed (no geodetic datum,
+    or the centre outside the projection's domain).
+
+    The point scale factor is the larger deviation from 1 of pyproj's meridional and parallel
+    scales (equal for a conformal projection): a CRS unit covers ``1 / factor`` ground units.
+    """
+    import pyproj
+
+    pc = _horizontal(crs)
+    axes = pc.axis_info[:2]
+    unit = axes[0].unit_name if axes else "unknown"
+    to_m = float(axes[0].unit_conversion_factor) if axes else float("nan")
+    cx, cy = (bounds[0] + bounds[2]) / 2.0, (bounds[1] + bounds[3]) / 2.0
+    try:
+        geod = pc.geodetic_crs
+        if geod is None:
+            return unit, to_m, None
+        lon, lat = pyproj.Transformer.from_crs(pc, geod, always_xy=True).transform(cx, cy)
+        f = pyproj.Proj(pc).get_factors(lon, lat)
+        h, k = float(f.meridional_scale), float(f.parallel_scale)
+    except Exception:  # pyproj raises several types outside a projection's domain
+        return unit, to_m, None
+    if not (math.isfinite(h) and math.isfinite(k)):
+        return unit, to_m, None
+    return unit, to_m, h if abs(h - 1.0) >= abs(k - 1.0) else k
+
+
+def _metric_problem(crs: CRS, bounds: Bounds) -> tuple[str | None, str]:
+    """(why ``crs`` cannot be taken as ground metres at ``bounds``, or None; a short fact
+    line for when it can)."""
+    if crs.is_geographic:
+        return "it is geographic (degrees)", ""
+    unit, to_m, k = crs_metric_facts(crs, bounds)
+    if not (math.isfinite(to_m) and abs(to_m - 1.0) < 1e-12):
+        return f"its unit is the {unit} ({to_m:.6g} m), not the metre", ""
+    if k is None:
+        return None, "unit metre, scale factor unknown (no geodetic datum)"
+    if abs(k - 1.0) > SCALE_TOLERANCE:
+        return (
+            f"its point scale factor at the data centre is {k:.4f} (one CRS unit is {1.0 / k:.3f} m on the ground; "
+            f"allowed 1 +/- {SCALE_TOLERANCE})"
+        ), ""
+    return None, f"unit metre, scale factor {k:.4f} at the data centre"
+
+
+def working_crs(src_crs: CRS, bounds: Bounds) -> tuple[CRS, str]:
+    """The CRS positions are computed in for data in ``src_crs`` covering ``bounds``
+    (given in ``src_crs``), and a one-line reason.
+
+    The rule: ``src_crs`` is used as is only when its unit is the metre and its point scale
+    factor at the centre of ``bounds`` is within :data:`SCALE_TOLERANCE` of 1 (any UTM zone
+    passes, World Mercator at 34 N with factor 1.21 does not); otherwise (geographic degrees,
+    feet, a distorting projection) the data are viewed in the local UTM zone of that centre.
+    Used by the tiler, the raster index builder and the SAR-GeoTIFF query reader (all through
+    :func:`open_raster`), so a map and its queries land in the same metres.
+    """
+    problem, fact = _metric_problem(src_crs, bounds)
+    if problem is None:
+        return src_crs, f"{crs_name(src_crs)} used as is ({fact})"
+    utm = local_utm_crs(src_crs, bounds)
+    return utm, f"{crs_name(src_crs)} viewed in the local UTM zone {crs_name(utm)}: {problem}"
 
 
 # --------------------------------------------------------------------------- grids
@@ -145,8 +242,10 @@ class RasterSource:
     """An opened, validated raster viewed in its working CRS (metres).
 
     ``dataset`` is the rasterio dataset or the ``WarpedVRT`` over it; ``bands`` the selected
-    1-based band indexes of the *source* file; ``grid`` the working pixel grid. Close it (or
-    use it as a context manager) when done.
+    1-based band indexes of the *source* file; ``grid`` the working pixel grid (north-up; a
+    south-up or east-to-west file is read through flipped windows, pixel for pixel);
+    ``crs_reason`` why the working CRS is what it is (:func:`working_crs`). Close it (or use
+    it as a context manager) when done.
     """
 
     path: Path
@@ -159,9 +258,18 @@ class RasterSource:
     nodata: float | None
     warped: bool
     descriptions: list[str | None]
+    crs_reason: str = ""
     _file: Any = None
     _alpha: int | None = None
     _dataset_mask: bool = False
+    _flip_y: bool = False  # the file's rows run south to north: read the mirrored window, flip back
+    _flip_x: bool = False  # the file's columns run east to west
+
+    @property
+    def source_bounds(self) -> Bounds:
+        """Bounds (minx, miny, maxx, maxy) of the file's data in its own CRS (min <= max even
+        for a south-up file, whose rasterio ``bounds`` has bottom > top)."""
+        return normalized_bounds(self._file.bounds if self._file is not None else self.grid.bounds)
 
     def __enter__(self) -> RasterSource:
         return self
@@ -191,6 +299,7 @@ class RasterSource:
             "source_crs": crs_name(self.source_crs),
             "crs": crs_name(self.crs),
             "warped": self.warped,
+            "crs_reason": self.crs_reason,
             "width": self.grid.width,
             "height": self.grid.height,
             "bands": list(self.bands),
@@ -209,6 +318,14 @@ class RasterSource:
         indexes = list(self.bands)  # a WarpedVRT mirrors the source bands (plus alpha last)
         if self._alpha is not None:
             indexes = indexes + [self._alpha]
+        if self._flip_y or self._flip_x:
+            # The working grid is the file's grid mirrored: read the mirrored window, flip back.
+            row_off, col_off = float(window.row_off), float(window.col_off)
+            if self._flip_y:
+                row_off = self.grid.height - row_off - float(window.height)
+            if self._flip_x:
+                col_off = self.grid.width - col_off - float(window.width)
+            window = Window(_snap(col_off), _snap(row_off), window.width, window.height)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -228,6 +345,11 @@ class RasterSource:
             raise DataError(
                 f"cannot read the {self.role} raster {self.path}: {_first_line(e)} (corrupt or truncated file?)"
             ) from None
+        if self._flip_y or self._flip_x:
+            axes = tuple(a for a, f in ((-2, self._flip_y), (-1, self._flip_x)) if f)
+            arr = np.ascontiguousarray(np.flip(arr, axis=axes))
+            if mask is not None:
+                mask = np.flip(mask, axis=axes)
         if self._alpha is not None:
             valid = arr[-1] > 127.0  # resampled alpha: keep pixels at least half covered
             arr = arr[:-1]
@@ -297,6 +419,13 @@ class RasterSource:
         return self.read_on(target, 0, 0, h, w)
 
 
+def normalized_bounds(b: Sequence[float]) -> Bounds:
+    """(minx, miny, maxx, maxy) of a box given by two corners in any order (a south-up
+    raster's rasterio ``bounds`` has bottom > top)."""
+    x0, y0, x1, y1 = (float(v) for v in b)
+    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
 def _snap(v: float) -> float:
     r = round(v)
     return float(r) if abs(v - r) < _EPS else v
@@ -343,12 +472,16 @@ def open_raster(
 
     - ``bands``: 1-based band indexes to use (default all); an index beyond the raster is a
       :class:`DataError`.
-    - ``crs``: working CRS; default the raster's own CRS, or the local UTM zone (centre of
-      the raster) when it is geographic (degrees).
+    - ``crs``: working CRS; default :func:`working_crs` (the raster's own CRS when it is
+      metric and true to scale at the data, else the local UTM zone of the raster centre).
+      An explicit CRS must pass the same test (:class:`DataError` naming the scale factor or
+      unit otherwise); one PROJ does not know is a :class:`ConfigError`.
     - ``grid``: warp onto exactly this grid (e.g. SAR onto the optical map's grid); implies
       its CRS.
     A geographic, rotated or differently projected raster is viewed through a lazy
     ``WarpedVRT`` (bilinear; an alpha band marks the warped footprint), so reads stay windowed.
+    A south-up (or east-to-west) raster in its working CRS is read through mirrored windows
+    on the equivalent north-up grid, without resampling.
 
     Raises :class:`DataError` (one line) for a missing, corrupt or truncated file, a raster
     without CRS or geotransform, or a bad band index.
@@ -384,20 +517,42 @@ def open_raster(
         nodata = src.nodatavals[sel[0] - 1]
         descriptions = [src.descriptions[b - 1] for b in sel]
 
-        target_crs = CRS.from_user_input(grid.crs if grid is not None else crs) if (grid is not None or crs is not None) else None
-        if target_crs is None:
-            target_crs = local_utm_crs(src.crs, tuple(src.bounds)) if src.crs.is_geographic else src.crs
+        src_bounds = normalized_bounds(src.bounds)
+        if grid is not None:
+            target_crs, reason = grid.crs, f"warped onto a given grid in {crs_name(grid.crs)}"
+        elif crs is not None:
+            target_crs = parse_crs(crs, "the working CRS")
+            reason = f"{crs_name(target_crs)} as requested"
+            _check_requested_crs(target_crs, src.crs, src_bounds, p, role)
+        else:
+            try:
+                target_crs, reason = working_crs(src.crs, src_bounds)
+            except (RasterioError, ValueError) as e:
+                raise DataError(
+                    f"cannot place the {role} raster {p} ({crs_name(src.crs)}) in a metric CRS: {_first_line(e)}; "
+                    f"reproject it to its UTM zone first"
+                ) from None
         if target_crs.is_geographic:
             raise DataError(f"working CRS {crs_name(target_crs)} is geographic (degrees); positions must be metres: use a projected CRS")
         own_grid = Grid(src.crs, src.transform, src.width, src.height)
-        need_warp = target_crs != src.crs or not _is_north_up(src.transform) or (grid is not None and not grid.same_as(own_grid))
+        t = src.transform
+        flip_y = flip_x = False
+        if target_crs == src.crs and t.b == 0 and t.d == 0 and t.a != 0 and t.e != 0 and not _is_north_up(t):
+            # Axis-aligned but south-up and/or east-to-west: the same pixels on a north-up grid.
+            flip_x, flip_y = t.a < 0, t.e > 0
+            own_grid = Grid(
+                src.crs,
+                Affine(abs(t.a), 0.0, min(t.c, t.c + t.a * src.width), 0.0, -abs(t.e), max(t.f, t.f + t.e * src.height)),
+                src.width, src.height,
+            )
+        need_warp = target_crs != src.crs or not _is_north_up(own_grid.transform) or (grid is not None and not grid.same_as(own_grid))
         if not need_warp:
             flags = src.mask_flag_enums[sel[0] - 1]
             per_dataset = MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
             return RasterSource(
                 path=p, role=role, dataset=src, bands=sel, grid=own_grid, source_crs=src.crs,
-                source_dtype=dtype, nodata=nodata, warped=False, descriptions=descriptions,
-                _file=src, _alpha=None, _dataset_mask=per_dataset,
+                source_dtype=dtype, nodata=nodata, warped=False, descriptions=descriptions, crs_reason=reason,
+                _file=src, _alpha=None, _dataset_mask=per_dataset, _flip_y=flip_y, _flip_x=flip_x,
             )
         kwargs: dict[str, Any] = {"crs": target_crs, "resampling": Resampling.bilinear, "add_alpha": True}
         if grid is not None:
@@ -414,12 +569,28 @@ def open_raster(
         return RasterSource(
             path=p, role=role, dataset=vrt, bands=sel,
             grid=Grid(target_crs, vrt.transform, vrt.width, vrt.height), source_crs=src.crs,
-            source_dtype=dtype, nodata=nodata, warped=True, descriptions=descriptions,
+            source_dtype=dtype, nodata=nodata, warped=True, descriptions=descriptions, crs_reason=reason,
             _file=src, _alpha=vrt.count, _dataset_mask=False,
         )
     except BaseException:
         src.close()
         raise
+
+
+def _check_requested_crs(target: CRS, src_crs: CRS, src_bounds: Bounds, path: Path, role: str) -> None:
+    """An explicitly requested working CRS must be metric and true to scale at the data."""
+    if target.is_geographic:
+        return  # refused by the caller with its own message
+    try:
+        b = src_bounds if target == src_crs else normalized_bounds(transform_bounds(src_crs, target, *src_bounds, densify_pts=21))
+    except (RasterioError, ValueError) as e:
+        raise DataError(f"cannot express the {role} raster {path} in the working CRS {crs_name(target)}: {_first_line(e)}") from None
+    problem, _ = _metric_problem(target, b)
+    if problem is not None:
+        raise DataError(
+            f"the working CRS {crs_name(target)} cannot hold positions in metres for the {role} raster {path}: {problem}; "
+            f"leave the CRS unset (the local UTM zone is used) or give a metric CRS such as the raster's UTM zone"
+        )
 
 
 # --------------------------------------------------------------------------- checks
@@ -519,8 +690,9 @@ def iter_raster_patches(
     """Stream square patches on a regular grid over a raster, block by block.
 
     ``patch_px``/``stride_px`` are pixels of the working grid (stride default ``patch_px//2``,
-    50 % overlap); a geographic raster is warped to its local UTM zone (or to ``crs``), so
-    ``x``, ``y`` and ``bounds`` are metres. Reads are windows of at most
+    50 % overlap); a raster whose CRS is not metric at the data is warped to its local UTM
+    zone (or to ``crs``; see :func:`working_crs`), so ``x``, ``y`` and ``bounds`` are
+    metres. Reads are windows of at most
     ``block_px + patch_px`` pixels a side (``on_read`` sees each read window), so memory does
     not grow with the raster. Patches with more than ``nodata_max_frac`` nodata are skipped.
     Patches come in block order (row-major over blocks, row-major inside a block).
@@ -573,7 +745,7 @@ def read_patch_at(
     CRS) as float32 (C, out_px, out_px), resampled (bilinear) when the raster's GSD differs.
 
     Nodata and pixels outside the raster are NaN. With a path, the raster is opened (a
-    geographic one in its local UTM zone, or ``crs``) and closed again. With an open
+    non-metric one in its local UTM zone, or ``crs``) and closed again. With an open
     :class:`RasterSource`, ``bands`` (source band indexes) picks among its selected bands.
     """
     if isinstance(src_or_path, RasterSource):

@@ -50,11 +50,11 @@ from cmpc.data.raster import (
     crs_name,
     open_raster,
     overlap_bounds,
+    parse_crs,
 )
 from cmpc.data.splits import BOTH, TEST, TRAIN, SplitPlan, plan_split
 from cmpc.errors import DataError
 from cmpc.utils.io import atomic_dir
-from cmpc.utils.locks import discard, exclusive, lock_path
 
 _PNG_BANDS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 _GDAL_CACHE_BYTES = 128 * 2**20
@@ -115,20 +115,13 @@ def tile(
                 )
         job = _plan(sar_extent, opt, cfg)
         created_parent = not out.parent.exists()
-        locked = False
         try:
-            # One build per dataset root at a time: <parent>/.<root>.lock beside it (a second
-            # `cmpc data tile` on the same root stops at once naming this one's process id).
-            with exclusive(lock_path(out), what="dataset build", target=out):
-                locked = True
-                with atomic_dir(out) as tmp:
-                    summary = _run(job, sar, opt, cfg, tmp, progress)
-                    summary["seconds"] = round(time.perf_counter() - t0, 2)
-                    summary["root"] = str(out)
-                    _write_json(tmp / "dataset.json", summary)
+            with atomic_dir(out) as tmp:
+                summary = _run(job, sar, opt, cfg, tmp, progress)
+                summary["seconds"] = round(time.perf_counter() - t0, 2)
+                summary["root"] = str(out)
+                _write_json(tmp / "dataset.json", summary)
         except BaseException:
-            if created_parent and locked:
-                discard(lock_path(out))  # the folder we made holds nothing else of ours
             if created_parent and out.parent.is_dir() and not any(out.parent.iterdir()):
                 out.parent.rmdir()
             raise
@@ -155,7 +148,8 @@ def _check_out_root(out: Path, inputs: list[Path]) -> None:
 
 
 class _open_pair:
-    """Open the optical raster (working CRS: tile.crs, its own, or local UTM) and the SAR
+    """Open the optical raster (working CRS: tile.crs, else :func:`cmpc.data.raster.working_crs`:
+    its own when metric and true to scale, or the local UTM zone) and the SAR
     raster viewed in the same CRS (warped onto the optical grid when it must be reprojected).
 
     Yields ``(sar, optical, sar_extent)``; ``sar_extent`` is the SAR file's data bounds in the
@@ -169,7 +163,8 @@ class _open_pair:
     def __enter__(self) -> tuple[RasterSource, RasterSource, tuple[float, float, float, float]]:
         cfg = self.cfg
         try:
-            opt = open_raster(self.optical_path, bands=cfg.optical_bands, crs=cfg.crs, role="optical")
+            crs = parse_crs(cfg.crs, "tile.crs (--crs)") if cfg.crs else None
+            opt = open_raster(self.optical_path, bands=cfg.optical_bands, crs=crs, role="optical")
             self.opened.append(opt)
             sar = open_raster(self.sar_path, bands=cfg.sar_bands, role="SAR")
             self.opened.append(sar)
@@ -195,7 +190,7 @@ def _source_extent(src: RasterSource, crs: Any) -> tuple[float, float, float, fl
     """Bounds of the source file's data in ``crs`` (metres)."""
     from rasterio.warp import transform_bounds
 
-    b = tuple(float(v) for v in src._file.bounds)
+    b = src.source_bounds  # min <= max also for a south-up file
     if src.source_crs == crs:
         return b  # type: ignore[return-value]
     return tuple(transform_bounds(src.source_crs, crs, *b, densify_pts=21))  # type: ignore[return-value]

@@ -200,9 +200,12 @@ class AnnotationQueries(_FileQueries):
 class RasterQueries(QuerySource):
     """(d) a SAR GeoTIFF cut into patches of the references' footprint size, on the fly.
 
-    A geographic raster is warped straight into the map CRS; a raster in another projected
-    CRS is refused unless ``reproject`` (warping resamples the SAR). A raster that does not
-    overlap the map extent is refused.
+    The raster's working CRS follows :func:`cmpc.data.raster.working_crs`, as the map's did
+    (a World Mercator or US-feet raster is viewed in its local UTM zone), so a map and its
+    queries cut from rasters in the same CRS land in the same metres. A raster that must be
+    resampled anyway (geographic or not metric at the data) is warped straight into the map
+    CRS; one in another metric CRS is refused unless ``reproject`` (warping resamples the
+    SAR). A raster that does not overlap the map extent is refused.
     """
 
     kind = "raster"
@@ -215,10 +218,11 @@ class RasterQueries(QuerySource):
         self.description = f"SAR GeoTIFF {path}"
         with open_raster(path, bands=self.bands, role="query SAR") as probe:
             source_crs = probe.source_crs
-            working = probe.crs
+            working = probe.crs  # working_crs(): its own when metric at the data, else local UTM
+        resampled_anyway = working != source_crs
         target = None
         if index.crs is not None and not crs_equal(working.to_string(), index.crs):
-            if source_crs.is_geographic or cfg.reproject or crs_equal(source_crs.to_string(), index.crs):
+            if resampled_anyway or cfg.reproject or crs_equal(source_crs.to_string(), index.crs):
                 target = index.crs
             else:
                 raise IndexMismatchError(
