@@ -55,6 +55,7 @@ from cmpc.data.raster import (
 from cmpc.data.splits import BOTH, TEST, TRAIN, SplitPlan, plan_split
 from cmpc.errors import DataError
 from cmpc.utils.io import atomic_dir
+from cmpc.utils.locks import discard, exclusive, lock_path
 
 _PNG_BANDS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 _GDAL_CACHE_BYTES = 128 * 2**20
@@ -115,13 +116,20 @@ def tile(
                 )
         job = _plan(sar_extent, opt, cfg)
         created_parent = not out.parent.exists()
+        locked = False
         try:
-            with atomic_dir(out) as tmp:
-                summary = _run(job, sar, opt, cfg, tmp, progress)
-                summary["seconds"] = round(time.perf_counter() - t0, 2)
-                summary["root"] = str(out)
-                _write_json(tmp / "dataset.json", summary)
+            # One build per dataset root at a time: <parent>/.<root>.lock beside it (a second
+            # `cmpc data tile` on the same root stops at once naming this one's process id).
+            with exclusive(lock_path(out), what="dataset build", target=out):
+                locked = True
+                with atomic_dir(out) as tmp:
+                    summary = _run(job, sar, opt, cfg, tmp, progress)
+                    summary["seconds"] = round(time.perf_counter() - t0, 2)
+                    summary["root"] = str(out)
+                    _write_json(tmp / "dataset.json", summary)
         except BaseException:
+            if created_parent and locked:
+                discard(lock_path(out))  # the folder we made holds nothing else of ours
             if created_parent and out.parent.is_dir() and not any(out.parent.iterdir()):
                 out.parent.rmdir()
             raise
