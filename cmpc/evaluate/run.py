@@ -1,7 +1,9 @@
 """``test.py`` / ``cmpc test``: evaluate an experiment on its test SAR queries.
 
 Loads the embedder and the reference index (building the index first when it is missing or
-stale: another checkpoint, dataset, split or factory), localizes every test SAR query of
+stale: another checkpoint, dataset, split or factory; a checkpoint other than the
+experiment's ``runs/<name>/emb_best.pt`` gets its own ``index/<name>@<hash[:12]>/`` so the
+experiment's index is left alone), localizes every test SAR query of
 ``exp.data.root`` with the :class:`~cmpc.localize.localizer.Localizer` (and the refiner when
 the experiment has one), and writes to ``exp.report_dir``: metrics.json (keys fixed by
 DESIGN.md, per query set ``exp.eval.query_sets``), cmc.png, error_cdf.png,
@@ -17,7 +19,7 @@ from typing import Any
 from cmpc.config import Experiment
 from cmpc.data.layout import check_root
 from cmpc.evaluate.report import write_report
-from cmpc.index.build import build_index, default_checkpoint, index_is_current
+from cmpc.index.build import build_index, default_checkpoint, index_experiment, index_is_current
 from cmpc.localize.localizer import Localizer
 from cmpc.localize.queries import AnnotationQueries
 from cmpc.localize.run import run_queries, split_protocol
@@ -28,11 +30,13 @@ def evaluate(exp: Experiment, checkpoint: str | None = None) -> dict[str, Any]:
     """Evaluate ``exp`` (checkpoint default ``runs/<name>/emb_best.pt``); return metrics.json's content."""
     ckpt = default_checkpoint(exp, checkpoint)
     root = check_root(exp.data.root)
-    ok, why = index_is_current(exp, checkpoint_hash(ckpt))
+    ckpt_hash = checkpoint_hash(ckpt)
+    iexp = index_experiment(exp, ckpt, ckpt_hash)  # another model's index: index/<name>@<hash>, beside
+    ok, why = index_is_current(iexp, ckpt_hash)
     if not ok:
         print(f"building the index first: {why}", file=sys.stderr)
-        build_index(exp, checkpoint=str(ckpt))
-    localizer = Localizer.from_experiment(exp, ckpt)
+        build_index(iexp, checkpoint=str(ckpt))
+    localizer = Localizer.from_experiment(exp, ckpt, index_dir=iexp.index_dir)
     source = AnnotationQueries(root, "test", localizer.img_size, exp.data.num_workers)
     out_dir = exp.report_dir
     records, stats = run_queries(localizer, source, out_dir, exp.localize.batch_size, exp.eval.grid_queries)

@@ -63,28 +63,35 @@ def _say(msg: str) -> None:
 
 def train_index(exp: Experiment, checkpoint: Path, ckpt_hash: str):  # noqa: ANN201 - ReferenceIndex
     """The index of the training references (``index/<index name>-train/``), built with the
-    given checkpoint when missing or built by another one."""
-    from cmpc.index.build import build_index
+    given checkpoint when missing or stale. It is never taken from another model: with a
+    checkpoint other than the experiment's ``runs/<name>/emb_best.pt`` whose training index is
+    not already this checkpoint's, the index is ``index/<index name>-train@<hash[:12]>/``
+    (:func:`cmpc.index.build.index_experiment`), beside the experiment's."""
+    from cmpc.index.build import build_index, index_experiment
     from cmpc.index.store import ReferenceIndex, read_manifest
 
     texp = copy.deepcopy(exp)
     texp.index.name = f"{exp.index_dir.name}-train"
     texp.index.split = "train"
+    texp.index.raster = None  # the training references are the patches of the train split
     texp.index.factory = "Flat"  # exact: the training graphs should not carry ANN noise
-    d = texp.index_dir
-    fresh = False
-    try:
-        man = read_manifest(d)
-        src = man.get("sources", [{}])
-        fresh = (
-            man.get("checkpoint", {}).get("hash") == ckpt_hash
+
+    def fresh(e: Experiment, h: str) -> bool:
+        try:
+            man = read_manifest(e.index_dir)
+        except DataError:
+            return False
+        src = man.get("sources") or [{}]
+        return (
+            man.get("checkpoint", {}).get("hash") == h
             and len(src) == 1
             and src[0].get("split") == "train"
-            and Path(src[0].get("root", "")).resolve() == Path(exp.data.root).resolve()
+            and Path(src[0].get("root") or "").resolve() == Path(exp.data.root).resolve()
         )
-    except DataError:
-        fresh = False
-    if not fresh:
+
+    texp = index_experiment(texp, checkpoint, ckpt_hash, fresh)
+    d = texp.index_dir
+    if not fresh(texp, ckpt_hash):
         _say(f"embedding the training references into {d}")
         build_index(texp, checkpoint=str(checkpoint))
     return ReferenceIndex.load(d, expect_hash=ckpt_hash)
