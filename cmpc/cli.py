@@ -140,9 +140,8 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 def cmd_localize(args: argparse.Namespace) -> int:
     from cmpc.localize.run import localize
 
-    exp = _exp(args, _flag_overrides(args, {"top_k": "localize.top_k", "prior": "localize.prior", "radius": "localize.prior_radius_m"}))
-    if args.center is not None:
-        exp.localize.prior_center = list(args.center)
+    exp = _exp(args, _flag_overrides(args, {"top_k": "localize.top_k", "prior": "localize.prior", "center": "localize.prior_center",
+                                            "radius": "localize.prior_radius_m"}))
     result = localize(exp, queries=args.queries, out=args.out, checkpoint=args.checkpoint, split=args.split)
     print(json.dumps(result, indent=2))
     return 0
@@ -404,10 +403,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a handler, turning user errors into one line and a non-zero exit."""
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail again."""
     try:
-        return func(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (captured output)
+        pass
+
+
+def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a handler, turning user errors into one line and a non-zero exit.
+
+    A reader that stops early (``cmpc config keys | head``) closes the pipe: the command
+    then ends quietly with 141 (128 + SIGPIPE, what ``yes | head`` gives), no traceback.
+    """
+    try:
+        rc = func(args)
+        sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
+        return rc
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 141
     except CmpcError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

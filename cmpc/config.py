@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,15 +31,28 @@ def param(
     *,
     lo: float | None = None,
     hi: float | None = None,
+    gt: float | None = None,
     choices: tuple[Any, ...] | None = None,
+    min_items: int | None = None,
+    max_items: int | None = None,
+    pattern: str | None = None,
     doc: str = "",
 ) -> Any:
-    """A config field with optional inclusive range, choices and a one-line doc (with units)."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+    """A config field with optional checks and a one-line doc (with units).
+
+    ``lo``/``hi``: inclusive range; ``gt``: exclusive lower bound; ``choices``: allowed values
+    (per element for lists); ``min_items``/``max_items``: list length; ``pattern``: a regular
+    expression a string must match in full (the doc then says what it accepts). Range and
+    choices apply to every element of a list value.
+    """
+    meta = {"lo": lo, "hi": hi, "gt": gt, "choices": choices, "min_items": min_items, "max_items": max_items, "pattern": pattern, "doc": doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
     return field(default=default, metadata=meta)
 
+
+#: ``train.device`` / ``translate.device``: auto | cpu | cuda | cuda:N.
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 # --------------------------------------------------------------------------- sections
 
@@ -85,8 +100,8 @@ class TileConfig:
     nodata_max_frac: float = param(0.2, lo=0.0, hi=1.0, doc="skip patches with more nodata than this")
     near_k: int = param(8, lo=0, hi=256, doc="length of near_id lists")
     seed: int = param(0, lo=0, doc="random seed for non-aligned query positions")
-    sar_bands: list[int] | None = param(None, lo=1, doc="1-based SAR band indexes to keep; null = all bands")
-    optical_bands: list[int] | None = param(None, lo=1, doc="1-based optical band indexes to keep; null = all bands")
+    sar_bands: list[int] | None = param(None, lo=1, min_items=1, doc="1-based SAR band indexes to keep; null = all bands")
+    optical_bands: list[int] | None = param(None, lo=1, min_items=1, doc="1-based optical band indexes to keep; null = all bands")
     crs: str | None = param(None, doc="dataset CRS (e.g. EPSG:32631); null = the optical CRS, or its local UTM zone when geographic")
     reproject: bool = param(False, doc="warp the SAR raster to the optical CRS when they differ (else a CRS mismatch is an error)")
     block_px: int = param(1024, lo=16, hi=65536, doc="side of the windows read at once, pixels (memory ~ (block+patch)^2 x bands x 4 bytes)")
@@ -148,7 +163,7 @@ class TrainConfig:
     weight_decay: float = param(1e-4, lo=0.0, hi=1.0, doc="AdamW weight decay")
     warmup_epochs: float = param(1.0, lo=0.0, doc="linear warm-up, epochs; then cosine decay")
     seed: int = param(0, lo=0, doc="random seed")
-    device: str = param("auto", doc="auto | cpu | cuda | cuda:N")
+    device: str = param("auto", pattern=DEVICE_PATTERN, doc="auto | cpu | cuda | cuda:N")
     amp: bool = param(True, doc="mixed precision on CUDA (ignored on CPU)")
     channels_last: bool = param(True, doc="channels_last memory format on CUDA")
     val_every: int = param(1, lo=1, doc="validate every N epochs")
@@ -181,7 +196,7 @@ class IndexConfig:
     raster: str | None = param(None, doc="optical GeoTIFF mosaic to cut the references from (windowed, resumable) instead of a dataset split")
     patch_px: int | None = param(None, lo=8, hi=8192, doc="reference patch side when cutting index.raster, pixels; null = dataset.json patch_m of data.root / the raster GSD, else the model input size")
     stride_px: int | None = param(None, lo=1, doc="reference grid stride on index.raster, pixels; null = patch_px/2 (50 % overlap)")
-    bands: list[int] | None = param(None, lo=1, doc="1-based bands of index.raster to use; null = all")
+    bands: list[int] | None = param(None, lo=1, min_items=1, doc="1-based bands of index.raster to use; null = all")
     resume: bool = param(True, doc="continue an interrupted raster build from its checkpointed blocks (index/.<name>.building/)")
 
 
@@ -227,11 +242,11 @@ class LocalizeConfig:
     top_k: int = param(20, lo=1, hi=1000, doc="candidates kept per query")
     batch_size: int = param(64, lo=1, hi=65536, doc="queries embedded per batch")
     prior: str | None = param(None, doc="GeoJSON polygon file restricting candidates")
-    prior_center: list[float] | None = param(None, doc="[x, y] metres in the map CRS; with prior_radius_m")
+    prior_center: list[float] | None = param(None, min_items=2, max_items=2, doc="[x, y] metres in the map CRS; with prior_radius_m")
     prior_radius_m: float | None = param(None, lo=0.0, doc="radius around prior_center, metres")
     raster_patch_px: int | None = param(None, lo=8, hi=8192, doc="patch side when tiling a SAR GeoTIFF, pixels; null = the index's patch size in metres / the raster GSD")
     raster_stride_px: int | None = param(None, lo=1, doc="stride when tiling a SAR GeoTIFF, pixels; null = raster_patch_px/2")
-    raster_bands: list[int] | None = param(None, doc="1-based bands of a SAR GeoTIFF to use; null = all")
+    raster_bands: list[int] | None = param(None, lo=1, min_items=1, doc="1-based bands of a SAR GeoTIFF to use; null = all")
     reproject: bool = param(False, doc="warp a query GeoTIFF in another projected CRS to the map CRS (resamples the SAR) instead of refusing it")
 
 
@@ -239,9 +254,9 @@ class LocalizeConfig:
 class EvalConfig:
     """Evaluation (``test.py``)."""
 
-    ks: list[int] = param([1, 5, 10, 20], doc="recall@k cut-offs")
-    thresholds_m: list[float] = param([1, 2, 5, 10, 25, 50, 100, 200], doc="localization-error thresholds, metres")
-    query_sets: list[str] = param(["aligned", "non_aligned"], doc="query sets to evaluate")
+    ks: list[int] = param([1, 5, 10, 20], lo=1, min_items=1, doc="recall@k cut-offs")
+    thresholds_m: list[float] = param([1, 2, 5, 10, 25, 50, 100, 200], gt=0.0, min_items=1, doc="localization-error thresholds, metres")
+    query_sets: list[str] = param(["aligned", "non_aligned"], choices=("aligned", "non_aligned", "all"), min_items=1, doc="query sets to evaluate")
     grid_queries: int = param(6, lo=0, hi=100, doc="queries shown in the retrieval grid")
     out: str | None = param(None, doc="report folder; null = reports/<name>")
     plots: bool = param(True, doc="write the PNG plots (CMC, error CDF, retrieval grid, error map)")
@@ -275,7 +290,7 @@ class TranslateConfig:
     save_every: int = param(1, lo=1, doc="save a translator checkpoint every N epochs (checkpoint selection uses them)")
     out: str | None = param(None, doc="translator run folder; null = runs/<name>/translator")
     seed: int = param(0, lo=0, doc="random seed")
-    device: str = param("auto", doc="auto | cpu | cuda | cuda:N")
+    device: str = param("auto", pattern=DEVICE_PATTERN, doc="auto | cpu | cuda | cuda:N")
     threads: int | None = param(None, lo=1, hi=256, doc="torch CPU threads; null = all cores")
     eval_split: str = param("test", choices=("train", "test"), doc="split whose aligned pairs the metrics use")
     eval_max: int = param(256, lo=1, doc="most patch pairs evaluated")
@@ -370,7 +385,16 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints accepted for floats)."""
+    """Check ``value`` against the annotation ``tp``; return it (ints accepted for floats).
+
+    NaN and infinities are refused everywhere: no key takes them (JSON ``NaN``, ``--set
+    x=NaN`` and ``Infinity`` parse as floats and would slip through every range check).
+    """
+    items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+    for i, v in items:
+        if isinstance(v, float) and not math.isfinite(v):
+            where = key if i is None else f"{key}[{i}]"
+            raise ConfigError(f"config key '{where}': {json.dumps(v)} is not a finite number")
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -412,17 +436,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _check_range(value: Any, f: dataclasses.Field, key: str) -> None:
     meta = f.metadata
+    if value is None:
+        return
+    if isinstance(value, list):
+        lo_n, hi_n = meta.get("min_items"), meta.get("max_items")
+        if lo_n is not None and len(value) < lo_n:
+            want = f"exactly {lo_n}" if hi_n == lo_n else f"at least {lo_n}"
+            raise ConfigError(f"config key '{key}': {json.dumps(value)} has {len(value)} item(s); it needs {want}")
+        if hi_n is not None and len(value) > hi_n:
+            want = f"exactly {hi_n}" if hi_n == lo_n else f"at most {hi_n}"
+            raise ConfigError(f"config key '{key}': {json.dumps(value)} has {len(value)} item(s); it needs {want}")
     choices = meta.get("choices")
-    if choices is not None and value is not None and value not in choices:
-        raise ConfigError(f"config key '{key}': {json.dumps(value)} is not one of {list(choices)}")
-    lo, hi = meta.get("lo"), meta.get("hi")
+    lo, hi, gt = meta.get("lo"), meta.get("hi"), meta.get("gt")
+    pattern = meta.get("pattern")
     vals = value if isinstance(value, list) else [value]
     for v in vals:
+        if choices is not None and v not in choices:
+            raise ConfigError(f"config key '{key}': {json.dumps(v)} is not one of {list(choices)}")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(v):
+                raise ConfigError(f"config key '{key}': {json.dumps(v)} is not a finite number")
             if lo is not None and v < lo:
                 raise ConfigError(f"config key '{key}': {v} is below the minimum {lo}")
+            if gt is not None and v <= gt:
+                raise ConfigError(f"config key '{key}': {v} must be above {gt}")
             if hi is not None and v > hi:
                 raise ConfigError(f"config key '{key}': {v} is above the maximum {hi}")
+        if pattern is not None and isinstance(v, str) and not re.fullmatch(pattern, v):
+            raise ConfigError(f"config key '{key}': {json.dumps(v)} is not valid; expected {meta.get('doc') or pattern}")
 
 
 def _build_section(cls: type, raw: Any, section: str) -> Any:
@@ -545,8 +586,14 @@ def describe(section: str | None = None) -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            m = f.metadata
             extra = ""
-            if f.metadata.get("choices"):
-                extra = f" choices={list(f.metadata['choices'])}"
+            if m.get("choices"):
+                extra = f" choices={list(m['choices'])}"
+            lo, hi = m.get("lo"), m.get("hi")
+            if lo is not None or hi is not None:
+                extra += f" range=[{'' if lo is None else lo}, {'' if hi is None else hi}]"
+            if m.get("gt") is not None:
+                extra += f" range=({m['gt']}, ]"
             lines.append(f"  {f.name}: {_type_name(hints[f.name])} = {json.dumps(default)}{extra}  # {f.metadata.get('doc', '')}")
     return "\n".join(lines)

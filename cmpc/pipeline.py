@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cmpc.config import Experiment
-from cmpc.utils.io import atomic_write_json, atomic_write_text
+from cmpc.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
 
 def _log(msg: str) -> None:
@@ -102,13 +102,18 @@ def _fmt(v: Any) -> str:
 
 
 def _write_report(exp: Experiment, metrics: dict[str, Any], seconds: dict[str, float], total: float) -> None:
-    """reports/<name>/README.md: what ran, how long each step took, the headline numbers."""
+    """reports/<name>/README.md: what ran, how long each step took, the headline numbers.
+
+    Beside the evaluation's files, in ``exp.report_dir``: the folder follows the experiment
+    name (``--set name=X`` writes reports/X) unless ``eval.out`` is set explicitly.
+    """
     out = exp.report_dir
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "timings.json", {"steps_s": seconds, "total_s": total, "machine": _machine()})
     preview = Path(exp.synth.out) / "preview.png"
     if preview.is_file():
-        shutil.copyfile(preview, out / "world_preview.png")
+        with atomic_path(out / "world_preview.png") as tmp:
+            shutil.copyfile(preview, tmp)
     lines = [
         f"# cmpc demo report: {exp.name}",
         "",

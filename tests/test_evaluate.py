@@ -38,13 +38,14 @@ def test_recall_and_map_on_hand_made_ranks():
 
 
 def test_error_stats_on_known_errors():
-    errors = np.array([0.5, 1.0, 3.0, 8.0, 30.0, 120.0, 250.0, 4.0, 6.0, 20.0, np.nan])  # NaN = unknown, ignored
+    errors = np.array([0.5, 1.0, 3.0, 8.0, 30.0, 120.0, 250.0, 4.0, 6.0, 20.0, np.nan])  # NaN = no position
     s = error_stats(errors, [1, 2, 5, 10, 25, 50, 100, 200])
     finite = errors[np.isfinite(errors)]
-    assert s["mean"] == pytest.approx(finite.mean())
+    assert s["mean"] == pytest.approx(finite.mean())  # mean / median / P90: over the positioned queries
     assert s["median"] == pytest.approx(7.0)  # sorted: 0.5 1 3 4 6 | 8 20 30 120 250
     assert s["p90"] == pytest.approx(np.percentile(finite, 90))
-    assert s["within"] == pytest.approx({"1": 0.2, "2": 0.2, "5": 0.4, "10": 0.6, "25": 0.7, "50": 0.8, "100": 0.8, "200": 0.9})
+    # within: the query without a position is a miss (11 queries in the denominator)
+    assert s["within"] == pytest.approx({"1": 2 / 11, "2": 2 / 11, "5": 4 / 11, "10": 6 / 11, "25": 7 / 11, "50": 8 / 11, "100": 8 / 11, "200": 9 / 11})
     assert error_stats([], [1])["median"] is None
     cdf = error_cdf([1.0, 2.0, 4.0, 8.0], np.array([0.5, 1.0, 3.0, 8.0, 100.0]))
     assert cdf == pytest.approx([0.0, 0.25, 0.5, 1.0, 1.0])

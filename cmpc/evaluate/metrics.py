@@ -57,29 +57,39 @@ def mean_average_precision(ranks: Sequence[float | int | None] | np.ndarray) -> 
 
 
 def error_stats(errors_m: Sequence[float] | np.ndarray, thresholds_m: Iterable[float]) -> dict[str, Any]:
-    """Mean, median, P90 (metres) and the share within each threshold; NaN errors are ignored.
+    """Mean, median, P90 (metres) and the share within each threshold.
 
-    ``{"mean", "median", "p90", "within": {"1": f, ...}}``; values None when no error is known.
+    ``{"mean", "median", "p90", "within": {"1": f, ...}}``. A query without a position (a
+    non-finite error: no candidate survived, e.g. under a prior) is a miss at every
+    threshold: it stays in the ``within`` denominators. Mean, median and P90 are over the
+    queries that have a position (None when none has). Everything is None without queries.
     """
-    e = np.asarray(errors_m, dtype=np.float64)
-    e = e[np.isfinite(e)]
+    e_all = np.asarray(errors_m, dtype=np.float64)
+    e = e_all[np.isfinite(e_all)]
     th = list(thresholds_m)
-    if not len(e):
+    if not len(e_all):
         return {"mean": None, "median": None, "p90": None, "within": {key_of(t): None for t in th}}
+    within = {key_of(t): float(np.count_nonzero(e <= t) / len(e_all)) for t in th}
+    if not len(e):
+        return {"mean": None, "median": None, "p90": None, "within": within}
     return {
         "mean": float(e.mean()),
         "median": float(np.median(e)),
         "p90": float(np.percentile(e, 90)),
-        "within": {key_of(t): float(np.mean(e <= t)) for t in th},
+        "within": within,
     }
 
 
 def error_cdf(errors_m: Sequence[float] | np.ndarray, grid_m: np.ndarray = CDF_GRID_M) -> np.ndarray:
-    """Share of queries with error <= each value of ``grid_m`` (metres); NaN when empty."""
-    e = np.sort(np.asarray(errors_m, dtype=np.float64)[np.isfinite(np.asarray(errors_m, dtype=np.float64))])
-    if not len(e):
+    """Share of queries with error <= each value of ``grid_m`` (metres); NaN when empty.
+
+    Queries without a position (non-finite error) count as misses, as in :func:`error_stats`.
+    """
+    e_all = np.asarray(errors_m, dtype=np.float64)
+    if not len(e_all):
         return np.full(len(grid_m), np.nan)
-    return np.searchsorted(e, grid_m, side="right") / len(e)
+    e = np.sort(e_all[np.isfinite(e_all)])
+    return np.searchsorted(e, grid_m, side="right") / len(e_all)
 
 
 def first_correct_position(retrieved_ids: np.ndarray, true_ids: np.ndarray) -> np.ndarray:

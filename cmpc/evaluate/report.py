@@ -13,15 +13,18 @@ from typing import Any
 import numpy as np
 
 from cmpc.config import EvalConfig
-from cmpc.errors import ConfigError
+from cmpc.errors import ConfigError, DataError
 from cmpc.evaluate.metrics import CDF_GRID_M, block_metrics
 from cmpc.evaluate.plots import plot_cmc, plot_error_cdf, plot_error_map, plot_retrieval_grid
 from cmpc.index.store import FOOTPRINTS_FILE, ReferenceIndex
-from cmpc.localize.outputs import QueryRecords
+from cmpc.localize.outputs import CSV_FILE, GEOJSON_FILE, QueryRecords
 from cmpc.utils.io import atomic_write_json
 
 QUERY_SETS = ("aligned", "non_aligned", "all")
 PLOTS = ("cmc.png", "error_cdf.png", "retrieval_grid.png", "error_map.png")
+#: Everything one localization / evaluation run writes into its folder: a new run replaces
+#: all of them (one it no longer writes, e.g. the plots with eval.plots=false, is removed).
+REPORT_FILES = (CSV_FILE, GEOJSON_FILE, "metrics.json", *PLOTS)
 
 
 def set_masks(aligned: np.ndarray, query_sets: list[str]) -> dict[str, np.ndarray]:
@@ -47,7 +50,6 @@ def compute_metrics(arrays: dict[str, np.ndarray], cfg: EvalConfig, refined: boo
 
 def _reference_loader(index: ReferenceIndex):  # noqa: ANN202
     from cmpc.data.patches import read_patch_array
-    from cmpc.errors import DataError
 
     def load(row: int) -> np.ndarray | None:
         p = index.reference_path(row)
@@ -92,13 +94,20 @@ def write_report(
 
 def write_plots(sets: dict[str, Any], records: QueryRecords, arrays: dict[str, np.ndarray], out_dir: Path, index: ReferenceIndex) -> None:
     """cmc.png, error_cdf.png, retrieval_grid.png, error_map.png from the computed metrics."""
+    from pyogrio.errors import DataLayerError, DataSourceError
+
     stages = ("coarse", "refined") if records.refined else ("coarse",)
     plot_cmc({s: {st: b[st]["cmc"] for st in stages} for s, b in sets.items()}, out_dir / "cmc.png")
     plot_error_cdf({s: {st: b[st]["error_cdf"] for st in stages} for s, b in sets.items()}, out_dir / "error_cdf.png")
     plot_retrieval_grid(records.grid, _reference_loader(index), out_dir / "retrieval_grid.png")
     pred = arrays["refined_xy"] if records.refined else arrays["coarse_xy"]
-    plot_error_map(index.directory / FOOTPRINTS_FILE, arrays["true_xy"], pred, out_dir / "error_map.png",
-                   title=f"{'Refined' if records.refined else 'Coarse'} localization errors")
+    footprints = index.directory / FOOTPRINTS_FILE
+    try:
+        plot_error_map(footprints, arrays["true_xy"], pred, out_dir / "error_map.png",
+                       title=f"{'Refined' if records.refined else 'Coarse'} localization errors")
+    except (DataSourceError, DataLayerError) as e:
+        why = str(e).split(";")[0][:160]
+        raise DataError(f"{footprints}: unreadable reference footprints ({why}); rebuild the index with cmpc index build") from None
 
 
 def _json_safe(obj: Any) -> Any:

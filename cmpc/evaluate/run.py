@@ -7,7 +7,10 @@ experiment's index is left alone), localizes every test SAR query of
 ``exp.data.root`` with the :class:`~cmpc.localize.localizer.Localizer` (and the refiner when
 the experiment has one), and writes to ``exp.report_dir``: metrics.json (keys fixed by
 DESIGN.md, per query set ``exp.eval.query_sets``), cmc.png, error_cdf.png,
-retrieval_grid.png, error_map.png, predictions.csv and predictions.geojson.
+retrieval_grid.png, error_map.png, predictions.csv and predictions.geojson. They are
+written aside and moved in only when the whole run succeeded, so a failed run leaves the
+previous report whole; what other commands wrote there (``localize/``, ``translate/``, ...)
+stays.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from typing import Any
 
 from cmpc.config import Experiment
 from cmpc.data.layout import check_root
-from cmpc.evaluate.report import write_report
+from cmpc.evaluate.report import REPORT_FILES, write_report
 from cmpc.index.build import build_index, default_checkpoint, index_experiment, index_is_current
 from cmpc.localize.localizer import Localizer
 from cmpc.localize.queries import AnnotationQueries
 from cmpc.localize.run import run_queries, split_protocol
 from cmpc.models.checkpoint import checkpoint_hash
+from cmpc.utils.io import atomic_dir
 
 
 def evaluate(exp: Experiment, checkpoint: str | None = None) -> dict[str, Any]:
@@ -39,22 +43,26 @@ def evaluate(exp: Experiment, checkpoint: str | None = None) -> dict[str, Any]:
     localizer = Localizer.from_experiment(exp, ckpt, index_dir=iexp.index_dir)
     source = AnnotationQueries(root, "test", localizer.img_size, exp.data.num_workers)
     out_dir = exp.report_dir
-    records, stats = run_queries(localizer, source, out_dir, exp.localize.batch_size, exp.eval.grid_queries)
-    assert records is not None  # dataset queries always carry ground truth
-    meta = {
-        "dataset": str(root),
-        "split": split_protocol(root),
-        "query_split": "test",
-        "checkpoint": str(ckpt),
-        "checkpoint_hash": localizer.index.manifest["checkpoint"]["hash"],
-        "inputs": localizer.inputs(),  # embedder / index / refiner {path, sha256} (cmpc.utils.provenance)
-        "index": str(localizer.index.directory),
-        "index_factory": localizer.index.manifest.get("factory"),
-        "index_rebuilt": not ok,
-        "references": localizer.index.ntotal,
-        "top_k": exp.localize.top_k,
-        "config": exp.to_dict(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "timing": stats,
-    }
-    return write_report(records, out_dir, meta, exp.eval, localizer.index, exp.localize.top_k)
+    # Written aside and moved into reports/<name>/ only when everything succeeded: a failed
+    # run leaves the previous report whole; other commands' outputs there (localize/, ...) stay.
+    with atomic_dir(out_dir, merge=True, owned=REPORT_FILES) as tmp:
+        records, stats = run_queries(localizer, source, tmp, exp.localize.batch_size, exp.eval.grid_queries)
+        assert records is not None  # dataset queries always carry ground truth
+        meta = {
+            "dataset": str(root),
+            "split": split_protocol(root),
+            "query_split": "test",
+            "checkpoint": str(ckpt),
+            "checkpoint_hash": localizer.index.manifest["checkpoint"]["hash"],
+            "inputs": localizer.inputs(),  # embedder / index / refiner {path, sha256} (cmpc.utils.provenance)
+            "index": str(localizer.index.directory),
+            "index_factory": localizer.index.manifest.get("factory"),
+            "index_rebuilt": not ok,
+            "references": localizer.index.ntotal,
+            "top_k": exp.localize.top_k,
+            "config": exp.to_dict(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "timing": stats,
+        }
+        metrics = write_report(records, tmp, meta, exp.eval, localizer.index, exp.localize.top_k)
+    return metrics

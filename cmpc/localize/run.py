@@ -5,7 +5,9 @@ by batch (``localize.batch_size``); memory does not grow with the number of quer
 few numbers per query kept for metrics, and no queries x references matrix is ever formed.
 Outputs go to ``--out`` (default ``reports/<name>/localize/``): predictions.geojson (points
 in the map CRS) and predictions.csv, plus metrics.json and the evaluation plots when the
-queries carry ground truth.
+queries carry ground truth. They are written into a temporary sibling folder and moved into
+the output folder only when the whole run succeeded (:func:`cmpc.utils.io.atomic_dir`,
+``merge``): a failed run leaves the previous outputs, or no folder at all.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from cmpc.errors import DataError
 from cmpc.localize.localizer import Localizer, LocalizeResult, load_refiner  # noqa: F401 - public re-exports
 from cmpc.localize.outputs import CSV_FILE, GEOJSON_FILE, PredictionWriter, QueryRecords
 from cmpc.localize.queries import AnnotationQueries, QuerySource, open_queries
+from cmpc.utils.io import atomic_dir, check_out_dir
 
 __all__ = ["Localizer", "LocalizeResult", "load_refiner", "localize", "run_queries", "split_protocol"]
 
@@ -84,44 +87,47 @@ def localize(
     queries), a CMPC annotation folder, or a SAR GeoTIFF. ``checkpoint``: embedder (default
     ``runs/<name>/emb_best.pt``; must be the one the index was built with).
     """
-    from cmpc.evaluate.report import write_report
+    from cmpc.evaluate.report import PLOTS, REPORT_FILES, write_report
 
+    out_dir = check_out_dir(Path(out) if out else exp.report_dir / "localize")  # a file there: one line, before any work
     localizer = Localizer.from_experiment(exp, checkpoint)
     source = open_queries(
         queries, split, localizer.img_size, localizer.index, exp.localize, exp.data.num_workers, exp.tile.nodata_max_frac
     )
-    out_dir = Path(out) if out else exp.report_dir / "localize"
-    records, stats = run_queries(localizer, source, out_dir, exp.localize.batch_size, exp.eval.grid_queries)
-    summary: dict[str, Any] = {
-        "queries": stats["queries"],
-        "source": source.description,
-        "kind": source.kind,
-        "index": str(localizer.index.directory),
-        "checkpoint": str(localizer.checkpoint_path),
-        "refined": localizer.refiner is not None,
-        "prior_candidates": None if localizer.allowed_rows is None else int(len(localizer.allowed_rows)),
-        "out": str(out_dir),
-        "files": [str(out_dir / GEOJSON_FILE), str(out_dir / CSV_FILE)],
-        "seconds": stats["seconds"],
-        "ms_per_query": stats["ms_per_query"],
-    }
-    if records is not None and isinstance(source, AnnotationQueries):
-        meta = {
-            "dataset": str(source.root),
-            "split": split_protocol(source.root),
-            "query_split": source.split,
-            "checkpoint": str(localizer.checkpoint_path),
-            "checkpoint_hash": localizer.index.manifest["checkpoint"]["hash"],
-            "inputs": localizer.inputs(),  # embedder / index / refiner {path, sha256} (cmpc.utils.provenance)
+    # Written aside and moved into out_dir only when everything succeeded: a failed run leaves
+    # the previous outputs whole (or no folder at all); other files in out_dir stay.
+    with atomic_dir(out_dir, merge=True, owned=REPORT_FILES) as tmp:
+        records, stats = run_queries(localizer, source, tmp, exp.localize.batch_size, exp.eval.grid_queries)
+        summary: dict[str, Any] = {
+            "queries": stats["queries"],
+            "source": source.description,
+            "kind": source.kind,
             "index": str(localizer.index.directory),
-            "index_factory": localizer.index.manifest.get("factory"),
-            "config": exp.to_dict(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "timing": stats,
+            "checkpoint": str(localizer.checkpoint_path),
+            "refined": localizer.refiner is not None,
+            "prior_candidates": None if localizer.allowed_rows is None else int(len(localizer.allowed_rows)),
+            "out": str(out_dir),
+            "files": [str(out_dir / GEOJSON_FILE), str(out_dir / CSV_FILE)],
+            "seconds": stats["seconds"],
+            "ms_per_query": stats["ms_per_query"],
         }
-        metrics = write_report(records, out_dir, meta, exp.eval, localizer.index, exp.localize.top_k)
-        summary["files"] += [str(out_dir / "metrics.json")] + [str(out_dir / p) for p in ("cmc.png", "error_cdf.png", "retrieval_grid.png", "error_map.png")]
-        summary["metrics"] = short_metrics(metrics)
+        if records is not None and isinstance(source, AnnotationQueries):
+            meta = {
+                "dataset": str(source.root),
+                "split": split_protocol(source.root),
+                "query_split": source.split,
+                "checkpoint": str(localizer.checkpoint_path),
+                "checkpoint_hash": localizer.index.manifest["checkpoint"]["hash"],
+                "inputs": localizer.inputs(),  # embedder / index / refiner {path, sha256} (cmpc.utils.provenance)
+                "index": str(localizer.index.directory),
+                "index_factory": localizer.index.manifest.get("factory"),
+                "config": exp.to_dict(),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "timing": stats,
+            }
+            metrics = write_report(records, tmp, meta, exp.eval, localizer.index, exp.localize.top_k)
+            summary["files"] += [str(out_dir / "metrics.json")] + [str(out_dir / p) for p in (PLOTS if exp.eval.plots else ())]
+            summary["metrics"] = short_metrics(metrics)
     return summary
 
 

@@ -10,9 +10,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,25 +53,134 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def _pid_running(pid: int) -> bool:
+    """True when a process ``pid`` exists on this machine (or cannot be checked)."""
+    if os.name == "nt":  # os.kill(pid, 0) is not a probe on Windows: keep everything
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_partials(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove what killed writers of ``path`` left beside it; return the removed paths.
+
+    :func:`atomic_dir` builds ``path`` as ``.<name>.<pid>.<random>.partial`` and swaps an old
+    ``path`` aside as ``.<name>.old-<pid>``. A run killed outright (SIGKILL, power loss) cannot
+    clean up, so the next writer of the same ``path`` does: partial folders whose pid is not a
+    running process, and partial folders of the older naming without a pid, are deleted; an
+    ``old-<pid>`` folder of a dead process is put back when ``path`` itself is missing (the
+    kill fell between the two renames), else deleted. Partials of running processes (another
+    run writing the same folder right now) are left alone. Resumable build folders such as
+    ``index/.<name>.building/`` do not match and stay.
+    """
+    path = Path(path)
+    name = re.escape(path.name)
+    partial = re.compile(rf"\.{name}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.partial")
+    old = re.compile(rf"\.{name}\.old-(\d+)")
+    removed: list[Path] = []
+    try:
+        siblings = sorted(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        if (m := partial.fullmatch(p.name)) and p.is_dir() and not p.is_symlink():
+            if m.group(1) is not None and _pid_running(int(m.group(1))):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif (m := old.fullmatch(p.name)) and not _pid_running(int(m.group(1))):
+            if not os.path.lexists(path):
+                os.replace(p, path)
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def check_out_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a folder to write: refused (one line) when it, or a folder above it, is a file."""
+    from cmpc.errors import CmpcError
+
+    path = Path(path)
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            if not p.is_dir():
+                what = "is a file" if p == path else f"lies under {p}, a file"
+                raise CmpcError(f"output folder {path} {what}, not a folder; choose another output path")
+            break
+    return path
+
+
+def _replace_entry(src: Path, dst: Path) -> None:
+    """Move ``src`` onto ``dst`` (file or folder), replacing what is there."""
+    if dst.is_dir() and not dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(
+    path: str | os.PathLike[str],
+    overwrite: bool = True,
+    *,
+    merge: bool = False,
+    owned: Iterable[str] = (),
+) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it to ``path`` on success.
 
     On failure the temporary directory is removed and any existing ``path`` is untouched.
     With ``overwrite`` an existing ``path`` is replaced only after the new one is complete.
+    The temporary folder is ``.<name>.<pid>.<random>.partial`` beside ``path``; ones left
+    by killed runs are removed first (:func:`remove_stale_partials`).
+
+    ``merge``: ``path`` is a folder other commands write into too (``reports/<name>/`` holds
+    ``cmpc test``'s files and ``localize/``, ``translate/``, ...). Instead of replacing it,
+    each entry of the finished temporary folder is renamed into ``path`` (created if
+    needed); entries of ``path`` the run did not produce stay, except the names in
+    ``owned`` (this command's products from an earlier run, e.g. a plot the new run no
+    longer draws), which are removed so one folder never mixes two runs' outputs.
     """
-    path = Path(path)
+    path = check_out_dir(path)
     if path.exists() and not overwrite:
         raise FileExistsError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.parent))
     # mkdtemp makes the folder private (0700); a dataset or index is a normal folder (umask).
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        if path.exists():
+        if merge:
+            path.mkdir(exist_ok=True)
+            produced = sorted(tmp.iterdir())
+            for src in produced:
+                _replace_entry(src, path / src.name)
+            made = {p.name for p in produced}
+            for name in owned:
+                stale = path / name
+                if name in made or not os.path.lexists(stale):
+                    continue
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink()
+            tmp.rmdir()
+        elif path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
