@@ -4,14 +4,15 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
+LOCK   := requirements.lock
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test test-fast bench venv clean-data
+.PHONY: demo test test-fast bench venv lock clean-data
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || (command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV))
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q --disable-pip-version-check -c $(LOCK) -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PY) -c "import torch, timm, torch_geometric, faiss, rasterio, geopandas, h5py, matplotlib" \
 	  || (echo "error: the environment did not install correctly (see pip output above)" && exit 1)
 	@touch $(STAMP)
@@ -32,6 +33,13 @@ test-fast: $(STAMP)
 ## Benchmarks (not part of CI): rewrites docs/BENCHMARKS.md and docs/benchmarks.json.
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+## Refresh requirements.lock: a fresh venv from pyproject.toml alone (newest allowed versions), frozen.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	{ sed -n '1,3p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
 
 clean-data:
 	rm -rf data runs reports index/*/
