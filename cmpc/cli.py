@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--sar-bands", dest="sar_bands", type=int, nargs="+", metavar="B", help="1-based SAR bands to keep")
     p.add_argument("--optical-bands", dest="optical_bands", type=int, nargs="+", metavar="B", help="1-based optical bands to keep")
-    p.add_argument("--crs", help="dataset CRS (default: the optical CRS, or its local UTM zone when geographic)")
+    p.add_argument("--crs", help="dataset CRS (default: the optical CRS when in metres with scale factor within 0.002 of 1 at the data centre, else its local UTM zone)")
     p.add_argument("--reproject", action="store_true", default=None, help="warp the SAR raster to the optical CRS when they differ")
     p.set_defaults(func=cmd_data_tile)
 

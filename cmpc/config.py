@@ -102,7 +102,7 @@ class TileConfig:
     seed: int = param(0, lo=0, doc="random seed for non-aligned query positions")
     sar_bands: list[int] | None = param(None, lo=1, min_items=1, doc="1-based SAR band indexes to keep; null = all bands")
     optical_bands: list[int] | None = param(None, lo=1, min_items=1, doc="1-based optical band indexes to keep; null = all bands")
-    crs: str | None = param(None, doc="dataset CRS (e.g. EPSG:32631); null = the optical CRS, or its local UTM zone when geographic")
+    crs: str | None = param(None, doc="dataset CRS (e.g. EPSG:32631); null = the optical CRS when its unit is the metre and its point scale factor at the data centre is within 0.002 of 1, else its local UTM zone (geographic, feet, Mercator)")
     reproject: bool = param(False, doc="warp the SAR raster to the optical CRS when they differ (else a CRS mismatch is an error)")
     block_px: int = param(1024, lo=16, hi=65536, doc="side of the windows read at once, pixels (memory ~ (block+patch)^2 x bands x 4 bytes)")
 

@@ -221,6 +221,9 @@ def test_test_with_another_checkpoint_leaves_the_experiment_index_alone(world, m
     # `cmpc localize EXP` (the default checkpoint) still finds its own index.
     loc = Localizer.from_experiment(load_experiment("ev.json"), use_refiner=False)
     assert loc.index.manifest["checkpoint"]["hash"] == h1
+    # `cmpc localize EXP --checkpoint OTHER` finds the per-checkpoint index that `cmpc test` built.
+    loc2 = Localizer.from_experiment(load_experiment("ev.json"), checkpoint="ck2.pt", use_refiner=False)
+    assert loc2.index.directory == other and loc2.index.manifest["checkpoint"]["hash"] == h2
     # The default checkpoint, by path, evaluates against the experiment's index; nothing else is built.
     assert _cli(capsys, "test", "ev.json", "--checkpoint", "runs/ev/emb_best.pt")[0] == 0
     assert json.loads((world / "rep_ev" / "metrics.json").read_text())["meta"]["index"] == str(Path("index/ev"))

@@ -1,7 +1,7 @@
 """``cmpc index build --raster MAP.tif``: index an optical mosaic of any size, resumably.
 
 The references are a regular grid of ``patch_px`` windows every ``stride_px`` pixels over
-the mosaic (its own grid; a geographic mosaic is viewed in its local UTM zone, see
+the mosaic (its own grid; a mosaic whose CRS is not in ground metres (geographic, feet, Mercator) is viewed in its local UTM zone, see
 :func:`cmpc.data.raster.open_raster`). Nothing ever holds the mosaic: it is read block by
 block (``tile.block_px`` + one patch a side), each block's patches are embedded in batches
 of ``index.batch_size`` and written to a chunk file, then the block is dropped.

@@ -33,7 +33,7 @@ import torch
 
 from cmpc.config import Experiment
 from cmpc.errors import CheckpointError, DataError
-from cmpc.index.build import default_checkpoint
+from cmpc.index.build import default_checkpoint, hashed_index_name
 from cmpc.index.store import ReferenceIndex
 from cmpc.localize.prior import prior_rows
 from cmpc.models.checkpoint import load_embedder
@@ -104,6 +104,25 @@ class LocalizeResult:
         return len(self.rows)
 
 
+def serving_index_dir(exp: Experiment, ckpt_hash: str) -> Path:
+    """The index folder for checkpoint ``ckpt_hash``: ``index/<name>/`` when it was built with
+    that checkpoint (or no other candidate exists: loading then names both hashes), else the
+    per-checkpoint ``index/<name>@<hash[:12]>/`` that ``cmpc test --checkpoint`` builds."""
+    from cmpc.index.store import MANIFEST_FILE, read_manifest
+    from cmpc.errors import CmpcError
+
+    own = exp.index_dir
+    hashed = own.with_name(hashed_index_name(own.name, ckpt_hash))
+    if not (hashed / MANIFEST_FILE).is_file():
+        return own
+    try:
+        if read_manifest(own).get("checkpoint", {}).get("hash") == ckpt_hash:
+            return own
+    except CmpcError:
+        pass
+    return hashed
+
+
 class Localizer:
     """Embedder + reference index (+ prior, + refiner) applied batch by batch."""
 
@@ -147,7 +166,7 @@ class Localizer:
         device = resolve_device(exp.train.device)
         model, meta = load_embedder(ckpt, device)
         index = ReferenceIndex.load(
-            index_dir or exp.index_dir,
+            index_dir or serving_index_dir(exp, meta["hash"]),
             expect_hash=meta["hash"],
             expect_dim=model.embed_dim,
             checkpoint_path=ckpt,
