@@ -29,10 +29,21 @@ def test_defaults_and_name_from_file(tmp_path):
     assert exp.index_dir == Path("index/my_run")
 
 
-@pytest.mark.parametrize("exp_file", sorted((REPO / "experiments").glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("exp_file", sorted((REPO / "experiments").rglob("*.json")), ids=lambda p: str(p.relative_to(REPO / "experiments")))
 def test_shipped_experiments_are_valid(exp_file):
+    raw = json.loads(exp_file.read_text())
     exp = load_experiment(exp_file)
-    assert exp.name
+    # The name is the file's own (or its stem), never inherited from an `extends` parent.
+    assert exp.name == raw.get("name", exp_file.stem)
+    # Output folders follow the name: a shipped file pins no report folder, so
+    # `--set name=X` never writes into another experiment's reports.
+    assert exp.eval.out is None and exp.report_dir == Path("reports") / exp.name
+    assert exp.run_dir == Path("runs") / exp.name
+    # What the file says is what the run gets (values survive validation unchanged).
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert getattr(getattr(exp, section), key) == value, f"{exp_file.name}: {section}.{key}"
 
 
 def test_unknown_key_names_valid_keys(tmp_path):

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from cmpc.cli import main
 from cmpc.config import TranslateConfig, experiment_from_dict
-from cmpc.errors import CheckpointError, DataError
-from cmpc.models.translators import TRANSLATORS, create_translator
+from cmpc.errors import CheckpointError, ConfigError, DataError
+from cmpc.models.translators import create_translator
 from cmpc.models.translators.base import ImagePool
 from cmpc.models.translators.networks import (
     PatchDiscriminator,
@@ -189,10 +189,21 @@ def test_segcyclegan_seg_loss_keeps_structure():
     assert all(not p.requires_grad for net in seg.values() for p in net.parameters())
 
 
-def test_registry_names():
-    assert sorted(TRANSLATORS) == ["cyclegan", "pix2pix", "segcyclegan"]
-    assert TRANSLATORS["pix2pix"].paired and not TRANSLATORS["cyclegan"].paired
-    assert TRANSLATORS["segcyclegan"].needs_labels
+@pytest.mark.parametrize("name,directions", [("pix2pix", ["sar2opt"]), ("cyclegan", ["opt2sar", "sar2opt"])])
+def test_registry_builds_translators_that_map_between_band_counts(name, directions):
+    """A translator named in an experiment is built by name and maps SAR bands to optical
+    bands (and back for CycleGAN) at any size, inside the [-1, 1] range of the data."""
+    cfg = TranslateConfig(ngf=4, ndf=4, n_blocks=1, patch_px=32)
+    model = create_translator(name, cfg, 2, 3)
+    assert sorted(model.directions) == directions
+    channels = {"sar2opt": (2, 3), "opt2sar": (3, 2)}
+    for d in directions:
+        src, dst = channels[d]
+        y = model.translate(torch.rand(2, src, 32, 48) * 2 - 1, d)
+        assert y.shape == (2, dst, 32, 48)
+        assert float(y.abs().max()) <= 1.0 and float(y.std()) > 0  # tanh output, not a constant
+    with pytest.raises(ConfigError, match="valid"):
+        create_translator("pix2pixx", cfg, 2, 3)
 
 
 # --------------------------------------------------------------------------- bad input
