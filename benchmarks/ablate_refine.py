@@ -63,7 +63,9 @@ def _no_spatial_refiner(exp, ckpt: Path) -> Any:  # noqa: ANN001 - Experiment
     main refiner's aligner (the ablation is about the graph, not the aligner)."""
     from cmpc.models.checkpoint import load_checkpoint, save_checkpoint
     from cmpc.train.refine import train_refiner
+    from cmpc.utils.runtime import set_torch_threads
 
+    set_torch_threads(exp.train.threads)  # what `cmpc train refine` uses
     var = copy.deepcopy(exp)
     var.name = f"{exp.name}-nospatial"
     var.index.name = exp.index_dir.name

@@ -97,25 +97,34 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 def cmd_train_emb(args: argparse.Namespace) -> int:
     from cmpc.train.emb import train_embedder
+    from cmpc.utils.runtime import configure_embedder_training
 
-    train_embedder(_exp(args))
+    exp = _exp(args)
+    configure_embedder_training(exp.train.threads, exp.train.device)
+    train_embedder(exp)
     return 0
 
 
 def cmd_train_refine(args: argparse.Namespace) -> int:
     from cmpc.train.refine import train_refiner
+    from cmpc.utils.runtime import set_torch_threads
 
-    train_refiner(_exp(args), checkpoint=getattr(args, "checkpoint", None))
+    exp = _exp(args)
+    set_torch_threads(exp.train.threads)
+    train_refiner(exp, checkpoint=getattr(args, "checkpoint", None))
     return 0
 
 
 def cmd_train_all(args: argparse.Namespace) -> int:
     from cmpc.train.emb import train_embedder
     from cmpc.train.refine import train_refiner
+    from cmpc.utils.runtime import configure_embedder_training, set_torch_threads
 
     exp = _exp(args)
+    configure_embedder_training(exp.train.threads, exp.train.device)
     train_embedder(exp)
     if exp.refine.enabled:
+        set_torch_threads(exp.train.threads)
         train_refiner(exp)
     return 0
 
@@ -175,16 +184,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_translate_train(args: argparse.Namespace) -> int:
     from cmpc.translate.train import train_translator
+    from cmpc.utils.runtime import set_torch_threads
 
     exp = _exp(args, _flag_overrides(args, {"model": "translate.model", "direction": "translate.direction", "epochs": "translate.epochs"}))
+    set_torch_threads(exp.translate.threads)
     print(json.dumps({"checkpoint": str(train_translator(exp))}))
     return 0
 
 
 def cmd_translate_seg(args: argparse.Namespace) -> int:
     from cmpc.translate.segment import load_segmenter, train_segmenter
+    from cmpc.utils.runtime import set_torch_threads
 
     exp = _exp(args)
+    set_torch_threads(exp.translate.threads)
     out = {}
     for mode in args.modality:
         path = train_segmenter(exp, mode, force=args.force)
@@ -203,8 +216,10 @@ def cmd_translate_apply(args: argparse.Namespace) -> int:
 
 def cmd_translate_eval(args: argparse.Namespace) -> int:
     from cmpc.translate.evaluate import evaluate_translator
+    from cmpc.utils.runtime import set_torch_threads
 
     exp = _exp(args)
+    set_torch_threads(exp.translate.threads)
     res = evaluate_translator(exp, args.checkpoint, split=args.split, out=args.out)
     print(json.dumps({k: v for k, v in res.items() if k != "meta"}, indent=2))
     return 0
@@ -212,16 +227,20 @@ def cmd_translate_eval(args: argparse.Namespace) -> int:
 
 def cmd_translate_select(args: argparse.Namespace) -> int:
     from cmpc.translate.select import select_checkpoint
+    from cmpc.utils.runtime import configure_embedder_training
 
     exp = _exp(args)
+    configure_embedder_training(exp.train.threads, exp.train.device)  # it trains short embedder runs
     print(json.dumps(select_checkpoint(exp, candidates=args.checkpoints or None), indent=2))
     return 0
 
 
 def cmd_translate_ensemble(args: argparse.Namespace) -> int:
     from cmpc.translate.ensemble import run_ensemble
+    from cmpc.utils.runtime import set_torch_threads
 
     exp = _exp(args)
+    set_torch_threads(exp.translate.threads)
     res = run_ensemble(exp, members=args.members or None, trials=args.trials, references=args.references)
     print(json.dumps({k: v for k, v in res.items() if k not in ("meta",)}, indent=2))
     return 0

@@ -1,4 +1,5 @@
-"""Evaluation plots (matplotlib, Agg backend, PNG), drawn from the numbers in metrics.json.
+"""Evaluation plots (matplotlib figures saved as PNG; no pyplot, so no backend is chosen for the
+process), drawn from the numbers in metrics.json.
 
 - :func:`plot_cmc`: recall@k against k, coarse vs refined, per query set.
 - :func:`plot_error_cdf`: share of queries within an error (log-x metres), coarse vs refined.
@@ -15,30 +16,29 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.cm
 import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cmpc.evaluate.metrics import CDF_GRID_M  # noqa: E402
-from cmpc.utils.io import atomic_path  # noqa: E402
+from cmpc.evaluate.metrics import CDF_GRID_M
+from cmpc.utils.io import atomic_path
 
 _STYLE = {"coarse": "--", "refined": "-"}
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike[str]) -> Path:
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")  # constrained layout: no second "tight" render
-    plt.close(fig)
     return path
 
 
 def plot_cmc(curves: dict[str, dict[str, Sequence[float | None]]], path: str | os.PathLike[str]) -> Path:
     """``curves[set][stage]`` = recall@1..K (stage ``coarse``/``refined``) -> CMC plot PNG."""
-    fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(6, 4.2), layout="constrained")
+    ax = fig.subplots()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (qset, stages) in enumerate(curves.items()):
         for stage, ys in stages.items():
             y = np.array([np.nan if v is None else v for v in ys], dtype=float)
@@ -57,8 +57,9 @@ def plot_cmc(curves: dict[str, dict[str, Sequence[float | None]]], path: str | o
 
 def plot_error_cdf(curves: dict[str, dict[str, Sequence[float | None]]], path: str | os.PathLike[str], grid_m: np.ndarray = CDF_GRID_M) -> Path:
     """``curves[set][stage]`` = share within each ``grid_m`` metres -> error CDF PNG (log x)."""
-    fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(6, 4.2), layout="constrained")
+    ax = fig.subplots()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (qset, stages) in enumerate(curves.items()):
         for stage, ys in stages.items():
             y = np.array([np.nan if v is None else v for v in ys], dtype=float)
@@ -96,7 +97,8 @@ def plot_retrieval_grid(
     """
     n = max(1, len(samples))
     cols = 1 + max([len(s.rows) for s in samples] or [1])
-    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.8 * n + 0.4), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(1.6 * cols, 1.8 * n + 0.4), layout="constrained")
+    axes = fig.subplots(n, cols, squeeze=False)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
@@ -154,7 +156,8 @@ def plot_error_map(
     span = np.ptp(pts, axis=0) if len(pts) else np.ones(2)
     aspect = float(np.clip(span[0] / max(span[1], 1e-9), 0.25, 4.0))
     h = 6.5 if aspect <= 1 else max(3.5, 8.0 / aspect)
-    fig, ax = plt.subplots(figsize=(max(3.5, h * aspect) + 1.6, h), layout="constrained")
+    fig = Figure(figsize=(max(3.5, h * aspect) + 1.6, h), layout="constrained")
+    ax = fig.subplots()
     if fp is not None:
         fp.boundary.plot(ax=ax, color="0.75", linewidth=0.4, zorder=1)
     if len(t) > max_arrows:
@@ -163,11 +166,11 @@ def plot_error_map(
     if len(t):
         err = np.hypot(*(p - t).T)
         norm = mcolors.LogNorm(vmin=max(0.1, float(err[err > 0].min()) if (err > 0).any() else 0.1), vmax=max(1.0, float(err.max())))
-        cmap = plt.get_cmap("viridis")
+        cmap = matplotlib.colormaps["viridis"]
         d = p - t
         ax.quiver(t[:, 0], t[:, 1], d[:, 0], d[:, 1], np.maximum(err, norm.vmin), cmap=cmap, norm=norm, angles="xy", scale_units="xy", scale=1, width=0.003, zorder=3)
         ax.scatter(t[:, 0], t[:, 1], s=6, c=np.maximum(err, norm.vmin), cmap=cmap, norm=norm, zorder=4)
-        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="error (m)")
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="error (m)")
     ax.set_aspect("equal")
     ax.set_xlabel("x (m)")
     ax.set_ylabel("y (m)")

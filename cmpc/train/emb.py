@@ -27,6 +27,14 @@ location)`` / ``(seed, step)``, never from global state shared with data workers
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel
 (gloo on CPU, nccl on CUDA); every rank takes its slice of each global batch; only rank 0
 validates, mines embedding neighbours (broadcast to the others) and writes files.
+
+The loop, in parts (:func:`_fit` reads top to bottom): :func:`_previous_run` (resume or
+refuse), :func:`_already_trained` (skip), :func:`_load_data` / :func:`_make_sampler` /
+:func:`_make_loader` (data), :class:`_Optimisation` (model, losses, critic, optimisers,
+schedule, AMP; one :meth:`~_Optimisation.step`), :func:`_restore` (a resumed state),
+:func:`_train_epoch` (steps, logging, periodic saves), :func:`_end_epoch` (validation, best
+and last checkpoints), :func:`_finish`. Thread counts and the allocator are the caller's:
+entry points call :func:`cmpc.utils.runtime.configure_embedder_training` first.
 """
 
 from __future__ import annotations
@@ -53,13 +61,13 @@ from cmpc.data.layout import positions, read_annotations
 from cmpc.data.pairs import PairDataset, footprint_side_m, queries_by_location, spatial_holdout
 from cmpc.data.patches import PatchDataset, dataset_channels
 from cmpc.data.sampler import LocationBatchSampler, embedding_neighbours
-from cmpc.errors import ConfigError, DataError
-from cmpc.models.checkpoint import embedder_payload, load_checkpoint, save_checkpoint
+from cmpc.errors import CheckpointError, ConfigError, DataError
+from cmpc.models.checkpoint import embedder_payload, load_checkpoint, load_embedder, save_checkpoint
 from cmpc.models.embedder import Embedder, build_embedder
 from cmpc.models.losses import CombinedLoss, WassersteinCritic, build_critic, build_critic_optimizer, build_losses
 from cmpc.utils import provenance
 from cmpc.utils.io import append_jsonl, atomic_write_text, read_jsonl
-from cmpc.utils.runtime import default_num_threads, resolve_device, seed_everything
+from cmpc.utils.runtime import resolve_device, seed_everything
 
 # Config keys that do not change the trained weights: a run may resume with them changed.
 _RESUME_IGNORED = {
@@ -133,26 +141,6 @@ def _init_distributed(device_name: str) -> _Dist:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         owns = True
     return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owns_group=owns)
-
-
-def _keep_freed_memory() -> None:
-    """Ask glibc to keep freed blocks up to 256 MB in the heap instead of unmapping them.
-
-    CPU training allocates and frees the same activation buffers (megabytes) every step; by
-    default glibc returns them to the kernel and faults them back in, which cost 30 % of the
-    CPU time of a step here (sys time; cmpc_cnn_s at 96 px: 145 -> 194 images per CPU second).
-    No effect off glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _average_grads(module: nn.Module) -> None:
@@ -388,6 +376,426 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+# --------------------------------------------------------------------------- optimisation step
+
+
+class _Optimisation:
+    """The trained parts of a run and what updates them (one per process).
+
+    - ``model`` (the embedder) and ``losses`` (the weighted metric losses, with the learnable
+      InfoNCE temperature) in one :class:`_PairModel`, ``pair_model``; ``net`` is the module
+      the forward goes through: ``pair_model`` itself, or it wrapped in
+      DistributedDataParallel after :meth:`distribute`;
+    - ``critic`` (Wasserstein critic; None when ``loss.critic`` is 0) and its optimiser;
+    - AdamW (no decay on 0-D / 1-D tensors) with linear warm-up over ``train.warmup_epochs``
+      and cosine decay to 1 % over the run, stepped once per batch (:func:`lr_factor`);
+    - mixed precision on CUDA with ``train.amp``: bfloat16 where the GPU has it, else float16
+      with a gradient scaler; CPU runs in float32 (the scaler is then a pass-through).
+
+    Built fresh (random weights from the global torch generator: seed first); a resumed run
+    then loads its state with :meth:`load_state_dict`.
+    """
+
+    def __init__(self, exp: Experiment, sar_channels: int, optical_channels: int, device: torch.device, steps_per_epoch: int) -> None:
+        tc = exp.train
+        self.device = device
+        self.seed = tc.seed
+        self.grad_clip = tc.grad_clip
+        self.critic_weight, self.critic_steps = exp.loss.critic, exp.loss.critic_steps
+        on_cuda = device.type == "cuda"
+        self.channels_last = on_cuda and tc.channels_last
+
+        self.model = build_embedder(exp.model, sar_channels, optical_channels)
+        self.losses = build_losses(exp.loss)
+        self.critic: WassersteinCritic | None = build_critic(exp.loss, exp.model.embed_dim)
+        self.pair_model = _PairModel(self.model, self.losses).to(device)
+        if self.channels_last:
+            self.pair_model = self.pair_model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if self.critic is not None:
+            self.critic.to(device)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.pair_model, tc.weight_decay), lr=tc.lr)
+        self.critic_optimizer = build_critic_optimizer(self.critic, exp.loss) if self.critic is not None else None
+
+        total_steps = tc.epochs * steps_per_epoch
+        warmup = int(round(tc.warmup_epochs * steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total_steps))
+        self.amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.use_amp = on_cuda and tc.amp
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+        self.net: nn.Module = self.pair_model
+        self._sync_critic: Any = None  # averages the critic's gradients over ranks (DDP)
+
+    def distribute(self, ddp: _Dist) -> None:
+        """Wrap the pair model in DistributedDataParallel when there are several processes.
+
+        Call after a resumed state is loaded: wrapping copies rank 0's weights to every rank.
+        """
+        if not ddp.enabled:
+            return
+        on_cuda = self.device.type == "cuda"
+        self.net = nn.parallel.DistributedDataParallel(self.pair_model, device_ids=[self.device.index] if on_cuda else None)
+        self._sync_critic = _average_grads
+
+    def step(self, sar_x: torch.Tensor, opt_x: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], float | None]:
+        """One optimisation step on a batch of B locations.
+
+        ``sar_x`` (B, C_sar, S, S) and ``opt_x`` (B, C_opt, S, S) are model inputs (S pixels),
+        ``labels`` (B,) location keys; ``step`` is the number of steps taken before this one
+        (all ranks together; it seeds the critic's sampling). Updates the critic
+        (``loss.critic_steps`` times), then the embedder and losses with the metric losses plus
+        ``loss.critic`` x the critic's alignment term. Returns (total loss, per-term losses,
+        the critic's Wasserstein estimate or None without a critic).
+        """
+        device = self.device
+        sar_x, opt_x, labels = sar_x.to(device, non_blocking=True), opt_x.to(device, non_blocking=True), labels.to(device)
+        if self.channels_last:
+            sar_x, opt_x = sar_x.contiguous(memory_format=torch.channels_last), opt_x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            sar_e, opt_e, loss, parts = self.net(sar_x, opt_x, labels)
+        critic_w = None
+        if self.critic is not None:
+            gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
+            critic_w = self.critic.update(sar_e, opt_e, self.critic_optimizer, self.critic_steps, generator=gen, sync_grads=self._sync_critic)  # type: ignore[arg-type]
+            align = self.critic(sar_e, opt_e)
+            parts = {**parts, "critic": align}
+            loss = loss + self.critic_weight * align
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.pair_model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss, parts, critic_w
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the embedder weights that resuming needs (checkpoint keys ``losses``,
+        ``optimizer``, ``scheduler``, ``scaler``, ``critic``, ``critic_optimizer``)."""
+        return {
+            "losses": self.losses.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "critic": self.critic.state_dict() if self.critic is not None else None,
+            "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer is not None else None,
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Load the embedder weights (``model``) and :meth:`state_dict` from a ``emb_last.pt``."""
+        self.model.load_state_dict(ckpt["model"])
+        self.losses.load_state_dict(ckpt["losses"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.critic is not None:
+            self.critic.load_state_dict(ckpt["critic"])
+            self.critic_optimizer.load_state_dict(ckpt["critic_optimizer"])  # type: ignore[union-attr]
+
+
+def _share_rank0_buffers(module: nn.Module, ddp: _Dist) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) at an epoch end.
+
+    DDP syncs buffers at the start of each forward, so after the last step every rank holds
+    the statistics of its own last shard.
+    """
+    if ddp.enabled:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
+# --------------------------------------------------------------------------- a run
+
+
+@dataclass(frozen=True)
+class _RunFiles:
+    """The files of ``runs/<name>/`` (see the module docstring)."""
+
+    dir: Path
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "emb_last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "emb_best.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "log.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.json"
+
+
+@dataclass
+class _Progress:
+    """Where a run stands.
+
+    ``start_epoch`` / ``start_batch``: where this process starts (0-based epoch, batch within
+    it; not 0 when resuming); ``step``: optimisation steps taken so far (all ranks together);
+    ``best``: the best validation so far, {"recall": {"1": R@1, "5": R@5} or None, "epoch",
+    "step"}; ``elapsed_before_s``: training seconds spent by earlier processes of this run.
+    """
+
+    start_epoch: int = 0
+    start_batch: int = 0
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"recall": None, "epoch": None})
+    elapsed_before_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed_s(self) -> float:
+        """Seconds this run has trained, earlier processes included."""
+        return self.elapsed_before_s + time.perf_counter() - self.started
+
+
+@dataclass
+class _Run:
+    """What the epochs of one training run share (put together by :func:`_fit`)."""
+
+    exp: Experiment
+    ddp: _Dist
+    files: _RunFiles
+    inputs: dict[str, Any]  # provenance record (see _inputs)
+    data: _Data
+    sampler: LocationBatchSampler
+    steps_per_epoch: int
+    loader: DataLoader
+    opt: _Optimisation
+    progress: _Progress
+
+
+def _training_device(name: str, ddp: _Dist) -> torch.device:
+    """``train.device`` resolved; under DDP on CUDA each process takes GPU ``LOCAL_RANK``."""
+    device = resolve_device(name)
+    if device.type == "cuda" and ddp.enabled:
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)  # nccl collectives use the current device
+    return device
+
+
+def _make_sampler(exp: Experiment, data: _Data, ddp: _Dist) -> tuple[LocationBatchSampler, int]:
+    """The batch sampler over the training locations (this rank's slice of every global
+    batch) and the number of batches per epoch; a one-line error when not one batch fits."""
+    tc = exp.train
+    sampler = LocationBatchSampler(
+        positions(data.optical.annotations)[data.train_locs],
+        tc.batch_size,
+        seed=tc.seed,
+        hard_negatives=tc.hard_negatives,
+        group_size=tc.hard_group,
+        neighbours_k=tc.neighbours_k,
+        mining_start_epoch=tc.mining_start_epoch,
+        max_batches=tc.max_steps_per_epoch,
+        rank=ddp.rank,
+        world_size=ddp.world,
+    )
+    steps_per_epoch = len(sampler.batches(0))
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size {tc.batch_size} is larger than the {len(data.train_locs)} training locations; lower it")
+    return sampler, steps_per_epoch
+
+
+def _make_loader(exp: Experiment, data: _Data, sampler: LocationBatchSampler, device: torch.device) -> DataLoader:
+    """Batches of (SAR inputs, optical inputs, location keys) in the sampler's order."""
+    return DataLoader(
+        _Subset(data.pairs, data.train_locs),
+        batch_sampler=sampler,
+        num_workers=exp.data.num_workers,
+        persistent_workers=exp.data.num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _previous_run(exp: Experiment, files: _RunFiles, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """``emb_last.pt`` of an earlier run of this experiment (None when there is none).
+
+    Refuses it in one line when it was trained with settings that change the weights
+    (:func:`_config_differences`) or from input files that have changed since (``inputs``).
+    """
+    if not files.last.exists():
+        return None
+    resume = load_checkpoint(files.last)
+    diffs = _config_differences(resume.get("experiment") or {}, exp.to_dict())
+    if diffs:
+        raise ConfigError(
+            f"{files.last} was trained with a different configuration ({diffs[0]}"
+            f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
+            f"use another experiment name or delete {files.dir} to start over"
+        )
+    _check_inputs(files.last, resume.get(provenance.INPUTS), inputs)
+    return resume
+
+
+def _already_trained(resume: dict[str, Any], files: _RunFiles, ddp: _Dist) -> TrainResult:
+    """The result of a finished run, read back from its checkpoints (nothing is trained)."""
+    metrics = dict(resume.get("best_metrics") or {})
+    _say(ddp, f"{files.dir}: already trained ({resume.get('epoch')} epochs, best val {metrics}); delete {files.last} to retrain")
+    best = files.best if files.best.exists() else files.last
+    model, _ = load_embedder(best)
+    return TrainResult(best, files.last, model, metrics, int(resume.get("step", 0)), True)
+
+
+def _restore(resume: dict[str, Any], opt: _Optimisation, sampler: LocationBatchSampler, files: _RunFiles, ddp: _Dist, steps_per_epoch: int) -> _Progress:
+    """Load an unfinished run's state (weights, optimisers, sampler position, RNG state) and
+    drop the log records written after it (they will be redone); returns where it stood."""
+    try:
+        opt.load_state_dict(resume)
+        sampler.load_state_dict(resume["sampler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{files.last} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0]}); delete it to start over") from None
+    progress = _Progress(
+        start_epoch=sampler.epoch,
+        start_batch=sampler.start_batch,
+        step=int(resume["step"]),
+        best=dict(resume.get("best") or _Progress().best),
+        elapsed_before_s=float(resume.get("elapsed_s", 0.0)),
+    )
+    _set_rng_state(resume["rng"])
+    if ddp.main:
+        _truncate_log(files.log, progress.step)
+    _say(ddp, f"resuming {files.dir} at epoch {progress.start_epoch + 1}, batch {progress.start_batch}/{steps_per_epoch} (step {progress.step})")
+    return progress
+
+
+def _save_last(run: _Run, epoch: int, next_batch: int, finished: bool) -> None:
+    """Write ``emb_last.pt``: everything needed to continue at batch ``next_batch`` of epoch
+    ``epoch`` (0-based) with the same result as an uninterrupted run."""
+    sampler_state = run.sampler.state_dict()
+    sampler_state.update(epoch=epoch, start_batch=next_batch)
+    best = run.progress.best
+    payload = embedder_payload(
+        run.opt.model,
+        run.exp.data.img_size,
+        epoch=epoch,
+        step=run.progress.step,
+        finished=finished,
+        metrics=dict(best.get("recall") or {}),
+        best=best,
+        best_metrics=dict(best.get("recall") or {}),
+        experiment=run.exp.to_dict(),
+        **run.opt.state_dict(),
+        sampler=sampler_state,
+        rng=_rng_state(),
+        elapsed_s=run.progress.elapsed_s(),
+        inputs=run.inputs,
+    )
+    save_checkpoint(run.files.last, payload)
+
+
+def _step_record(
+    run: _Run, epoch: int, batch: int, loss: torch.Tensor, parts: dict[str, torch.Tensor], critic_w: float | None, images: int, batch_s: float
+) -> dict[str, Any]:
+    """The ``kind: "train"`` log record of the step just taken (``images``: SAR + optical
+    inputs of the global batch; ``batch_s``: wall seconds since the previous step)."""
+    record: dict[str, Any] = {} if critic_w is None else {"critic_w": critic_w}
+    record.update(
+        kind="train",
+        step=run.progress.step,
+        epoch=epoch + (batch + 1) / run.steps_per_epoch,
+        loss=float(loss.detach()),
+        losses={k: float(v.detach()) for k, v in parts.items()},
+        lr=run.opt.optimizer.param_groups[0]["lr"],
+        img_per_s=round(images / max(batch_s, 1e-9), 1),
+        seconds=round(run.progress.elapsed_s(), 2),
+    )
+    if "infonce" in run.opt.losses.terms:
+        record["temperature"] = run.opt.losses.terms["infonce"].temperature  # type: ignore[union-attr]
+    return record
+
+
+def _epoch_record(run: _Run, epoch: int, images: int, train_s: float, cpu_s: float) -> dict[str, Any]:
+    """The ``kind: "epoch"`` log record: training throughput of epoch ``epoch`` (0-based) in
+    images per wall second and per CPU second of this process (data loading included;
+    validation and mining not)."""
+    return {
+        "kind": "epoch",
+        "step": run.progress.step,
+        "epoch": epoch + 1,
+        "images": images,
+        "train_seconds": round(train_s, 2),
+        "img_per_s": round(images / max(train_s, 1e-9), 1),
+        "cpu_seconds": round(cpu_s, 2),
+        "img_per_cpu_s": round(images / max(cpu_s, 1e-9), 1),
+    }
+
+
+def _train_epoch(run: _Run, epoch: int, first_batch: int, stop_after_steps: int | None) -> None:
+    """Train epoch ``epoch`` (0-based) from batch ``first_batch`` on.
+
+    At the start of an epoch that mines hard negatives in embedding space, refreshes the
+    sampler's neighbour table; then one :meth:`_Optimisation.step` per batch, a ``train`` log
+    record per step and an ``epoch`` record at the end (rank 0), ``emb_last.pt`` every
+    ``train.save_every_steps`` steps. ``stop_after_steps`` (test hook) raises
+    :class:`TrainingInterrupted` once that many steps are taken, without saving.
+    """
+    tc, ddp, opt, progress = run.exp.train, run.ddp, run.opt, run.progress
+    if first_batch == 0 and run.sampler.uses_embeddings(epoch):
+        _refresh_mining(opt.model, run.data, run.sampler, tc.neighbours_k, opt.device, ddp)
+    run.sampler.set_epoch(epoch, first_batch)
+    opt.net.train()
+    bar = tqdm(total=run.steps_per_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not ddp.main, leave=False, mininterval=1.0, file=sys.stderr)
+    t_batch = t_epoch = time.perf_counter()
+    cpu_epoch = time.process_time()  # CPU seconds of this process: throughput on a shared machine
+    epoch_images = 0
+    for b, (sar_x, opt_x, labels) in enumerate(run.loader, start=first_batch):
+        loss, parts, critic_w = opt.step(sar_x, opt_x, labels, progress.step)
+        progress.step += 1
+        now = time.perf_counter()
+        n_img = 2 * sar_x.shape[0] * ddp.world
+        epoch_images += n_img
+        if ddp.main:
+            record = _step_record(run, epoch, b, loss, parts, critic_w, n_img, now - t_batch)
+            append_jsonl(run.files.log, record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}", refresh=False)
+        bar.update(1)
+        t_batch = now
+        if tc.save_every_steps and progress.step % tc.save_every_steps == 0 and ddp.main:
+            _save_last(run, epoch, b + 1, finished=False)
+        if stop_after_steps is not None and progress.step >= stop_after_steps:
+            bar.close()
+            raise TrainingInterrupted(f"stopped after {progress.step} steps (test hook)")
+    bar.close()
+    if ddp.main and epoch_images:
+        append_jsonl(run.files.log, _epoch_record(run, epoch, epoch_images, time.perf_counter() - t_epoch, time.process_time() - cpu_epoch))
+
+
+def _end_epoch(run: _Run, epoch: int) -> None:
+    """After epoch ``epoch`` (0-based), on rank 0: validate (every ``train.val_every`` epochs
+    and after the last), keep the best weights in ``emb_best.pt`` (the latest ones when there
+    is no validation data), save ``emb_last.pt``. Then every rank waits for rank 0."""
+    exp, ddp, progress, opt = run.exp, run.ddp, run.progress, run.opt
+    data = run.data
+    is_last = epoch + 1 == exp.train.epochs
+    if ddp.main:
+        if len(data.val_queries) and ((epoch + 1) % exp.train.val_every == 0 or is_last):
+            metrics = validate(opt.model, data, opt.device)
+            append_jsonl(run.files.log, {"kind": "val", "step": progress.step, "epoch": epoch + 1, "recall": metrics, "seconds": round(progress.elapsed_s(), 2)})
+            _say(ddp, f"epoch {epoch + 1}: val R@1 {metrics['1']:.3f} R@5 {metrics['5']:.3f} ({len(data.val_queries)} queries, {len(data.val_locs)} references)")
+            if _better(metrics, progress.best.get("recall")):
+                progress.best = {"recall": metrics, "epoch": epoch + 1, "step": progress.step}
+                save_checkpoint(run.files.best, _best_payload(opt.model, exp, epoch + 1, progress.step, metrics, opt.losses, run.inputs))
+        elif not len(data.val_queries):
+            # No validation data: the latest weights are the best we know.
+            progress.best = {"recall": None, "epoch": epoch + 1, "step": progress.step}
+            save_checkpoint(run.files.best, _best_payload(opt.model, exp, epoch + 1, progress.step, {}, opt.losses, run.inputs))
+        _save_last(run, epoch + 1, 0, finished=is_last)
+    ddp.barrier()
+
+
+def _finish(run: _Run) -> None:
+    """Log the ``done`` record and the best checkpoint (rank 0); every rank waits for it."""
+    best, ddp = run.progress.best, run.ddp
+    if ddp.main:
+        append_jsonl(run.files.log, {"kind": "done", "step": run.progress.step, "epoch": run.exp.train.epochs, "best": best, "seconds": round(run.progress.elapsed_s(), 2)})
+        _say(ddp, f"done in {run.progress.elapsed_s():.0f} s; best {run.files.best} (epoch {best.get('epoch')}, val R@k {best.get('recall')})")
+    ddp.barrier()
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -416,252 +824,33 @@ def _say(ddp: _Dist, msg: str) -> None:
 
 
 def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResult:
-    tc = exp.train
-    run_dir = exp.run_dir
-    last_path, best_path, log_path = run_dir / "emb_last.pt", run_dir / "emb_best.pt", run_dir / "log.jsonl"
-
-    threads = tc.threads or max(1, default_num_threads() // ddp.world)
-    torch.set_num_threads(threads)
-    device = resolve_device(tc.device)
-    if device.type == "cuda" and ddp.enabled:
-        device = torch.device("cuda", ddp.local_rank)
-        torch.cuda.set_device(device)
-    on_cuda = device.type == "cuda"
-    if not on_cuda:
-        _keep_freed_memory()
-
-    # ---- resume or skip? ----
-    resume: dict[str, Any] | None = None
+    """One run: skip it when finished; else set it up (fresh or resumed), train the
+    remaining epochs, validate and save after each."""
+    files = _RunFiles(exp.run_dir)
+    device = _training_device(exp.train.device, ddp)
     inputs = _inputs(exp)  # every rank: a refusal must stop them all, not leave some at a barrier
-    if last_path.exists():
-        resume = load_checkpoint(last_path)
-        diffs = _config_differences(resume.get("experiment") or {}, exp.to_dict())
-        if diffs:
-            raise ConfigError(
-                f"{last_path} was trained with a different configuration ({diffs[0]}"
-                f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
-                f"use another experiment name or delete {run_dir} to start over"
-            )
-        _check_inputs(last_path, resume.get(provenance.INPUTS), inputs)
-        if resume.get("finished"):
-            metrics = dict(resume.get("best_metrics") or {})
-            _say(ddp, f"{run_dir}: already trained ({resume.get('epoch')} epochs, best val {metrics}); delete {last_path} to retrain")
-            from cmpc.models.checkpoint import load_embedder
+    resume = _previous_run(exp, files, inputs)
+    if resume is not None and resume.get("finished"):
+        return _already_trained(resume, files, ddp)
 
-            model, _ = load_embedder(best_path if best_path.exists() else last_path)
-            return TrainResult(best_path if best_path.exists() else last_path, last_path, model, metrics, int(resume.get("step", 0)), True)
-
-    seed_everything(tc.seed)
+    seed_everything(exp.train.seed)
     data = _load_data(exp, progress=ddp.main)
-    model = build_embedder(exp.model, data.sar_channels, data.optical_channels)
-    losses = build_losses(exp.loss)
-    critic = build_critic(exp.loss, exp.model.embed_dim)
-    pair_model = _PairModel(model, losses).to(device)
-    if on_cuda and tc.channels_last:
-        pair_model = pair_model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if critic is not None:
-        critic.to(device)
-    optimizer = torch.optim.AdamW(_param_groups(pair_model, tc.weight_decay), lr=tc.lr)
-    critic_opt = build_critic_optimizer(critic, exp.loss) if critic is not None else None
-
-    sampler = LocationBatchSampler(
-        positions(data.optical.annotations)[data.train_locs],
-        tc.batch_size,
-        seed=tc.seed,
-        hard_negatives=tc.hard_negatives,
-        group_size=tc.hard_group,
-        neighbours_k=tc.neighbours_k,
-        mining_start_epoch=tc.mining_start_epoch,
-        max_batches=tc.max_steps_per_epoch,
-        rank=ddp.rank,
-        world_size=ddp.world,
-    )
-    steps_per_epoch = len(sampler.batches(0))
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size {tc.batch_size} is larger than the {len(data.train_locs)} training locations; lower it")
-    total_steps = tc.epochs * steps_per_epoch
-    warmup = int(round(tc.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
-    amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
-    use_amp = on_cuda and tc.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    start_epoch, start_batch, step, elapsed0 = 0, 0, 0, 0.0
-    best: dict[str, Any] = {"recall": None, "epoch": None}
-    if resume is not None:
-        try:
-            model.load_state_dict(resume["model"])
-            losses.load_state_dict(resume["losses"])
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            scaler.load_state_dict(resume["scaler"])
-            if critic is not None:
-                critic.load_state_dict(resume["critic"])
-                critic_opt.load_state_dict(resume["critic_optimizer"])  # type: ignore[union-attr]
-            sampler.load_state_dict(resume["sampler"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            from cmpc.errors import CheckpointError
-
-            raise CheckpointError(f"{last_path} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0]}); delete it to start over") from None
-        start_epoch, start_batch = sampler.epoch, sampler.start_batch
-        step = int(resume["step"])
-        elapsed0 = float(resume.get("elapsed_s", 0.0))
-        best = dict(resume.get("best") or best)
-        _set_rng_state(resume["rng"])
-        if ddp.main:
-            _truncate_log(log_path, step)
-        _say(ddp, f"resuming {run_dir} at epoch {start_epoch + 1}, batch {start_batch}/{steps_per_epoch} (step {step})")
-
-    if ddp.enabled:
-        ddp_model: nn.Module = nn.parallel.DistributedDataParallel(pair_model, device_ids=[device.index] if on_cuda else None)
-    else:
-        ddp_model = pair_model
+    sampler, steps_per_epoch = _make_sampler(exp, data, ddp)
+    opt = _Optimisation(exp, data.sar_channels, data.optical_channels, device, steps_per_epoch)
+    progress = _restore(resume, opt, sampler, files, ddp, steps_per_epoch) if resume is not None else _Progress()
+    opt.distribute(ddp)
     if ddp.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        exp.save(run_dir / "config.json")
+        files.dir.mkdir(parents=True, exist_ok=True)
+        exp.save(files.config)
+    run = _Run(exp, ddp, files, inputs, data, sampler, steps_per_epoch, _make_loader(exp, data, sampler, device), opt, progress)
 
-    loader = DataLoader(
-        _Subset(data.pairs, data.train_locs),
-        batch_sampler=sampler,
-        num_workers=exp.data.num_workers,
-        persistent_workers=exp.data.num_workers > 0,
-        pin_memory=on_cuda,
-    )
-    sync = _average_grads if ddp.enabled else None
-    t0 = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed0 + time.perf_counter() - t0
-
-    def state_payload(epoch: int, next_batch: int, finished: bool) -> dict[str, Any]:
-        sampler_state = sampler.state_dict()
-        sampler_state.update(epoch=epoch, start_batch=next_batch)
-        return embedder_payload(
-            model,
-            exp.data.img_size,
-            epoch=epoch,
-            step=step,
-            finished=finished,
-            metrics=dict(best.get("recall") or {}),
-            best=best,
-            best_metrics=dict(best.get("recall") or {}),
-            experiment=exp.to_dict(),
-            losses=losses.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(),
-            critic=critic.state_dict() if critic is not None else None,
-            critic_optimizer=critic_opt.state_dict() if critic_opt is not None else None,
-            sampler=sampler_state,
-            rng=_rng_state(),
-            elapsed_s=elapsed(),
-            inputs=inputs,
-        )
-
-    metrics: dict[str, Any] = dict(best.get("recall") or {})
-    for epoch in range(start_epoch, tc.epochs):
-        first_batch = start_batch if epoch == start_epoch else 0
-        if first_batch == 0 and sampler.uses_embeddings(epoch):
-            _refresh_mining(model, data, sampler, tc.neighbours_k, device, ddp)
-        sampler.set_epoch(epoch, first_batch)
-        ddp_model.train()
-        bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not ddp.main, leave=False, mininterval=1.0, file=sys.stderr)
-        t_batch = t_epoch = time.perf_counter()
-        cpu_epoch = time.process_time()  # CPU seconds of this process: throughput on a shared machine
-        epoch_images = 0
-        for b, (sar_x, opt_x, labels) in enumerate(loader, start=first_batch):
-            sar_x, opt_x, labels = sar_x.to(device, non_blocking=True), opt_x.to(device, non_blocking=True), labels.to(device)
-            if on_cuda and tc.channels_last:
-                sar_x, opt_x = sar_x.contiguous(memory_format=torch.channels_last), opt_x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                sar_e, opt_e, loss, parts = ddp_model(sar_x, opt_x, labels)
-            record: dict[str, Any] = {}
-            if critic is not None:
-                gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
-                record["critic_w"] = critic.update(sar_e, opt_e, critic_opt, exp.loss.critic_steps, generator=gen, sync_grads=sync)  # type: ignore[arg-type]
-                align = critic(sar_e, opt_e)
-                parts = {**parts, "critic": align}
-                loss = loss + exp.loss.critic * align
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tc.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(pair_model.parameters(), tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            now = time.perf_counter()
-            n_img = 2 * sar_x.shape[0] * ddp.world
-            epoch_images += n_img
-            if ddp.main:
-                record.update(
-                    kind="train",
-                    step=step,
-                    epoch=epoch + (b + 1) / steps_per_epoch,
-                    loss=float(loss.detach()),
-                    losses={k: float(v.detach()) for k, v in parts.items()},
-                    lr=optimizer.param_groups[0]["lr"],
-                    img_per_s=round(n_img / max(now - t_batch, 1e-9), 1),
-                    seconds=round(elapsed(), 2),
-                )
-                if "infonce" in losses.terms:
-                    record["temperature"] = losses.terms["infonce"].temperature  # type: ignore[union-attr]
-                append_jsonl(log_path, record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}", refresh=False)
-            bar.update(1)
-            t_batch = now
-            if tc.save_every_steps and step % tc.save_every_steps == 0 and ddp.main:
-                save_checkpoint(last_path, state_payload(epoch, b + 1, finished=False))
-            if stop_after_steps is not None and step >= stop_after_steps:
-                bar.close()
-                raise TrainingInterrupted(f"stopped after {step} steps (test hook)")
-        bar.close()
-        if ddp.main and epoch_images:
-            # Training throughput of the epoch (data loading included; validation and mining not).
-            train_s = time.perf_counter() - t_epoch
-            cpu_s = time.process_time() - cpu_epoch
-            append_jsonl(
-                log_path,
-                {
-                    "kind": "epoch",
-                    "step": step,
-                    "epoch": epoch + 1,
-                    "images": epoch_images,
-                    "train_seconds": round(train_s, 2),
-                    "img_per_s": round(epoch_images / max(train_s, 1e-9), 1),
-                    "cpu_seconds": round(cpu_s, 2),
-                    "img_per_cpu_s": round(epoch_images / max(cpu_s, 1e-9), 1),
-                },
-            )
-        if ddp.enabled:
-            # DDP syncs buffers at the start of each forward, so after the last step every rank
-            # holds BN running stats of its own last shard: take rank 0's everywhere.
-            for buf in pair_model.buffers():
-                dist.broadcast(buf, src=0)
-
-        # ---- epoch end: validate (rank 0), keep the best, save last ----
-        is_last = epoch + 1 == tc.epochs
-        if ddp.main:
-            if len(data.val_queries) and ((epoch + 1) % tc.val_every == 0 or is_last):
-                metrics = validate(model, data, device)
-                append_jsonl(log_path, {"kind": "val", "step": step, "epoch": epoch + 1, "recall": metrics, "seconds": round(elapsed(), 2)})
-                _say(ddp, f"epoch {epoch + 1}: val R@1 {metrics['1']:.3f} R@5 {metrics['5']:.3f} ({len(data.val_queries)} queries, {len(data.val_locs)} references)")
-                if _better(metrics, best.get("recall")):
-                    best = {"recall": metrics, "epoch": epoch + 1, "step": step}
-                    save_checkpoint(best_path, _best_payload(model, exp, epoch + 1, step, metrics, losses, inputs))
-            elif not len(data.val_queries):
-                # No validation data: the latest weights are the best we know.
-                best = {"recall": None, "epoch": epoch + 1, "step": step}
-                save_checkpoint(best_path, _best_payload(model, exp, epoch + 1, step, {}, losses, inputs))
-            save_checkpoint(last_path, state_payload(epoch + 1, 0, finished=is_last))
-        ddp.barrier()
-
-    if ddp.main:
-        append_jsonl(log_path, {"kind": "done", "step": step, "epoch": tc.epochs, "best": best, "seconds": round(elapsed(), 2)})
-        _say(ddp, f"done in {elapsed():.0f} s; best {best_path} (epoch {best.get('epoch')}, val R@k {best.get('recall')})")
-    ddp.barrier()
-    return TrainResult(best_path, last_path, model.cpu(), dict(best.get("recall") or {}), step)
+    progress.started = time.perf_counter()
+    for epoch in range(progress.start_epoch, exp.train.epochs):
+        _train_epoch(run, epoch, progress.start_batch if epoch == progress.start_epoch else 0, stop_after_steps)
+        _share_rank0_buffers(opt.pair_model, ddp)
+        _end_epoch(run, epoch)
+    _finish(run)
+    return TrainResult(files.best, files.last, opt.model.cpu(), dict(progress.best.get("recall") or {}), progress.step)
 
 
 def _better(new: dict[str, float], old: dict[str, float] | None) -> bool:

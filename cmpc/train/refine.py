@@ -51,7 +51,7 @@ from cmpc.localize.refine import REFINER_FILE, GraphRefiner, refiner_payload, sa
 from cmpc.models.checkpoint import embed_batches, load_embedder
 from cmpc.models.refiner import SceneGraphRefiner, refiner_loss
 from cmpc.utils.io import append_jsonl, atomic_path
-from cmpc.utils.runtime import default_num_threads, resolve_device, seed_everything
+from cmpc.utils.runtime import resolve_device, seed_everything
 
 
 def _say(msg: str) -> None:
@@ -345,7 +345,6 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
 
     rc = exp.refine
     seed_everything(rc.seed)
-    torch.set_num_threads(exp.train.threads or default_num_threads())
     device = resolve_device(exp.train.device)
     run_dir = exp.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from cmpc.errors import ConfigError
 from cmpc.evaluate.metrics import block_metrics, exact_ranks, mean_average_precision, recall_at_k
 from cmpc.models.checkpoint import embed_batches, load_embedder
 from cmpc.utils.io import atomic_write_json, atomic_write_text
-from cmpc.utils.runtime import default_num_threads, resolve_device
+from cmpc.utils.runtime import resolve_device
 
 
 @dataclass
@@ -163,7 +163,6 @@ def run_ensemble(exp: Experiment, members: list[str] | None = None, trials: int 
     if len(paths) < 1:
         raise ConfigError("no ensemble members: list embedder checkpoints in translate.ensemble (or --members)")
     trials = int(trials or exp.translate.ensemble_trials)
-    torch.set_num_threads(exp.translate.threads or default_num_threads())
     device = resolve_device(exp.train.device)
     t0 = time.perf_counter()
     ms = load_members(paths + list(references or []), device)

@@ -35,7 +35,7 @@ from cmpc.translate.data import LabelStore, PatchStore, read_split, require_pair
 from cmpc.translate.metrics import confusion_matrix, fid_with_floor, mean_finite, psnr, segmentation_scores, ssim
 from cmpc.utils import provenance
 from cmpc.utils.io import atomic_path, atomic_write_json
-from cmpc.utils.runtime import default_num_threads, resolve_device
+from cmpc.utils.runtime import resolve_device
 
 GRID_ROWS = 6
 
@@ -129,7 +129,6 @@ def evaluate_translator(
     from cmpc.translate.train import translator_dir
 
     tc = exp.translate
-    torch.set_num_threads(tc.threads or default_num_threads())
     device = resolve_device(tc.device)
     ckpt = Path(checkpoint or tc.checkpoint or translator_dir(exp) / "last.pt")
     tr = load_translator(ckpt, device)

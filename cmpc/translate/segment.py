@@ -40,7 +40,7 @@ from cmpc.translate.data import (
 )
 from cmpc.translate.metrics import confusion_matrix, segmentation_scores
 from cmpc.utils.io import append_jsonl
-from cmpc.utils.runtime import default_num_threads, resolve_device, seed_everything
+from cmpc.utils.runtime import resolve_device, seed_everything
 
 
 def seg_dir(exp: Experiment) -> Path:
@@ -129,7 +129,6 @@ def _train_segmenter(exp: Experiment, mode: str, force: bool) -> Path:
             pass  # unreadable: retrain over it
 
     seed_everything(tc.seed)
-    torch.set_num_threads(tc.threads or default_num_threads())
     device = resolve_device(tc.device)
     norms = fit_normalizers(exp.data.root, sar_anns, opt_anns, tc.seed)
     anns = opt_anns if mode == "opt" else sar_anns

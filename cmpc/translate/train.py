@@ -47,7 +47,7 @@ from cmpc.translate.data import (
 from cmpc.translate.segment import ensure_segmenters, fit_normalizers, open_labels
 from cmpc.utils import provenance
 from cmpc.utils.io import append_jsonl, atomic_write_text
-from cmpc.utils.runtime import default_num_threads, resolve_device, seed_everything
+from cmpc.utils.runtime import resolve_device, seed_everything
 
 
 def translator_dir(exp: Experiment) -> Path:
@@ -134,7 +134,6 @@ def train_translator(exp: Experiment, progress: bool = True) -> Path:
         print(f"[translate] {out}: already trained ({tc.epochs} epochs); nothing to do", file=sys.stderr, flush=True)
         return last
     seed_everything(tc.seed)
-    torch.set_num_threads(tc.threads or default_num_threads())
     device = resolve_device(tc.device)
     data, facts = build_training_data(exp, tc.model)
     kwargs: dict[str, Any] = {}

@@ -66,10 +66,7 @@ def _pick_building(world: dict[str, Any], margin_px: int, tan_t: float) -> tuple
 
 def make_preview(path: Path, world: dict[str, Any], cfg: SynthConfig, max_px: int = 900, dpi: int = 80) -> None:
     """Write the preview PNG for a world from :func:`~cmpc.data.synth.world.build_world`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend is chosen for the process
     from matplotlib.patches import Rectangle
 
     optical = world["optical"]
@@ -85,7 +82,8 @@ def make_preview(path: Path, world: dict[str, Any], cfg: SynthConfig, max_px: in
     theta = float(cfg.incidence_deg)
     tan_t = np.tan(np.radians(theta))
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 12.6), dpi=dpi)
+    fig = Figure(figsize=(12, 12.6), dpi=dpi)
+    axes = fig.subplots(2, 2)
     extent = (0.0, size_x, 0.0, size_y)
     axes[0, 0].imshow(_block_mean(optical, k).astype(np.uint8), extent=extent, interpolation="antialiased")
     axes[0, 0].set_title(f"optical RGB (date 1), sun az {cfg.sun_azimuth_deg:g}\N{DEGREE SIGN} el {cfg.sun_elevation_deg:g}\N{DEGREE SIGN}")
@@ -146,7 +144,6 @@ def make_preview(path: Path, world: dict[str, Any], cfg: SynthConfig, max_px: in
     )
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, format="png")
-    plt.close(fig)
     _shrink_png(path)
 
 
