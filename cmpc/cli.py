@@ -97,11 +97,12 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 def cmd_train_emb(args: argparse.Namespace) -> int:
     from cmpc.train.emb import train_embedder
+    from cmpc.translate.augment import training_views
     from cmpc.utils.runtime import configure_embedder_training
 
     exp = _exp(args)
     configure_embedder_training(exp.train.threads, exp.train.device)
-    train_embedder(exp)
+    train_embedder(exp, views=training_views(exp))
     return 0
 
 
@@ -118,11 +119,12 @@ def cmd_train_refine(args: argparse.Namespace) -> int:
 def cmd_train_all(args: argparse.Namespace) -> int:
     from cmpc.train.emb import train_embedder
     from cmpc.train.refine import train_refiner
+    from cmpc.translate.augment import training_views
     from cmpc.utils.runtime import configure_embedder_training, set_torch_threads
 
     exp = _exp(args)
     configure_embedder_training(exp.train.threads, exp.train.device)
-    train_embedder(exp)
+    train_embedder(exp, views=training_views(exp))
     if exp.refine.enabled:
         set_torch_threads(exp.train.threads)
         train_refiner(exp)

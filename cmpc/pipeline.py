@@ -63,6 +63,7 @@ def run_demo(exp: Experiment, fresh: bool = False) -> dict[str, Any]:
     from cmpc.evaluate.run import evaluate
     from cmpc.index.build import build_index
     from cmpc.train.emb import train_embedder
+    from cmpc.translate.augment import training_views
     from cmpc.utils.runtime import configure_embedder_training, set_torch_threads
 
     t_start = time.perf_counter()
@@ -86,7 +87,7 @@ def run_demo(exp: Experiment, fresh: bool = False) -> dict[str, Any]:
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     exp.save(exp.run_dir / "config.json")
     configure_embedder_training(exp.train.threads, exp.train.device)  # threads (and allocator) for training and the steps after
-    ckpt = steps.run("train embedder", lambda: train_embedder(exp))
+    ckpt = steps.run("train embedder", lambda: train_embedder(exp, views=training_views(exp)))
     if exp.refine.enabled:
         from cmpc.train.refine import train_refiner
 

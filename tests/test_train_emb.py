@@ -134,6 +134,36 @@ def test_channel_mismatch_and_missing_data_are_one_line_errors(tiny_root: Path, 
     assert not (tmp_path / "nodata" / "emb_last.pt").exists()
 
 
+def test_translated_views_reach_the_trainer_as_an_argument(tiny_root: Path, tmp_path: Path) -> None:
+    """translate.views needs views= and views= needs translate.views; the pairs the views
+    function returns are the ones trained on (it is called once, with the progress flag)."""
+
+    class Counting:  # stands in for the translated-views copy of the training pairs
+        def __init__(self, pairs) -> None:  # noqa: ANN001 - PairDataset
+            self.pairs, self.items = pairs, 0
+
+        def __getitem__(self, key):  # noqa: ANN001, ANN204
+            self.items += 1
+            return self.pairs[key]
+
+    made: list[tuple[Counting, bool]] = []
+
+    def views(pairs, *, progress: bool) -> Counting:  # noqa: ANN001
+        made.append((Counting(pairs), progress))
+        return made[-1][0]
+
+    args = ("train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=2", "train.val_fraction=0", "loss.critic=0", "data.num_workers=0")
+    with pytest.raises(ValueError, match="no views were passed"):
+        fit_embedder(_exp(tiny_root, tmp_path, "v0", *args, f'translate.views=["{tmp_path / "tr.pt"}"]'))
+    with pytest.raises(ValueError, match="translate.views is empty"):
+        fit_embedder(_exp(tiny_root, tmp_path, "v1", *args), views=views)
+    assert made == [] and not (tmp_path / "v0").exists() and not (tmp_path / "v1").exists()
+    res = fit_embedder(_exp(tiny_root, tmp_path, "v2", *args, f'translate.views=["{tmp_path / "tr.pt"}"]'), views=views)
+    assert res.step == 2 and len(made) == 1
+    counting, progress = made[0]
+    assert progress is True and counting.items == 2 * 8  # every training item came through the views
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

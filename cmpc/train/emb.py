@@ -16,10 +16,13 @@ with the weighted metric losses and the Wasserstein critic; writes to ``runs/<na
   resumes from it, mid-epoch included, and ends with the same weights as an uninterrupted
   run (CPU). A finished run is not retrained.
 
-Both checkpoints record ``inputs`` (:mod:`cmpc.utils.provenance`): the SHA-256 of the
-translator checkpoints of ``translate.views`` (``views``) and of ``model.weights``
-(``init_weights``). A run does not resume (or count as finished) when one of those files
-has changed since: one line names both hashes.
+Translated views (``translate.views``) reach the trainer as an argument, ``views`` (a
+:class:`PairViews`, built by the caller: ``cmpc.translate.augment.training_views``); this
+module does not import :mod:`cmpc.translate`. Both checkpoints record ``inputs``
+(:mod:`cmpc.utils.provenance`): the SHA-256 of the translator checkpoints of
+``translate.views`` (``views``) and of ``model.weights`` (``init_weights``). A run does
+not resume (or count as finished) when one of those files has changed since: one line
+names both hashes.
 
 Determinism: all sampling and augmentation randomness is derived from ``(seed, epoch,
 location)`` / ``(seed, step)``, never from global state shared with data workers.
@@ -47,7 +50,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -87,6 +90,14 @@ _RESUME_IGNORED = {
 }
 # Of the translator section only these change embedding training (the auxiliary views).
 _RESUME_TRANSLATE_KEYS = {"translate.views", "translate.view_prob"}
+
+
+class PairViews(Protocol):
+    """Replaces some training views (translated patches: ``training_views`` of
+    :mod:`cmpc.translate.augment`). Called once per process, after seeding, with the training
+    pairs; returns the pairs to train on. Validation keeps the real patches."""
+
+    def __call__(self, pairs: PairDataset, *, progress: bool) -> PairDataset: ...
 
 
 class TrainingInterrupted(RuntimeError):
@@ -250,7 +261,10 @@ class _Data:
     optical_channels: int
 
 
-def _load_data(exp: Experiment, progress: bool) -> _Data:
+def _load_data(exp: Experiment, views: PairViews | None, progress: bool) -> _Data:
+    """The training split: patches (cached with ``data.cache``), the spatial train /
+    validation split of the locations, the validation queries and the training pairs
+    (with ``views`` applied when given)."""
     root = exp.data.root
     if not Path(root).is_dir():
         raise DataError(f"dataset root not found: {root} (make one with `cmpc data synth` then `cmpc data tile`, or set data.root)")
@@ -275,13 +289,10 @@ def _load_data(exp: Experiment, progress: bool) -> _Data:
     pairs = PairDataset(optical, sar, sar_of, seed=exp.train.seed, augment=exp.data.augment, rotate=exp.train.rotate)
     if exp.data.cache:
         pairs.preload(train_locs, progress=progress)
-    views = getattr(getattr(exp, "translate", None), "views", None)
-    if views:
+    if views is not None:
         # Auxiliary views (DESIGN "Translators"): translated patches replace a view with
         # probability translate.view_prob; validation keeps the real patches (optical/sar above).
-        from cmpc.translate.augment import with_translated_views
-
-        pairs = with_translated_views(exp, pairs, split="train", progress=progress)
+        pairs = views(pairs, progress=progress)
     return _Data(optical, sar, train_locs, val_locs, val_queries, pairs, sar_ch, opt_ch)
 
 
@@ -799,20 +810,29 @@ def _finish(run: _Run) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def train_embedder(exp: Experiment, *, stop_after_steps: int | None = None) -> Path:
+def train_embedder(exp: Experiment, *, views: PairViews | None = None, stop_after_steps: int | None = None) -> Path:
     """Train (or resume, or skip when finished) the embedder of ``exp``; return the best checkpoint path.
 
+    ``views``: the translated views ``translate.views`` names (given exactly when that list
+    is not empty; ``cmpc.translate.augment.training_views(exp)`` builds them).
     ``stop_after_steps`` is a test hook: raise :class:`TrainingInterrupted` after that many
     global steps without saving, as if the process had been killed.
     """
-    return fit_embedder(exp, stop_after_steps=stop_after_steps).best_path
+    return fit_embedder(exp, views=views, stop_after_steps=stop_after_steps).best_path
 
 
-def fit_embedder(exp: Experiment, *, stop_after_steps: int | None = None) -> TrainResult:
+def fit_embedder(exp: Experiment, *, views: PairViews | None = None, stop_after_steps: int | None = None) -> TrainResult:
     """:func:`train_embedder`, returning the trained model and metrics as well."""
+    if exp.translate.views and views is None:
+        raise ValueError(
+            "translate.views names translator checkpoints but no views were passed to the trainer; "
+            "pass views=cmpc.translate.augment.training_views(exp) (the CLI does)"
+        )
+    if views is not None and not exp.translate.views:
+        raise ValueError("views were passed to the trainer but translate.views is empty (the checkpoints would not record them)")
     ddp = _init_distributed(exp.train.device)
     try:
-        return _fit(exp, ddp, stop_after_steps)
+        return _fit(exp, ddp, views, stop_after_steps)
     finally:
         if ddp.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -823,7 +843,7 @@ def _say(ddp: _Dist, msg: str) -> None:
         tqdm.write(f"[train emb] {msg}", file=sys.stderr)
 
 
-def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResult:
+def _fit(exp: Experiment, ddp: _Dist, views: PairViews | None, stop_after_steps: int | None) -> TrainResult:
     """One run: skip it when finished; else set it up (fresh or resumed), train the
     remaining epochs, validate and save after each."""
     files = _RunFiles(exp.run_dir)
@@ -834,7 +854,7 @@ def _fit(exp: Experiment, ddp: _Dist, stop_after_steps: int | None) -> TrainResu
         return _already_trained(resume, files, ddp)
 
     seed_everything(exp.train.seed)
-    data = _load_data(exp, progress=ddp.main)
+    data = _load_data(exp, views, progress=ddp.main)
     sampler, steps_per_epoch = _make_sampler(exp, data, ddp)
     opt = _Optimisation(exp, data.sar_channels, data.optical_channels, device, steps_per_epoch)
     progress = _restore(resume, opt, sampler, files, ddp, steps_per_epoch) if resume is not None else _Progress()

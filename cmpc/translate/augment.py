@@ -20,16 +20,20 @@ Two parts with small interfaces:
 - :func:`with_translated_views` (the trainer hook): takes the trainer's
   :class:`cmpc.data.pairs.PairDataset` and returns a copy whose optical/SAR patch loaders
   substitute translated views; validation keeps using the real patches.
+
+The embedder trainer does not import this module: the CLI / pipeline passes
+:func:`training_views` of the experiment as ``train_embedder(exp, views=...)``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -243,3 +247,13 @@ def with_translated_views(exp: Experiment, pairs: Any, split: str = "train", pro
         flush=True,
     )
     return out
+
+
+def training_views(exp: Experiment, split: str = "train") -> Callable[..., Any] | None:
+    """What ``translate.views`` asks of the embedder trainer (its ``views`` argument): None
+    when the list is empty, else ``views(pairs, progress=...)`` = :func:`with_translated_views`
+    of ``exp`` on ``split``. The translators are loaded when the trainer calls it (after
+    seeding), not here."""
+    if not exp.translate.views:
+        return None
+    return functools.partial(with_translated_views, exp, split=split)

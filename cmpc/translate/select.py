@@ -46,6 +46,7 @@ def candidate_checkpoints(exp: Experiment, candidates: list[str] | None = None) 
 
 def _short_run(exp: Experiment, tag: str, views: list[str]) -> dict[str, Any]:
     from cmpc.train.emb import fit_embedder
+    from cmpc.translate.augment import training_views
 
     sub = copy.deepcopy(exp)
     sub.name = f"{exp.name}_sel_{tag}"
@@ -53,7 +54,7 @@ def _short_run(exp: Experiment, tag: str, views: list[str]) -> dict[str, Any]:
     sub.translate.views = views
     sub.refine.enabled = False
     t0 = time.perf_counter()
-    res = fit_embedder(sub)
+    res = fit_embedder(sub, views=training_views(sub))
     return {
         "run": str(sub.run_dir),
         "checkpoint": str(res.best_path),
