@@ -20,7 +20,7 @@ section of docs/RESULTS.md between ``<!-- ablate_refine -->`` markers.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -61,17 +61,19 @@ def _summary(block: dict[str, Any], stage: str) -> dict[str, Any]:
 def _no_spatial_refiner(exp, ckpt: Path) -> Any:  # noqa: ANN001 - Experiment
     """Train a GNN with spatial_knn=0 into runs/<name>-nospatial/refiner.pt, reusing the
     main refiner's aligner (the ablation is about the graph, not the aligner)."""
+    from cmpc.index.build import ensure_train_index
     from cmpc.models.checkpoint import load_checkpoint, save_checkpoint
     from cmpc.train.refine import train_refiner
     from cmpc.utils.runtime import set_torch_threads
 
     set_torch_threads(exp.train.threads)  # what `cmpc train refine` uses
-    var = copy.deepcopy(exp)
-    var.name = f"{exp.name}-nospatial"
-    var.index.name = exp.index_dir.name
-    var.refine.spatial_knn = 0
-    var.refine.align_steps = 0
-    path = train_refiner(var, checkpoint=ckpt)
+    var = dataclasses.replace(
+        exp,
+        name=f"{exp.name}-nospatial",
+        index=dataclasses.replace(exp.index, name=exp.index_dir.name),
+        refine=dataclasses.replace(exp.refine, spatial_knn=0, align_steps=0),
+    )
+    path = train_refiner(var, ensure_train_index(var, ckpt).directory, checkpoint=ckpt)
     main = load_checkpoint(exp.run_dir / "refiner.pt")
     mine = load_checkpoint(path)
     for key in ("aligner", "aligner_arch"):
@@ -85,11 +87,12 @@ def _no_spatial_refiner(exp, ckpt: Path) -> Any:  # noqa: ANN001 - Experiment
 def run(exp_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     from cmpc.config import load_experiment
     from cmpc.evaluate.run import evaluate
-    from cmpc.index.build import default_checkpoint
+    from cmpc.index.build import ensure_index
+    from cmpc.models.checkpoint import default_checkpoint
 
     overrides = list(overrides or [])
     base = load_experiment(exp_path, overrides)
-    ckpt = default_checkpoint(base)
+    ckpt = default_checkpoint(base.run_dir)
     if not (base.run_dir / "refiner.pt").is_file():
         raise SystemExit(f"no refiner at {base.run_dir / 'refiner.pt'}: train it first (cmpc train refine {exp_path})")
     out: dict[str, Any] = {"experiment": exp_path, "checkpoint": str(ckpt), "refiner": str(base.run_dir / "refiner.pt"), "variants": {}}
@@ -99,9 +102,9 @@ def run(exp_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
             exp = _no_spatial_refiner(base, ckpt)
         else:
             exp = load_experiment(exp_path, overrides + sets)
-        exp.eval.out = str(base.report_dir / "ablation" / key)
-        exp.eval.plots = key == "full"
-        metrics = evaluate(exp, checkpoint=str(ckpt))
+        exp = dataclasses.replace(exp, eval=dataclasses.replace(exp.eval, out=str(base.report_dir / "ablation" / key), plots=key == "full"))
+        index = ensure_index(exp, ckpt)
+        metrics = evaluate(exp, index.directory, checkpoint=str(ckpt), index_rebuilt=index.built)
         stage = "coarse" if key == "coarse" else "refined"
         rec = {"label": label, "overrides": sets, "seconds": round(time.perf_counter() - t0, 1)}
         for qset in ("non_aligned", "aligned"):

@@ -107,9 +107,9 @@ def _setup_quick(tmp: Path) -> Path:
     from cmpc.data.synth import generate_world
     from cmpc.data.tiler import tile_dataset
     from cmpc.index.build import build_index
-    from cmpc.localize.align import DenseDescriptor
     from cmpc.localize.refine import refiner_payload, save_refiner
     from cmpc.models.checkpoint import embedder_payload, save_checkpoint
+    from cmpc.models.descriptor import DenseDescriptor
     from cmpc.models.embedder import build_embedder
     from cmpc.models.refiner import SceneGraphRefiner
     from cmpc.utils.provenance import record

@@ -199,7 +199,7 @@ def subset_index(src_dir: Path, rows: np.ndarray, out_dir: Path, factory: str = 
     ids, positions; a new FAISS index of ``factory``), written atomically. No re-embedding."""
     import h5py
 
-    from cmpc.index.build import _FeatureWriter, _write_footprints, fill_faiss
+    from cmpc.index.writer import FeatureWriter, fill_faiss, write_footprints
     from cmpc.index.store import FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE
     from cmpc.utils.io import atomic_dir, atomic_write_json
 
@@ -207,7 +207,7 @@ def subset_index(src_dir: Path, rows: np.ndarray, out_dir: Path, factory: str = 
     manifest = json.loads((src_dir / MANIFEST_FILE).read_text())
     with atomic_dir(out_dir) as tmp, h5py.File(src_dir / FEATURES_FILE, "r") as src:
         with h5py.File(tmp / FEATURES_FILE, "w") as h5:
-            w = _FeatureWriter(h5, int(manifest["embed_dim"]))
+            w = FeatureWriter(h5, int(manifest["embed_dim"]))
             for s in range(0, len(rows), 65_536):
                 r = rows[s : s + 65_536]
                 get = lambda k: src[k][r]  # noqa: E731 - h5py reads increasing indices
@@ -217,7 +217,7 @@ def subset_index(src_dir: Path, rows: np.ndarray, out_dir: Path, factory: str = 
             for k, v in src.attrs.items():
                 h5.attrs[k] = v
             b = h5["bounds"][:]
-        _write_footprints(tmp / FEATURES_FILE, tmp / FOOTPRINTS_FILE, manifest.get("crs"))
+        write_footprints(tmp / FEATURES_FILE, tmp / FOOTPRINTS_FILE, manifest.get("crs"))
         manifest.update(name=out_dir.name, factory=factory, factory_requested=factory, count=int(len(rows)),
                         counts={"references": int(len(rows)), "added_now": int(len(rows)), "trained_on": filled["trained_on"]},
                         extent=[float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())])

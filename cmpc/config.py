@@ -349,8 +349,6 @@ class Experiment:
     @property
     def index_dir(self) -> Path:
         """``index/<index.name or name>/`` (the name must be a plain folder name: ConfigError)."""
-        from cmpc.index.store import validate_index_name
-
         return Path("index") / validate_index_name(self.index.name or self.name, "index.name" if self.index.name else "name")
 
     @property
@@ -370,6 +368,32 @@ _TOP_KEYS = ("name", "description", "runs_dir", "extends")
 
 
 # --------------------------------------------------------------------------- validation
+
+
+#: Longest index name accepted (a folder name, with room for the ``.<name>.*`` siblings).
+MAX_INDEX_NAME = 200
+
+
+def validate_index_name(name: Any, key: str = "index.name") -> str:
+    """``name`` when it is a plain folder name for ``index/<name>/``; else a one-line ConfigError.
+
+    Like experiment names: not empty, no path separator, not ``.``/``..`` and not starting
+    with ``.`` (the hidden ``index/.<name>.*`` siblings are the builds' work and lock files).
+    """
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_INDEX_NAME
+        and not name.startswith(".")
+        and not any(c in name for c in ("/", "\\", "\0"))
+        and name.strip() == name
+        and name.isprintable()
+    )
+    if not ok:
+        raise ConfigError(
+            f"config key '{key}': {name!r} must be a plain folder name under index/ (no '/' or '\\', "
+            f"not starting with '.', at most {MAX_INDEX_NAME} characters)"
+        )
+    return name
 
 
 def _type_name(tp: Any) -> str:

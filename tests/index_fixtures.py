@@ -170,3 +170,31 @@ def write_experiment_json(path: Path, name: str, root: Path | str, **sections: d
         raw.setdefault(k, {}).update(v)
     path.write_text(json.dumps(raw))
     return path
+
+
+# --------------------------------------------------------------------------- the steps as the CLI composes them
+
+
+def evaluate_command(exp, checkpoint=None):  # noqa: ANN001, ANN201 - Experiment -> metrics dict
+    """``cmpc test``: the index step (built only when missing or stale), then the evaluation."""
+    from cmpc.evaluate.run import evaluate
+    from cmpc.index.build import ensure_index
+
+    index = ensure_index(exp, checkpoint)
+    return evaluate(exp, index.directory, checkpoint=checkpoint, index_rebuilt=index.built)
+
+
+def localize_command(exp, queries, **kwargs):  # noqa: ANN001, ANN201 - Experiment -> summary dict
+    """``cmpc localize``: queries with ground truth are scored (metrics.json + plots)."""
+    from cmpc.evaluate.ranks import GroundTruthScorer
+    from cmpc.localize.run import localize
+
+    return localize(exp, queries, scorer=GroundTruthScorer(exp.eval, exp.localize.top_k), **kwargs)
+
+
+def train_refiner_command(exp, checkpoint=None):  # noqa: ANN001, ANN201 - Experiment -> Path
+    """``cmpc train refine``: the index step builds the training map, then the refiner trains on it."""
+    from cmpc.index.build import ensure_train_index
+    from cmpc.train.refine import train_refiner
+
+    return train_refiner(exp, ensure_train_index(exp, checkpoint).directory, checkpoint=checkpoint)

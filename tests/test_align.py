@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from scipy import ndimage as ndi
 
-from cmpc.localize.align import DenseDescriptor, FeatureMosaic, align_to_mosaic, build_feature_mosaic, correlate, subpixel_peak
+from cmpc.localize.align import FeatureMosaic, align_to_mosaic, build_feature_mosaic, correlate, subpixel_peak
+from cmpc.models.descriptor import DenseDescriptor
 from cmpc.localize.mosaic import stitch_patches
 
 torch.set_grad_enabled(True)

@@ -19,7 +19,7 @@ from cmpc.evaluate.metrics import (
     mean_average_precision,
     recall_at_k,
 )
-from index_fixtures import experiment, write_checkpoint, write_dataset
+from index_fixtures import evaluate_command, experiment, write_checkpoint, write_dataset
 
 
 # --------------------------------------------------------------------------- pure metrics
@@ -100,13 +100,12 @@ def world(tmp_path_factory):
 
 @pytest.mark.slow
 def test_evaluate_writes_design_metrics_and_plots(world, monkeypatch):
-    from cmpc.evaluate.run import evaluate
     from cmpc.localize.localizer import Localizer
 
     root, info = world
     monkeypatch.chdir(root)
     exp = experiment("ev", "ds", "eval.out=rep")
-    m = evaluate(exp, checkpoint="ck.pt")  # no index yet: it is built first
+    m = evaluate_command(exp, checkpoint="ck.pt")  # no index yet: the index step builds it first
     saved = json.loads((root / "rep" / "metrics.json").read_text())
     assert saved["aligned"]["coarse"]["recall"] == m["aligned"]["coarse"]["recall"]
     assert set(saved) == {"meta", "aligned", "non_aligned"}
@@ -158,7 +157,6 @@ def test_evaluate_rebuilds_a_stale_index(world, monkeypatch, capsys):
     from pathlib import Path
 
     from cmpc.cli import main
-    from cmpc.evaluate.run import evaluate
     from cmpc.index.store import read_manifest
     from cmpc.models.checkpoint import checkpoint_hash
 
@@ -174,11 +172,11 @@ def test_evaluate_rebuilds_a_stale_index(world, monkeypatch, capsys):
     assert set(printed) == {"all"} and printed["all"]["n_queries"] == 21
     assert read_manifest(root / "index" / "stale")["checkpoint"]["hash"] == h1
     shutil.copy2(root / "ck2.pt", root / "runs" / "stale" / "emb_best.pt")  # retrained: the index must follow it
-    m = evaluate(exp)
+    m = evaluate_command(exp)
     assert read_manifest(root / "index" / "stale")["checkpoint"]["hash"] == h2
     assert m["meta"]["index_rebuilt"] is True
     # Another checkpoint than the experiment's gets its own index; the experiment's stays.
-    m_old = evaluate(exp, checkpoint="ck.pt")
+    m_old = evaluate_command(exp, checkpoint="ck.pt")
     assert m_old["meta"]["index"] == str(Path("index") / f"stale@{h1[:12]}")
     assert read_manifest(root / "index" / "stale")["checkpoint"]["hash"] == h2
     assert set(m) == {"meta", "all"} and m["all"]["n_queries"] == 21
@@ -187,12 +185,10 @@ def test_evaluate_rebuilds_a_stale_index(world, monkeypatch, capsys):
 
 def test_oracle_model_localizes_aligned_queries_exactly(tmp_path, monkeypatch):
     """SAR = optical pixels and equal stems: every aligned query must come back at rank 1, 0 m."""
-    from cmpc.evaluate.run import evaluate
-
     write_dataset(tmp_path / "ds", grid=4, non_aligned=3, sar_equals_optical=True, seed=3)
     write_checkpoint(tmp_path / "oracle.pt", sar_channels=3, tie_stems=True)
     monkeypatch.chdir(tmp_path)
-    m = evaluate(experiment("oracle", "ds", "eval.out=rep", "eval.plots=false"), checkpoint="oracle.pt")
+    m = evaluate_command(experiment("oracle", "ds", "eval.out=rep", "eval.plots=false"), checkpoint="oracle.pt")
     a = m["aligned"]["coarse"]
     assert a["recall"]["1"] == 1.0 and a["mAP"] == 1.0
     assert a["error_m"]["mean"] == 0.0 and a["error_m"]["within"]["1"] == 1.0
@@ -216,6 +212,7 @@ class ReverseRefiner:
 
 
 def test_refiner_plugs_into_localizer_and_report(world, monkeypatch, tmp_path):
+    from cmpc.evaluate.ranks import GroundTruthScorer, ground_truth_ranks
     from cmpc.evaluate.report import write_report
     from cmpc.localize.localizer import Localizer
     from cmpc.localize.queries import AnnotationQueries
@@ -234,14 +231,14 @@ def test_refiner_plugs_into_localizer_and_report(world, monkeypatch, tmp_path):
     res = loc.localize_batch(batch.x)
     assert res.refined and np.array_equal(res.refined_rows, res.rows[:, ::-1])
     assert np.allclose(res.refined_xy, loc.index.positions[res.rows[:, -1]] + [1.0, 0.0])
-    coarse, refined = loc.ground_truth_ranks(res, batch.true_ids)
+    coarse, refined = ground_truth_ranks(loc.index, res, batch.true_ids, loc.allowed_mask)
     for i in range(len(batch)):
         if np.isfinite(coarse[i]) and coarse[i] <= 5:
             assert refined[i] == 6 - coarse[i]  # reversed order
         else:
             assert refined[i] == coarse[i]
 
-    records, stats = run_queries(loc, src, tmp_path / "out", batch_size=7, grid_queries=2)
+    records, stats = run_queries(loc, src, tmp_path / "out", batch_size=7, grid_queries=2, scorer=GroundTruthScorer(exp.eval, 5))
     assert stats["queries"] == 21
     m = write_report(records, tmp_path / "out", {"dataset": "ds", "split": "unknown", "checkpoint": "ck.pt", "config": {}}, exp.eval, loc.index, 5)
     for qset in ("aligned", "non_aligned"):
@@ -256,7 +253,6 @@ def test_sn6_style_dataset_without_extensions(tmp_path, monkeypatch):
     """Annotations with only id/pos/file_path (no bounds, gsd, crs, aligned): footprints are
     estimated from the grid spacing, and an empty query set still has every key."""
     from cmpc.data.layout import read_annotations, write_annotation
-    from cmpc.evaluate.run import evaluate
 
     write_dataset(tmp_path / "ds", grid=3, non_aligned=0, with_bounds=False, crs=None)
     for mode in ("opt", "sar"):  # strip the extensions this project adds
@@ -265,7 +261,7 @@ def test_sn6_style_dataset_without_extensions(tmp_path, monkeypatch):
             write_annotation(tmp_path / "ds", "test", mode, a)
     write_checkpoint(tmp_path / "runs" / "sn6" / "emb_best.pt")
     monkeypatch.chdir(tmp_path)
-    m = evaluate(experiment("sn6", "ds", "eval.plots=false"))
+    m = evaluate_command(experiment("sn6", "ds", "eval.plots=false"))
     man = json.loads((tmp_path / "index" / "sn6" / "manifest.json").read_text())
     assert man["crs"] is None and man["patch_m"] == 16.0 and man["patch_m_source"].startswith("estimated")
     assert m["meta"]["split"] == "unknown"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmpc.localize.graph import EDGE_DIM, build_graphs, grid_spacing_m, knn_pairs, node_dim
+from cmpc.models.graph import EDGE_DIM, build_graphs, grid_spacing_m, knn_pairs, node_dim
 
 
 def _hand_made():

@@ -78,7 +78,7 @@ def _lock_holder(lock: Path) -> Iterator[int]:
 
 @pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "../victim", "a\\b", "x" * 300, " a", "a\nb"])
 def test_bad_index_names_are_refused(name):
-    from cmpc.index.store import validate_index_name
+    from cmpc.config import validate_index_name
 
     with pytest.raises(ConfigError, match="plain folder name"):
         validate_index_name(name)
@@ -86,7 +86,7 @@ def test_bad_index_names_are_refused(name):
 
 @pytest.mark.parametrize("name", ["demo", "demo-train", "demo@0123456789ab", "run_1.v2"])
 def test_good_index_names_pass(name):
-    from cmpc.index.store import validate_index_name
+    from cmpc.config import validate_index_name
 
     assert validate_index_name(name) == name
 
@@ -231,20 +231,24 @@ def test_test_with_another_checkpoint_leaves_the_experiment_index_alone(world, m
 
 
 def test_refiner_train_index_with_another_checkpoint_leaves_the_index_alone(world, monkeypatch):
-    from cmpc.train.refine import train_index
+    from cmpc.index.build import ensure_train_index
 
     monkeypatch.chdir(world)
     exp = experiment("tr", "ds")
     (world / "runs" / "tr").mkdir(parents=True, exist_ok=True)
     shutil.copy2(world / "ck.pt", world / "runs" / "tr" / "emb_best.pt")
     h1, h2 = checkpoint_hash(world / "ck.pt"), checkpoint_hash(world / "ck2.pt")
-    a = train_index(exp, world / "runs" / "tr" / "emb_best.pt", h1)
-    assert a.directory == Path("index/tr-train") and a.manifest["checkpoint"]["hash"] == h1
-    b = train_index(exp, world / "ck2.pt", h2)
-    assert b.directory == Path(f"index/tr-train@{h2[:12]}") and b.manifest["checkpoint"]["hash"] == h2
+    a = ensure_train_index(exp, world / "runs" / "tr" / "emb_best.pt")
+    assert a.directory == Path("index/tr-train") and a.built and read_manifest(a.directory)["checkpoint"]["hash"] == h1
+    b = ensure_train_index(exp, world / "ck2.pt")
+    assert b.directory == Path(f"index/tr-train@{h2[:12]}") and b.built and read_manifest(b.directory)["checkpoint"]["hash"] == h2
     assert read_manifest(world / "index" / "tr-train")["checkpoint"]["hash"] == h1  # untouched
+    m = read_manifest(a.directory)
+    assert m["factory"] == "Flat" and [s["split"] for s in m["sources"]] == ["train"]  # exact, the train split
+    assert exp.index.name is None and exp.index.split == "test"  # the experiment itself is not changed
     # Reused, not rebuilt, on the next call with either checkpoint.
     stamp = os.stat(world / "index" / "tr-train" / "manifest.json").st_mtime_ns
-    assert train_index(exp, world / "runs" / "tr" / "emb_best.pt", h1).directory == Path("index/tr-train")
-    assert train_index(exp, world / "ck2.pt", h2).directory == Path(f"index/tr-train@{h2[:12]}")
+    again = ensure_train_index(exp, world / "runs" / "tr" / "emb_best.pt")
+    assert again.directory == Path("index/tr-train") and not again.built
+    assert ensure_train_index(exp, world / "ck2.pt").directory == Path(f"index/tr-train@{h2[:12]}")
     assert os.stat(world / "index" / "tr-train" / "manifest.json").st_mtime_ns == stamp

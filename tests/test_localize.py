@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cmpc.errors import ConfigError, DataError, IndexMismatchError
-from index_fixtures import CRS, ORIGIN, experiment, write_checkpoint, write_dataset, write_experiment_json
+from index_fixtures import CRS, ORIGIN, evaluate_command, experiment, localize_command, write_checkpoint, write_dataset, write_experiment_json
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,6 @@ def _write_geotiff(path: Path, arr: np.ndarray, crs: str, west: float, north: fl
 
 @pytest.mark.slow
 def test_streaming_1000_queries_equals_one_batch(world, monkeypatch):
-    from cmpc.localize.run import localize
-
     root, info = world
     monkeypatch.chdir(root)
     folder = root / "many"
@@ -67,8 +65,8 @@ def test_streaming_1000_queries_equals_one_batch(world, monkeypatch):
         r, c = rng.integers(0, sar.shape[0] - 16, size=2)
         patch = (255 * (sar[r : r + 16, c : c + 16] - lo) / (hi - lo)).astype(np.uint8)
         Image.fromarray(patch).save(folder / f"q{i:04d}.png")
-    one = localize(experiment("loc", "ds", "localize.batch_size=1000"), str(folder), out="one")
-    many = localize(experiment("loc", "ds", "localize.batch_size=37"), str(folder), out="many")
+    one = localize_command(experiment("loc", "ds", "localize.batch_size=1000"), str(folder), out="one")
+    many = localize_command(experiment("loc", "ds", "localize.batch_size=37"), str(folder), out="many")
     assert one["queries"] == many["queries"] == 1000 and one["kind"] == "folder"
     a, b = _read_csv(root / "one" / "predictions.csv"), _read_csv(root / "many" / "predictions.csv")
     assert [r["query"] for r in a] == [f"q{i:04d}" for i in range(1000)] == [r["query"] for r in b]
@@ -86,12 +84,10 @@ def test_streaming_1000_queries_equals_one_batch(world, monkeypatch):
 
 @pytest.mark.parametrize("where,n,truth", [("ds", 20, True), ("ds/test", 20, True), ("ds/test/annotations/sar", 20, True), ("ds/test/imgs/sar", 20, False)])
 def test_query_kinds(world, monkeypatch, where, n, truth):
-    from cmpc.localize.run import localize
-
     root, info = world
     monkeypatch.chdir(root)
     out = f"out_{where.replace('/', '_')}"
-    s = localize(experiment("loc", "ds", "eval.plots=false"), where, out=out)
+    s = localize_command(experiment("loc", "ds", "eval.plots=false"), where, out=out)
     assert s["queries"] == n
     rows = _read_csv(root / out / "predictions.csv")
     assert len(rows) == n and ("true_id" in rows[0]) == truth
@@ -113,11 +109,10 @@ def test_query_kinds(world, monkeypatch, where, n, truth):
 def test_geojson_reads_back_in_gis(world, monkeypatch):
     import geopandas as gpd
 
-    from cmpc.localize.run import localize
 
     root, _ = world
     monkeypatch.chdir(root)
-    localize(experiment("loc", "ds", "eval.plots=false"), "ds", out="gis")
+    localize_command(experiment("loc", "ds", "eval.plots=false"), "ds", out="gis")
     gdf = gpd.read_file(root / "gis" / "predictions.geojson")
     assert len(gdf) == 20 and gdf.crs.to_epsg() == 32631
     assert gdf.geometry.x.between(ORIGIN[0], ORIGIN[0] + 40).all()
@@ -127,13 +122,11 @@ def test_geojson_reads_back_in_gis(world, monkeypatch):
 
 
 def test_prior_disc_and_polygon_restrict_candidates(world, monkeypatch):
-    from cmpc.localize.run import localize
-
     root, info = world
     monkeypatch.chdir(root)
     refs = {a.id: np.array([a.x, a.y]) for a in info["refs"]}
     centre = [ORIGIN[0] + 16.0, ORIGIN[1] - 16.0]  # the centre of reference 5
-    s = localize(experiment("loc", "ds", f"localize.prior_center={json.dumps(centre)}", "localize.prior_radius_m=9", "eval.plots=false"), "ds", out="disc")
+    s = localize_command(experiment("loc", "ds", f"localize.prior_center={json.dumps(centre)}", "localize.prior_radius_m=9", "eval.plots=false"), "ds", out="disc")
     inside = {i for i, p in refs.items() if np.hypot(*(p - centre)) <= 9}
     assert s["prior_candidates"] == len(inside) == 5  # the centre reference and its 4 grid neighbours
     for r in _read_csv(root / "disc" / "predictions.csv"):
@@ -145,7 +138,7 @@ def test_prior_disc_and_polygon_restrict_candidates(world, monkeypatch):
     ring = [[x0, y0], [x0 + 17, y0], [x0 + 17, y0 + 17], [x0, y0 + 17], [x0, y0]]
     (root / "prior.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
         {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
-    s = localize(experiment("loc", "ds", "localize.prior=prior.geojson", "eval.plots=false"), "ds", out="poly")
+    s = localize_command(experiment("loc", "ds", "localize.prior=prior.geojson", "eval.plots=false"), "ds", out="poly")
     box = {i for i, p in refs.items() if x0 < p[0] < x0 + 17 and y0 < p[1] < y0 + 17}
     assert s["prior_candidates"] == len(box) == 9
     for r in _read_csv(root / "poly" / "predictions.csv"):
@@ -155,22 +148,20 @@ def test_prior_disc_and_polygon_restrict_candidates(world, monkeypatch):
             assert int(r["coarse_rank"]) <= 9
 
     with pytest.raises(ConfigError, match="go together"):
-        localize(experiment("loc", "ds", f"localize.prior_center={json.dumps(centre)}"), "ds", out="x")
+        localize_command(experiment("loc", "ds", f"localize.prior_center={json.dumps(centre)}"), "ds", out="x")
     with pytest.raises(DataError, match="contains no reference"):
-        localize(experiment("loc", "ds", "localize.prior_center=[0, 0]", "localize.prior_radius_m=5"), "ds", out="x")
+        localize_command(experiment("loc", "ds", "localize.prior_center=[0, 0]", "localize.prior_radius_m=5"), "ds", out="x")
 
 
 # --------------------------------------------------------------------------- GeoTIFF queries
 
 
 def test_geotiff_queries_tiled_on_the_fly(world, monkeypatch):
-    from cmpc.localize.run import localize
-
     root, info = world
     monkeypatch.chdir(root)
     sar = info["sar_world"]  # (1, 40, 40), 1 m/px, upper-left at ORIGIN
     tif = _write_geotiff(root / "sar.tif", sar, CRS, ORIGIN[0], ORIGIN[1], 1.0)
-    s = localize(experiment("loc", "ds"), str(tif), out="tif")
+    s = localize_command(experiment("loc", "ds"), str(tif), out="tif")
     # patches of the references' footprint (16 m = 16 px), stride 8 px over 40 px: 4 x 4
     assert s["kind"] == "raster" and s["queries"] == 16
     rows = _read_csv(root / "tif" / "predictions.csv")
@@ -184,19 +175,19 @@ def test_geotiff_queries_tiled_on_the_fly(world, monkeypatch):
     lon1, lat1 = to_ll.transform(ORIGIN[0] + 40, ORIGIN[1] - 40)
     res = (lon1 - lon0) / 40
     ll = _write_geotiff(root / "sar_ll.tif", sar, "EPSG:4326", lon0, lat0, res)
-    s = localize(experiment("loc", "ds"), str(ll), out="tif_ll")
+    s = localize_command(experiment("loc", "ds"), str(ll), out="tif_ll")
     assert s["queries"] >= 4
 
     far = _write_geotiff(root / "far.tif", sar, CRS, ORIGIN[0] + 10_000, ORIGIN[1], 1.0)
     with pytest.raises(DataError, match="does not overlap"):
-        localize(experiment("loc", "ds"), str(far), out="x")
+        localize_command(experiment("loc", "ds"), str(far), out="x")
     other = _write_geotiff(root / "utm32.tif", sar, "EPSG:32632", ORIGIN[0], ORIGIN[1], 1.0)
     with pytest.raises(IndexMismatchError, match="EPSG:32632"):
-        localize(experiment("loc", "ds"), str(other), out="x")
+        localize_command(experiment("loc", "ds"), str(other), out="x")
     three = _write_geotiff(root / "three.tif", np.concatenate([sar] * 3), CRS, ORIGIN[0], ORIGIN[1], 1.0)
     with pytest.raises(DataError, match="have 3 band"):
-        localize(experiment("loc", "ds"), str(three), out="x")
-    s = localize(experiment("loc", "ds", "localize.raster_bands=[2]"), str(three), out="tif_b2")  # pick one band
+        localize_command(experiment("loc", "ds"), str(three), out="x")
+    s = localize_command(experiment("loc", "ds", "localize.raster_bands=[2]"), str(three), out="tif_b2")  # pick one band
     assert s["queries"] == 16
 
 
@@ -268,11 +259,10 @@ def test_bad_input_is_one_clear_line(world, monkeypatch, capsys, tmp_path):
 def test_failed_run_leaves_previous_outputs(world, monkeypatch):
     """A run that fails mid-stream must not leave half-written predictions."""
     import cmpc.localize.run as run
-    from cmpc.localize.run import localize
 
     root, _ = world
     monkeypatch.chdir(root)
-    localize(experiment("loc", "ds", "eval.plots=false"), "ds/test/imgs/sar", out="keep")
+    localize_command(experiment("loc", "ds", "eval.plots=false"), "ds/test/imgs/sar", out="keep")
     before = (root / "keep" / "predictions.csv").read_bytes()
     real = run.Localizer.localize_batch
     calls = {"n": 0}
@@ -285,7 +275,7 @@ def test_failed_run_leaves_previous_outputs(world, monkeypatch):
 
     monkeypatch.setattr(run.Localizer, "localize_batch", fails_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        localize(experiment("loc", "ds", "eval.plots=false", "localize.batch_size=4"), "ds/test/imgs/sar", out="keep")
+        localize_command(experiment("loc", "ds", "eval.plots=false", "localize.batch_size=4"), "ds/test/imgs/sar", out="keep")
     assert (root / "keep" / "predictions.csv").read_bytes() == before
     assert sorted(p.name for p in (root / "keep").iterdir()) == ["predictions.csv", "predictions.geojson"]
 
@@ -299,8 +289,6 @@ def test_real_sentinel1_geotiff_against_sentinel2_map(real_data, tmp_path, monke
     """Real 2-band float Sentinel-1 GeoTIFF localized on the fly against a Sentinel-2 map."""
     from cmpc.config import TileConfig
     from cmpc.data.tiler import tile
-    from cmpc.evaluate.run import evaluate
-    from cmpc.localize.run import localize
 
     s1 = real_data / "s1s2-gefolki" / "S1_patch11.tif"
     s2 = real_data / "s1s2-gefolki" / "S2_patch11.tif"
@@ -308,10 +296,10 @@ def test_real_sentinel1_geotiff_against_sentinel2_map(real_data, tmp_path, monke
     write_checkpoint(tmp_path / "runs" / "s1s2" / "emb_best.pt", sar_channels=2, optical_channels=3, img_size=32)
     monkeypatch.chdir(tmp_path)
     exp = experiment("s1s2", "ds", "eval.plots=false")
-    m = evaluate(exp)  # builds index/s1s2 from the 6 x 6 S2 reference grid first
+    m = evaluate_command(exp)  # the index step builds index/s1s2 from the 6 x 6 S2 reference grid first
     assert m["meta"]["references"] == 36 and m["meta"]["split"] == "same-area"
     assert m["aligned"]["n_queries"] > 0 and 0.0 <= m["aligned"]["coarse"]["recall"]["20"] <= 1.0
-    s = localize(exp, str(s1), out="tif")
+    s = localize_command(exp, str(s1), out="tif")
     assert s["kind"] == "raster" and s["queries"] == 36  # 1280 m footprints = 128 px at 10 m, stride 64 px
     rows = _read_csv(tmp_path / "tif" / "predictions.csv")
     xy = np.array([[float(r["x"]), float(r["y"])] for r in rows])

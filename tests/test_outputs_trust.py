@@ -18,7 +18,7 @@ import pytest
 from cmpc.cli import main
 from cmpc.config import load_experiment
 from cmpc.errors import CmpcError, ConfigError
-from index_fixtures import experiment, write_checkpoint, write_dataset, write_experiment_json
+from index_fixtures import evaluate_command, experiment, localize_command, write_checkpoint, write_dataset, write_experiment_json
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "experiments").glob("*.json")) + sorted((REPO / "experiments" / "translate").glob("*.json"))
@@ -77,11 +77,11 @@ def world(tmp_path_factory):
 
 
 def test_failed_test_keeps_the_previous_report_and_other_outputs(world, monkeypatch):
-    import cmpc.evaluate.run as run
+    import cmpc.evaluate.ranks as ranks
 
     root = world
     monkeypatch.chdir(root)
-    run.evaluate(experiment("tr", "ds", "eval.plots=false"))
+    evaluate_command(experiment("tr", "ds", "eval.plots=false"))
     rep = root / "reports" / "tr"
     before = {f: (rep / f).read_bytes() for f in ("metrics.json", "predictions.csv", "predictions.geojson")}
     # outputs of other commands in the same folder: an earlier localize run, a pairs check
@@ -92,9 +92,9 @@ def test_failed_test_keeps_the_previous_report_and_other_outputs(world, monkeypa
     def boom(*args, **kwargs):
         raise RuntimeError("plotting failed")
 
-    monkeypatch.setattr(run, "write_report", boom)
+    monkeypatch.setattr(ranks, "write_report", boom)
     with pytest.raises(RuntimeError, match="plotting failed"):
-        run.evaluate(experiment("tr", "ds", "eval.plots=false", "localize.top_k=3"))  # other predictions
+        evaluate_command(experiment("tr", "ds", "eval.plots=false", "localize.top_k=3"))  # other predictions
     assert {f: (rep / f).read_bytes() for f in before} == before
     assert _partials(root / "reports") == []
     monkeypatch.undo()
@@ -102,7 +102,7 @@ def test_failed_test_keeps_the_previous_report_and_other_outputs(world, monkeypa
 
     # a later successful run replaces the report whole and keeps the other commands' outputs
     (rep / "cmc.png").write_bytes(b"a plot of the earlier run")  # the new run draws no plots
-    run.evaluate(experiment("tr", "ds", "eval.plots=false", "localize.top_k=3"))
+    evaluate_command(experiment("tr", "ds", "eval.plots=false", "localize.top_k=3"))
     assert (rep / "predictions.csv").read_bytes() != before["predictions.csv"]
     assert (rep / "localize" / "predictions.csv").read_text() == "earlier localize run\n"
     assert (rep / "pairs_bigearthnet.json").is_file()
@@ -119,13 +119,13 @@ def test_truncated_footprints_fail_in_one_line_before_anything_is_replaced(world
     (root / "runs" / "trfp").mkdir(parents=True, exist_ok=True)
     (root / "runs" / "trfp" / "emb_best.pt").write_bytes((root / "runs" / "tr" / "emb_best.pt").read_bytes())
     build_index(experiment("trfp", "ds"))
-    evaluate(experiment("trfp", "ds", "eval.plots=false"))
+    evaluate(experiment("trfp", "ds", "eval.plots=false"), "index/trfp")
     rep = root / "reports" / "trfp"
     before = {p.name: p.read_bytes() for p in rep.iterdir()}
     fp = root / "index" / "trfp" / "footprints.gpkg"
     fp.write_bytes(fp.read_bytes()[:100])
     with pytest.raises(CmpcError):
-        evaluate(experiment("trfp", "ds", "localize.top_k=3"))  # plots on: the error map reads the footprints
+        evaluate(experiment("trfp", "ds", "localize.top_k=3"), "index/trfp")  # plots on: the error map reads the footprints
     assert {p.name: p.read_bytes() for p in rep.iterdir()} == before
     assert _partials(root / "reports") == []
 
@@ -141,20 +141,18 @@ def test_failed_localize_leaves_no_output_folder(world, monkeypatch):
 
     monkeypatch.setattr(run.Localizer, "localize_batch", fails)
     with pytest.raises(RuntimeError, match="search failed"):
-        run.localize(experiment("tr", "ds", "eval.plots=false"), "ds", out="never")
+        localize_command(experiment("tr", "ds", "eval.plots=false"), "ds", out="never")
     assert not (root / "never").exists()
     assert _partials(root) == []
 
 
 def test_localize_keeps_other_files_in_its_out_folder(world, monkeypatch):
-    from cmpc.localize.run import localize
-
     root = world
     monkeypatch.chdir(root)
     (root / "mine").mkdir(exist_ok=True)
     (root / "mine" / "notes.txt").write_text("mine\n")
     (root / "mine" / "metrics.json").write_text("{}\n")  # an earlier run with ground truth
-    s = localize(experiment("tr", "ds"), "ds/test/imgs/sar", out="mine")  # no ground truth: no metrics
+    s = localize_command(experiment("tr", "ds"), "ds/test/imgs/sar", out="mine")  # no ground truth: no metrics
     assert s["out"] == "mine" and "metrics" not in s
     assert sorted(p.name for p in (root / "mine").iterdir()) == ["notes.txt", "predictions.csv", "predictions.geojson"]
     assert _partials(root) == []

@@ -57,9 +57,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     embedder B: A's architecture with perturbed weights."""
     import os
 
-    from index_fixtures import experiment, write_checkpoint, write_dataset
-
-    from cmpc.train.refine import train_refiner
+    from index_fixtures import experiment, train_refiner_command, write_checkpoint, write_dataset
 
     tmp = tmp_path_factory.mktemp("prov")
     old = os.getcwd()
@@ -70,7 +68,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         write_dataset(root, split="test", seed=1, grid=4, patch_px=16, id_offset=1000, non_aligned=4)
         exp = experiment("prov", root, *REFINE_ARGS)
         a = write_checkpoint(exp.run_dir / "emb_best.pt", img_size=16, embed_dim=16)
-        refiner = train_refiner(exp)
+        refiner = train_refiner_command(exp)
         ck = load_checkpoint(a)
         ck["model"] = {k: (v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v) for k, v in ck["model"].items()}
         b = save_checkpoint(tmp / "retrained" / "emb_best.pt", ck)
@@ -130,10 +128,10 @@ def test_older_refiner_records(world, tmp_path: Path):
 
 
 def test_reports_carry_the_inputs_record(world, monkeypatch: pytest.MonkeyPatch):
-    from cmpc.evaluate.run import evaluate
+    from index_fixtures import evaluate_command, localize_command
+
     from cmpc.index.build import build_index
     from cmpc.index.store import MANIFEST_FILE
-    from cmpc.localize.run import localize
 
     monkeypatch.chdir(world["tmp"])
     exp, a = world["exp"], world["a"]
@@ -144,7 +142,7 @@ def test_reports_carry_the_inputs_record(world, monkeypatch: pytest.MonkeyPatch)
         "index": file_sha256(manifest),
         "refiner": file_sha256(world["refiner"]),
     }
-    metrics = evaluate(exp)
+    metrics = evaluate_command(exp)
     on_disk = json.loads((exp.report_dir / "metrics.json").read_text())
     for meta in (metrics["meta"], on_disk["meta"]):
         got = meta["inputs"]
@@ -152,7 +150,7 @@ def test_reports_carry_the_inputs_record(world, monkeypatch: pytest.MonkeyPatch)
         assert Path(got["embedder"]["path"]).resolve() == a.resolve()
         assert Path(got["index"]["path"]).resolve() == manifest.resolve()
         assert Path(got["refiner"]["path"]).resolve() == world["refiner"].resolve()
-    s = localize(exp, str(world["root"]), out=str(world["tmp"] / "loc"))
+    s = localize_command(exp, str(world["root"]), out=str(world["tmp"] / "loc"))
     assert s["refined"]
     meta = json.loads((world["tmp"] / "loc" / "metrics.json").read_text())["meta"]
     assert {k: v["sha256"] for k, v in meta["inputs"].items()} == want

@@ -11,8 +11,8 @@ import torch
 
 from cmpc.config import RefineConfig
 from cmpc.errors import CheckpointError, DataError, IndexMismatchError
-from cmpc.localize.graph import build_graphs
 from cmpc.localize.refine import GraphRefiner, refiner_from_checkpoint, refiner_payload, save_refiner
+from cmpc.models.graph import build_graphs
 from cmpc.models.refiner import RefinerOutput, SceneGraphRefiner, mix_positions, refiner_loss
 
 D = 8
@@ -179,7 +179,7 @@ def test_checkpoint_for_another_k_is_refused(tmp_path: Path):
 
 
 def test_aligner_reused_from_another_refiner(tmp_path: Path):
-    from cmpc.localize.align import DenseDescriptor
+    from cmpc.models.descriptor import DenseDescriptor
     from cmpc.train.refine import aligner_from
 
     cfg = RefineConfig(k=4, hidden=16, layers=1, heads=2)
@@ -229,12 +229,11 @@ def test_tiny_end_to_end_refinement_lowers_the_error(tmp_path: Path, monkeypatch
     stems: a weak but honest coarse stage), a real index, the Localizer with the refiner:
     the refined positions of non-aligned test queries are clearly better than the centres of
     the coarse top-1 references."""
-    from index_fixtures import experiment, write_checkpoint, write_dataset
+    from index_fixtures import experiment, train_refiner_command, write_checkpoint, write_dataset
 
     from cmpc.data.patches import PatchDataset
     from cmpc.index.build import build_index
     from cmpc.localize.localizer import Localizer
-    from cmpc.train.refine import train_refiner
     from cmpc.utils.io import read_jsonl
 
     monkeypatch.chdir(tmp_path)
@@ -248,7 +247,7 @@ def test_tiny_end_to_end_refinement_lowers_the_error(tmp_path: Path, monkeypatch
         "refine.align_width=16", "refine.align_dim=8",
     )
     write_checkpoint(exp.run_dir / "emb_best.pt", sar_channels=3, img_size=32, embed_dim=16, tie_stems=True)
-    path = train_refiner(exp)
+    path = train_refiner_command(exp)
     assert path == exp.run_dir / "refiner.pt" and path.is_file()
     log = read_jsonl(exp.run_dir / "refine_log.jsonl")
     data = log[0]

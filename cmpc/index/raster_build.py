@@ -7,7 +7,7 @@ block (``tile.block_px`` + one patch a side), each block's patches are embedded 
 of ``index.batch_size`` and written to a chunk file, then the block is dropped.
 
 One build per index name at a time: the build holds ``index/.<name>.lock`` (see
-:func:`cmpc.index.build.index_lock`); a second one stops at once naming the first's process id.
+:func:`cmpc.index.writer.index_lock`); a second one stops at once naming the first's process id.
 
 Resumable: the work happens in ``index/.<name>.building/`` beside the final folder. Each
 finished block is one chunk file ``chunks/block_NNNNNN.npz`` written atomically (temp file
@@ -43,12 +43,13 @@ from tqdm import tqdm
 from cmpc.config import Experiment
 from cmpc.data.layout import read_dataset_meta
 from cmpc.data.patches import standardize
+from cmpc.data.crs import normalize_crs
 from cmpc.data.raster import block_groups, crs_name, grid_positions, open_raster
 from cmpc.errors import DataError
-from cmpc.index.build import _FeatureWriter, _write_footprints, default_checkpoint, fill_faiss, index_lock, index_manifest
 from cmpc.index.factory import resolve_factory
-from cmpc.index.store import FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE, check_replaceable, normalize_crs
-from cmpc.models.checkpoint import load_embedder
+from cmpc.index.store import FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE, check_replaceable
+from cmpc.index.writer import FeatureWriter, fill_faiss, index_lock, index_manifest, write_footprints
+from cmpc.models.checkpoint import default_checkpoint, load_embedder
 from cmpc.models.embedder import Embedder
 from cmpc.utils.io import atomic_dir, atomic_path, atomic_write_json
 from cmpc.utils.runtime import resolve_device
@@ -156,7 +157,7 @@ def _build_from_raster(
     path = Path(raster or exp.index.raster or "")
     if not str(path) or not path.is_file():
         raise DataError(f"optical mosaic not found: {path} (index.raster / --raster)")
-    ckpt_path = default_checkpoint(exp, checkpoint)
+    ckpt_path = default_checkpoint(exp.run_dir, checkpoint)
     device = resolve_device(exp.train.device)
     model, meta = load_embedder(ckpt_path, device)
     img_size = int(meta.get("img_size") or exp.data.img_size)
@@ -233,7 +234,7 @@ def _build_from_raster(
     with atomic_dir(out_dir) as tmp:
         h5_path = tmp / FEATURES_FILE
         with h5py.File(h5_path, "w") as h5:
-            writer = _FeatureWriter(h5, dim)
+            writer = FeatureWriter(h5, dim)
             for b in range(len(groups)):
                 with np.load(_chunk_path(work, b)) as z:
                     feats, cells = z["features"], z["cells"]
@@ -256,11 +257,11 @@ def _build_from_raster(
             h5.attrs["embed_dim"] = dim
             h5.attrs["crs"] = crs or ""
             all_bounds = h5["bounds"][:]
-        _write_footprints(h5_path, tmp / FOOTPRINTS_FILE, crs)
+        write_footprints(h5_path, tmp / FOOTPRINTS_FILE, crs)
         source["count"] = n_total
         manifest = index_manifest(
             out_dir, ckpt_path=ckpt_path, meta=meta, model=model, img_size=img_size, factory=factory,
-            requested=exp.index.factory, exp=exp, crs=crs, n_total=n_total, n_added=n_total, all_bounds=all_bounds,
+            requested=exp.index.factory, index_cfg=exp.index, crs=crs, n_total=n_total, n_added=n_total, all_bounds=all_bounds,
             side_m=float(patch_px * g.gsd_m), side_source=f"raster patch {patch_px} px ({patch_source}) x {g.gsd_m:g} m/px",
             dataset={"root": None, "split": None, "raster": params["raster"]}, sources=[source], filled=filled, created=now, now=now,
         )

@@ -31,6 +31,8 @@ import faiss
 import h5py
 import numpy as np
 
+from cmpc.config import MAX_INDEX_NAME, validate_index_name  # noqa: F401 - index names are checked where the config is read
+from cmpc.data.crs import crs_equal, normalize_crs
 from cmpc.errors import DataError, IndexMismatchError
 from cmpc.index.factory import filtered_search_params, flat_vectors, gpu_available, maybe_to_gpu, set_search_defaults
 from cmpc.index.shards import ShardedIndex, read_faiss
@@ -53,34 +55,6 @@ TORCH_BATCH_MIN = 16
 #: Feature matrices up to this size are read into RAM once; larger ones stream from HDF5.
 _IN_MEMORY_BYTES = 512 * 2**20
 _CHUNK_ROWS = 65_536
-
-
-#: Longest index name accepted (a folder name, with room for the ``.<name>.*`` siblings).
-MAX_INDEX_NAME = 200
-
-
-def validate_index_name(name: Any, key: str = "index.name") -> str:
-    """``name`` when it is a plain folder name for ``index/<name>/``; else a one-line ConfigError.
-
-    Like experiment names: not empty, no path separator, not ``.``/``..`` and not starting
-    with ``.`` (the hidden ``index/.<name>.*`` siblings are the builds' work and lock files).
-    """
-    from cmpc.errors import ConfigError
-
-    ok = (
-        isinstance(name, str)
-        and 0 < len(name) <= MAX_INDEX_NAME
-        and not name.startswith(".")
-        and not any(c in name for c in ("/", "\\", "\0"))
-        and name.strip() == name
-        and name.isprintable()
-    )
-    if not ok:
-        raise ConfigError(
-            f"config key '{key}': {name!r} must be a plain folder name under index/ (no '/' or '\\', "
-            f"not starting with '.', at most {MAX_INDEX_NAME} characters)"
-        )
-    return name
 
 
 def check_replaceable(d: str | os.PathLike[str]) -> None:
@@ -127,30 +101,6 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(manifest, dict) or "embed_dim" not in manifest or "checkpoint" not in manifest:
         raise DataError(f"{mpath} is not a cmpc index manifest; rebuild the index with `cmpc index build EXPERIMENT.json`")
     return manifest
-
-
-def normalize_crs(crs: Any) -> str | None:
-    """A CRS (EPSG string, WKT, rasterio/pyproj object) as ``"EPSG:n"`` when it has a code, else WKT."""
-    if crs is None or crs == "":
-        return None
-    from pyproj import CRS
-
-    try:
-        c = CRS.from_user_input(crs if isinstance(crs, (str, int)) else str(crs))
-    except Exception:
-        return str(crs)
-    code = c.to_epsg()
-    return f"EPSG:{code}" if code is not None else c.to_wkt()
-
-
-def crs_equal(a: Any, b: Any) -> bool:
-    """True when two CRS descriptions denote the same CRS (axis order ignored)."""
-    from pyproj import CRS
-
-    try:
-        return CRS.from_user_input(normalize_crs(a)).equals(CRS.from_user_input(normalize_crs(b)), ignore_axis_order=True)
-    except Exception:
-        return normalize_crs(a) == normalize_crs(b)
 
 
 def short_hash(h: str | None) -> str:

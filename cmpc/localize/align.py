@@ -4,9 +4,9 @@ Retrieval picks a reference; references sit every ``stride`` metres (64 m in the
 query that falls between them is tens of metres from the best reference centre. Fine
 alignment measures where the query lies inside the optical map around a candidate:
 
-1. A small fully-convolutional network (:class:`DenseDescriptor`, one branch per modality,
-   output stride 4, L2-normalised per cell) maps the SAR query and the optical map to dense
-   descriptors that agree at corresponding places.
+1. A small fully-convolutional network (:class:`~cmpc.models.descriptor.DenseDescriptor`,
+   one branch per modality, output stride 4, L2-normalised per cell) maps the SAR query and
+   the optical map to dense descriptors that agree at corresponding places.
 2. The optical descriptors of the whole reference map are computed once
    (:func:`build_feature_mosaic`, from the stitched references) and cached: at query time
    only the query goes through the network.
@@ -22,49 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-STRIDE = 4  # pixels per descriptor cell
-
-
-def _branch(in_ch: int, dim: int, width: int) -> nn.Sequential:
-    w1, w2, w3 = max(8, width // 2), width, width + width // 2
-
-    def cbr(i: int, o: int, k: int, s: int = 1, d: int = 1) -> list[nn.Module]:
-        return [nn.Conv2d(i, o, k, stride=s, padding=d * (k // 2), dilation=d, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-
-    # stride 2 at once (speckle is pixel-scale noise), then context at 1/4 with a dilated
-    # layer: ~50 px receptive field, enough to see a building and its SAR layover/shadow
-    return nn.Sequential(
-        *cbr(in_ch, w1, 5, 2),
-        *cbr(w1, w2, 3),
-        *cbr(w2, w3, 3, 2),
-        *cbr(w3, w3, 3),
-        *cbr(w3, w3, 3, 1, 2),
-        nn.Conv2d(w3, dim, 1),
-    )
-
-
-class DenseDescriptor(nn.Module):
-    """Cross-modal dense descriptors: (B, C_mod, H, W) -> (B, dim, ceil(H/4), ceil(W/4)).
-
-    Cell ``(r, c)`` describes the neighbourhood of pixel ``(4 r, 4 c)``; descriptors are unit
-    vectors. ``modality`` is ``"sar"`` or ``"opt"``; inputs are standardised per channel.
-    """
-
-    stride = STRIDE
-
-    def __init__(self, sar_channels: int, optical_channels: int, dim: int = 16, width: int = 32) -> None:
-        super().__init__()
-        self.sar_channels = sar_channels
-        self.optical_channels = optical_channels
-        self.dim = dim
-        self.width = width
-        self.branches = nn.ModuleDict({"sar": _branch(sar_channels, dim, width), "opt": _branch(optical_channels, dim, width)})
-
-    def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        return F.normalize(self.branches[modality](x), dim=1)
+from cmpc.models.descriptor import STRIDE, DenseDescriptor
 
 
 # --------------------------------------------------------------------------- correlation

@@ -14,11 +14,16 @@ The refiner is any object with::
         -> (refined_order (B, k) rows, refined_positions (B, 2) metres)
 
 and is loaded in exactly one place, :func:`load_refiner` (which defers to the refiner's own
-loader in :mod:`cmpc.localize.refine`). :meth:`Localizer.from_experiment` hands it the
-embedder checkpoint in use: a refiner trained on another embedder (another SHA-256 of the
-checkpoint file) is refused with one line naming both hashes, as an index built by another
-embedder is. :meth:`Localizer.inputs` is the provenance record reports carry
-(:mod:`cmpc.utils.provenance`).
+loader in :mod:`cmpc.localize.refine`). :meth:`Localizer.load` hands it the embedder
+checkpoint in use: a refiner trained on another embedder (another SHA-256 of the checkpoint
+file) is refused with one line naming both hashes, as an index built by another embedder is.
+:meth:`Localizer.inputs` is the provenance record reports carry (:mod:`cmpc.utils.provenance`).
+
+:meth:`Localizer.load` takes what it reads (the checkpoint, the index folder, the refiner
+file) and the config sections it uses (``localize``, ``index``, ``refine``);
+:meth:`Localizer.from_experiment` is the thin composition the commands use: the experiment's
+checkpoint, index folder (:func:`cmpc.index.build.serving_index_dir`) and refiner.
+Scoring against ground truth is the evaluation's (:func:`cmpc.evaluate.ranks.ground_truth_ranks`).
 """
 
 from __future__ import annotations
@@ -31,12 +36,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cmpc.config import Experiment
+from cmpc.config import Experiment, IndexConfig, LocalizeConfig, RefineConfig
 from cmpc.errors import CheckpointError, DataError
-from cmpc.index.build import default_checkpoint, hashed_index_name
-from cmpc.index.store import ReferenceIndex
+from cmpc.index.build import serving_index_dir
+from cmpc.index.store import MANIFEST_FILE, ReferenceIndex
 from cmpc.localize.prior import prior_rows
-from cmpc.models.checkpoint import load_embedder
+from cmpc.models.checkpoint import checkpoint_hash, default_checkpoint, load_embedder
 from cmpc.models.embedder import Embedder
 from cmpc.utils import provenance
 from cmpc.utils.runtime import resolve_device
@@ -57,23 +62,27 @@ class Refiner(Protocol):
     ) -> tuple[Any, Any]: ...
 
 
-def load_refiner(exp: Experiment, embedder: dict[str, Any] | str | os.PathLike[str] | None = None) -> Refiner | None:
-    """The experiment's refiner, or None when ``refine.enabled`` is false or
-    ``runs/<name>/refiner.pt`` is absent. The loading itself is the refiner module's.
+def load_refiner(
+    path: str | os.PathLike[str] | None,
+    cfg: RefineConfig | None,
+    embedder: dict[str, Any] | str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+) -> Refiner | None:
+    """The refiner stored at ``path`` (``runs/<name>/refiner.pt``) with the query-time
+    switches of ``cfg``, or None when there is no ``cfg``, ``refine.enabled`` is false or
+    ``path`` is absent. The loading itself is the refiner module's.
 
-    ``embedder``: the embedder checkpoint in use (path or ``{"path", "sha256"}``; default
-    ``runs/<name>/emb_best.pt``): a refiner trained on another one is a one-line
-    :class:`CheckpointError` naming both hashes."""
-    path = exp.run_dir / REFINER_FILE
-    if not exp.refine.enabled or not path.is_file():
+    ``embedder``: the embedder checkpoint in use (path or ``{"path", "sha256"}``): a refiner
+    trained on another one is a one-line :class:`CheckpointError` naming both hashes."""
+    if cfg is None or not cfg.enabled or path is None or not Path(path).is_file():
         return None
     try:
-        from cmpc.localize.refine import load_refiner as _load
+        from cmpc.localize.refine import refiner_from_checkpoint
     except ModuleNotFoundError as e:
         if e.name != "cmpc.localize.refine":
             raise
         raise CheckpointError(f"{path} exists but this cmpc has no refiner (cmpc.localize.refine); set refine.enabled=false") from None
-    return _load(exp, embedder)
+    return refiner_from_checkpoint(path, cfg, device, embedder=embedder)
 
 
 @dataclass
@@ -102,25 +111,6 @@ class LocalizeResult:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-
-def serving_index_dir(exp: Experiment, ckpt_hash: str) -> Path:
-    """The index folder for checkpoint ``ckpt_hash``: ``index/<name>/`` when it was built with
-    that checkpoint (or no other candidate exists: loading then names both hashes), else the
-    per-checkpoint ``index/<name>@<hash[:12]>/`` that ``cmpc test --checkpoint`` builds."""
-    from cmpc.index.store import MANIFEST_FILE, read_manifest
-    from cmpc.errors import CmpcError
-
-    own = exp.index_dir
-    hashed = own.with_name(hashed_index_name(own.name, ckpt_hash))
-    if not (hashed / MANIFEST_FILE).is_file():
-        return own
-    try:
-        if read_manifest(own).get("checkpoint", {}).get("hash") == ckpt_hash:
-            return own
-    except CmpcError:
-        pass
-    return hashed
 
 
 class Localizer:
@@ -153,6 +143,39 @@ class Localizer:
         self._checkpoint_sha256 = checkpoint_sha256
 
     @classmethod
+    def load(
+        cls,
+        checkpoint: str | os.PathLike[str],
+        index_dir: str | os.PathLike[str],
+        localize_cfg: LocalizeConfig,
+        index_cfg: IndexConfig,
+        refine_cfg: RefineConfig | None = None,
+        refiner_path: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        amp: bool = True,
+    ) -> Localizer:
+        """Load the embedder ``checkpoint``, the index at ``index_dir`` (checked against the
+        checkpoint; search settings from ``index_cfg``), the prior and ``top_k`` of
+        ``localize_cfg``, and the refiner at ``refiner_path`` (with ``refine_cfg``; none when
+        either is None, the file is absent or ``refine.enabled`` is false)."""
+        device = torch.device(device)
+        model, meta = load_embedder(checkpoint, device)
+        index = ReferenceIndex.load(
+            index_dir,
+            expect_hash=meta["hash"],
+            expect_dim=model.embed_dim,
+            checkpoint_path=checkpoint,
+            nprobe=index_cfg.nprobe,
+            ef_search=index_cfg.ef_search,
+            use_gpu=index_cfg.use_gpu and device.type == "cuda",
+            mmap=index_cfg.mmap,
+            torch_device=str(device) if device.type == "cuda" else None,
+        )
+        allowed = prior_rows(localize_cfg, index)
+        refiner = load_refiner(refiner_path, refine_cfg, provenance.record(checkpoint, meta["hash"]), device)
+        return cls(model, index, localize_cfg.top_k, allowed, refiner, device, amp, checkpoint, meta["hash"])
+
+    @classmethod
     def from_experiment(
         cls,
         exp: Experiment,
@@ -160,33 +183,28 @@ class Localizer:
         index_dir: str | os.PathLike[str] | None = None,
         use_refiner: bool = True,
     ) -> Localizer:
-        """Load the checkpoint (default ``runs/<name>/emb_best.pt``), the index (default
-        ``index/<name>/``, checked against the checkpoint), the prior and the refiner."""
-        ckpt = default_checkpoint(exp, checkpoint)
-        device = resolve_device(exp.train.device)
-        model, meta = load_embedder(ckpt, device)
-        index = ReferenceIndex.load(
-            index_dir or serving_index_dir(exp, meta["hash"]),
-            expect_hash=meta["hash"],
-            expect_dim=model.embed_dim,
-            checkpoint_path=ckpt,
-            nprobe=exp.index.nprobe,
-            ef_search=exp.index.ef_search,
-            use_gpu=exp.index.use_gpu and device.type == "cuda",
-            mmap=exp.index.mmap,
-            torch_device=str(device) if device.type == "cuda" else None,
+        """:meth:`load` with the experiment's files: the checkpoint (default
+        ``runs/<name>/emb_best.pt``), the index (default the one serving that checkpoint,
+        :func:`cmpc.index.build.serving_index_dir`), ``runs/<name>/refiner.pt`` (unless
+        ``use_refiner`` is false) and its sections."""
+        ckpt = default_checkpoint(exp.run_dir, checkpoint)
+        if index_dir is None:
+            index_dir = serving_index_dir(exp.index_dir, checkpoint_hash(ckpt))
+        return cls.load(
+            ckpt,
+            index_dir,
+            exp.localize,
+            exp.index,
+            exp.refine if use_refiner else None,
+            exp.run_dir / REFINER_FILE,
+            device=resolve_device(exp.train.device),
+            amp=exp.train.amp,
         )
-        allowed = prior_rows(exp.localize, index)
-        embedder = provenance.record(ckpt, meta["hash"])
-        refiner = load_refiner(exp, embedder) if use_refiner else None
-        return cls(model, index, exp.localize.top_k, allowed, refiner, device, exp.train.amp, ckpt, meta["hash"])
 
     def inputs(self) -> dict[str, Any]:
         """The provenance record of a report made with this localizer: ``embedder`` (the
         checkpoint), ``index`` (its ``manifest.json``) and ``refiner`` (when one is used and
         was loaded from a file); each ``{"path", "sha256"}`` (see :mod:`cmpc.utils.provenance`)."""
-        from cmpc.index.store import MANIFEST_FILE
-
         out: dict[str, Any] = {}
         if self.checkpoint_path is not None:
             out["embedder"] = provenance.record(self.checkpoint_path, self._checkpoint_sha256)
@@ -246,31 +264,3 @@ class Localizer:
             refined_rows = np.asarray(order.cpu() if torch.is_tensor(order) else order, dtype=np.int64)
             refined = np.asarray(pos.cpu() if torch.is_tensor(pos) else pos, dtype=np.float64).reshape(-1, 2)
         return LocalizeResult(emb, rows, ids, scores, coarse, refined_rows, refined)
-
-    def ground_truth_ranks(self, result: LocalizeResult, true_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(coarse ranks (B,), refined ranks (B,) or None), 1-based, inf = not found.
-
-        A query whose correct reference (same id) is in the returned top-k gets its position
-        there; otherwise its exact rank among all (allowed) references, streamed in chunks
-        (at least k+1, since the search did not return it). The refiner only reorders the
-        top-k, so a correct reference outside it keeps that coarse rank.
-        """
-        from cmpc.evaluate.metrics import count_higher, first_correct_position
-
-        k = result.rows.shape[1]
-        pos = first_correct_position(result.ids, true_ids)
-        outside = np.full(len(pos), np.inf)
-        # Only queries whose correct reference is not in the top-k need the streamed count:
-        # with a good model that is few of them, which keeps evaluation cheap on big maps.
-        todo = np.flatnonzero(~np.isfinite(pos) & (true_ids >= 0))
-        if len(todo):
-            emb, ids = result.query_emb[todo], true_ids[todo]
-            correct = self.index.correct_scores(emb, ids, self.allowed_mask)
-            higher = count_higher(emb, ids, correct, self.index.iter_features(), self.index.ids, self.allowed_mask)
-            exact = np.where(np.isfinite(correct), 1.0 + higher, np.inf)
-            outside[todo] = np.maximum(exact, k + 1.0)
-        coarse = np.where(np.isfinite(pos), pos, outside)
-        if result.refined_rows is None:
-            return coarse, None
-        pos_r = first_correct_position(self.index.ids[result.refined_rows], true_ids)
-        return coarse, np.where(np.isfinite(pos_r), pos_r, outside)

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from cmpc.config import LocalizeConfig
+from cmpc.data.crs import crs_equal
 from cmpc.errors import ConfigError, DataError
-from cmpc.index.store import ReferenceIndex, crs_equal
+from cmpc.index.store import ReferenceIndex
 
 
 def read_prior_polygon(path: str | os.PathLike[str], map_crs: str | None):  # noqa: ANN201 - shapely geometry

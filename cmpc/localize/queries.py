@@ -26,11 +26,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cmpc.config import LocalizeConfig
+from cmpc.data.crs import crs_equal, dataset_crs, normalize_crs
 from cmpc.data.layout import Annotation, read_annotations, read_dataset_meta, safe_image_path
 from cmpc.data.patches import read_patch_array, to_model_input
 from cmpc.errors import DataError, IndexMismatchError
-from cmpc.index.build import dataset_crs
-from cmpc.index.store import ReferenceIndex, crs_equal, normalize_crs
+from cmpc.index.store import ReferenceIndex
 
 QUERY_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 

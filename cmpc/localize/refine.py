@@ -3,14 +3,14 @@
 :class:`GraphRefiner` is what :class:`~cmpc.localize.localizer.Localizer` calls (its
 ``refine`` contract). For a batch of queries it
 
-1. builds the candidate graphs of the first ``k`` candidates (:mod:`cmpc.localize.graph`),
+1. builds the candidate graphs of the first ``k`` candidates (:mod:`cmpc.models.graph`),
 2. runs the GNN (:mod:`cmpc.models.refiner`): new order of those ``k`` and a regressed
    position (candidates beyond ``k`` keep their coarse order after them),
-3. fine alignment (:mod:`cmpc.localize.align`): correlates the query's dense SAR descriptors
-   against the cached optical descriptors of the map around the best ``fine_top``
-   candidates; the strongest peak gives the position (falling back to the GNN position when
-   no peak reaches ``align_min_peak``), and the candidate nearest to that position is moved
-   to the front.
+3. fine alignment (:mod:`cmpc.localize.align`, network :mod:`cmpc.models.descriptor`):
+   correlates the query's dense SAR descriptors against the cached optical descriptors of
+   the map around the best ``fine_top`` candidates; the strongest peak gives the position
+   (falling back to the GNN position when no peak reaches ``align_min_peak``), and the
+   candidate nearest to that position is moved to the front.
 
 Fewer than ``k`` candidates (a small map or a tight prior): the missing graph nodes are
 masked out (padding), so the refiner works with any number >= 1. Non-finite embeddings are a
@@ -18,7 +18,7 @@ one-line :class:`~cmpc.errors.DataError`; a refiner trained for another ``k`` or
 size is a :class:`~cmpc.errors.CheckpointError` / :class:`~cmpc.errors.IndexMismatchError`,
 and so is one trained on another embedder: a refiner checkpoint records the SHA-256 of the
 embedder checkpoint it was trained on (``inputs.embedder``, :mod:`cmpc.utils.provenance`),
-and :func:`load_refiner` compares it with the embedder in use before anything runs.
+and :func:`refiner_from_checkpoint` compares it with the embedder in use before anything runs.
 
 The optical descriptors of a map are computed once per index (at the queries' pixel size)
 and cached in ``index/<name>/align_features_<gsd>m.pt`` (keyed by the aligner weights, the
@@ -39,12 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmpc.config import Experiment, RefineConfig
+from cmpc.config import RefineConfig
 from cmpc.errors import CheckpointError, DataError, IndexMismatchError
-from cmpc.localize.align import DenseDescriptor, FeatureMosaic, align_to_mosaic, build_feature_mosaic
-from cmpc.localize.graph import build_graphs, grid_spacing_m
+from cmpc.localize.align import FeatureMosaic, align_to_mosaic, build_feature_mosaic
 from cmpc.localize.mosaic import mosaic_from_index, resample
 from cmpc.models.checkpoint import load_checkpoint, save_checkpoint
+from cmpc.models.descriptor import DenseDescriptor
+from cmpc.models.graph import build_graphs, grid_spacing_m
 from cmpc.models.refiner import SceneGraphRefiner
 from cmpc.utils import provenance
 from cmpc.utils.io import atomic_path
@@ -311,7 +312,7 @@ def refiner_payload(
     """Plain data (``weights_only=True`` loadable) describing a trained refiner.
 
     ``inputs``: what it was trained from, ``{"embedder": {"path", "sha256"}, "index": ...}``
-    (:mod:`cmpc.utils.provenance`); :func:`load_refiner` refuses a refiner without
+    (:mod:`cmpc.utils.provenance`); :func:`refiner_from_checkpoint` refuses a refiner without
     ``inputs.embedder``.
     """
     return {
@@ -401,21 +402,3 @@ def refiner_from_checkpoint(
     gr.inputs = dict(ck.get(provenance.INPUTS) or {})
     return gr
 
-
-def load_refiner(exp: Experiment, embedder: dict[str, Any] | str | Path | None = None) -> GraphRefiner | None:
-    """The refiner of ``exp`` (``runs/<name>/refiner.pt``), or None when ``refine.enabled``
-    is false or no refiner was trained.
-
-    ``embedder``: the embedder checkpoint in use (path or ``{"path", "sha256"}``; default
-    ``runs/<name>/emb_best.pt``); the refiner must have been trained on it (see
-    :func:`refiner_from_checkpoint`).
-    """
-    path = exp.run_dir / REFINER_FILE
-    if not exp.refine.enabled or not path.is_file():
-        return None
-    from cmpc.index.build import default_checkpoint
-    from cmpc.utils.runtime import resolve_device
-
-    if embedder is None:
-        embedder = default_checkpoint(exp)  # one-line error when there is none to check against
-    return refiner_from_checkpoint(path, exp.refine, resolve_device(exp.train.device), embedder=embedder)

@@ -5,9 +5,12 @@ by batch (``localize.batch_size``); memory does not grow with the number of quer
 few numbers per query kept for metrics, and no queries x references matrix is ever formed.
 Outputs go to ``--out`` (default ``reports/<name>/localize/``): predictions.geojson (points
 in the map CRS) and predictions.csv, plus metrics.json and the evaluation plots when the
-queries carry ground truth. They are written into a temporary sibling folder and moved into
-the output folder only when the whole run succeeded (:func:`cmpc.utils.io.atomic_dir`,
-``merge``): a failed run leaves the previous outputs, or no folder at all.
+queries carry ground truth and a ``scorer`` is given (the evaluation's
+:class:`cmpc.evaluate.ranks.GroundTruthScorer`, handed in by whoever composes the steps:
+this layer does not import the evaluation). They are written into a temporary sibling
+folder and moved into the output folder only when the whole run succeeded
+(:func:`cmpc.utils.io.atomic_dir`, ``merge``): a failed run leaves the previous outputs, or
+no folder at all.
 """
 
 from __future__ import annotations
@@ -15,19 +18,46 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 from tqdm import tqdm
 
 from cmpc.config import Experiment
 from cmpc.data.layout import read_dataset_meta
 from cmpc.errors import DataError
+from cmpc.index.store import ReferenceIndex
 from cmpc.localize.localizer import Localizer, LocalizeResult, load_refiner  # noqa: F401 - public re-exports
 from cmpc.localize.outputs import CSV_FILE, GEOJSON_FILE, PredictionWriter, QueryRecords
 from cmpc.localize.queries import AnnotationQueries, QuerySource, open_queries
 from cmpc.utils.io import atomic_dir, check_out_dir
 
-__all__ = ["Localizer", "LocalizeResult", "load_refiner", "localize", "run_queries", "split_protocol"]
+__all__ = ["Localizer", "LocalizeResult", "Scorer", "load_refiner", "localize", "run_queries", "split_protocol"]
+
+#: What a localization run writes itself (a scorer adds its own files, :attr:`Scorer.files`).
+PREDICTION_FILES = (CSV_FILE, GEOJSON_FILE)
+
+
+class Scorer(Protocol):
+    """What the localize step needs to score queries that carry ground truth.
+
+    Implemented by :class:`cmpc.evaluate.ranks.GroundTruthScorer`; the caller composes them.
+    """
+
+    #: every file :meth:`report` may write into the output folder (a new run replaces them)
+    files: tuple[str, ...]
+
+    def ranks(self, localizer: Localizer, result: LocalizeResult, true_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(coarse ranks (B,), refined ranks (B,) or None) of the correct references, 1-based, inf = not found."""
+        ...
+
+    def report(self, records: QueryRecords, out_dir: Path, meta: dict[str, Any], index: ReferenceIndex) -> dict[str, Any]:
+        """Write the metrics of ``records`` into ``out_dir``; return them."""
+        ...
+
+    def written(self) -> tuple[str, ...]:
+        """The files :meth:`report` writes with this configuration."""
+        ...
 
 
 def split_protocol(root: str | Path) -> str:
@@ -45,24 +75,29 @@ def run_queries(
     out_dir: Path,
     batch_size: int,
     grid_queries: int = 0,
+    scorer: Scorer | None = None,
 ) -> tuple[QueryRecords | None, dict[str, Any]]:
     """Stream ``source`` through ``localizer``, writing predictions into ``out_dir``.
 
-    Returns (per-query records for metrics, or None without ground truth; run statistics:
-    ``queries``, ``seconds``, ``ms_per_query``).
+    With ground truth in ``source`` and a ``scorer``, each query's ranks go into the
+    predictions and into per-query records (``grid_queries`` of them keep their candidates
+    for the retrieval grid). Returns (the records for metrics, or None without ground truth
+    or scorer; run statistics: ``queries``, ``seconds``, ``ms_per_query``).
     """
     localizer.index.check_crs(source.crs, source.description)
-    records = QueryRecords(grid_queries=grid_queries) if source.has_truth else None
+    truth = source.has_truth and scorer is not None
+    records = QueryRecords(grid_queries=grid_queries) if truth else None
     refined = localizer.refiner is not None
     t0 = time.perf_counter()
-    with PredictionWriter(out_dir, localizer.index.crs, source.has_truth, refined) as writer:
+    with PredictionWriter(out_dir, localizer.index.crs, truth, refined) as writer:
         bar = tqdm(total=source.count, desc="localize", unit="query", disable=None)
         for batch in source.batches(batch_size):
             localizer.check_channels(batch.x.shape[1], source.description)
             res = localizer.localize_batch(batch.x)
             coarse_rank = refined_rank = None
             if records is not None:
-                coarse_rank, refined_rank = localizer.ground_truth_ranks(res, batch.true_ids)
+                assert scorer is not None
+                coarse_rank, refined_rank = scorer.ranks(localizer, res, batch.true_ids)
                 records.add(batch, res, coarse_rank, refined_rank)
             writer.write(batch, res, coarse_rank, refined_rank)
             bar.update(len(batch))
@@ -80,24 +115,29 @@ def localize(
     out: str | None = None,
     checkpoint: str | None = None,
     split: str = "test",
+    *,
+    index_dir: str | Path | None = None,
+    scorer: Scorer | None = None,
 ) -> dict[str, Any]:
-    """Localize ``queries`` against ``index/<name>/``; return a summary (and write outputs).
+    """Localize ``queries`` against the index; return a summary (and write outputs).
 
     ``queries``: a folder of SAR patches, a CMPC dataset root (``split`` picks its SAR
     queries), a CMPC annotation folder, or a SAR GeoTIFF. ``checkpoint``: embedder (default
-    ``runs/<name>/emb_best.pt``; must be the one the index was built with).
+    ``runs/<name>/emb_best.pt``; must be the one the index was built with). ``index_dir``:
+    the index folder (default the one serving the checkpoint, see
+    :meth:`Localizer.from_experiment`). ``scorer``: scores queries that carry ground truth
+    (metrics.json and plots beside the predictions); without one, predictions only.
     """
-    from cmpc.evaluate.report import PLOTS, REPORT_FILES, write_report
-
     out_dir = check_out_dir(Path(out) if out else exp.report_dir / "localize")  # a file there: one line, before any work
-    localizer = Localizer.from_experiment(exp, checkpoint)
+    localizer = Localizer.from_experiment(exp, checkpoint, index_dir=index_dir)
     source = open_queries(
         queries, split, localizer.img_size, localizer.index, exp.localize, exp.data.num_workers, exp.tile.nodata_max_frac
     )
     # Written aside and moved into out_dir only when everything succeeded: a failed run leaves
     # the previous outputs whole (or no folder at all); other files in out_dir stay.
-    with atomic_dir(out_dir, merge=True, owned=REPORT_FILES) as tmp:
-        records, stats = run_queries(localizer, source, tmp, exp.localize.batch_size, exp.eval.grid_queries)
+    owned = PREDICTION_FILES + (scorer.files if scorer is not None else ())
+    with atomic_dir(out_dir, merge=True, owned=owned) as tmp:
+        records, stats = run_queries(localizer, source, tmp, exp.localize.batch_size, exp.eval.grid_queries, scorer)
         summary: dict[str, Any] = {
             "queries": stats["queries"],
             "source": source.description,
@@ -111,7 +151,7 @@ def localize(
             "seconds": stats["seconds"],
             "ms_per_query": stats["ms_per_query"],
         }
-        if records is not None and isinstance(source, AnnotationQueries):
+        if records is not None and scorer is not None and isinstance(source, AnnotationQueries):
             meta = {
                 "dataset": str(source.root),
                 "split": split_protocol(source.root),
@@ -125,8 +165,8 @@ def localize(
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "timing": stats,
             }
-            metrics = write_report(records, tmp, meta, exp.eval, localizer.index, exp.localize.top_k)
-            summary["files"] += [str(out_dir / "metrics.json")] + [str(out_dir / p) for p in (PLOTS if exp.eval.plots else ())]
+            metrics = scorer.report(records, tmp, meta, localizer.index)
+            summary["files"] += [str(out_dir / name) for name in scorer.written()]
             summary["metrics"] = short_metrics(metrics)
     return summary
 

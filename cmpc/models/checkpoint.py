@@ -57,6 +57,18 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return obj
 
 
+def default_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> Path:
+    """The embedder checkpoint to use: ``checkpoint``, else ``<run_dir>/emb_best.pt`` (``runs/<name>/``).
+
+    The file must exist: a one-line :class:`CheckpointError` saying how to get one otherwise.
+    """
+    path = Path(checkpoint) if checkpoint else Path(run_dir) / "emb_best.pt"
+    if not path.is_file():
+        hint = "check the --checkpoint path" if checkpoint else "train one with `cmpc train emb EXPERIMENT.json` or pass --checkpoint"
+        raise CheckpointError(f"no embedder checkpoint at {path}; {hint}")
+    return path
+
+
 def checkpoint_hash(path: str | os.PathLike[str]) -> str:
     """SHA-256 of the checkpoint file (first 16 hex digits are shown to users)."""
     return file_sha256(path)

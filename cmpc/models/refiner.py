@@ -1,6 +1,6 @@
 """The scene-graph refiner: an attention GNN over the top-k candidates of a query.
 
-Input: :class:`~cmpc.localize.graph.CandidateGraphs` (one graph per query, a node per
+Input: :class:`~cmpc.models.graph.CandidateGraphs` (one graph per query, a node per
 candidate). A few GATv2 layers with edge features (pre-norm residual blocks) let every
 candidate look at its spatial and visual neighbours. Two heads:
 
@@ -26,7 +26,7 @@ from torch_geometric.nn import GATv2Conv
 from torch_geometric.utils import scatter, softmax
 
 from cmpc.errors import ConfigError
-from cmpc.localize.graph import EDGE_DIM, CandidateGraphs, node_dim
+from cmpc.models.graph import EDGE_DIM, CandidateGraphs, node_dim
 
 
 def _sim_column(embed_dim: int) -> int:
@@ -177,9 +177,3 @@ def refiner_loss(
     parts = {"ce": float(ce.detach()), "rank": float(rank.detach()), "pos": float(pos.detach()), "n_ce": int(has.sum())}
     return loss, parts
 
-
-def load_refiner(exp):  # noqa: ANN001, ANN201 - thin re-export, see cmpc.localize.refine
-    """See :func:`cmpc.localize.refine.load_refiner` (imported lazily: it needs the index code)."""
-    from cmpc.localize.refine import load_refiner as _load
-
-    return _load(exp)

@@ -31,8 +31,9 @@ from tqdm import tqdm
 from cmpc.data.layout import read_annotations, read_dataset_meta, safe_image_path
 from cmpc.data.patches import read_patch_array, standardize
 from cmpc.errors import DataError
-from cmpc.localize.align import STRIDE, DenseDescriptor, FeatureMosaic, align_to_mosaic, build_feature_mosaic, correlate
+from cmpc.localize.align import FeatureMosaic, align_to_mosaic, build_feature_mosaic, correlate
 from cmpc.localize.mosaic import ImageMosaic, annotation_bounds, mosaic_from_annotations, resample
+from cmpc.models.descriptor import STRIDE, DenseDescriptor
 from cmpc.utils.io import append_jsonl
 
 

@@ -2,9 +2,10 @@
 
 From the training split only:
 
-1. the embedder checkpoint (``runs/<name>/emb_best.pt``) embeds the training references into
-   ``index/<index name>-train/`` (built with :func:`cmpc.index.build.build_index`, reused
-   when it was built by the same checkpoint) and the training SAR queries (cached in
+1. the training references come embedded by the checkpoint (``runs/<name>/emb_best.pt``) in
+   the training index the caller hands over (the index step,
+   :func:`cmpc.index.build.ensure_train_index`: ``index/<index name>-train/``, checked
+   against the checkpoint here); the checkpoint embeds the training SAR queries (cached in
    ``runs/<name>/refine_queries.h5``, keyed by the checkpoint hash);
 2. each query's top-k training references form a graph; the GNN learns to score the correct
    one (cross-entropy + ranking margin) and to regress the query position (Huber). Queries
@@ -45,10 +46,11 @@ from cmpc.config import Experiment
 from cmpc.data.layout import positions, read_annotations
 from cmpc.data.patches import PatchDataset
 from cmpc.errors import DataError
-from cmpc.localize.align import DenseDescriptor
-from cmpc.localize.graph import build_graphs, grid_spacing_m
+from cmpc.index.store import ReferenceIndex
 from cmpc.localize.refine import REFINER_FILE, GraphRefiner, refiner_payload, save_refiner
-from cmpc.models.checkpoint import embed_batches, load_embedder
+from cmpc.models.checkpoint import default_checkpoint, embed_batches, load_embedder
+from cmpc.models.descriptor import DenseDescriptor
+from cmpc.models.graph import build_graphs, grid_spacing_m
 from cmpc.models.refiner import SceneGraphRefiner, refiner_loss
 from cmpc.utils.io import append_jsonl, atomic_path
 from cmpc.utils.runtime import resolve_device, seed_everything
@@ -59,42 +61,6 @@ def _say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def train_index(exp: Experiment, checkpoint: Path, ckpt_hash: str):  # noqa: ANN201 - ReferenceIndex
-    """The index of the training references (``index/<index name>-train/``), built with the
-    given checkpoint when missing or stale. It is never taken from another model: with a
-    checkpoint other than the experiment's ``runs/<name>/emb_best.pt`` whose training index is
-    not already this checkpoint's, the index is ``index/<index name>-train@<hash[:12]>/``
-    (:func:`cmpc.index.build.index_experiment`), beside the experiment's."""
-    from cmpc.index.build import build_index, index_experiment
-    from cmpc.index.store import ReferenceIndex, read_manifest
-
-    texp = copy.deepcopy(exp)
-    texp.index.name = f"{exp.index_dir.name}-train"
-    texp.index.split = "train"
-    texp.index.raster = None  # the training references are the patches of the train split
-    texp.index.factory = "Flat"  # exact: the training graphs should not carry ANN noise
-
-    def fresh(e: Experiment, h: str) -> bool:
-        try:
-            man = read_manifest(e.index_dir)
-        except DataError:
-            return False
-        src = man.get("sources") or [{}]
-        return (
-            man.get("checkpoint", {}).get("hash") == h
-            and len(src) == 1
-            and src[0].get("split") == "train"
-            and Path(src[0].get("root") or "").resolve() == Path(exp.data.root).resolve()
-        )
-
-    texp = index_experiment(texp, checkpoint, ckpt_hash, fresh)
-    d = texp.index_dir
-    if not fresh(texp, ckpt_hash):
-        _say(f"embedding the training references into {d}")
-        build_index(texp, checkpoint=str(checkpoint))
-    return ReferenceIndex.load(d, expect_hash=ckpt_hash)
 
 
 def embed_train_queries(exp: Experiment, model, meta: dict[str, Any], device: torch.device) -> tuple[np.ndarray, list]:  # noqa: ANN001
@@ -338,9 +304,13 @@ def embedder_unseen(exp: Experiment, meta: dict[str, Any], anns: list) -> np.nda
     return np.array([a.id in ids for a in anns], dtype=bool)
 
 
-def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path:
-    """Train the refiner of ``exp`` on its training split; returns ``runs/<name>/refiner.pt``."""
-    from cmpc.index.build import default_checkpoint
+def train_refiner(exp: Experiment, index_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Train the refiner of ``exp`` on its training split; returns ``runs/<name>/refiner.pt``.
+
+    ``index_dir``: the training references' index, built by ``checkpoint`` (default
+    ``runs/<name>/emb_best.pt``): what :func:`cmpc.index.build.ensure_train_index` returns;
+    one built by another checkpoint is refused naming both hashes.
+    """
     from cmpc.train.align import load_align_data, train_aligner
 
     rc = exp.refine
@@ -352,9 +322,9 @@ def train_refiner(exp: Experiment, checkpoint: str | Path | None = None) -> Path
     if log_path.exists():
         log_path.unlink()  # one log per training
     t_start = time.perf_counter()
-    ckpt = default_checkpoint(exp, checkpoint)
+    ckpt = default_checkpoint(exp.run_dir, checkpoint)
     model, meta = load_embedder(ckpt, device)
-    index = train_index(exp, ckpt, meta["hash"])
+    index = ReferenceIndex.load(index_dir, expect_hash=meta["hash"], checkpoint_path=ckpt)
     q_emb, anns = embed_train_queries(exp, model, meta, device)
     spacing = grid_spacing_m(index.positions)
     k = rc.k

@@ -3,7 +3,9 @@
 One graph per query: a node per candidate reference, edges between candidates that are near
 each other on the map (k nearest by position) and between candidates that look alike (k most
 similar embeddings). The graphs of a batch of queries are built at once with torch (no
-pyg-lib / torch-cluster) and returned as one :class:`torch_geometric.data.Batch`.
+pyg-lib / torch-cluster) and returned as one :class:`torch_geometric.data.Batch`. They are
+the input of :class:`cmpc.models.refiner.SceneGraphRefiner`, built the same way at query
+time (:mod:`cmpc.localize.refine`) and in training (:mod:`cmpc.train.refine`).
 
 Node features (``node_dim(D) = 3 D + 4`` columns, in this order)::
 
