@@ -107,16 +107,20 @@ def cmd_train_emb(args: argparse.Namespace) -> int:
 
 
 def cmd_train_refine(args: argparse.Namespace) -> int:
+    from cmpc.index.build import ensure_train_index
     from cmpc.train.refine import train_refiner
     from cmpc.utils.runtime import set_torch_threads
 
     exp = _exp(args)
     set_torch_threads(exp.train.threads)
-    train_refiner(exp, checkpoint=getattr(args, "checkpoint", None))
+    checkpoint = getattr(args, "checkpoint", None)
+    index = ensure_train_index(exp, checkpoint)  # the index step: the training map, built when missing or stale
+    train_refiner(exp, index.directory, checkpoint=checkpoint)
     return 0
 
 
 def cmd_train_all(args: argparse.Namespace) -> int:
+    from cmpc.index.build import ensure_train_index
     from cmpc.train.emb import train_embedder
     from cmpc.train.refine import train_refiner
     from cmpc.translate.augment import training_views
@@ -127,7 +131,7 @@ def cmd_train_all(args: argparse.Namespace) -> int:
     train_embedder(exp, views=training_views(exp))
     if exp.refine.enabled:
         set_torch_threads(exp.train.threads)
-        train_refiner(exp)
+        train_refiner(exp, ensure_train_index(exp).directory)
     return 0
 
 
@@ -149,29 +153,35 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
+    from cmpc.evaluate.ranks import GroundTruthScorer
     from cmpc.localize.run import localize
 
     exp = _exp(args, _flag_overrides(args, {"top_k": "localize.top_k", "prior": "localize.prior", "center": "localize.prior_center",
                                             "radius": "localize.prior_radius_m"}))
-    result = localize(exp, queries=args.queries, out=args.out, checkpoint=args.checkpoint, split=args.split)
+    # queries with ground truth are scored too (metrics.json + plots beside the predictions)
+    result = localize(exp, queries=args.queries, out=args.out, checkpoint=args.checkpoint, split=args.split,
+                      scorer=GroundTruthScorer(exp.eval, exp.localize.top_k))
     print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     from cmpc.evaluate.run import evaluate
+    from cmpc.index.build import ensure_index
 
-    metrics = evaluate(_exp(args), checkpoint=args.checkpoint)
+    exp = _exp(args)
+    index = ensure_index(exp, args.checkpoint)  # the index step: built only when missing or stale
+    metrics = evaluate(exp, index.directory, checkpoint=args.checkpoint, index_rebuilt=index.built)
     print(json.dumps({k: v for k, v in metrics.items() if k != "meta"}, indent=2))
     return 0
 
 
 def cmd_eval_pairs(args: argparse.Namespace) -> int:
     from cmpc.evaluate.pairs import run_pairs_eval
-    from cmpc.index.build import default_checkpoint
+    from cmpc.models.checkpoint import default_checkpoint
 
     exp = _exp(args)
-    res = run_pairs_eval(default_checkpoint(exp, args.checkpoint), exp.report_dir, pairs=args.pairs, root=args.root,
+    res = run_pairs_eval(default_checkpoint(exp.run_dir, args.checkpoint), exp.report_dir, pairs=args.pairs, root=args.root,
                          fit=args.fit, sar_scale=args.sar_scale, sar_bands=args.sar_bands)
     print(json.dumps({k: v for k, v in res.items() if k not in ("ranks", "pairs", "meta")}, indent=2))
     return 0

@@ -61,7 +61,7 @@ def run_demo(exp: Experiment, fresh: bool = False) -> dict[str, Any]:
     from cmpc.data.synth import generate_world
     from cmpc.data.tiler import tile_dataset
     from cmpc.evaluate.run import evaluate
-    from cmpc.index.build import build_index
+    from cmpc.index.build import ensure_index, ensure_train_index
     from cmpc.train.emb import train_embedder
     from cmpc.translate.augment import training_views
     from cmpc.utils.runtime import configure_embedder_training, set_torch_threads
@@ -92,9 +92,11 @@ def run_demo(exp: Experiment, fresh: bool = False) -> dict[str, Any]:
         from cmpc.train.refine import train_refiner
 
         set_torch_threads(exp.train.threads)
-        steps.run("train refiner", lambda: train_refiner(exp))
-    steps.run("build index", lambda: build_index(exp, checkpoint=str(ckpt) if ckpt else None))
-    metrics = steps.run("evaluate", lambda: evaluate(exp, checkpoint=str(ckpt) if ckpt else None))
+        # the refiner trains on the training map: the index step builds it first (when missing or stale)
+        steps.run("train refiner", lambda: train_refiner(exp, ensure_train_index(exp).directory))
+    checkpoint = str(ckpt) if ckpt else None
+    index = steps.run("build index", lambda: ensure_index(exp, checkpoint))
+    metrics = steps.run("evaluate", lambda: evaluate(exp, index.directory, checkpoint=checkpoint))
     total = round(time.perf_counter() - t_start, 1)
     _write_report(exp, metrics, steps.seconds, total)
     _log(f"done in {total:.0f} s; report: {exp.report_dir}/README.md")
