@@ -271,3 +271,39 @@ def test_tiny_end_to_end_refinement_lowers_the_error(tmp_path: Path, monkeypatch
     assert np.mean(refined <= 2.0) >= np.mean(coarse <= 2.0) + 0.2
     # every refined order is a permutation of the coarse candidates
     assert all(sorted(a) == sorted(b) for a, b in zip(res.rows, res.refined_rows))
+
+
+@pytest.mark.slow
+def test_a_finished_refiner_is_kept_and_other_settings_retrain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A second training with the same refine settings and the same embedder (SHA-256)
+    returns at once: refiner.pt and its log are untouched. A changed refine setting, or
+    another embedder checkpoint at the same path, trains again."""
+    from index_fixtures import experiment, train_refiner_command, write_checkpoint, write_dataset
+
+    from cmpc.models.checkpoint import checkpoint_hash, load_checkpoint
+    from cmpc.utils.io import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "ds"
+    write_dataset(root, split="train", seed=0, grid=5, patch_px=32, non_aligned=10)
+    args = ("data.img_size=32", "train.threads=1", "refine.k=3", "refine.epochs=1", "refine.hidden=8", "refine.layers=1",
+            "refine.heads=1", "refine.fine_align=false")
+    exp = experiment("again", root, *args)
+    emb = write_checkpoint(exp.run_dir / "emb_best.pt", img_size=32, embed_dim=8)
+    path = train_refiner_command(exp)
+    log = exp.run_dir / "refine_log.jsonl"
+    first = (path.read_bytes(), path.stat().st_mtime_ns, log.read_text())
+
+    assert train_refiner_command(experiment("again", root, *args)) == path
+    assert (path.read_bytes(), path.stat().st_mtime_ns, log.read_text()) == first  # nothing trained, nothing written
+
+    assert train_refiner_command(experiment("again", root, *args, "refine.epochs=2")) == path
+    assert path.stat().st_mtime_ns != first[1]
+    assert [r["epoch"] for r in read_jsonl(log) if r["stage"] == "gnn"] == [1, 2]
+    assert load_checkpoint(path)["experiment"]["refine"]["epochs"] == 2
+    second = path.stat().st_mtime_ns
+
+    write_checkpoint(emb, img_size=32, embed_dim=8, seed=1)  # another embedder, same file name
+    train_refiner_command(experiment("again", root, *args, "refine.epochs=2"))
+    assert path.stat().st_mtime_ns != second
+    assert load_checkpoint(path)["inputs"]["embedder"]["sha256"] == checkpoint_hash(emb)

@@ -25,6 +25,11 @@ stats, and ``inputs``: the SHA-256 of the embedder checkpoint, of the training i
 manifest and of the ``refine.align_from`` refiner it was built from, see
 :mod:`cmpc.utils.provenance`; the localizer refuses it with any other embedder) and
 ``runs/<name>/refine_log.jsonl`` (one JSON record per epoch / logging step).
+
+A refiner already trained with the same ``refine`` section on the same ``data.root``, from
+the same embedder checkpoint, training index and ``refine.align_from`` file (SHA-256s of
+``inputs``) is kept: :func:`train_refiner` returns at once (delete ``refiner.pt`` to
+retrain). Anything different retrains.
 """
 
 from __future__ import annotations
@@ -45,14 +50,15 @@ from tqdm import tqdm
 from cmpc.config import Experiment
 from cmpc.data.layout import positions, read_annotations
 from cmpc.data.patches import PatchDataset
-from cmpc.errors import DataError
+from cmpc.errors import CheckpointError, DataError
 from cmpc.index.store import ReferenceIndex
-from cmpc.localize.refine import REFINER_FILE, GraphRefiner, refiner_payload, save_refiner
-from cmpc.models.checkpoint import default_checkpoint, embed_batches, load_embedder
+from cmpc.localize.refine import REFINER_FILE, GraphRefiner, refiner_embedder_record, refiner_payload, save_refiner
+from cmpc.models.checkpoint import checkpoint_hash, default_checkpoint, embed_batches, load_checkpoint, load_embedder
 from cmpc.models.descriptor import DenseDescriptor
 from cmpc.models.graph import build_graphs, grid_spacing_m
 from cmpc.models.refiner import SceneGraphRefiner, refiner_loss
-from cmpc.utils.io import append_jsonl, atomic_path
+from cmpc.utils import provenance
+from cmpc.utils.io import append_jsonl, atomic_path, file_sha256
 from cmpc.utils.runtime import resolve_device, seed_everything
 
 
@@ -314,6 +320,12 @@ def train_refiner(exp: Experiment, index_dir: str | Path, checkpoint: str | Path
     from cmpc.train.align import load_align_data, train_aligner
 
     rc = exp.refine
+    ckpt = default_checkpoint(exp.run_dir, checkpoint)
+    ckpt_hash = checkpoint_hash(ckpt)
+    done = _already_trained(exp, ckpt_hash, index_dir)
+    if done is not None:
+        _say(f"{done}: already trained (same refine settings, embedder {provenance.short(ckpt_hash)}); delete {done} to retrain")
+        return done
     seed_everything(rc.seed)
     device = resolve_device(exp.train.device)
     run_dir = exp.run_dir
@@ -322,7 +334,6 @@ def train_refiner(exp: Experiment, index_dir: str | Path, checkpoint: str | Path
     if log_path.exists():
         log_path.unlink()  # one log per training
     t_start = time.perf_counter()
-    ckpt = default_checkpoint(exp.run_dir, checkpoint)
     model, meta = load_embedder(ckpt, device)
     index = ReferenceIndex.load(index_dir, expect_hash=meta["hash"], checkpoint_path=ckpt)
     q_emb, anns = embed_train_queries(exp, model, meta, device)
@@ -428,11 +439,38 @@ def train_refiner(exp: Experiment, index_dir: str | Path, checkpoint: str | Path
     return path
 
 
+def _already_trained(exp: Experiment, ckpt_hash: str, index_dir: str | Path) -> Path | None:
+    """``runs/<name>/refiner.pt`` when it was trained with this ``refine`` section on this
+    ``data.root`` from these inputs: the embedder checkpoint of SHA-256 ``ckpt_hash``, the
+    training index in ``index_dir`` (its manifest) and the ``refine.align_from`` refiner
+    (SHA-256s as recorded in its ``inputs``); None when there is none, it is unreadable, or
+    anything differs."""
+    from cmpc.index.store import MANIFEST_FILE
+
+    path = exp.run_dir / REFINER_FILE
+    if not path.is_file():
+        return None
+    try:
+        ck = load_checkpoint(path)
+    except CheckpointError:
+        return None  # unreadable: train a new one in its place
+    old, new = ck.get("experiment") or {}, exp.to_dict()
+    if ck.get("kind") != "refiner" or old.get("refine") != new["refine"] or (old.get("data") or {}).get("root") != new["data"]["root"]:
+        return None
+    embedder = refiner_embedder_record(ck)
+    if embedder is None or embedder.get("sha256") != ckpt_hash:
+        return None
+    for role, file in (("index", Path(index_dir) / MANIFEST_FILE), ("align_from", exp.refine.align_from)):
+        rec = provenance.recorded(ck, role)
+        if rec is not None and not (file is not None and Path(file).is_file() and rec.get("sha256") == file_sha256(file)):
+            return None
+    return path
+
+
 def _inputs(ckpt: Path, meta: dict[str, Any], index, align_from: str | None) -> dict[str, Any]:  # noqa: ANN001 - ReferenceIndex
     """The refiner's provenance record: the embedder checkpoint, the training index (its
     manifest) and the refiner its aligner was taken from (see :mod:`cmpc.utils.provenance`)."""
     from cmpc.index.store import MANIFEST_FILE
-    from cmpc.utils import provenance
 
     out: dict[str, Any] = {"embedder": provenance.record(ckpt, meta["hash"])}
     manifest = Path(index.directory) / MANIFEST_FILE
