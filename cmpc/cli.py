@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from cmpc.errors import CmpcError
+from cmpc.errors import CmpcError, ConfigError
 
 
 def _exp(args: argparse.Namespace, extra: list[str] | None = None):
@@ -68,6 +68,7 @@ def cmd_data_tile(args: argparse.Namespace) -> int:
             {
                 "sar": "tile.sar",
                 "optical": "tile.optical",
+                "pairs": "tile.pairs",
                 "out": "data.root",
                 "patch_px": "tile.patch_px",
                 "stride_px": "tile.stride_px",
@@ -84,6 +85,22 @@ def cmd_data_tile(args: argparse.Namespace) -> int:
     )
     summary = tile_dataset(exp)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_convert_s1(args: argparse.Namespace) -> int:
+    from cmpc.data.sentinel import convert_s1
+
+    facts = convert_s1(args.input, args.output, pol=args.pol, scale=args.scale, band=args.band, force=args.force)
+    print(json.dumps(facts, indent=2))
+    return 0
+
+
+def cmd_data_convert_s2(args: argparse.Namespace) -> int:
+    from cmpc.data.sentinel import convert_s2
+
+    facts = convert_s2(args.input, args.output, bands=args.bands, level=args.level, dn_offset=args.dn_offset, saturation=args.saturation, force=args.force)
+    print(json.dumps(facts, indent=2))
     return 0
 
 
@@ -184,6 +201,77 @@ def cmd_eval_pairs(args: argparse.Namespace) -> int:
     res = run_pairs_eval(default_checkpoint(exp.run_dir, args.checkpoint), exp.report_dir, pairs=args.pairs, root=args.root,
                          fit=args.fit, sar_scale=args.sar_scale, sar_bands=args.sar_bands)
     print(json.dumps({k: v for k, v in res.items() if k not in ("ranks", "pairs", "meta")}, indent=2))
+    return 0
+
+
+def _scene_settings(args: argparse.Namespace):
+    from cmpc.localize.scene import SceneSettings
+
+    kw = {}
+    if getattr(args, "rotation_range", None) is not None:
+        kw["rotation_range_deg"] = float(args.rotation_range)
+    if getattr(args, "top_k", None) is not None:
+        kw["top_k"] = int(args.top_k)
+    s = SceneSettings(**kw)
+    s.check()
+    return s
+
+
+def cmd_georef(args: argparse.Namespace) -> int:
+    from cmpc.localize.georef import georeferencer_from_experiment, write_answer
+    from cmpc.localize.scene import read_scene
+
+    exp = _exp(args)
+    if (args.center is None) != (args.radius is None):
+        raise ConfigError("--center X Y and --radius M go together (a prior disc in the map CRS)")
+    settings = _scene_settings(args)
+    geo = georeferencer_from_experiment(exp, settings, checkpoint=args.checkpoint)
+    scene = read_scene(args.scene, gsd_m=args.gsd, bands=exp.localize.raster_bands, map_crs=geo.localizer.index.crs)
+    ans = geo.locate(scene, center=args.center, radius_m=args.radius, methods=("verify",))["verify"]
+    out = Path(args.out) if args.out else exp.report_dir / "georef" / Path(args.scene).stem
+    write_answer(out, ans, scene, geo)
+    summary = {"status": ans.status, "out": str(out), "inliers": ans.inlier_tiles, "tiles": ans.n_tiles, "confidence": ans.confidence}
+    if ans.transform is not None:
+        c = ans.transform.centre(scene.width, scene.height)
+        summary.update({"center_x": round(float(c[0]), 2), "center_y": round(float(c[1]), 2), "heading_deg": round(ans.transform.heading_deg, 2),
+                        "scale": round(ans.transform.scale, 5)})
+    print(json.dumps(summary, indent=2))
+    if not ans.found:
+        print(f"not found: {ans.reason} (best guess and details in {out}/result.json)", file=sys.stderr)
+    return 0
+
+
+def cmd_data_scenes(args: argparse.Namespace) -> int:
+    from cmpc.data.scenes import cut_scenes, world_sar
+
+    exp = _exp(args)
+    out = Path(args.out) if args.out else Path("data") / exp.name / f"scenes_{args.split}_{args.tiles}x{args.tiles}_h{args.heading_range:g}"
+    rec = cut_scenes(world_sar(exp.synth.out, exp.data.root), exp.data.root, out, args.split, args.tiles, args.count,
+                     args.heading_range, args.seed, bands=exp.localize.raster_bands, extra={"experiment": exp.name})
+    print(json.dumps({k: v for k, v in rec.items() if k != "scenes"} | {"out": str(out)}, indent=2))
+    return 0
+
+
+def cmd_eval_scenes(args: argparse.Namespace) -> int:
+    from cmpc.evaluate.scenes import evaluate_scenes
+    from cmpc.localize.georef import georeferencer_from_experiment
+
+    exp = _exp(args)
+    geo = georeferencer_from_experiment(exp, _scene_settings(args), checkpoint=args.checkpoint)
+    out = Path(args.out) if args.out else exp.report_dir / "scenes" / Path(args.scenes).name
+    rec = evaluate_scenes(geo, args.scenes, out, methods=tuple(args.methods), meta={"experiment": exp.name})
+    print(json.dumps(rec["rows"], indent=2))
+    return 0
+
+
+def cmd_train_scene(args: argparse.Namespace) -> int:
+    from cmpc.index.build import ensure_train_index
+    from cmpc.train.scene import calibrate
+
+    exp = _exp(args)
+    index = ensure_train_index(exp, args.checkpoint)  # the index step: the training map, built only when missing or stale
+    rec = calibrate(exp, index.directory, tiles=tuple(args.tiles), count=args.count, heading_range_deg=args.heading_range, checkpoint=args.checkpoint)
+    print(json.dumps(rec, indent=2))
     return 0
 
 
@@ -304,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--sar", help="SAR GeoTIFF")
     p.add_argument("--optical", help="optical GeoTIFF")
+    p.add_argument("--pairs", help="instead of --sar/--optical: a folder of NAME_sar.tif / NAME_optical.tif pairs, or a JSON/CSV list of pairs (touching pairs are tiled as one map)")
     p.add_argument("--out", help="dataset root to write")
     p.add_argument("--patch-px", dest="patch_px", type=int)
     p.add_argument("--stride-px", dest="stride_px", type=int)
@@ -316,6 +405,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crs", help="dataset CRS (default: the optical CRS when in metres with scale factor within 0.002 of 1 at the data centre, else its local UTM zone)")
     p.add_argument("--reproject", action="store_true", default=None, help="warp the SAR raster to the optical CRS when they differ")
     p.set_defaults(func=cmd_data_tile)
+
+    p = s_data.add_parser("scenes", help="cut SAR scenes of N x N tiles with known answers (no georeferencing + truth.json)")
+    _add_common(p, "required")
+    p.add_argument("--split", choices=("train", "test"), default="test", help="area the scenes lie in")
+    p.add_argument("--tiles", type=int, default=3, help="N: scenes of N x N query tiles ((N+1)/2 tile widths)")
+    p.add_argument("--count", type=int, default=50)
+    p.add_argument("--heading-range", dest="heading_range", type=float, default=0.0, help="headings drawn within +-DEG")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default data/<name>/scenes_<split>_<N>x<N>_h<DEG>)")
+    p.set_defaults(func=cmd_data_scenes)
+
+    p = s_data.add_parser("convert-s1", help="Sentinel-1 GRD (amplitude, linear power or dB) -> sentinel-la SAR convention (VH uint8, amplitude / p99)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--pol", default="VH", choices=("VH", "VV", "HV", "HH"), help="polarisation wanted (refused when the file says another; default VH, what sentinel-la models are trained on)")
+    p.add_argument("--scale", default="auto", choices=("auto", "amplitude", "linear", "intensity", "db"), help="input values: GRD amplitude, linear power (= intensity), dB; auto detects (negative values = dB)")
+    p.add_argument("--band", type=int, help="1-based band of a multi-band input (default: the band named --pol)")
+    p.add_argument("--force", action="store_true", help="turn refusals (wrong polarisation, dB/linear mismatch, GSD far from 8.3 m, 8-bit input) into warnings")
+    p.set_defaults(func=cmd_data_convert_s1)
+
+    p = s_data.add_parser("convert-s2", help="Sentinel-2 L1C/L2A (digital numbers or reflectance, any band order) -> sentinel-la optical convention (B04,B03,B02 uint8)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--bands", help="names of the input's bands in file order, e.g. B02,B03,B04,B08 (default: the band descriptions)")
+    p.add_argument("--level", default="L1C", choices=("L1C", "L2A"), help="product level (L2A is converted with a domain-shift warning)")
+    p.add_argument("--dn-offset", dest="dn_offset", type=float, default=0.0, help="subtracted from digital numbers before / 10000: 1000 for processing baseline 04.00+ (products from 2022-01-25)")
+    p.add_argument("--saturation", type=float, default=0.2, help="reflectance written as 255 (sentinel-la: 0.2)")
+    p.add_argument("--force", action="store_true", help="turn refusals (8-bit input, GSD far from 8.3 m, not digital numbers) into warnings")
+    p.set_defaults(func=cmd_data_convert_s2)
 
     p = s_data.add_parser("info", help="summarise a CMPC dataset")
     p.add_argument("root")
@@ -335,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "refine":
             p.add_argument("--checkpoint", help="embedder checkpoint (default: runs/<name>/emb_best.pt)")
         p.set_defaults(func=func)
+    p = s_train.add_parser("scene", help="calibrate the scene decision rule on training-area scenes -> runs/<name>/scene_decision.json")
+    _add_common(p, "required")
+    p.add_argument("--checkpoint", help="embedder checkpoint (default: runs/<name>/emb_best.pt)")
+    p.add_argument("--tiles", type=int, nargs="+", default=[2, 3], help="scene sizes (N x N tiles) to calibrate on")
+    p.add_argument("--count", type=int, default=30, help="scenes per size")
+    p.add_argument("--heading-range", dest="heading_range", type=float, default=0.0)
+    p.set_defaults(func=cmd_train_scene)
 
     # index
     p_idx = sub.add_parser("index", help="build or inspect a reference index")
@@ -368,6 +493,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--radius", type=float, help="prior radius, metres")
     p.set_defaults(func=cmd_localize)
 
+    # georef
+    p = sub.add_parser("georef", help="where is this SAR scene? tile it, verify its tiles' candidates jointly, align it")
+    _add_common(p, "required")
+    p.add_argument("--scene", required=True, help="SAR image (GeoTIFF, plain TIFF or PNG)")
+    p.add_argument("--gsd", type=float, help="metres per pixel of a scene without georeferencing")
+    p.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"), help="prior centre, metres in the map CRS")
+    p.add_argument("--radius", type=float, help="prior radius, metres")
+    p.add_argument("--rotation-range", dest="rotation_range", type=float, help="search headings within +-DEG (default 0: north-up)")
+    p.add_argument("--top-k", dest="top_k", type=int, help="candidates per tile (default 20)")
+    p.add_argument("--checkpoint")
+    p.add_argument("--out", help="output folder (default reports/<name>/georef/<scene stem>)")
+    p.set_defaults(func=cmd_georef)
+
     # test
     p = sub.add_parser("test", help="evaluate: CMC, mAP, localization error, plots")
     _add_common(p, "required")
@@ -387,6 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sar-scale", dest="sar_scale", default="db", choices=("db", "amplitude", "intensity"), help="SAR values fed to the model")
     p.add_argument("--sar-bands", dest="sar_bands", nargs="+", default=["VV", "VH"], metavar="BAND", help="SAR bands in model order (VV, VH)")
     p.set_defaults(func=cmd_eval_pairs)
+    p = s_ev.add_parser("scenes", help="georeference every scene cut by `cmpc data scenes`; success / not-found / false-claim table")
+    _add_common(p, "required")
+    p.add_argument("--scenes", required=True, help="folder cut by `cmpc data scenes`")
+    p.add_argument("--methods", nargs="+", default=["independent", "verify"], choices=("independent", "verify"))
+    p.add_argument("--rotation-range", dest="rotation_range", type=float, help="search headings within +-DEG (default 0)")
+    p.add_argument("--top-k", dest="top_k", type=int)
+    p.add_argument("--checkpoint")
+    p.add_argument("--out", help="output folder (default reports/<name>/scenes/<scenes folder name>)")
+    p.set_defaults(func=cmd_eval_scenes)
 
     # translate
     p_tr = sub.add_parser("translate", help="SAR <-> optical translators: train, apply, eval, checkpoint selection, ensemble")

@@ -1,0 +1,171 @@
+"""Scene cutter (``cmpc data scenes``): SAR scenes with known answers, for measurement.
+
+Cuts ``count`` square SAR scenes of ``tiles x tiles`` query tiles from the SAR raster of an
+experiment's world, at random positions (and headings within +-``heading_range_deg``)
+inside one split's area (``dataset.json`` ``areas``: a whole scene footprint lies inside one
+area box). A scene of n x n tiles covers n x n tiles laid at the reference stride (half a
+tile), so its side is ``(n + 1) / 2`` tile widths. A rotated scene is resampled (bilinear)
+on a rotated grid.
+
+Written WITHOUT georeferencing (plain GeoTIFF: no CRS, no transform), beside a truth file:
+
+    OUT/scenes.json             what was cut (experiment, split, tiles, headings, seed, raster)
+    OUT/scene_0000.tif          float32 (C, side_px, side_px), NaN outside the raster
+    OUT/scene_0000.truth.json   gsd_m, heading_deg, transform (scene pixel -> map, rasterio
+                                order a..f), center_xy, corners_xy, crs
+
+Geometry: heading h (degrees clockwise from north) of the scene's "up"; with GSD g the true
+transform is ``a = g cos h, b = -g sin h, d = -g sin h, e = -g cos h`` (see
+:mod:`cmpc.localize.verify`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmpc.errors import ConfigError, DataError
+from cmpc.utils.io import atomic_dir, atomic_write_json
+
+
+def _affine(gsd: float, heading_deg: float, cx: float, cy: float, side_px: int) -> tuple[float, ...]:
+    """Rasterio-order transform of a square scene of ``side_px`` centred on (cx, cy)."""
+    h = math.radians(heading_deg)
+    a, b, d, e = gsd * math.cos(h), -gsd * math.sin(h), -gsd * math.sin(h), -gsd * math.cos(h)
+    half = side_px / 2.0
+    return (a, b, cx - a * half - b * half, d, e, cy - d * half - e * half)
+
+
+def _apply(t: tuple[float, ...], col: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b, c, d, e, f = t
+    return a * col + b * row + c, d * col + e * row + f
+
+
+def split_boxes(root: str | os.PathLike[str], split: str) -> list[list[float]]:
+    """Area boxes (minx, miny, maxx, maxy) metres of ``split`` in a dataset's dataset.json."""
+    p = Path(root) / "dataset.json"
+    if not p.is_file():
+        raise DataError(f"{p} is missing: the split areas come from the tiled dataset (run `cmpc data tile` or the demo first)")
+    meta = json.loads(p.read_text(encoding="utf-8"))
+    areas = meta.get("areas") or {}
+    boxes = (areas.get(split) or {}).get("boxes") or []
+    if not boxes:
+        raise DataError(f"{p} records no area for split {split!r}")
+    return [list(map(float, b)) for b in boxes]
+
+
+def cut_scenes(
+    sar_path: str | os.PathLike[str],
+    dataset_root: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    split: str,
+    tiles: int,
+    count: int,
+    heading_range_deg: float = 0.0,
+    seed: int = 0,
+    bands: list[int] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Cut the scenes (module doc) into ``out`` (atomically); returns the scenes.json record."""
+    from skimage.transform import AffineTransform, warp
+
+    from cmpc.data.raster import open_raster
+
+    if tiles < 1:
+        raise ConfigError(f"--tiles must be at least 1, got {tiles}")
+    if count < 1:
+        raise ConfigError(f"--count must be at least 1, got {count}")
+    if not (0.0 <= heading_range_deg <= 180.0):
+        raise ConfigError(f"--heading-range must be within 0..180 degrees, got {heading_range_deg:g}")
+    meta = json.loads((Path(dataset_root) / "dataset.json").read_text(encoding="utf-8")) if (Path(dataset_root) / "dataset.json").is_file() else {}
+    boxes = split_boxes(dataset_root, split)
+    patch_m = float(meta.get("patch_m") or 0.0)
+    if not patch_m:
+        raise DataError(f"{dataset_root}/dataset.json has no patch_m (the tile size in metres)")
+    rng = np.random.default_rng(seed)
+    with open_raster(sar_path, bands=bands, crs=meta.get("crs"), role="SAR world") as src:
+        gsd = float(src.grid.gsd_m)
+        side_m = (tiles + 1) / 2.0 * patch_m
+        side_px = int(round(side_m / gsd))
+        record: dict[str, Any] = {
+            "format": "cmpc-scenes", "version": 1, "sar": str(sar_path), "dataset": str(dataset_root), "split": split,
+            "tiles": tiles, "count": count, "heading_range_deg": heading_range_deg, "seed": seed, "gsd_m": gsd,
+            "side_px": side_px, "side_m": side_px * gsd, "patch_m": patch_m, "crs": meta.get("crs"), **(extra or {}), "scenes": [],
+        }
+        with atomic_dir(out) as tmp:
+            for i in range(count):
+                h = float(rng.uniform(-heading_range_deg, heading_range_deg)) if heading_range_deg > 0 else 0.0
+                half = side_px * gsd / 2.0 * (abs(math.cos(math.radians(h))) + abs(math.sin(math.radians(h))))
+                fits = [b for b in boxes if b[2] - b[0] > 2 * half and b[3] - b[1] > 2 * half]
+                if not fits:
+                    raise DataError(
+                        f"a {tiles}x{tiles}-tile scene ({side_px * gsd:.0f} m, heading up to {heading_range_deg:g} deg) does not fit "
+                        f"inside any {split} area box of {dataset_root}; cut smaller scenes"
+                    )
+                w = np.array([(b[2] - b[0] - 2 * half) * (b[3] - b[1] - 2 * half) for b in fits])
+                box = fits[int(rng.choice(len(fits), p=w / w.sum()))]
+                cx = float(rng.uniform(box[0] + half, box[2] - half))
+                cy = float(rng.uniform(box[1] + half, box[3] - half))
+                t = _affine(gsd, h, cx, cy, side_px)
+                # read the raster over the footprint's bounding box, then sample the scene grid
+                bb = (cx - half - 2 * gsd, cy - half - 2 * gsd, cx + half + 2 * gsd, cy + half + 2 * gsd)
+                n_px = int(round((bb[2] - bb[0]) / gsd))
+                arr, valid = src.read_bounds(bb, (n_px, n_px))
+                wg = (bb[2] - bb[0]) / n_px
+                # output (col j, row i) centre -> map -> window pixel (skimage: centres at integers)
+                a, b, c, d, e, f = t
+                m_scene = np.array([[a, b, a * 0.5 + b * 0.5 + c], [d, e, d * 0.5 + e * 0.5 + f], [0, 0, 1.0]])
+                m_win = np.array([[1 / wg, 0, -bb[0] / wg - 0.5], [0, -1 / wg, bb[3] / wg - 0.5], [0, 0, 1.0]])
+                tf = AffineTransform(matrix=m_win @ m_scene)
+                data = np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=0.0)
+                scene = np.stack([warp(ch, tf, output_shape=(side_px, side_px), order=1, preserve_range=True) for ch in data]).astype(np.float32)
+                ok = warp(np.asarray(valid, np.float32), tf, output_shape=(side_px, side_px), order=1, preserve_range=True) > 0.999
+                scene[:, ~ok] = np.nan
+                name = f"scene_{i:04d}"
+                _write_plain_tiff(tmp / f"{name}.tif", scene)
+                corners = np.array([[0, 0], [side_px, 0], [side_px, side_px], [0, side_px]], dtype=np.float64)
+                xs, ys = _apply(t, corners[:, 0], corners[:, 1])
+                truth = {
+                    "scene": f"{name}.tif", "gsd_m": gsd, "heading_deg": h, "transform": list(t), "center_xy": [cx, cy],
+                    "corners_xy": [[float(x), float(y)] for x, y in zip(xs, ys)], "crs": meta.get("crs"), "split": split, "tiles": tiles,
+                }
+                atomic_write_json(tmp / f"{name}.truth.json", truth)
+                record["scenes"].append({"name": name, "heading_deg": h, "center_xy": [cx, cy]})
+            atomic_write_json(tmp / "scenes.json", record)
+    return record
+
+
+def _write_plain_tiff(path: Path, arr: np.ndarray) -> None:
+    """A GeoTIFF without CRS or transform (what an image of unknown position looks like)."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0], dtype="float32", nodata=np.nan) as f:
+            f.write(arr)
+
+
+def read_truth(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A scene's truth file (``<stem>.truth.json``)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def world_sar(synth_out: str | os.PathLike[str], dataset_root: str | os.PathLike[str]) -> Path:
+    """The SAR raster of an experiment's world: ``synth.out/sar.tif`` when present, else the
+    SAR source recorded in the dataset's dataset.json."""
+    p = Path(synth_out) / "sar.tif"
+    if p.is_file():
+        return p
+    meta_p = Path(dataset_root) / "dataset.json"
+    if meta_p.is_file():
+        src = ((json.loads(meta_p.read_text(encoding="utf-8")).get("sources") or {}).get("sar") or {}).get("path")
+        if src and Path(src).is_file():
+            return Path(src)
+    raise DataError(f"no SAR raster for this experiment: neither {p} nor a SAR source in {meta_p}")

@@ -1,0 +1,482 @@
+"""``cmpc georef``: where is this SAR scene on the map?
+
+:class:`Georeferencer` holds what a scene query needs once (the embedder, the reference
+index, the refiner's dense descriptor and the map's descriptors, the decision rule) and
+answers one scene at a time (:meth:`Georeferencer.locate`):
+
+1. the scene is tiled under each heading hypothesis and all tiles are searched at once
+   (:mod:`cmpc.localize.scene`);
+2. methods:
+   - ``independent``: the most confident tile (highest top-1 cosine) alone; the scene
+     placed by that tile's known offset in the scene (north-up at its heading hypothesis,
+     nominal GSD). Always claims a position (the baseline that verification must beat).
+   - ``verify``: RANSAC over all candidates (:func:`cmpc.localize.verify.estimate_scene_transform`),
+     then dense fine alignment and a per-tile similarity refit
+     (:func:`cmpc.localize.verify.fine_align_scene`); "found" only when the decision rule
+     holds (inlier tiles >= ``min_inliers`` and inlier fraction >= ``min_inlier_frac``,
+     calibrated by ``cmpc train scene`` into ``runs/<name>/scene_decision.json``);
+3. :func:`write_answer` writes, atomically, ``result.json``, ``footprint.geojson``,
+   ``tiles.csv``, ``scene_on_map.tif`` (the SAR warped north-up onto the map grid with
+   ``rasterio.warp.reproject``) and ``overlay.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmpc.errors import DataError
+from cmpc.localize.prior import prior_rows
+from cmpc.localize.scene import (
+    GSD_RATIO_RANGE,
+    CandidateRescorer,
+    SceneCandidates,
+    SceneImage,
+    SceneSettings,
+    SceneTiles,
+    scene_candidates,
+    scene_grid_centres,
+    tile_scene,
+)
+from cmpc.localize.verify import RansacSettings, SceneTransform, estimate_scene_transform, fine_align_scene
+from cmpc.utils.io import atomic_dir, atomic_write_json
+
+DECISION_FILE = "scene_decision.json"
+METHODS = ("independent", "verify")
+
+
+def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings) -> tuple[SceneSettings, dict[str, Any]]:
+    """``settings`` with the calibrated decision rule of ``run_dir/scene_decision.json``
+    when present (else the defaults), and a record of where the rule came from."""
+    p = Path(run_dir) / DECISION_FILE
+    if p.is_file():
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+            rule = {"min_inliers": int(d["min_inliers"]), "min_inlier_frac": float(d["min_inlier_frac"]), "min_fine_peak": float(d.get("min_fine_peak", settings.min_fine_peak))}
+            return replace(settings, **rule), {"source": str(p), **rule}
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            raise DataError(f"{p} is not a scene decision file (min_inliers, min_inlier_frac); rerun `cmpc train scene EXPERIMENT.json`") from None
+    return settings, {"source": "default (uncalibrated)", "min_inliers": settings.min_inliers, "min_inlier_frac": settings.min_inlier_frac,
+                      "min_fine_peak": settings.min_fine_peak}
+
+
+@dataclass
+class SceneAnswer:
+    """One method's answer for one scene (``transform`` None only when nothing was found at
+    all). ``tiles``: per-tile rows for tiles.csv; ``stats``: numbers for result.json."""
+
+    method: str
+    status: str
+    reason: str | None
+    transform: SceneTransform | None
+    inlier_tiles: int
+    n_tiles: int
+    confidence: float
+    seconds: float
+    tiles: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def found(self) -> bool:
+        return self.status == "found"
+
+
+class Georeferencer:
+    """Scene georeferencing against one reference map (see the module doc)."""
+
+    def __init__(self, localizer, settings: SceneSettings, decision_source: dict[str, Any] | None = None, rescorer: CandidateRescorer | None = None) -> None:  # noqa: ANN001
+        settings.check()
+        self.localizer = localizer
+        self.settings = settings
+        self.decision_source = decision_source or {"source": "given", "min_inliers": settings.min_inliers, "min_inlier_frac": settings.min_inlier_frac}
+        self.rescorer = rescorer
+        index = localizer.index
+        if index.bounds is None or not len(index.bounds):
+            raise DataError(f"index {index.directory} has no reference footprints; scene georeferencing needs them (rebuild the index)")
+        self.tile_m = float(np.median(index.bounds[:, 2] - index.bounds[:, 0]))
+        from cmpc.models.graph import grid_spacing_m
+
+        self.stride_m = float(grid_spacing_m(index.positions)) if index.ntotal > 1 else self.tile_m / 2.0
+        self.img_size = int(localizer.img_size or 0)
+        if not self.img_size:
+            raise DataError(f"index {index.directory} does not record the model input size (img_size); rebuild it")
+        self.work_gsd_m = self.tile_m / self.img_size
+        self.map_gsd_m = self._map_gsd()
+        self._fm = None
+        self._map = None
+
+    def _map_gsd(self) -> float:
+        """Metres per pixel of the reference images (the map's own GSD)."""
+        m = self.localizer.index.manifest
+        for key in ("gsd_m", "gsd"):
+            if m.get(key):
+                return float(m[key])
+        patch_px = m.get("patch_px")
+        return self.tile_m / float(patch_px) if patch_px else self.work_gsd_m
+
+    # ------------------------------------------------------------------ map side
+
+    @property
+    def aligner(self):  # noqa: ANN201
+        ref = self.localizer.refiner
+        return getattr(ref, "aligner", None) if ref is not None else None
+
+    def feature_mosaic(self):  # noqa: ANN201 - FeatureMosaic
+        """The map's optical descriptors at the working GSD (the refiner's cache)."""
+        if self._fm is None:
+            self._fm = self.localizer.refiner.feature_mosaic(self.localizer.index, self.work_gsd_m)
+        return self._fm
+
+    def map_image(self):  # noqa: ANN201 - ImageMosaic
+        """The optical map (stitched references), for the overlay picture."""
+        if self._map is None:
+            from cmpc.localize.mosaic import mosaic_from_index
+
+            self._map = mosaic_from_index(self.localizer.index)
+        return self._map
+
+    # ------------------------------------------------------------------ query side
+
+    def allowed_rows(self, scene: SceneImage, center: list[float] | None, radius_m: float | None) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+        """Rows within the prior: ``center``/``radius_m`` when given, else the scene's own
+        georeferenced centre with ``own_prior_radius_m`` (a prior, never the answer)."""
+        if center is None and scene.georef and scene.georef.get("centre_xy") is not None and self.settings.own_prior_radius_m > 0:
+            center, radius_m = scene.georef["centre_xy"], self.settings.own_prior_radius_m
+        if center is None and radius_m is None:
+            return None, None
+        cfg = replace(self.localizer_cfg(), prior=None, prior_center=[float(v) for v in center] if center is not None else None, prior_radius_m=radius_m)
+        rows = prior_rows(cfg, self.localizer.index)
+        return rows, {"center": cfg.prior_center, "radius_m": radius_m}
+
+    def localizer_cfg(self):  # noqa: ANN201 - LocalizeConfig
+        from cmpc.config import LocalizeConfig
+
+        return LocalizeConfig()
+
+    def check_gsd(self, scene: SceneImage) -> None:
+        """One-line :class:`DataError` when the scene's GSD is far from the map's."""
+        ratio = scene.gsd_m / self.map_gsd_m
+        lo, hi = GSD_RATIO_RANGE
+        if not (lo <= ratio <= hi):
+            raise DataError(
+                f"the scene's GSD {scene.gsd_m:g} m/px is {ratio:.2g}x the map's {self.map_gsd_m:g} m/px; "
+                f"scenes between {lo:g}x and {hi:g}x the map's GSD are handled (check --gsd)"
+            )
+
+    def tiles(self, scene: SceneImage) -> SceneTiles:
+        return tile_scene(scene, self.tile_m, self.stride_m, self.work_gsd_m, self.img_size, self.settings.headings(), self.settings.min_tile_valid)
+
+    def locate(
+        self,
+        scene: SceneImage,
+        center: list[float] | None = None,
+        radius_m: float | None = None,
+        methods: tuple[str, ...] = ("verify",),
+    ) -> dict[str, SceneAnswer]:
+        """Answers of ``methods`` (see the module doc) for ``scene``; both share one tiling
+        and one search."""
+        for m in methods:
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; known: {METHODS}")
+        self.check_gsd(scene)
+        t0 = time.perf_counter()
+        allowed, prior = self.allowed_rows(scene, center, radius_m)
+        tiles = self.tiles(scene)
+        cand = scene_candidates(self.localizer, tiles, self.settings.top_k, allowed, self.rescorer, self.settings.batch_size)
+        t_common = time.perf_counter() - t0
+        out: dict[str, SceneAnswer] = {}
+        for m in methods:
+            t1 = time.perf_counter()
+            ans = self._independent(scene, tiles, cand) if m == "independent" else self._verify(scene, tiles, cand)
+            ans.seconds = t_common + time.perf_counter() - t1
+            ans.stats.update({"prior": prior, "timings_s": {**{k: round(v, 3) for k, v in cand.timings.items()}, "total": round(ans.seconds, 3)}})
+            out[m] = ans
+        return out
+
+    def _tile_rows(self, tiles: SceneTiles, cand: SceneCandidates, inlier_tiles: set[int] | None, transform: SceneTransform | None) -> list[dict[str, Any]]:
+        rows = []
+        for t in range(len(tiles)):
+            pred = transform.apply(tiles.centre_px[t][None])[0] if transform is not None else (np.nan, np.nan)
+            rows.append(
+                {
+                    "tile": t,
+                    "heading_hyp_deg": float(tiles.heading_deg[t]),
+                    "grid_row": int(tiles.grid_rc[t, 0]),
+                    "grid_col": int(tiles.grid_rc[t, 1]),
+                    "col_px": round(float(tiles.centre_px[t, 0]), 2),
+                    "row_px": round(float(tiles.centre_px[t, 1]), 2),
+                    "x_m": round(float(pred[0]), 2),
+                    "y_m": round(float(pred[1]), 2),
+                    "top1_x_m": round(float(cand.positions_m[t, 0, 0]), 2),
+                    "top1_y_m": round(float(cand.positions_m[t, 0, 1]), 2),
+                    "top1_score": round(float(cand.scores[t, 0]), 4),
+                    "inlier": bool(inlier_tiles is not None and t in inlier_tiles),
+                }
+            )
+        return rows
+
+    def _independent(self, scene: SceneImage, tiles: SceneTiles, cand: SceneCandidates) -> SceneAnswer:
+        t = int(np.argmax(cand.scores[:, 0]))
+        tf = SceneTransform.from_params(scene.gsd_m, float(tiles.heading_deg[t]), 0.0, 0.0)
+        off = cand.positions_m[t, 0] - tf.apply(tiles.centre_px[t][None])[0]
+        tf = tf.shifted(float(off[0]), float(off[1]))
+        n = len(tiles.per_heading.get(float(tiles.heading_deg[t]), []))
+        return SceneAnswer(
+            "independent", "found", None, tf, 1, n, float(cand.scores[t, 0]), 0.0,
+            self._tile_rows(tiles, cand, {t}, tf), {"best_tile": t, "top1_score": float(cand.scores[t, 0])},
+        )
+
+    def _verify(self, scene: SceneImage, tiles: SceneTiles, cand: SceneCandidates) -> SceneAnswer:
+        s = self.settings
+        residual = s.residual_frac * self.stride_m
+        slack = s.rotation_step_deg / 2.0 + 1.0 if s.rotation_range_deg > 0 else 3.0
+        rs = RansacSettings(
+            gsd_m=scene.gsd_m, scale_tol=s.scale_tol, heading_deg=0.0, heading_range_deg=min(180.0, s.rotation_range_deg + slack),
+            residual_m=residual, min_pair_m=0.9 * self.stride_m, max_trials=s.max_trials, seed=s.seed,
+        )
+        t0 = time.perf_counter()
+        res = estimate_scene_transform(cand.corr, rs, tiles.per_heading)
+        t_ransac = time.perf_counter() - t0
+        stats: dict[str, Any] = {"ransac_trials": res.trials, "ransac_s": round(t_ransac, 3), "support": round(res.support, 3)}
+        if res.transform is None:
+            best = self._independent(scene, tiles, cand)
+            return SceneAnswer(
+                "verify", "not_found", "no two tiles agree on a placement within the scale/heading bounds (best guess: the most confident tile alone)",
+                best.transform, 0, len(tiles.per_heading.get(0.0, tiles.per_heading[next(iter(tiles.per_heading))])), 0.0, 0.0,
+                best.tiles, stats,
+            )
+        transform = res.transform
+        fine_stats: dict[str, Any] = {"used": False}
+        if s.fine and self.aligner is not None and getattr(self.localizer.refiner, "feature_mosaic", None) is not None:
+            t0 = time.perf_counter()
+            fr = fine_align_scene(
+                self.aligner, self.feature_mosaic(), scene.image, scene.valid, transform,
+                scene_grid_centres(scene, self.tile_m, self.stride_m), self.tile_m, max_shift_m=residual,
+                tile_shift_m=s.tile_shift_frac * self.stride_m, scale_tol=s.scale_tol, nominal_gsd_m=scene.gsd_m,
+                device=self.localizer.device,
+            )
+            transform = fr.transform
+            fine_stats = {
+                "used": True, "seconds": round(time.perf_counter() - t0, 3), "shift_m": [round(v, 2) for v in fr.shift_m],
+                "peak": round(fr.peak, 4), "tiles_aligned": int(fr.tile_inlier.sum()), "tiles": int(len(fr.tile_px)), "refit": fr.refit,
+            }
+        stats["fine"] = fine_stats
+        frac = res.inlier_frac
+        ok = res.inlier_tiles >= s.min_inliers and frac >= s.min_inlier_frac
+        reason = None
+        if not ok:
+            reason = (
+                f"weak evidence: {res.inlier_tiles} of {res.n_tiles} tiles agree (the rule needs >= {s.min_inliers} "
+                f"and >= {s.min_inlier_frac:.0%})"
+            )
+        elif fine_stats["used"] and fine_stats["peak"] < s.min_fine_peak:
+            ok = False
+            reason = f"weak evidence: the dense alignment does not confirm the placement (peak {fine_stats['peak']:.3f} < {s.min_fine_peak:.3f})"
+        heading_tiles = {int(t) for t in res.tile_ids}
+        return SceneAnswer(
+            "verify", "found" if ok else "not_found", reason, transform, res.inlier_tiles, res.n_tiles,
+            round(frac * min(1.0, max(0.0, fine_stats.get("peak", 1.0)) / max(s.min_fine_peak, 1e-6)) if fine_stats["used"] else frac, 4), 0.0,
+            self._tile_rows(tiles, cand, heading_tiles, transform), stats,
+        )
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def answer_record(ans: SceneAnswer, scene: SceneImage, crs: str | None, decision: dict[str, Any]) -> dict[str, Any]:
+    """The result.json content of one answer."""
+    rec: dict[str, Any] = {
+        "scene": str(scene.path),
+        "method": ans.method,
+        "status": ans.status,
+        "reason": ans.reason,
+        "crs": crs,
+        "scene_size_px": [scene.width, scene.height],
+        "scene_gsd_m": scene.gsd_m,
+        "inliers": ans.inlier_tiles,
+        "tiles": ans.n_tiles,
+        "confidence": ans.confidence,
+        "decision_rule": decision,
+        "seconds": round(ans.seconds, 3),
+        **ans.stats,
+    }
+    if ans.transform is not None:
+        t = ans.transform
+        c = t.centre(scene.width, scene.height)
+        rec.update(
+            {
+                "transform": [float(v) for v in t.affine],
+                "transform_doc": "scene pixel (col, row) -> map (x, y): x = a col + b row + c, y = d col + e row + f (rasterio order a, b, c, d, e, f)",
+                "center_x": float(c[0]),
+                "center_y": float(c[1]),
+                "heading_deg": round(t.heading_deg, 3),
+                "scale": round(t.scale, 5),
+                "corners_xy": [[float(x), float(y)] for x, y in t.corners(scene.width, scene.height)],
+            }
+        )
+    if scene.georef is not None:
+        rec["own_georeferencing"] = {k: v for k, v in scene.georef.items()}
+    return rec
+
+
+def write_answer(
+    out: str | os.PathLike[str],
+    ans: SceneAnswer,
+    scene: SceneImage,
+    geo: Georeferencer,
+    truth: SceneTransform | None = None,
+    picture: bool = True,
+) -> Path:
+    """Write one answer into ``out`` atomically (see the module doc); returns ``out``."""
+    crs = geo.localizer.index.crs
+    rec = answer_record(ans, scene, crs, geo.decision_source)
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "result.json", rec)
+        if ans.tiles:
+            with open(tmp / "tiles.csv", "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=list(ans.tiles[0]))
+                w.writeheader()
+                w.writerows(ans.tiles)
+        if ans.transform is not None:
+            _write_footprint(tmp / "footprint.geojson", ans, scene, crs)
+            _write_warped(tmp / "scene_on_map.tif", ans.transform, scene, geo.map_gsd_m, crs)
+            if picture:
+                write_overlay(tmp / "overlay.png", geo, scene, ans.transform, truth, title=f"{scene.path.name}: {ans.status} ({ans.method})")
+    return Path(out)
+
+
+def _write_footprint(path: Path, ans: SceneAnswer, scene: SceneImage, crs: str | None) -> None:
+    ring = [[float(x), float(y)] for x, y in ans.transform.corners(scene.width, scene.height)]  # type: ignore[union-attr]
+    ring.append(ring[0])
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"scene": scene.path.name, "status": ans.status, "method": ans.method, "inliers": ans.inlier_tiles, "tiles": ans.n_tiles},
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+            }
+        ],
+    }
+    if crs:
+        fc["crs"] = {"type": "name", "properties": {"name": crs}}
+    path.write_text(json.dumps(fc, indent=1), encoding="utf-8")
+
+
+def _write_warped(path: Path, transform: SceneTransform, scene: SceneImage, gsd_m: float, crs: str | None) -> None:
+    """The scene warped north-up onto the map's CRS and pixel size (a GeoTIFF that opens on
+    top of the map in QGIS): ``rasterio.warp.reproject`` with the estimate as the source
+    transform; NaN outside the scene."""
+    import rasterio
+    from affine import Affine
+    from rasterio.enums import Resampling
+    from rasterio.warp import reproject
+
+    corners = transform.corners(scene.width, scene.height)
+    x0 = math.floor(corners[:, 0].min() / gsd_m) * gsd_m
+    y1 = math.ceil(corners[:, 1].max() / gsd_m) * gsd_m
+    W = int(math.ceil((corners[:, 0].max() - x0) / gsd_m))
+    H = int(math.ceil((y1 - corners[:, 1].min()) / gsd_m))
+    dst_t = Affine(gsd_m, 0.0, x0, 0.0, -gsd_m, y1)
+    src = np.where(scene.valid[None], scene.image, np.nan).astype(np.float32)
+    dst = np.full((src.shape[0], H, W), np.nan, dtype=np.float32)
+    work_crs = crs or "EPSG:32631"  # without a map CRS the warp is a plain affine resampling
+    reproject(
+        source=src, destination=dst, src_transform=transform.to_rasterio(), src_crs=work_crs, dst_transform=dst_t,
+        dst_crs=work_crs, resampling=Resampling.bilinear, src_nodata=np.nan, dst_nodata=np.nan,
+    )
+    profile = {"driver": "GTiff", "width": W, "height": H, "count": src.shape[0], "dtype": "float32", "transform": dst_t, "nodata": np.nan, "compress": "deflate"}
+    if crs:
+        profile["crs"] = crs
+    with rasterio.open(path, "w", **profile) as f:
+        f.write(dst)
+
+
+def write_overlay(
+    path: Path,
+    geo: Georeferencer,
+    scene: SceneImage,
+    transform: SceneTransform,
+    truth: SceneTransform | None = None,
+    title: str = "",
+    ax=None,  # noqa: ANN001 - a matplotlib Axes to draw into instead of a file
+) -> None:
+    """The SAR scene over the optical map at the found position (footprint in red; the true
+    footprint, when known, in green)."""
+    from matplotlib.figure import Figure
+
+    from cmpc.localize.verify import warp_to_grid
+
+    mp = geo.map_image()
+    corners = transform.corners(scene.width, scene.height)
+    pts = corners if truth is None else np.vstack([corners, truth.corners(scene.width, scene.height)])
+    pad = 0.25 * float(max(np.ptp(pts[:, 0]), np.ptp(pts[:, 1]), geo.tile_m))
+    g = mp.gsd_m
+    c0 = int(math.floor((pts[:, 0].min() - pad - mp.origin_x) / g))
+    c1 = int(math.ceil((pts[:, 0].max() + pad - mp.origin_x) / g))
+    r0 = int(math.floor((mp.origin_y - pts[:, 1].max() - pad) / g))
+    r1 = int(math.ceil((mp.origin_y - pts[:, 1].min() + pad) / g))
+    H, W = r1 - r0, c1 - c0
+    if H <= 0 or W <= 0 or H * W > 4e7:
+        return
+    opt = np.zeros((H, W, 3), dtype=np.float32)
+    rr0, cc0 = max(r0, 0), max(c0, 0)
+    rr1, cc1 = min(r1, mp.image.shape[1]), min(c1, mp.image.shape[2])
+    if rr1 > rr0 and cc1 > cc0:
+        crop = mp.image[:, rr0:rr1, cc0:cc1]
+        rgb = crop[:3] if crop.shape[0] >= 3 else np.repeat(crop[:1], 3, axis=0)
+        lo, hi = np.percentile(rgb, [2, 98]) if rgb.size else (0.0, 1.0)
+        opt[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = np.clip((np.moveaxis(rgb, 0, -1) - lo) / max(hi - lo, 1e-6), 0, 1)
+    sar, valid = warp_to_grid(scene.image[:1], scene.valid, transform, mp.origin_x, mp.origin_y, g, r0, c0, H, W)
+    v = sar[0][valid]
+    s = np.zeros((H, W), np.float32)
+    if v.size:
+        lo, hi = np.percentile(v, [2, 98])
+        s = np.clip((sar[0] - lo) / max(hi - lo, 1e-6), 0, 1)
+    alpha = 0.65 * valid[..., None]
+    img = (1 - alpha) * opt + alpha * s[..., None]
+    own = ax is None
+    if own:
+        fig = Figure(figsize=(6, 6 * H / max(W, 1)), dpi=110)
+        ax = fig.add_subplot(1, 1, 1)
+    extent = (mp.origin_x + c0 * g, mp.origin_x + c1 * g, mp.origin_y - r1 * g, mp.origin_y - r0 * g)
+    ax.imshow(img, extent=extent, interpolation="nearest")
+    ring = np.vstack([corners, corners[:1]])
+    ax.plot(ring[:, 0], ring[:, 1], "-", color="red", lw=1.5, label="found")
+    if truth is not None:
+        tr = truth.corners(scene.width, scene.height)
+        tr = np.vstack([tr, tr[:1]])
+        ax.plot(tr[:, 0], tr[:, 1], "--", color="lime", lw=1.5, label="true")
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(labelsize=6)
+    ax.legend(fontsize=6, loc="lower right")
+    if own:
+        fig.tight_layout()
+        fig.savefig(path)
+
+
+def georeferencer_from_experiment(
+    exp,  # noqa: ANN001 - cmpc.config.Experiment
+    settings: SceneSettings | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    index_dir: str | os.PathLike[str] | None = None,
+    rescorer: CandidateRescorer | None = None,
+) -> Georeferencer:
+    """A :class:`Georeferencer` on the experiment's embedder, index (default the serving
+    one, or ``index_dir``) and refiner, with the calibrated decision rule of
+    ``runs/<name>/scene_decision.json`` when present."""
+    from cmpc.localize.localizer import Localizer
+
+    settings = settings or SceneSettings()
+    settings.check()
+    settings, source = load_decision(exp.run_dir, settings)
+    loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=index_dir)
+    return Georeferencer(loc, settings, source, rescorer)

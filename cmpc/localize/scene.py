@@ -1,0 +1,377 @@
+"""A whole SAR scene as a query: reading it, tiling it, and its tiles' candidates.
+
+A scene (a SAR strip or image whose georeferencing is missing or kilometres off) holds many
+query tiles whose relative geometry is known from its own pixel grid. This module turns it
+into what :mod:`cmpc.localize.verify` needs:
+
+1. :func:`read_scene`: the image (C, H, W), its valid mask and ground sampling distance
+   (``--gsd`` for a plain image; the file's transform otherwise, whose position is only a
+   prior, see :func:`own_prior`). Bad input is a one-line :class:`DataError`.
+2. :func:`tile_scene`: for each heading hypothesis (north-up alone by default; every
+   ``rotation_step_deg`` within +-``rotation_range_deg`` otherwise) the scene is resampled
+   north-up at the map's working GSD and cut into reference-sized tiles at the reference
+   stride (half a tile); each tile keeps its centre in scene pixels.
+3. :func:`scene_candidates`: all tiles embedded and searched at once (coarse top-k), then an
+   optional :class:`CandidateRescorer` (a scene-graph rescoring plugs in here: nodes = (tile,
+   candidate) pairs, edges between candidates of neighbouring tiles whose implied offset
+   matches the tiles' offset in the scene) before the correspondences go to RANSAC.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from cmpc.data.patches import to_model_input
+from cmpc.errors import ConfigError, DataError
+from cmpc.localize.verify import Correspondences, SceneTransform, warp_to_grid
+
+#: Scene GSD / map GSD accepted: finer scenes are smoothed down; much coarser ones lack the
+#: detail the map's references were embedded with.
+GSD_RATIO_RANGE = (0.2, 2.5)
+#: Largest --rotation-range, degrees (a full turn of hypotheses).
+MAX_ROTATION_RANGE = 180.0
+
+
+@dataclass
+class SceneSettings:
+    """Settings of scene georeferencing (``cmpc georef``; defaults for the demo world).
+
+    Units: degrees, metres, fractions. ``residual_frac`` / ``tile_shift_frac`` are fractions
+    of the reference stride. ``min_inliers`` / ``min_inlier_frac`` / ``min_fine_peak``: the
+    decision rule (found when all hold; the last one only when fine alignment ran: the
+    whole-scene correlation peak, a mean cosine): neighbouring tiles lie one stride apart
+    while a right coarse candidate may be 0.7 stride off, so agreement of a few adjacent
+    tiles alone is weak evidence and the dense alignment must confirm it.
+    :func:`cmpc.localize.georef.load_decision` replaces them by the calibrated ones of
+    ``runs/<name>/scene_decision.json`` when present.
+    """
+
+    top_k: int = 20
+    rotation_range_deg: float = 0.0
+    rotation_step_deg: float = 5.0
+    scale_tol: float = 0.05
+    residual_frac: float = 0.75
+    tile_shift_frac: float = 0.25
+    max_trials: int = 3000
+    min_tile_valid: float = 0.8
+    own_prior_radius_m: float = 2000.0
+    fine: bool = True
+    min_inliers: int = 3
+    min_inlier_frac: float = 0.3
+    min_fine_peak: float = 0.15
+    batch_size: int = 64
+    seed: int = 0
+
+    def check(self) -> None:
+        """One-line :class:`ConfigError` for values out of range."""
+        if not (0.0 <= self.rotation_range_deg <= MAX_ROTATION_RANGE):
+            raise ConfigError(f"--rotation-range must be within 0..{MAX_ROTATION_RANGE:g} degrees, got {self.rotation_range_deg:g}")
+        if not (0.5 <= self.rotation_step_deg <= 45.0):
+            raise ConfigError(f"the rotation step must be within 0.5..45 degrees, got {self.rotation_step_deg:g}")
+        if not (0.0 <= self.scale_tol <= 0.2):
+            raise ConfigError(f"the scale tolerance must be within 0..0.2 (a fraction), got {self.scale_tol:g}")
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k must be at least 1, got {self.top_k}")
+
+    def headings(self) -> list[float]:
+        """Heading hypotheses, degrees: 0, +-step, +-2 step, ... within the range."""
+        if self.rotation_range_deg <= 0:
+            return [0.0]
+        n = int(math.floor(self.rotation_range_deg / self.rotation_step_deg + 1e-9))
+        hs = [0.0] + [s * i * self.rotation_step_deg for i in range(1, n + 1) for s in (1, -1)]
+        if self.rotation_range_deg - n * self.rotation_step_deg > 1e-6:
+            hs += [self.rotation_range_deg, -self.rotation_range_deg]
+        hs = sorted({round(((h + 180.0) % 360.0) - 180.0, 6) for h in hs})
+        return hs
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class SceneImage:
+    """A SAR scene: ``image`` (C, H, W) float32 (0 at invalid pixels), ``valid`` (H, W)
+    bool, ``gsd_m`` metres per pixel, ``path``; ``georef`` when the file carries a CRS and
+    transform: ``{"crs", "transform" (6 numbers), "centre_xy" (in the map CRS or None)}``."""
+
+    image: np.ndarray
+    valid: np.ndarray
+    gsd_m: float
+    path: Path
+    georef: dict[str, Any] | None = None
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[2])
+
+
+def read_scene(
+    path: str | os.PathLike[str],
+    gsd_m: float | None = None,
+    bands: list[int] | None = None,
+    map_crs: str | None = None,
+) -> SceneImage:
+    """Read a scene image (GeoTIFF, plain TIFF or PNG) with rasterio.
+
+    ``gsd_m``: metres per pixel; required for an image without georeferencing, overrides the
+    file's otherwise. ``bands``: 1-based bands (default all). ``map_crs``: to place the file's
+    own centre (a prior only) in the map CRS. One-line :class:`DataError` for a missing or
+    unreadable file, a bad band, no valid pixel, or a constant image.
+    """
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"scene not found: {p}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning: a plain image is allowed
+            with rasterio.open(p) as src:
+                sel = list(range(1, src.count + 1)) if bands is None else [int(b) for b in bands]
+                bad = [b for b in sel if b < 1 or b > src.count]
+                if bad:
+                    raise DataError(f"band {bad[0]} is beyond the scene {p.name}, which has {src.count} band(s)")
+                arr = src.read(sel, masked=True)
+                crs, transform = src.crs, src.transform
+    except RasterioError as e:
+        raise DataError(f"cannot read the scene {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__} (corrupt or not an image?)") from None
+    data = np.asarray(arr.filled(np.nan), dtype=np.float32)
+    mask = np.ma.getmaskarray(arr)
+    valid = ~mask.any(axis=0) & np.isfinite(data).all(axis=0)
+    if not valid.any():
+        raise DataError(f"the scene {p} has no valid pixel (all nodata)")
+    vals = data[:, valid]
+    if float(np.nanstd(vals)) == 0.0:
+        raise DataError(f"the scene {p} is constant (every valid pixel is {float(vals.flat[0]):g}); nothing to match")
+    data[:, ~valid] = 0.0
+    georef = None
+    from affine import Affine
+
+    has_georef = crs is not None and transform is not None and transform != Affine.identity()
+    if has_georef:
+        own_gsd = _own_gsd(crs, transform, data.shape[1:])
+        centre = _centre_in(crs, transform, data.shape[1:], map_crs)
+        georef = {"crs": crs.to_string(), "transform": list(transform)[:6], "centre_xy": centre, "gsd_m": own_gsd}
+        if gsd_m is None:
+            gsd_m = own_gsd
+    if gsd_m is None:
+        raise DataError(f"the scene {p} has no georeferencing; give its pixel size with --gsd M/PX")
+    if not (math.isfinite(float(gsd_m)) and float(gsd_m) > 0):
+        raise DataError(f"the scene's GSD must be a positive number of metres per pixel, got {gsd_m}")
+    return SceneImage(image=data, valid=valid, gsd_m=float(gsd_m), path=p, georef=georef)
+
+
+def _own_gsd(crs: Any, transform: Any, shape: tuple[int, int]) -> float | None:
+    """Metres per pixel of a georeferenced scene (None when it cannot be told)."""
+    try:
+        if crs.is_projected:
+            factor = float(crs.linear_units_factor[1])
+            return float(math.sqrt(abs(transform.a * transform.e - transform.b * transform.d))) * factor
+        from rasterio.warp import calculate_default_transform
+
+        from cmpc.data.raster import local_utm_crs
+
+        h, w = shape
+        left, top = transform * (0, 0)
+        right, bottom = transform * (w, h)
+        utm = local_utm_crs(crs, (min(left, right), min(top, bottom), max(left, right), max(top, bottom)))
+        t, _, _ = calculate_default_transform(crs, utm, w, h, left=min(left, right), bottom=min(top, bottom), right=max(left, right), top=max(top, bottom))
+        return float(abs(t.a))
+    except Exception:  # an exotic CRS: the user gives --gsd
+        return None
+
+
+def _centre_in(crs: Any, transform: Any, shape: tuple[int, int], map_crs: str | None) -> list[float] | None:
+    """The scene centre by its own georeferencing, in the map CRS (None when not placeable)."""
+    h, w = shape
+    x, y = transform * (w / 2.0, h / 2.0)
+    if map_crs is None:
+        return [float(x), float(y)]
+    try:
+        from rasterio.warp import transform as warp_transform
+
+        xs, ys = warp_transform(crs, map_crs, [x], [y])
+        return [float(xs[0]), float(ys[0])]
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+@dataclass
+class SceneTiles:
+    """Query tiles of a scene under every heading hypothesis.
+
+    ``x`` (T, C, S, S) standardised model inputs; ``centre_px`` (T, 2) tile centres in scene
+    pixels ``(col, row)``; ``heading_deg`` (T,) the hypothesis each was cut under;
+    ``grid_rc`` (T, 2) its (row, col) in that hypothesis' tile grid; ``per_heading``: heading
+    -> tile indexes; ``tile_m``: tile side, metres; ``stride_m``: tile spacing, metres.
+    """
+
+    x: torch.Tensor
+    centre_px: np.ndarray
+    heading_deg: np.ndarray
+    grid_rc: np.ndarray
+    per_heading: dict[float, np.ndarray]
+    tile_m: float
+    stride_m: float
+
+    def __len__(self) -> int:
+        return int(len(self.centre_px))
+
+
+def tile_scene(
+    scene: SceneImage,
+    tile_m: float,
+    stride_m: float,
+    work_gsd_m: float,
+    img_size: int,
+    headings: list[float],
+    min_valid: float = 0.8,
+) -> SceneTiles:
+    """Cut ``scene`` into tiles of ``tile_m`` metres every ``stride_m`` metres, north-up
+    under each heading hypothesis, at ``work_gsd_m`` metres per pixel (see the module doc).
+    Tiles with less than ``min_valid`` valid pixels are dropped. :class:`DataError` when the
+    scene is smaller than one tile or no tile is valid."""
+    side_m = min(scene.width, scene.height) * scene.gsd_m
+    if side_m < tile_m * 0.999:
+        raise DataError(
+            f"the scene {scene.path.name} is {scene.width}x{scene.height} px at {scene.gsd_m:g} m/px "
+            f"({side_m:.0f} m on its short side), smaller than one reference tile ({tile_m:.0f} m)"
+        )
+    image = scene.image
+    if scene.gsd_m < 0.8 * work_gsd_m:
+        from scipy.ndimage import gaussian_filter
+
+        sigma = 0.5 * (work_gsd_m / scene.gsd_m - 1.0)  # anti-aliasing before downsampling
+        image = np.stack([gaussian_filter(ch, sigma) for ch in image]).astype(np.float32)
+    t_px = int(round(tile_m / work_gsd_m))
+    s_px = max(1, int(round(stride_m / work_gsd_m)))
+    xs, centres, heads, grid = [], [], [], []
+    per: dict[float, list[int]] = {}
+    for h in headings:
+        tf = SceneTransform.from_params(scene.gsd_m, h, 0.0, 0.0)
+        corners = tf.corners(scene.width, scene.height)
+        minx, maxy = float(corners[:, 0].min()), float(corners[:, 1].max())
+        W = int(math.ceil((corners[:, 0].max() - minx) / work_gsd_m - 1e-6))
+        H = int(math.ceil((maxy - corners[:, 1].min()) / work_gsd_m - 1e-6))
+        if min(W, H) < t_px:
+            continue
+        img, val = warp_to_grid(image, scene.valid, tf, minx, maxy, work_gsd_m, 0, 0, H, W)
+        ny, nx = (H - t_px) // s_px + 1, (W - t_px) // s_px + 1
+        oy = (H - t_px - (ny - 1) * s_px) // 2
+        ox = (W - t_px - (nx - 1) * s_px) // 2
+        for i in range(ny):
+            for j in range(nx):
+                r0, c0 = oy + i * s_px, ox + j * s_px
+                v = val[r0 : r0 + t_px, c0 : c0 + t_px]
+                if v.mean() < min_valid:
+                    continue
+                a = img[:, r0 : r0 + t_px, c0 : c0 + t_px].copy()
+                fill = np.array([a[ch][v].mean() for ch in range(a.shape[0])], dtype=np.float32)
+                a[:, ~v] = fill[:, None]
+                xs.append(to_model_input(a, img_size))
+                cx = minx + (c0 + t_px / 2.0) * work_gsd_m
+                cy = maxy - (r0 + t_px / 2.0) * work_gsd_m
+                centres.append(tf.inverse(np.array([[cx, cy]]))[0])
+                heads.append(h)
+                grid.append((i, j))
+                per.setdefault(float(h), []).append(len(xs) - 1)
+    if not xs:
+        raise DataError(f"the scene {scene.path.name} has no tile with at least {min_valid:.0%} valid pixels")
+    return SceneTiles(
+        x=torch.stack(xs),
+        centre_px=np.array(centres, dtype=np.float64),
+        heading_deg=np.array(heads, dtype=np.float64),
+        grid_rc=np.array(grid, dtype=np.int64),
+        per_heading={k: np.array(v, dtype=np.int64) for k, v in per.items()},
+        tile_m=float(tile_m),
+        stride_m=float(stride_m),
+    )
+
+
+def scene_grid_centres(scene: SceneImage, tile_m: float, stride_m: float) -> np.ndarray:
+    """(M, 2) centres (scene pixels) of the scene's own tile grid (north-up in the scene)."""
+    t = tile_m / scene.gsd_m
+    s = stride_m / scene.gsd_m
+    out = []
+    for size, n_axis in ((scene.width, 0), (scene.height, 1)):
+        n = max(1, int(math.floor((size - t) / s + 1e-6)) + 1)
+        off = (size - t - (n - 1) * s) / 2.0
+        out.append(off + t / 2.0 + s * np.arange(n))
+    cc, rr = np.meshgrid(out[0], out[1])
+    return np.stack([cc.ravel(), rr.ravel()], axis=1)
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+class CandidateRescorer(Protocol):
+    """Reorders / rescores the tiles' candidates before RANSAC (e.g. a scene-graph GNN:
+    nodes (tile, candidate), edges between candidates of neighbouring tiles carrying the
+    offset their positions imply vs the tiles' offset in the scene)."""
+
+    def rescore(self, tiles: SceneTiles, rows: np.ndarray, scores: np.ndarray, positions_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(T, k) rows and scores -> (T, k) rows and scores, best first."""
+        ...
+
+
+@dataclass
+class SceneCandidates:
+    """Coarse top-k of every tile: ``rows`` (T, k) index rows, ``scores`` (T, k) cosines,
+    ``positions_m`` (T, k, 2) reference centres; ``corr``: the correspondences for RANSAC."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    positions_m: np.ndarray
+    corr: Correspondences
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def scene_candidates(
+    localizer,  # noqa: ANN001 - cmpc.localize.localizer.Localizer
+    tiles: SceneTiles,
+    top_k: int,
+    allowed_rows: np.ndarray | None = None,
+    rescorer: CandidateRescorer | None = None,
+    batch_size: int = 64,
+) -> SceneCandidates:
+    """Embed every tile, search the map once for all of them (top ``top_k`` within
+    ``allowed_rows``), optionally rescore, and return the correspondences."""
+    import time
+
+    t0 = time.perf_counter()
+    localizer.check_channels(tiles.x.shape[1], "the scene")
+    emb = np.concatenate([localizer.embed(tiles.x[i : i + batch_size]) for i in range(0, len(tiles), batch_size)])
+    t1 = time.perf_counter()
+    scores, rows = localizer.index.search(emb, top_k, allowed_rows)
+    t2 = time.perf_counter()
+    positions = np.asarray(localizer.index.positions, dtype=np.float64)[rows]
+    if rescorer is not None:
+        rows, scores = rescorer.rescore(tiles, rows, scores, positions)
+        positions = np.asarray(localizer.index.positions, dtype=np.float64)[rows]
+    T, k = rows.shape
+    corr = Correspondences(
+        scene_px=np.repeat(tiles.centre_px, k, axis=0),
+        map_xy=positions.reshape(-1, 2),
+        tile=np.repeat(np.arange(T), k),
+        rank=np.tile(np.arange(k), T),
+        score=np.asarray(scores, dtype=np.float32).reshape(-1),
+        heading_deg=np.repeat(tiles.heading_deg, k),
+    )
+    return SceneCandidates(rows, np.asarray(scores, dtype=np.float32), positions, corr, {"embed_s": t1 - t0, "search_s": t2 - t1})

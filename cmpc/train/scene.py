@@ -1,0 +1,97 @@
+"""``cmpc train scene``: calibrate the scene decision rule on the TRAINING area.
+
+The verify method claims "found" when at least ``min_inliers`` tiles agree, they are at
+least ``min_inlier_frac`` of the scene's tiles, and the dense alignment's peak is at least
+``min_fine_peak``. The thresholds are chosen here, never on the
+test area: scenes are cut from the training split's area (``cmpc data scenes --split
+train``), georeferenced against the training map (``index/<name>-train``, the index the
+refiner was trained on) with the rule switched off, and the thresholds picked that find the
+most scenes (centre within ``good_m``) while false claims (centre error > ``bad_m``) stay at
+most ``max_false`` of the scenes; ties go to the stricter rule. Written to
+``runs/<name>/scene_decision.json`` (read by :func:`cmpc.localize.georef.load_decision`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmpc.data.scenes import cut_scenes, world_sar
+from cmpc.evaluate.scenes import evaluate_scenes
+from cmpc.localize.georef import DECISION_FILE, Georeferencer
+from cmpc.localize.localizer import Localizer
+from cmpc.localize.scene import SceneSettings
+from cmpc.utils.io import atomic_write_json
+
+
+def choose_rule(per_scene: list[dict[str, Any]], good_m: float = 25.0, bad_m: float = 100.0, max_false: float = 0.02) -> dict[str, Any]:
+    """Thresholds (min_inliers, min_inlier_frac, min_fine_peak) from verify answers made with the rule off."""
+    rows = [r for r in per_scene if r["method"] == "verify"]
+    n = len(rows)
+    inl = np.array([r["inliers"] for r in rows], dtype=np.float64)
+    frac = np.array([r["inliers"] / r["tiles"] if r["tiles"] else 0.0 for r in rows])
+    err = np.array([r["centre_m"] if np.isfinite(r["centre_m"]) else 1e9 for r in rows])
+    peak = np.array([r.get("fine_peak", np.nan) for r in rows], dtype=np.float64)
+    peak = np.where(np.isfinite(peak), peak, np.inf)  # no fine alignment: the peak does not decide
+    best: tuple[float, ...] | None = None
+    rule: dict[str, Any] = {}
+    for m in range(2, 11):
+        for f in np.round(np.arange(0.0, 0.85, 0.05), 2):
+            for p in np.round(np.arange(0.0, 0.61, 0.025), 3):
+                claim = (inl >= m) & (frac >= f) & (peak >= p)
+                good = int((claim & (err <= good_m)).sum())
+                false = int((claim & (err > bad_m)).sum())
+                if n and false / n > max_false:
+                    continue
+                key = (good, -false, p, m, f)  # most found, fewest false, then the stricter rule
+                if best is None or key > best:
+                    best = key
+                    rule = {"min_inliers": int(m), "min_inlier_frac": float(f), "min_fine_peak": float(p), "found_good": good, "false_claims": false}
+    return {**rule, "n_scenes": n}
+
+
+def calibrate(
+    exp,  # noqa: ANN001 - cmpc.config.Experiment
+    train_index_dir: str | Path,
+    tiles: tuple[int, ...] = (2, 3),
+    count: int = 30,
+    heading_range_deg: float = 0.0,
+    seed: int = 1000,
+    checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """Cut validation scenes from the training area, answer them against the training map,
+    choose the rule (module doc) and write ``runs/<name>/scene_decision.json``."""
+    work = exp.run_dir / "scene_val"
+    settings = SceneSettings(rotation_range_deg=heading_range_deg, min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0)
+    loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
+    geo = Georeferencer(loc, settings, {"source": "calibration (rule off)", "min_inliers": 0, "min_inlier_frac": 0.0})
+    sar = world_sar(exp.synth.out, exp.data.root)
+    per_scene: list[dict[str, Any]] = []
+    try:
+        for i, n in enumerate(tiles):
+            folder = work / f"train_{n}x{n}"
+            cut_scenes(sar, exp.data.root, folder, "train", n, count, heading_range_deg, seed + i)
+            per_scene += evaluate_scenes(geo, folder, None, methods=("verify",))["per_scene"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rule = choose_rule(per_scene)
+    record = {
+        **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
+        "chosen_on": {
+            "split": "train", "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
+            "heading_range_deg": heading_range_deg, "seed": seed, "n_scenes": rule["n_scenes"],
+            "found_within_25m": rule.get("found_good"), "false_claims_over_100m": rule.get("false_claims"),
+            "criterion": "most scenes found within 25 m with false claims (> 100 m) at most 2 % of the scenes",
+        },
+        "default_when_uncalibrated": {"min_inliers": SceneSettings.min_inliers, "min_inlier_frac": SceneSettings.min_inlier_frac,
+                                      "min_fine_peak": SceneSettings.min_fine_peak},
+    }
+    atomic_write_json(exp.run_dir / DECISION_FILE, record)
+    return record
+
+
+__all__ = ["calibrate", "choose_rule", "replace"]
