@@ -105,6 +105,10 @@ class TileConfig:
     crs: str | None = param(None, doc="dataset CRS (e.g. EPSG:32631); null = the optical CRS when its unit is the metre and its point scale factor at the data centre is within 0.002 of 1, else its local UTM zone (geographic, feet, Mercator)")
     reproject: bool = param(False, doc="warp the SAR raster to the optical CRS when they differ (else a CRS mismatch is an error)")
     block_px: int = param(1024, lo=16, hi=65536, doc="side of the windows read at once, pixels (memory ~ (block+patch)^2 x bands x 4 bytes)")
+    pairs: str | None = param(None, doc="folder of NAME_sar.tif / NAME_optical.tif scene pairs, or a JSON/CSV list of pairs: every pair is tiled, touching pairs as one map (overlaps: the lowest name wins); null = the single pair tile.sar / tile.optical")
+    test_blocks: list[list[float]] | None = param(None, min_items=1, doc="cross-area test boxes [[minx, miny, maxx, maxy], ...], metres in the dataset CRS (see cmpc data info); a footprint entirely inside one is test; null = east strip / tile.block_m")
+    val_blocks: list[list[float]] | None = param(None, min_items=1, doc="validation boxes (with tile.test_blocks), metres in the dataset CRS; written into train/ and recorded in dataset.json, where the embedder trainer takes its validation from")
+    buffer_m: float | None = param(None, lo=0.0, doc="with tile.test_blocks: gap between a train footprint and every test/validation box, metres; null = one patch")
 
 
 @dataclass

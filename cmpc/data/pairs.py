@@ -7,7 +7,8 @@ non-aligned ones are offset by up to half a grid step and are used only when ask
 
 Validation is a contiguous block of locations (the west end of the training area) with a
 one-footprint buffer removed from training, so, like the cross-area test, validation
-patches never overlap a training patch.
+patches never overlap a training patch; or, when the tiler was given validation boxes
+(``tile.val_blocks``), the references inside them (:func:`validation_holdout`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,32 @@ def spatial_holdout(positions_m: np.ndarray, fraction: float, side_m: float) -> 
     if len(train) < 2:  # tiny datasets: keep training possible, accept the overlap
         train, buffer = np.sort(rest), all_idx[:0]
     return LocationSplit(train, val, buffer)
+
+
+def validation_holdout(dataset_meta: dict, refs: list[Annotation], fraction: float) -> LocationSplit:
+    """The embedder's validation hold-out of the training references ``refs``.
+
+    When the tiler named validation boxes (``dataset.json`` ``areas.val.boxes``: ``tile.val_blocks``,
+    metres in the dataset CRS), validation is every reference whose footprint lies inside one
+    of them (the tiler already kept train ``tile.buffer_m`` away, so ``buffer`` holds only
+    references that still come within ``areas.buffer_m`` of a box); ``fraction`` is then
+    ignored. Otherwise :func:`spatial_holdout` (the westmost ``fraction``).
+    """
+    boxes = ((dataset_meta.get("areas") or {}).get("val") or {}).get("boxes") if isinstance(dataset_meta, dict) else None
+    if not boxes:
+        return spatial_holdout(positions(refs), fraction, footprint_side_m(refs))
+    side = footprint_side_m(refs)
+    gap = float((dataset_meta.get("areas") or {}).get("buffer_m") or 0.0)
+    fp = np.array([a.bounds if a.bounds is not None else (a.x - side / 2, a.y - side / 2, a.x + side / 2, a.y + side / 2) for a in refs], dtype=np.float64).reshape(-1, 4)
+    inside = np.zeros(len(refs), dtype=bool)
+    near = np.zeros(len(refs), dtype=bool)
+    eps = 1e-6
+    for b in boxes:
+        inside |= (fp[:, 0] >= b[0] - eps) & (fp[:, 1] >= b[1] - eps) & (fp[:, 2] <= b[2] + eps) & (fp[:, 3] <= b[3] + eps)
+        g = gap - eps
+        near |= (fp[:, 0] - g < b[2]) & (b[0] < fp[:, 2] + g) & (fp[:, 1] - g < b[3]) & (b[1] < fp[:, 3] + g)
+    idx = np.arange(len(refs))
+    return LocationSplit(idx[~near], idx[inside], idx[near & ~inside])
 
 
 def queries_by_location(refs: list[Annotation], queries: list[Annotation], non_aligned: bool = False) -> list[list[int]]:

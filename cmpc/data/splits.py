@@ -11,6 +11,13 @@ All coordinates here are pixels of the optical map's grid (rows down, cols right
   entirely in test blocks, a train footprint at least ``buffer_px`` from every test block.
   Either way, every test footprint is at least ``buffer_px`` pixels from every train footprint.
 - ``same-area``: one reference grid over the whole area, shared by both splits.
+- Named blocks (:class:`BoxPlan`, ``tile.test_blocks`` / ``tile.val_blocks``): boxes in
+  metres of the dataset CRS. A footprint lying entirely inside a test (validation) box is
+  test (validation); a footprint is train only when it stays ``tile.buffer_m`` away from
+  every test and validation box; everything else (straddling a box edge, or in the buffer)
+  is dropped. A scene crossing a box edge is thus cut at it. Validation patches are written
+  into ``train/`` and the boxes recorded in ``dataset.json`` (``areas.val``), where the
+  embedder trainer takes its validation hold-out from (:func:`cmpc.data.pairs.validation_holdout`).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from cmpc.data.raster import Grid, grid_positions
 from cmpc.errors import DataError
 
 TRAIN, TEST, BOTH, NONE = 0, 1, 2, -1
-SPLIT_NAMES = {TRAIN: "train", TEST: "test"}
+VAL = 3  # validation: written into train/, named in dataset.json areas.val
+SPLIT_NAMES = {TRAIN: "train", TEST: "test", VAL: "val"}
 
 
 @dataclass
@@ -259,3 +267,101 @@ def plan_split(
     plan.block_px = bpx
     plan.test_blocks = test.reshape(nby, nbx)
     return plan
+
+
+# --------------------------------------------------------------------------- named blocks
+
+Box = tuple[float, float, float, float]
+
+
+def check_boxes(boxes: list[list[float]] | None, key: str) -> list[Box]:
+    """``boxes`` ([[minx, miny, maxx, maxy], ...], metres) as tuples; :class:`DataError` naming
+    ``key`` when one is not four numbers with min < max."""
+    out: list[Box] = []
+    for i, b in enumerate(boxes or []):
+        if len(b) != 4 or not (b[0] < b[2] and b[1] < b[3]):
+            raise DataError(f"{key}[{i}] = {b} is not a box [minx, miny, maxx, maxy] with min < max (metres in the dataset CRS)")
+        out.append((float(b[0]), float(b[1]), float(b[2]), float(b[3])))
+    return out
+
+
+def _overlaps(a: Box, b: Box, gap: float = 0.0) -> bool:
+    """The interiors of ``a`` grown by ``gap`` and ``b`` intersect."""
+    return a[0] - gap < b[2] and b[0] < a[2] + gap and a[1] - gap < b[3] and b[1] < a[3] + gap
+
+
+class BoxPlan(SplitPlan):
+    """Cross-area split by named boxes (metres in ``grid``'s CRS) with a buffer in metres.
+
+    Same interface as :class:`SplitPlan`; codes TRAIN, TEST, VAL or NONE. ``buffer_px`` is
+    the buffer in pixels (rounded up), for dataset.json.
+    """
+
+    def __init__(self, area: tuple[int, int, int, int], patch_px: int, stride_px: int, grid: Grid,
+                 test_boxes: list[Box], val_boxes: list[Box], buffer_m: float) -> None:
+        row0, col0, height, width = area
+        super().__init__("cross-area", row0, col0, height, width, patch_px, stride_px,
+                         int(math.ceil(buffer_m / grid.res_x - 1e-9)), 0.0)
+        self.grid = grid
+        self.test_boxes, self.val_boxes, self.buffer_m = list(test_boxes), list(val_boxes), float(buffer_m)
+
+    def footprints(self, tops: np.ndarray, lefts: np.ndarray) -> np.ndarray:
+        """(N, 4) footprint boxes (minx, miny, maxx, maxy) in metres."""
+        g, p = self.grid, self.patch_px
+        minx = g.transform.c + np.asarray(lefts, dtype=np.float64) * g.res_x
+        maxy = g.transform.f - np.asarray(tops, dtype=np.float64) * g.res_y
+        return np.stack([minx, maxy - p * g.res_y, minx + p * g.res_x, maxy], axis=1).reshape(-1, 4)
+
+    def classify(self, tops: np.ndarray, lefts: np.ndarray) -> np.ndarray:
+        tops = np.asarray(tops, dtype=np.int64)
+        lefts = np.asarray(lefts, dtype=np.int64)
+        fp = self.footprints(tops, lefts)
+        out = np.full(tops.shape, NONE, dtype=np.int8)
+        eps = 1e-6 * self.grid.res_x
+        near = np.zeros(len(fp), dtype=bool)
+        for boxes, code in ((self.val_boxes, VAL), (self.test_boxes, TEST)):
+            for b in boxes:
+                inside = (fp[:, 0] >= b[0] - eps) & (fp[:, 1] >= b[1] - eps) & (fp[:, 2] <= b[2] + eps) & (fp[:, 3] <= b[3] + eps)
+                out[inside] = code
+                g = self.buffer_m - eps
+                near |= (fp[:, 0] - g < b[2]) & (b[0] < fp[:, 2] + g) & (fp[:, 1] - g < b[3]) & (b[1] < fp[:, 3] + g)
+        out[~near] = TRAIN
+        out[~self._inside(tops, lefts)] = NONE
+        return out
+
+    def reference_grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Reference top-lefts and codes: one grid over the area, train first, then test, then val."""
+        tops, lefts = grid_positions(self.height, self.width, self.patch_px, self.stride_px, self.row0, self.col0)
+        codes = self.classify(tops, lefts)
+        keep = codes != NONE
+        tops, lefts, codes = tops[keep], lefts[keep], codes[keep]
+        order = np.argsort(codes, kind="stable")
+        return tops[order], lefts[order], codes[order]
+
+    def areas(self, grid: Grid) -> dict[str, object]:
+        def entry(boxes: list[Box]) -> dict[str, object]:
+            arr = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+            bounds = [float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 2].max()), float(arr[:, 3].max())] if len(arr) else None
+            return {"bounds": bounds, "boxes": [list(b) for b in boxes]}
+
+        whole = [float(v) for v in grid.window_bounds(self.row0, self.col0, self.height, self.width)]
+        return {"train": {"bounds": whole, "boxes": [whole], "minus": "test and val boxes grown by buffer_m"},
+                "test": entry(self.test_boxes), "val": entry(self.val_boxes), "buffer_m": self.buffer_m}
+
+
+def plan_boxes(area: tuple[int, int, int, int], patch_px: int, stride_px: int, grid: Grid,
+               test_blocks: list[list[float]] | None, val_blocks: list[list[float]] | None, buffer_m: float) -> BoxPlan:
+    """A :class:`BoxPlan` after checking the boxes (test and validation boxes may not come
+    closer than ``buffer_m`` to each other)."""
+    test = check_boxes(test_blocks, "tile.test_blocks")
+    val = check_boxes(val_blocks, "tile.val_blocks")
+    if not test:
+        raise DataError("tile.test_blocks is empty: name at least one test box [minx, miny, maxx, maxy] (metres)")
+    for i, v in enumerate(val):
+        for j, t in enumerate(test):
+            if _overlaps(v, t, buffer_m):
+                raise DataError(
+                    f"tile.val_blocks[{i}] {list(v)} comes within tile.buffer_m={buffer_m} m of tile.test_blocks[{j}] {list(t)}; "
+                    f"move one of them (validation must not touch the test area)"
+                )
+    return BoxPlan(area, patch_px, stride_px, grid, test, val, buffer_m)

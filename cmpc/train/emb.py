@@ -1,7 +1,7 @@
 """Embedding training (``train_emb.py EXPERIMENT.json`` / ``cmpc train emb``).
 
 Reads ``exp.data.root`` split ``train``; holds out a spatial block of locations for
-validation (:func:`cmpc.data.pairs.spatial_holdout`); trains the pseudo-siamese embedder
+validation (:func:`cmpc.data.pairs.validation_holdout`: the tiler's validation boxes, else the west end); trains the pseudo-siamese embedder
 with the weighted metric losses and the Wasserstein critic; writes to ``runs/<name>/``:
 
 - ``config.json``: the resolved experiment;
@@ -60,8 +60,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmpc.config import Experiment
-from cmpc.data.layout import positions, read_annotations
-from cmpc.data.pairs import PairDataset, footprint_side_m, queries_by_location, spatial_holdout
+from cmpc.data.layout import positions, read_annotations, read_dataset_meta
+from cmpc.data.pairs import PairDataset, queries_by_location, validation_holdout
 from cmpc.data.patches import PatchDataset, dataset_channels
 from cmpc.data.sampler import LocationBatchSampler, embedding_neighbours
 from cmpc.errors import CheckpointError, ConfigError, DataError
@@ -277,7 +277,7 @@ def _load_data(exp: Experiment, views: PairViews | None, progress: bool) -> _Dat
     optical = PatchDataset(root, "train", "opt", exp.data.img_size, annotations=refs, cache=exp.data.cache)
     sar = PatchDataset(root, "train", "sar", exp.data.img_size, annotations=queries, cache=exp.data.cache)
     sar_of = queries_by_location(refs, queries, non_aligned=exp.train.non_aligned)
-    split = spatial_holdout(positions(refs), exp.train.val_fraction, footprint_side_m(refs))
+    split = validation_holdout(read_dataset_meta(root), refs, exp.train.val_fraction)  # tile.val_blocks, else the west end
     has_query = np.array([len(q) > 0 for q in sar_of], dtype=bool)
     train_locs = split.train[has_query[split.train]]
     val_locs = split.val
