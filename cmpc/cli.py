@@ -270,7 +270,7 @@ def cmd_train_scene(args: argparse.Namespace) -> int:
 
     exp = _exp(args)
     index = ensure_train_index(exp, args.checkpoint)  # the index step: the training map, built only when missing or stale
-    rec = calibrate(exp, index.directory, tiles=tuple(args.tiles), count=args.count, heading_range_deg=args.heading_range, checkpoint=args.checkpoint)
+    rec = calibrate(exp, index.directory, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges), checkpoint=args.checkpoint)
     print(json.dumps(rec, indent=2))
     return 0
 
@@ -457,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "required")
     p.add_argument("--checkpoint", help="embedder checkpoint (default: runs/<name>/emb_best.pt)")
     p.add_argument("--tiles", type=int, nargs="+", default=[2, 3], help="scene sizes (N x N tiles) to calibrate on")
-    p.add_argument("--count", type=int, default=30, help="scenes per size")
-    p.add_argument("--heading-range", dest="heading_range", type=float, default=0.0)
+    p.add_argument("--count", type=int, default=30, help="scenes per size and heading range")
+    p.add_argument("--heading-ranges", dest="heading_ranges", type=float, nargs="+", default=[0.0, 15.0],
+                   help="heading ranges (+-DEG) of the validation scenes; rotated ones are searched with that rotation range")
     p.set_defaults(func=cmd_train_scene)
 
     # index

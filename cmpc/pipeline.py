@@ -97,17 +97,32 @@ def run_demo(exp: Experiment, fresh: bool = False) -> dict[str, Any]:
     checkpoint = str(ckpt) if ckpt else None
     index = steps.run("build index", lambda: ensure_index(exp, checkpoint))
     metrics = steps.run("evaluate", lambda: evaluate(exp, index.directory, checkpoint=checkpoint))
+    scenes = steps.run("georef scenes", lambda: _scene_step(exp, index.directory, checkpoint)) if exp.refine.enabled else None
     total = round(time.perf_counter() - t_start, 1)
-    _write_report(exp, metrics, steps.seconds, total)
+    _write_report(exp, metrics, steps.seconds, total, scenes)
     _log(f"done in {total:.0f} s; report: {exp.report_dir}/README.md")
     return metrics
+
+
+def _scene_step(exp: Experiment, index_dir: Path, checkpoint: str | None) -> dict[str, Any] | None:
+    """A few 3x3-tile scenes cut from the test area, georeferenced (``cmpc georef``'s verify
+    method) and drawn over the map into reports/<name>/scenes.png; None (logged) when the
+    test area is too small for them."""
+    from cmpc.errors import CmpcError
+    from cmpc.evaluate.scenes import scene_demo
+
+    try:
+        return scene_demo(exp, exp.report_dir, tiles=3, count=3, seed=0, index_dir=index_dir, checkpoint=checkpoint)
+    except CmpcError as e:
+        _log(f"georef scenes: skipped ({e})")
+        return None
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def _write_report(exp: Experiment, metrics: dict[str, Any], seconds: dict[str, float], total: float) -> None:
+def _write_report(exp: Experiment, metrics: dict[str, Any], seconds: dict[str, float], total: float, scenes: dict[str, Any] | None = None) -> None:
     """reports/<name>/README.md: what ran, how long each step took, the headline numbers.
 
     Beside the evaluation's files, in ``exp.report_dir``: the folder follows the experiment
@@ -152,6 +167,21 @@ def _write_report(exp: Experiment, metrics: dict[str, Any], seconds: dict[str, f
                 f"{_fmt(e['within'].get('25'))} |"
             )
     lines += ["", "Plots: cmc.png, error_cdf.png, retrieval_grid.png, error_map.png; numbers: metrics.json.", ""]
+    if scenes:
+        per = scenes["per_scene"]
+        lines += [
+            f"## Scene georeferencing ({scenes['tiles']}x{scenes['tiles']}-tile scenes cut from the test area, no georeferencing given)",
+            "",
+            "| scene | status | tiles agreeing | centre error (m) | heading error (deg) | seconds |",
+            "|---|---|---|---|---|---|",
+            *[f"| {r['scene']} | {r['status']} | {r['inliers']}/{r['tiles']} | {_fmt(r['centre_m'])} | {_fmt(r['heading_err_deg'])} | {_fmt(r['seconds'])} |" for r in per],
+            "",
+            f"Decision rule: {scenes['decision_rule']}. Picture: scenes.png (SAR over the optical map at the found position, "
+            "found footprint red, true footprint green); `cmpc georef EXP --scene SCENE.tif --gsd M` does one scene.",
+            "",
+            "<img src=\"scenes.png\" width=\"900\">",
+            "",
+        ]
     atomic_write_text(out / "README.md", "\n".join(lines))
 
 

@@ -14,7 +14,6 @@ most ``max_false`` of the scenes; ties go to the stricter rule. Written to
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +58,29 @@ def calibrate(
     train_index_dir: str | Path,
     tiles: tuple[int, ...] = (2, 3),
     count: int = 30,
-    heading_range_deg: float = 0.0,
+    heading_ranges: tuple[float, ...] = (0.0, 15.0),
     seed: int = 1000,
     checkpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Cut validation scenes from the training area, answer them against the training map,
-    choose the rule (module doc) and write ``runs/<name>/scene_decision.json``."""
+    """Cut validation scenes from the training area (each size in ``tiles``, each heading
+    range in ``heading_ranges``; rotated ones answered with that rotation range), answer
+    them against the training map, choose the rule (module doc) and write
+    ``runs/<name>/scene_decision.json``."""
     work = exp.run_dir / "scene_val"
-    settings = SceneSettings(rotation_range_deg=heading_range_deg, min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0)
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
-    geo = Georeferencer(loc, settings, {"source": "calibration (rule off)", "min_inliers": 0, "min_inlier_frac": 0.0})
     sar = world_sar(exp.synth.out, exp.data.root)
     per_scene: list[dict[str, Any]] = []
+    off = {"source": "calibration (rule off)", "min_inliers": 0, "min_inlier_frac": 0.0, "min_fine_peak": -1.0}
     try:
-        for i, n in enumerate(tiles):
-            folder = work / f"train_{n}x{n}"
-            cut_scenes(sar, exp.data.root, folder, "train", n, count, heading_range_deg, seed + i)
-            per_scene += evaluate_scenes(geo, folder, None, methods=("verify",))["per_scene"]
+        i = 0
+        for hr in heading_ranges:
+            settings = SceneSettings(rotation_range_deg=float(hr), min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0)
+            geo = Georeferencer(loc, settings, off)
+            for n in tiles:
+                folder = work / f"train_{n}x{n}_h{hr:g}"
+                cut_scenes(sar, exp.data.root, folder, "train", n, count, float(hr), seed + i)
+                per_scene += evaluate_scenes(geo, folder, None, methods=("verify",))["per_scene"]
+                i += 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rule = choose_rule(per_scene)
@@ -83,7 +88,7 @@ def calibrate(
         **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
         "chosen_on": {
             "split": "train", "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
-            "heading_range_deg": heading_range_deg, "seed": seed, "n_scenes": rule["n_scenes"],
+            "heading_ranges_deg": list(heading_ranges), "seed": seed, "n_scenes": rule["n_scenes"],
             "found_within_25m": rule.get("found_good"), "false_claims_over_100m": rule.get("false_claims"),
             "criterion": "most scenes found within 25 m with false claims (> 100 m) at most 2 % of the scenes",
         },
@@ -94,4 +99,3 @@ def calibrate(
     return record
 
 
-__all__ = ["calibrate", "choose_rule", "replace"]
