@@ -225,6 +225,13 @@ def dataset_summary(root: str | os.PathLike[str]) -> dict[str, Any]:
         "size_m": [extent[2] - extent[0], extent[3] - extent[1]],
         "modalities": modalities,
         "splits": splits,
+        # Validation named by tile.val_blocks: a subset of train/ (cmpc.data.pairs.validation_holdout).
+        "validation": (
+            {"counts": (meta.get("counts") or {}).get("val"), "boxes": ((meta.get("areas") or {}).get("val") or {}).get("boxes"),
+             "buffer_m": (meta.get("areas") or {}).get("buffer_m")}
+            if ((meta.get("areas") or {}).get("val") or {}).get("boxes") else None
+        ),
+        "maps": [{"pairs": m.get("pairs"), "references": m.get("references")} for m in meta.get("maps") or []] or None,
     }
 
 
@@ -260,6 +267,14 @@ def format_summary(summary: dict[str, Any]) -> str:
             al = f"{b['aligned']}" + ("*" if b.get("aligned_inferred") else "") if mode == "sar" else "-"
             non = f"{b['non_aligned']}" if mode == "sar" else "-"
             lines.append(f"{split:<6} {mode:<5} {b['patches']:>8} {b['locations']:>10} {al:>8} {non:>12} {b['missing_images']:>8}")
+    val = s.get("validation")
+    if val and val.get("counts"):
+        c = val["counts"]
+        lines.append(f"{'val':<6} {'opt':<5} {c['opt']:>8} {c['opt']:>10} {'-':>8} {'-':>12}   (inside train/: the validation blocks)")
+        lines.append(f"{'val':<6} {'sar':<5} {c['sar']:>8} {'':>10} {c['sar_aligned']:>8} {c['sar_non_aligned']:>12}")
+        lines.append(f"val blocks {val['boxes']} (m), buffer to train {val.get('buffer_m')} m")
+    if s.get("maps"):
+        lines.append(f"maps      {len(s['maps'])}: " + "; ".join(f"{len(m['pairs'])} pair(s) {m['pairs'][0]}..{m['pairs'][-1]}" for m in s["maps"]))
     if any(block and block["sar"].get("aligned_inferred") for block in s["splits"].values()):
         lines.append("* inferred: same id and centre as an optical reference (no 'aligned' flag in the annotations)")
     return "\n".join(lines)
