@@ -259,7 +259,7 @@ def cmd_eval_scenes(args: argparse.Namespace) -> int:
     exp = _exp(args)
     geo = georeferencer_from_experiment(exp, _scene_settings(args), checkpoint=args.checkpoint)
     out = Path(args.out) if args.out else exp.report_dir / "scenes" / Path(args.scenes).name
-    rec = evaluate_scenes(geo, args.scenes, out, methods=tuple(args.methods), meta={"experiment": exp.name})
+    rec = evaluate_scenes(geo, args.scenes, out, methods=tuple(args.methods), meta={"experiment": exp.name}, gsd_factor=args.gsd_factor)
     print(json.dumps(rec["rows"], indent=2))
     return 0
 
@@ -533,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation-range", dest="rotation_range", type=float, help="search headings within +-DEG (default 0)")
     p.add_argument("--top-k", dest="top_k", type=int)
     p.add_argument("--checkpoint")
+    p.add_argument("--gsd-factor", dest="gsd_factor", type=float, default=1.0,
+                   help="hand georef the true GSD times this (a misstated pixel size; default 1)")
     p.add_argument("--out", help="output folder (default reports/<name>/scenes/<scenes folder name>)")
     p.set_defaults(func=cmd_eval_scenes)
 

@@ -93,14 +93,17 @@ def evaluate_scenes(
     methods: tuple[str, ...] = ("independent", "verify"),
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    gsd_factor: float = 1.0,
 ) -> dict[str, Any]:
     """Run every method on every scene of ``scenes_dir``; write the table into ``out`` (when
-    given); returns ``{"rows": [...], "per_scene": [...], "meta": ...}``."""
+    given); returns ``{"rows": [...], "per_scene": [...], "meta": ...}``. ``gsd_factor``:
+    the GSD handed to georef is the true one times this (a user's pixel size that is a few
+    percent off; the truth is unchanged)."""
     scenes = list_scenes(scenes_dir)
     per_scene: list[dict[str, Any]] = []
     crs = geo.localizer.index.crs
     for path, truth in tqdm(scenes, desc="georef scenes", unit="scene", disable=not progress, file=sys.stderr):
-        scene = read_scene(path, gsd_m=float(truth["gsd_m"]), map_crs=crs)
+        scene = read_scene(path, gsd_m=float(truth["gsd_m"]) * gsd_factor, map_crs=crs)
         answers = geo.locate(scene, methods=methods)
         for m in methods:
             r = score_answer(answers[m], truth, scene.width, scene.height)
@@ -108,7 +111,8 @@ def evaluate_scenes(
             per_scene.append(r)
     rows = [summarise(per_scene, m) for m in methods]
     record = {"meta": {**(meta or {}), "scenes": str(scenes_dir), "n_refs": int(geo.localizer.index.ntotal),
-                       "decision_rule": geo.decision_source, "rotation_range_deg": geo.settings.rotation_range_deg},
+                       "decision_rule": geo.decision_source, "rotation_range_deg": geo.settings.rotation_range_deg,
+                       "gsd_factor": gsd_factor},
               "rows": rows, "per_scene": per_scene}
     if out is not None:
         with atomic_dir(out) as tmp:
