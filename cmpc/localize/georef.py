@@ -46,7 +46,14 @@ from cmpc.localize.scene import (
     scene_grid_centres,
     tile_scene,
 )
-from cmpc.localize.verify import RansacSettings, SceneTransform, estimate_scene_transform, fine_align_scene
+from cmpc.localize.verify import (
+    RansacSettings,
+    SceneTransform,
+    distinct_transforms,
+    estimate_scene_transform,
+    fine_align_scene,
+    score_transform,
+)
 from cmpc.utils.io import atomic_dir, atomic_write_json
 
 DECISION_FILE = "scene_decision.json"
@@ -246,7 +253,8 @@ class Georeferencer:
         res = estimate_scene_transform(cand.corr, rs, tiles.per_heading)
         t_ransac = time.perf_counter() - t0
         stats: dict[str, Any] = {"ransac_trials": res.trials, "ransac_s": round(t_ransac, 3), "support": round(res.support, 3)}
-        if res.transform is None:
+        can_fine = s.fine and self.aligner is not None and getattr(self.localizer.refiner, "feature_mosaic", None) is not None
+        if res.transform is None and not can_fine:
             best = self._independent(scene, tiles, cand)
             return SceneAnswer(
                 "verify", "not_found", "no two tiles agree on a placement within the scale/heading bounds (best guess: the most confident tile alone)",
@@ -255,18 +263,34 @@ class Georeferencer:
             )
         transform = res.transform
         fine_stats: dict[str, Any] = {"used": False}
-        if s.fine and self.aligner is not None and getattr(self.localizer.refiner, "feature_mosaic", None) is not None:
+        if can_fine:
+            # look-alike places can gather several agreeing tiles; the dense alignment tells
+            # them apart: every RANSAC stage's placement and the few most confident tiles
+            # alone are aligned, the highest correlation wins
             t0 = time.perf_counter()
-            fr = fine_align_scene(
-                self.aligner, self.feature_mosaic(), scene.image, scene.valid, transform,
-                scene_grid_centres(scene, self.tile_m, self.stride_m), self.tile_m, max_shift_m=residual,
-                tile_shift_m=s.tile_shift_frac * self.stride_m, scale_tol=s.scale_tol, nominal_gsd_m=scene.gsd_m,
-                device=self.localizer.device,
-            )
-            transform = fr.transform
+            order = np.argsort(-cand.scores[:, 0], kind="stable")[: s.tile_hypotheses]
+            alone = []
+            for t in order:
+                tf = SceneTransform.from_params(scene.gsd_m, float(tiles.heading_deg[t]), 0.0, 0.0)
+                off = cand.positions_m[t, 0] - tf.apply(tiles.centre_px[t][None])[0]
+                alone.append(tf.shifted(float(off[0]), float(off[1])))
+            hyps = distinct_transforms([*res.hypotheses, *alone], 0.5 * residual, probe=(scene.width / 2.0, scene.height / 2.0))
+            centres = scene_grid_centres(scene, self.tile_m, self.stride_m)
+            best_fr = None
+            for h in hyps:
+                fr = fine_align_scene(
+                    self.aligner, self.feature_mosaic(), scene.image, scene.valid, h, centres, self.tile_m, max_shift_m=residual,
+                    tile_shift_m=s.tile_shift_frac * self.stride_m, scale_tol=s.scale_tol, nominal_gsd_m=scene.gsd_m,
+                    device=self.localizer.device,
+                )
+                if best_fr is None or fr.peak > best_fr.peak:
+                    best_fr = fr
+            assert best_fr is not None
+            transform = best_fr.transform
+            res = score_transform(cand.corr, transform, rs, tiles.per_heading)
             fine_stats = {
-                "used": True, "seconds": round(time.perf_counter() - t0, 3), "shift_m": [round(v, 2) for v in fr.shift_m],
-                "peak": round(fr.peak, 4), "tiles_aligned": int(fr.tile_inlier.sum()), "tiles": int(len(fr.tile_px)), "refit": fr.refit,
+                "used": True, "seconds": round(time.perf_counter() - t0, 3), "hypotheses": len(hyps), "shift_m": [round(v, 2) for v in best_fr.shift_m],
+                "peak": round(best_fr.peak, 4), "tiles_aligned": int(best_fr.tile_inlier.sum()), "tiles": int(len(best_fr.tile_px)), "refit": best_fr.refit,
             }
         stats["fine"] = fine_stats
         frac = res.inlier_frac

@@ -44,7 +44,8 @@ MAX_ROTATION_RANGE = 180.0
 class SceneSettings:
     """Settings of scene georeferencing (``cmpc georef``; defaults for the demo world).
 
-    Units: degrees, metres, fractions. ``residual_frac`` / ``tile_shift_frac`` are fractions
+    ``tile_hypotheses``: besides RANSAC's placements, the most confident tiles alone are
+    placements the dense alignment checks. Units: degrees, metres, fractions. ``residual_frac`` / ``tile_shift_frac`` are fractions
     of the reference stride. ``min_inliers`` / ``min_inlier_frac`` / ``min_fine_peak``: the
     decision rule (found when all hold; the last one only when fine alignment ran: the
     whole-scene correlation peak, a mean cosine): neighbouring tiles lie one stride apart
@@ -64,6 +65,7 @@ class SceneSettings:
     min_tile_valid: float = 0.8
     own_prior_radius_m: float = 2000.0
     fine: bool = True
+    tile_hypotheses: int = 3
     min_inliers: int = 3
     min_inlier_frac: float = 0.3
     min_fine_peak: float = 0.15

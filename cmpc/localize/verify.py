@@ -190,7 +190,9 @@ class RansacResult:
     """``transform``: the estimate (None when no valid model was found); ``inliers`` (N,)
     bool over the correspondences; ``inlier_tiles``: distinct tiles with an inlier, among
     ``n_tiles`` tiles of the heading hypothesis nearest the estimate; ``support``: sum over
-    those tiles of their best inlier's rank weight; ``trials``: valid minimal samples fitted."""
+    those tiles of their best inlier's rank weight; ``trials``: valid minimal samples fitted;
+    ``hypotheses``: every stage's model, best first (``transform`` is the first), for a
+    dense check to arbitrate between look-alike placements."""
 
     transform: SceneTransform | None
     inliers: np.ndarray
@@ -199,6 +201,7 @@ class RansacResult:
     support: float = 0.0
     trials: int = 0
     tile_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    hypotheses: list[SceneTransform] = field(default_factory=list)
 
     @property
     def inlier_frac(self) -> float:
@@ -271,6 +274,7 @@ def estimate_scene_transform(
 
     best: tuple[int, float, float] | None = None  # (inlier tiles, support, -residuals) of the best model
     best_model = None
+    stage_models: list[tuple[tuple[int, float, float], object]] = []
     ranks = np.asarray(corr.rank)
     top = int(ranks.max()) + 1
     for r in sorted({int(v) for v in s.rank_stages if 0 < int(v) < top}) + [top]:
@@ -298,6 +302,7 @@ def estimate_scene_transform(
             continue
         # every stage's model is judged on all correspondences: distinct inlier tiles first
         key, _ = _consensus(corr, model, s)
+        stage_models.append((key, model))
         if best is None or key > best:
             best, best_model = key, model
     if best_model is None:
@@ -311,7 +316,36 @@ def estimate_scene_transform(
     else:
         model = best_model
     st = SceneTransform.from_skimage(model)
-    return _summarise(corr, st, inliers, s, tiles_per_heading, trials[0])
+    out = _summarise(corr, st, inliers, s, tiles_per_heading, trials[0])
+    others = [SceneTransform.from_skimage(m) for _, m in sorted(stage_models, key=lambda km: km[0], reverse=True)]
+    out.hypotheses = distinct_transforms([st, *others], 0.5 * s.residual_m)
+    return out
+
+
+def distinct_transforms(transforms: list[SceneTransform], min_dist_m: float, probe: tuple[float, float] = (0.0, 0.0)) -> list[SceneTransform]:
+    """``transforms`` without near-duplicates (a later one whose translation is within
+    ``min_dist_m`` of a kept one and heading within 2 degrees), order kept."""
+    kept: list[SceneTransform] = []
+    for t in transforms:
+        p = t.apply(np.array([probe]))[0]
+        if all(np.hypot(*(p - k.apply(np.array([probe]))[0])) > min_dist_m or abs(float(angle_diff_deg(t.heading_deg, k.heading_deg))) > 2.0 for k in kept):
+            kept.append(t)
+    return kept
+
+
+def score_transform(
+    corr: Correspondences,
+    transform: SceneTransform,
+    settings: RansacSettings,
+    tiles_per_heading: dict[float, np.ndarray] | None = None,
+) -> RansacResult:
+    """The consensus of any placement (e.g. one found by dense alignment) over the
+    correspondences: inliers within ``settings.residual_m``, inlier tiles at its heading."""
+    from skimage.transform import SimilarityTransform
+
+    m = np.array([[transform.a, -transform.b, transform.c], [transform.d, -transform.e, transform.f], [0.0, 0.0, 1.0]])
+    _, inl = _consensus(corr, SimilarityTransform(matrix=m), settings)
+    return _summarise(corr, transform, inl, settings, tiles_per_heading, 0)
 
 
 class _SimilarityOn2:
