@@ -480,6 +480,7 @@ def write_overlay(
         tr = np.vstack([tr, tr[:1]])
         ax.plot(tr[:, 0], tr[:, 1], "--", color="lime", lw=1.5, label="true")
     ax.set_title(title, fontsize=8)
+    ax.ticklabel_format(useOffset=False, style="plain")  # map metres as they are
     ax.tick_params(labelsize=6)
     ax.legend(fontsize=6, loc="lower right")
     if own:
