@@ -37,3 +37,24 @@ def _one_thread():
     faiss.omp_set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def smoke_demo(tmp_path_factory) -> Path:
+    """A folder where `cmpc demo experiments/smoke.json` ran as a user runs it (subprocess).
+
+    Shared by the end-to-end tests that start from a finished smoke run (about 30 s once);
+    they may add files but must not change its models or index.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("smoke_demo")
+    (folder / "experiments").mkdir()
+    shutil.copy2(REPO / "experiments" / "smoke.json", folder / "experiments" / "smoke.json")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CMPC_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    res = subprocess.run([sys.executable, "-m", "cmpc", "demo", "experiments/smoke.json"], cwd=folder, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return folder

@@ -227,25 +227,19 @@ def test_settings_and_tiling(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_georef_end_to_end_on_smoke_world(tmp_path) -> None:
+def test_georef_end_to_end_on_smoke_world(smoke_demo) -> None:
     import json
     import os
-    import shutil
     import subprocess
     import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    tmp_path = smoke_demo  # `cmpc demo experiments/smoke.json` ran there (fixture)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CMPC_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
     def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "cmpc", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
-    (tmp_path / "experiments").mkdir()
-    shutil.copy2(repo / "experiments" / "smoke.json", tmp_path / "experiments" / "smoke.json")
     exp = "experiments/smoke.json"
-    r = run("demo", exp, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
     r = run("data", "scenes", exp, "--split", "test", "--tiles", "2", "--count", "3", "--seed", "0", "--out", "scenes")
     assert r.returncode == 0, r.stderr[-2000:]
     truth = json.loads((tmp_path / "scenes" / "scene_0000.truth.json").read_text())

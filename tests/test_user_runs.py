@@ -11,7 +11,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,13 +30,10 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_demo_and_scripts_as_subprocesses(tmp_path):
-    (tmp_path / "experiments").mkdir()
-    shutil.copy2(REPO / "experiments" / "smoke.json", tmp_path / "experiments" / "smoke.json")
+def test_demo_and_scripts_as_subprocesses(smoke_demo):
+    # `cmpc demo experiments/smoke.json` ran in a fresh folder (the smoke_demo fixture).
+    tmp_path = smoke_demo
     exp = "experiments/smoke.json"
-
-    demo = _run(["-m", "cmpc", "demo", exp], tmp_path)
-    assert demo.returncode == 0, demo.stderr[-2000:]
     report = tmp_path / "reports" / "smoke"
     metrics = json.loads((report / "metrics.json").read_text())
     for name in ("README.md", "cmc.png", "error_cdf.png", "retrieval_grid.png", "error_map.png", "predictions.csv"):
