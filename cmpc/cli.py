@@ -227,7 +227,8 @@ def cmd_georef(args: argparse.Namespace) -> int:
     settings = _scene_settings(args)
     geo = georeferencer_from_experiment(exp, settings, checkpoint=args.checkpoint)
     scene = read_scene(args.scene, gsd_m=args.gsd, bands=exp.localize.raster_bands, map_crs=geo.localizer.index.crs)
-    ans = geo.locate(scene, center=args.center, radius_m=args.radius, methods=("verify",))["verify"]
+    method = args.method or geo.default_method
+    ans = geo.locate(scene, center=args.center, radius_m=args.radius, methods=(method,))[method]
     out = Path(args.out) if args.out else exp.report_dir / "georef" / Path(args.scene).stem
     write_answer(out, ans, scene, geo)
     summary = {"status": ans.status, "out": str(out), "inliers": ans.inlier_tiles, "tiles": ans.n_tiles, "confidence": ans.confidence}
@@ -270,7 +271,13 @@ def cmd_train_scene(args: argparse.Namespace) -> int:
 
     exp = _exp(args)
     index = ensure_train_index(exp, args.checkpoint)  # the index step: the training map, built only when missing or stale
-    rec = calibrate(exp, index.directory, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges), checkpoint=args.checkpoint)
+    if args.no_gnn:
+        rec = calibrate(exp, index.directory, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges), checkpoint=args.checkpoint)
+    else:
+        from cmpc.train.scene import train_and_calibrate
+
+        rec = train_and_calibrate(exp, index.directory, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges),
+                                  checkpoint=args.checkpoint, gnn_count=args.gnn_count, gnn_epochs=args.gnn_epochs)
     print(json.dumps(rec, indent=2))
     return 0
 
@@ -453,13 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "refine":
             p.add_argument("--checkpoint", help="embedder checkpoint (default: runs/<name>/emb_best.pt)")
         p.set_defaults(func=func)
-    p = s_train.add_parser("scene", help="calibrate the scene decision rule on training-area scenes -> runs/<name>/scene_decision.json")
+    p = s_train.add_parser("scene", help="train the scene-graph GNN and calibrate the scene decision rule on training-area scenes -> runs/<name>/scene_graph.pt, scene_decision.json")
     _add_common(p, "required")
     p.add_argument("--checkpoint", help="embedder checkpoint (default: runs/<name>/emb_best.pt)")
     p.add_argument("--tiles", type=int, nargs="+", default=[2, 3], help="scene sizes (N x N tiles) to calibrate on")
     p.add_argument("--count", type=int, default=30, help="scenes per size and heading range")
     p.add_argument("--heading-ranges", dest="heading_ranges", type=float, nargs="+", default=[0.0, 15.0],
                    help="heading ranges (+-DEG) of the validation scenes; rotated ones are searched with that rotation range")
+    p.add_argument("--no-gnn", dest="no_gnn", action="store_true", help="only calibrate the verify rule (no scene-graph GNN)")
+    p.add_argument("--gnn-count", dest="gnn_count", type=int, default=40, help="GNN scenes cut per size (2, 3, 4) and heading range")
+    p.add_argument("--gnn-epochs", dest="gnn_epochs", type=int, default=40, help="GNN training epochs (the best validation one is kept)")
     p.set_defaults(func=cmd_train_scene)
 
     # index
@@ -503,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--radius", type=float, help="prior radius, metres")
     p.add_argument("--rotation-range", dest="rotation_range", type=float, help="search headings within +-DEG (default 0: north-up)")
     p.add_argument("--top-k", dest="top_k", type=int, help="candidates per tile (default 20)")
+    p.add_argument("--method", choices=("verify", "gnn+verify"),
+                   help="default: the one `cmpc train scene` chose on training-area validation scenes (verify when untrained)")
     p.add_argument("--checkpoint")
     p.add_argument("--out", help="output folder (default reports/<name>/georef/<scene stem>)")
     p.set_defaults(func=cmd_georef)
@@ -529,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = s_ev.add_parser("scenes", help="georeference every scene cut by `cmpc data scenes`; success / not-found / false-claim table")
     _add_common(p, "required")
     p.add_argument("--scenes", required=True, help="folder cut by `cmpc data scenes`")
-    p.add_argument("--methods", nargs="+", default=["independent", "verify"], choices=("independent", "verify"))
+    p.add_argument("--methods", nargs="+", default=["independent", "verify"], choices=("independent", "verify", "gnn+verify"))
     p.add_argument("--rotation-range", dest="rotation_range", type=float, help="search headings within +-DEG (default 0)")
     p.add_argument("--top-k", dest="top_k", type=int)
     p.add_argument("--checkpoint")

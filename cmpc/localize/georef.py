@@ -42,6 +42,7 @@ from cmpc.localize.scene import (
     SceneImage,
     SceneSettings,
     SceneTiles,
+    rescored,
     scene_candidates,
     scene_grid_centres,
     tile_scene,
@@ -57,18 +58,24 @@ from cmpc.localize.verify import (
 from cmpc.utils.io import atomic_dir, atomic_write_json
 
 DECISION_FILE = "scene_decision.json"
-METHODS = ("independent", "verify")
+METHODS = ("independent", "verify", "gnn+verify")
+#: the scene-graph model file in runs/<name>/ (``cmpc train scene``)
+SCENE_GRAPH_FILE = "scene_graph.pt"
 
 
-def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings) -> tuple[SceneSettings, dict[str, Any]]:
+def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings, method: str = "verify") -> tuple[SceneSettings, dict[str, Any]]:
     """``settings`` with the calibrated decision rule of ``run_dir/scene_decision.json``
-    when present (else the defaults), and a record of where the rule came from."""
+    when present (else the defaults), and a record of where the rule came from. ``method``
+    ``gnn+verify`` reads the file's ``methods["gnn+verify"]`` rule (the top-level one when absent)."""
     p = Path(run_dir) / DECISION_FILE
     if p.is_file():
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
+            default_method = (d.get("default_method") or {}).get("method") if isinstance(d.get("default_method"), dict) else None
+            if method != "verify" and isinstance(d.get("methods"), dict) and method in d["methods"]:
+                d = d["methods"][method]
             rule = {"min_inliers": int(d["min_inliers"]), "min_inlier_frac": float(d["min_inlier_frac"]), "min_fine_peak": float(d.get("min_fine_peak", settings.min_fine_peak))}
-            return replace(settings, **rule), {"source": str(p), **rule}
+            return replace(settings, **rule), {"source": str(p), **rule, **({"default_method": default_method} if default_method else {})}
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             raise DataError(f"{p} is not a scene decision file (min_inliers, min_inlier_frac); rerun `cmpc train scene EXPERIMENT.json`") from None
     return settings, {"source": "default (uncalibrated)", "min_inliers": settings.min_inliers, "min_inlier_frac": settings.min_inlier_frac,
@@ -99,8 +106,16 @@ class SceneAnswer:
 class Georeferencer:
     """Scene georeferencing against one reference map (see the module doc)."""
 
-    def __init__(self, localizer, settings: SceneSettings, decision_source: dict[str, Any] | None = None, rescorer: CandidateRescorer | None = None) -> None:  # noqa: ANN001
+    def __init__(self, localizer, settings: SceneSettings, decision_source: dict[str, Any] | None = None, rescorer: CandidateRescorer | None = None,
+                 gnn: CandidateRescorer | None = None, gnn_settings: SceneSettings | None = None) -> None:  # noqa: ANN001
         settings.check()
+        #: the scene-graph rescorer of method ``gnn+verify`` and its decision rule (default: ``settings``)
+        self.gnn = gnn
+        self.gnn_settings = gnn_settings
+        #: the method ``cmpc georef`` answers with by default (``cmpc train scene`` chooses it)
+        self.default_method = str(self.decision_source.get("default_method") or "verify")
+        if self.default_method == "gnn+verify" and gnn is None:
+            self.default_method = "verify"
         self.localizer = localizer
         self.settings = settings
         self.decision_source = decision_source or {"source": "given", "min_inliers": settings.min_inliers, "min_inlier_frac": settings.min_inlier_frac}
@@ -200,9 +215,16 @@ class Georeferencer:
         cand = scene_candidates(self.localizer, tiles, self.settings.top_k, allowed, self.rescorer, self.settings.batch_size)
         t_common = time.perf_counter() - t0
         out: dict[str, SceneAnswer] = {}
+        if "gnn+verify" in methods and self.gnn is None:
+            raise DataError("method gnn+verify needs the scene-graph model (runs/<name>/scene_graph.pt); train it with `cmpc train scene EXPERIMENT.json`")
         for m in methods:
             t1 = time.perf_counter()
-            ans = self._independent(scene, tiles, cand) if m == "independent" else self._verify(scene, tiles, cand)
+            if m == "independent":
+                ans = self._independent(scene, tiles, cand)
+            elif m == "verify":
+                ans = self._verify(scene, tiles, cand)
+            else:  # the GNN reorders every tile's candidates; RANSAC's rank stages follow its order
+                ans = self._verify(scene, tiles, rescored(self.localizer, tiles, cand, self.gnn), self.gnn_settings or self.settings, m)
             ans.seconds = t_common + time.perf_counter() - t1
             ans.stats.update({"prior": prior, "timings_s": {**{k: round(v, 3) for k, v in cand.timings.items()}, "total": round(ans.seconds, 3)}})
             out[m] = ans
@@ -241,8 +263,8 @@ class Georeferencer:
             self._tile_rows(tiles, cand, {t}, tf), {"best_tile": t, "top1_score": float(cand.scores[t, 0])},
         )
 
-    def _verify(self, scene: SceneImage, tiles: SceneTiles, cand: SceneCandidates) -> SceneAnswer:
-        s = self.settings
+    def _verify(self, scene: SceneImage, tiles: SceneTiles, cand: SceneCandidates, s: SceneSettings | None = None, method: str = "verify") -> SceneAnswer:
+        s = s or self.settings
         residual = s.residual_frac * self.stride_m
         slack = s.rotation_step_deg / 2.0 + 1.0 if s.rotation_range_deg > 0 else 3.0
         rs = RansacSettings(
@@ -257,7 +279,7 @@ class Georeferencer:
         if res.transform is None and not can_fine:
             best = self._independent(scene, tiles, cand)
             return SceneAnswer(
-                "verify", "not_found", "no two tiles agree on a placement within the scale/heading bounds (best guess: the most confident tile alone)",
+                method, "not_found", "no two tiles agree on a placement within the scale/heading bounds (best guess: the most confident tile alone)",
                 best.transform, 0, len(tiles.per_heading.get(0.0, tiles.per_heading[next(iter(tiles.per_heading))])), 0.0, 0.0,
                 best.tiles, stats,
             )
@@ -306,7 +328,7 @@ class Georeferencer:
             reason = f"weak evidence: the dense alignment does not confirm the placement (peak {fine_stats['peak']:.3f} < {s.min_fine_peak:.3f})"
         heading_tiles = {int(t) for t in res.tile_ids}
         return SceneAnswer(
-            "verify", "found" if ok else "not_found", reason, transform, res.inlier_tiles, res.n_tiles,
+            method, "found" if ok else "not_found", reason, transform, res.inlier_tiles, res.n_tiles,
             round(frac * min(1.0, max(0.0, fine_stats.get("peak", 1.0)) / max(s.min_fine_peak, 1e-6)) if fine_stats["used"] else frac, 4), 0.0,
             self._tile_rows(tiles, cand, heading_tiles, transform), stats,
         )
@@ -502,6 +524,16 @@ def georeferencer_from_experiment(
 
     settings = settings or SceneSettings()
     settings.check()
+    base = settings
     settings, source = load_decision(exp.run_dir, settings)
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=index_dir)
-    return Georeferencer(loc, settings, source, rescorer)
+    gnn, gnn_settings = None, None
+    gpath = Path(exp.run_dir) / SCENE_GRAPH_FILE
+    if gpath.is_file():
+        from cmpc.localize.scene_graph import SceneGraphRescorer
+        from cmpc.models.checkpoint import default_checkpoint
+
+        gnn = SceneGraphRescorer.load(gpath, default_checkpoint(exp.run_dir, checkpoint))
+        gnn_settings, gsrc = load_decision(exp.run_dir, base, method="gnn+verify")
+        source = {**source, "gnn+verify": gsrc}
+    return Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings)

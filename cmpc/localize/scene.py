@@ -367,8 +367,13 @@ def scene_candidates(
     if rescorer is not None:
         rows, scores = rescorer.rescore(tiles, rows, scores, positions)
         positions = np.asarray(localizer.index.positions, dtype=np.float64)[rows]
+    return SceneCandidates(rows, np.asarray(scores, dtype=np.float32), positions, _correspondences(tiles, rows, scores, positions),
+                           {"embed_s": t1 - t0, "search_s": t2 - t1})
+
+
+def _correspondences(tiles: SceneTiles, rows: np.ndarray, scores: np.ndarray, positions: np.ndarray) -> Correspondences:
     T, k = rows.shape
-    corr = Correspondences(
+    return Correspondences(
         scene_px=np.repeat(tiles.centre_px, k, axis=0),
         map_xy=positions.reshape(-1, 2),
         tile=np.repeat(np.arange(T), k),
@@ -376,4 +381,15 @@ def scene_candidates(
         score=np.asarray(scores, dtype=np.float32).reshape(-1),
         heading_deg=np.repeat(tiles.heading_deg, k),
     )
-    return SceneCandidates(rows, np.asarray(scores, dtype=np.float32), positions, corr, {"embed_s": t1 - t0, "search_s": t2 - t1})
+
+
+def rescored(localizer, tiles: SceneTiles, cand: SceneCandidates, rescorer: CandidateRescorer) -> SceneCandidates:  # noqa: ANN001
+    """``cand`` reordered / rescored by ``rescorer`` (the search is not repeated)."""
+    import time
+
+    t0 = time.perf_counter()
+    rows, scores = rescorer.rescore(tiles, cand.rows, cand.scores, cand.positions_m)
+    positions = np.asarray(localizer.index.positions, dtype=np.float64)[rows]
+    scores = np.asarray(scores, dtype=np.float32)
+    return SceneCandidates(rows, scores, positions, _correspondences(tiles, rows, scores, positions),
+                           {**cand.timings, "rescore_s": time.perf_counter() - t0})

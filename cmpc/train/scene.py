@@ -27,9 +27,9 @@ from cmpc.localize.scene import SceneSettings
 from cmpc.utils.io import atomic_write_json
 
 
-def choose_rule(per_scene: list[dict[str, Any]], good_m: float = 25.0, bad_m: float = 100.0, max_false: float = 0.02) -> dict[str, Any]:
-    """Thresholds (min_inliers, min_inlier_frac, min_fine_peak) from verify answers made with the rule off."""
-    rows = [r for r in per_scene if r["method"] == "verify"]
+def choose_rule(per_scene: list[dict[str, Any]], good_m: float = 25.0, bad_m: float = 100.0, max_false: float = 0.02, method: str = "verify") -> dict[str, Any]:
+    """Thresholds (min_inliers, min_inlier_frac, min_fine_peak) from ``method``'s answers made with the rule off."""
+    rows = [r for r in per_scene if r["method"] == method]
     n = len(rows)
     inl = np.array([r["inliers"] for r in rows], dtype=np.float64)
     frac = np.array([r["inliers"] / r["tiles"] if r["tiles"] else 0.0 for r in rows])
@@ -61,11 +61,15 @@ def calibrate(
     heading_ranges: tuple[float, ...] = (0.0, 15.0),
     seed: int = 1000,
     checkpoint: str | None = None,
+    methods: tuple[str, ...] = ("verify",),
+    gnn=None,  # noqa: ANN001 - a CandidateRescorer for method gnn+verify
 ) -> dict[str, Any]:
     """Cut validation scenes from the training area (each size in ``tiles``, each heading
     range in ``heading_ranges``; rotated ones answered with that rotation range), answer
     them against the training map, choose the rule (module doc) and write
-    ``runs/<name>/scene_decision.json``."""
+    ``runs/<name>/scene_decision.json``. With ``gnn+verify`` in ``methods`` (and ``gnn``) its
+    rule is chosen the same way and written under ``methods["gnn+verify"]``; the top-level
+    rule stays the verify one."""
     work = exp.run_dir / "scene_val"
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
     sar = world_sar(exp.synth.out, exp.data.root)
@@ -75,15 +79,16 @@ def calibrate(
         i = 0
         for hr in heading_ranges:
             settings = SceneSettings(rotation_range_deg=float(hr), min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0)
-            geo = Georeferencer(loc, settings, off)
+            geo = Georeferencer(loc, settings, off, gnn=gnn)
             for n in tiles:
                 folder = work / f"train_{n}x{n}_h{hr:g}"
                 cut_scenes(sar, exp.data.root, folder, "train", n, count, float(hr), seed + i)
-                per_scene += evaluate_scenes(geo, folder, None, methods=("verify",))["per_scene"]
+                per_scene += evaluate_scenes(geo, folder, None, methods=methods)["per_scene"]
                 i += 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rule = choose_rule(per_scene)
+    others = {m: choose_rule(per_scene, method=m) for m in methods if m != "verify"}
     record = {
         **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
         "chosen_on": {
@@ -95,7 +100,72 @@ def calibrate(
         "default_when_uncalibrated": {"min_inliers": SceneSettings.min_inliers, "min_inlier_frac": SceneSettings.min_inlier_frac,
                                       "min_fine_peak": SceneSettings.min_fine_peak},
     }
+    if others:
+        record["methods"] = {m: {**{k: r[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
+                                 "found_within_25m": r.get("found_good"), "false_claims_over_100m": r.get("false_claims")}
+                             for m, r in others.items()}
     atomic_write_json(exp.run_dir / DECISION_FILE, record)
     return record
 
 
+
+
+def choose_method(rows: dict[str, dict[str, Any]], max_false: float = 0.02) -> str:
+    """The method with the most scenes found within 25 m among those whose false claims stay
+    at most ``max_false`` (else the fewest false claims); ties go to ``verify`` (no GNN)."""
+    def key(m: str) -> tuple:
+        r = rows[m]
+        return (r["false_claims"] <= max_false, r["success_25m"] if r["false_claims"] <= max_false else -r["false_claims"], m == "verify")
+    return max(rows, key=key)
+
+
+def train_and_calibrate(
+    exp,  # noqa: ANN001 - cmpc.config.Experiment
+    train_index_dir: str | Path,
+    tiles: tuple[int, ...] = (2, 3),
+    count: int = 30,
+    heading_ranges: tuple[float, ...] = (0.0, 15.0),
+    checkpoint: str | None = None,
+    gnn_count: int = 40,
+    gnn_epochs: int = 40,
+) -> dict[str, Any]:
+    """``cmpc train scene``: train the scene-graph GNN (:func:`cmpc.train.scene_graph.train_scene_graph`,
+    its validation scenes = the southern part of the training area), calibrate the decision
+    rules of verify and gnn+verify (:func:`calibrate`), then answer the GNN's validation
+    scenes with both calibrated rules and record the better method (:func:`choose_method`)
+    as ``default_method`` of ``scene_decision.json`` (the default of ``cmpc georef``)."""
+    from cmpc.evaluate.scenes import summarise
+    from cmpc.localize.georef import SCENE_GRAPH_FILE, load_decision
+    from cmpc.localize.scene_graph import SceneGraphRescorer
+    from cmpc.models.checkpoint import default_checkpoint
+    from cmpc.train.scene_graph import train_scene_graph
+
+    val_dir = exp.run_dir / "scene_graph_val"
+    shutil.rmtree(val_dir, ignore_errors=True)
+    try:
+        log = train_scene_graph(exp, train_index_dir, count=gnn_count, heading_ranges=heading_ranges, epochs=gnn_epochs,
+                                checkpoint=checkpoint, keep_val=val_dir)
+        gnn = SceneGraphRescorer.load(exp.run_dir / SCENE_GRAPH_FILE, default_checkpoint(exp.run_dir, checkpoint))
+        record = calibrate(exp, train_index_dir, tiles, count, heading_ranges, checkpoint=checkpoint, methods=("verify", "gnn+verify"), gnn=gnn)
+        loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
+        per_scene: list[dict[str, Any]] = []
+        for hr in heading_ranges:
+            base = SceneSettings(rotation_range_deg=float(hr))
+            s_v, src = load_decision(exp.run_dir, base)
+            s_g, _ = load_decision(exp.run_dir, base, method="gnn+verify")
+            geo = Georeferencer(loc, s_v, src, gnn=gnn, gnn_settings=s_g)
+            for folder in sorted(val_dir.glob(f"*_h{hr:g}")):
+                per_scene += evaluate_scenes(geo, folder, None, methods=("verify", "gnn+verify"))["per_scene"]
+    finally:
+        shutil.rmtree(val_dir, ignore_errors=True)
+    rows = {m: summarise(per_scene, m) for m in ("verify", "gnn+verify")}
+    chosen = choose_method(rows)
+    record["default_method"] = {
+        "method": chosen,
+        "chosen_on": "the scene-graph GNN's validation scenes (southern part of the training area, training map, calibrated rules)",
+        "criterion": "most found within 25 m with false claims at most 2 %; ties: verify",
+        "validation": rows,
+    }
+    record["scene_graph"] = {k: v for k, v in log.items() if k != "history"}
+    atomic_write_json(exp.run_dir / DECISION_FILE, record)
+    return record
