@@ -126,3 +126,20 @@ def test_checkpoint_weights_only_and_provenance(tmp_path) -> None:
         load_scene_graph(p, other)
     with pytest.raises(CheckpointError):
         load_scene_graph(tmp_path / "missing.pt", emb)
+
+
+def test_decision_file_per_method_rule_and_default(tmp_path) -> None:
+    import json
+
+    from cmpc.localize.georef import DECISION_FILE, load_decision
+    from cmpc.localize.scene import SceneSettings
+
+    (tmp_path / DECISION_FILE).write_text(json.dumps({
+        "min_inliers": 2, "min_inlier_frac": 0.3, "min_fine_peak": 0.275,
+        "methods": {"gnn+verify": {"min_inliers": 3, "min_inlier_frac": 0.25, "min_fine_peak": 0.2}},
+        "default_method": {"method": "gnn+verify"},
+    }))
+    s, src = load_decision(tmp_path, SceneSettings())
+    assert (s.min_inliers, s.min_fine_peak, src["default_method"]) == (2, 0.275, "gnn+verify")
+    g, _ = load_decision(tmp_path, SceneSettings(), method="gnn+verify")
+    assert (g.min_inliers, g.min_inlier_frac, g.min_fine_peak) == (3, 0.25, 0.2)

@@ -112,14 +112,14 @@ class Georeferencer:
         #: the scene-graph rescorer of method ``gnn+verify`` and its decision rule (default: ``settings``)
         self.gnn = gnn
         self.gnn_settings = gnn_settings
-        #: the method ``cmpc georef`` answers with by default (``cmpc train scene`` chooses it)
-        self.default_method = str(self.decision_source.get("default_method") or "verify")
-        if self.default_method == "gnn+verify" and gnn is None:
-            self.default_method = "verify"
         self.localizer = localizer
         self.settings = settings
         self.decision_source = decision_source or {"source": "given", "min_inliers": settings.min_inliers, "min_inlier_frac": settings.min_inlier_frac}
         self.rescorer = rescorer
+        #: the method ``cmpc georef`` answers with by default (``cmpc train scene`` chooses it)
+        self.default_method = str(self.decision_source.get("default_method") or "verify")
+        if self.default_method == "gnn+verify" and gnn is None:
+            self.default_method = "verify"
         index = localizer.index
         if index.bounds is None or not len(index.bounds):
             raise DataError(f"index {index.directory} has no reference footprints; scene georeferencing needs them (rebuild the index)")
@@ -216,6 +216,8 @@ class Georeferencer:
         t_common = time.perf_counter() - t0
         out: dict[str, SceneAnswer] = {}
         if "gnn+verify" in methods and self.gnn is None:
+            if getattr(self, "gnn_error", None):
+                raise DataError(f"method gnn+verify: {self.gnn_error}")
             raise DataError("method gnn+verify needs the scene-graph model (runs/<name>/scene_graph.pt); train it with `cmpc train scene EXPERIMENT.json`")
         for m in methods:
             t1 = time.perf_counter()
@@ -527,13 +529,20 @@ def georeferencer_from_experiment(
     base = settings
     settings, source = load_decision(exp.run_dir, settings)
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=index_dir)
-    gnn, gnn_settings = None, None
+    gnn, gnn_settings, gnn_error = None, None, None
     gpath = Path(exp.run_dir) / SCENE_GRAPH_FILE
     if gpath.is_file():
         from cmpc.localize.scene_graph import SceneGraphRescorer
         from cmpc.models.checkpoint import default_checkpoint
 
-        gnn = SceneGraphRescorer.load(gpath, default_checkpoint(exp.run_dir, checkpoint))
+        from cmpc.errors import CheckpointError
+
+        try:
+            gnn = SceneGraphRescorer.load(gpath, default_checkpoint(exp.run_dir, checkpoint))
+        except CheckpointError as e:  # e.g. trained with another embedder: verify still works, gnn+verify says why not
+            gnn_error = str(e)
         gnn_settings, gsrc = load_decision(exp.run_dir, base, method="gnn+verify")
         source = {**source, "gnn+verify": gsrc}
-    return Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings)
+    geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings)
+    geo.gnn_error = gnn_error
+    return geo
