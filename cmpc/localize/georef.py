@@ -15,6 +15,10 @@ answers one scene at a time (:meth:`Georeferencer.locate`):
      (:func:`cmpc.localize.verify.fine_align_scene`); "found" only when the decision rule
      holds (inlier tiles >= ``min_inliers`` and inlier fraction >= ``min_inlier_frac``,
      calibrated by ``cmpc train scene`` into ``runs/<name>/scene_decision.json``);
+   - ``gnn+verify``: verify after the scene-graph GNN (``runs/<name>/scene_graph.pt``,
+     :mod:`cmpc.localize.scene_graph`) reordered every tile's candidates, with its own
+     calibrated rule (``methods["gnn+verify"]`` of the decision file). ``cmpc georef``
+     answers with ``default_method`` of the decision file (verify when absent);
 3. :func:`write_answer` writes, atomically, ``result.json``, ``footprint.geojson``,
    ``tiles.csv``, ``scene_on_map.tif`` (the SAR warped north-up onto the map grid with
    ``rasterio.warp.reproject``) and ``overlay.png``.

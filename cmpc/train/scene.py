@@ -9,6 +9,11 @@ refiner was trained on) with the rule switched off, and the thresholds picked th
 most scenes (centre within ``good_m``) while false claims (centre error > ``bad_m``) stay at
 most ``max_false`` of the scenes; ties go to the stricter rule. Written to
 ``runs/<name>/scene_decision.json`` (read by :func:`cmpc.localize.georef.load_decision`).
+
+:func:`train_and_calibrate` (what ``cmpc train scene`` runs unless ``--no-gnn``) first trains
+the scene-graph GNN (:mod:`cmpc.train.scene_graph`), calibrates the rules of verify and
+gnn+verify on the same scenes, and records the better method on the GNN's validation
+scenes as ``default_method``.
 """
 
 from __future__ import annotations

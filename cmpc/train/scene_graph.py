@@ -17,7 +17,6 @@ Writes ``runs/<name>/scene_graph.pt`` (weights-only plain data, ``inputs.embedde
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
