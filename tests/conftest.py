@@ -53,7 +53,8 @@ def smoke_demo(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("smoke_demo")
     (folder / "experiments").mkdir()
     shutil.copy2(REPO / "experiments" / "smoke.json", folder / "experiments" / "smoke.json")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CMPC_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    # Both cores: the demo is one process and nothing else runs beside it in the suite.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CMPC_THREADS": "2", "PYTHONDONTWRITEBYTECODE": "1"}
     res = subprocess.run([sys.executable, "-m", "cmpc", "demo", "experiments/smoke.json"], cwd=folder, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
