@@ -180,13 +180,8 @@ def atomic_dir(
                 else:
                     stale.unlink()
             tmp.rmdir()
-        elif path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            _replace_entry(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
