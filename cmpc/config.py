@@ -182,6 +182,7 @@ class TrainConfig:
     hard_group: int = param(4, lo=1, hi=256, doc="locations pulled into a batch together as hard negatives (a location + its neighbours)")
     neighbours_k: int = param(8, lo=1, hi=256, doc="geographic / embedding neighbours a hard-negative group is drawn from")
     rotate: bool = param(True, doc="augmentation includes quarter turns (else flips only); both modalities get the same transform")
+    ema: float = param(0.0, lo=0.0, hi=0.99999, doc="exponential moving average of the embedder weights, decay per step (e.g. 0.999; 0 = off); validated beside the raw weights at each validation, the better of the two (R@1, then R@5) is kept as emb_best.pt")
 
 
 @dataclass

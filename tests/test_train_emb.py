@@ -82,7 +82,7 @@ def _tensors(state: dict) -> dict[str, torch.Tensor]:
 
 # 2 epochs x 4 steps; saves at steps 3, 4 (epoch end), 6, 8. Embedding mining from epoch 1,
 # gradient-penalty critic, augmentation on: every source of state is exercised.
-_RESUME_ARGS = ("train.epochs=2", "train.batch_size=8", "train.max_steps_per_epoch=4", "train.save_every_steps=3", "train.mining_start_epoch=1")
+_RESUME_ARGS = ("train.epochs=2", "train.batch_size=8", "train.max_steps_per_epoch=4", "train.save_every_steps=3", "train.mining_start_epoch=1", "train.ema=0.9")
 
 
 @pytest.mark.slow
@@ -104,7 +104,7 @@ def test_resume_mid_epoch_ends_with_the_same_weights(tiny_root: Path, tmp_path: 
     assert resumed.step == 8
     a = load_checkpoint(tmp_path / "straight" / "emb_last.pt")
     b = load_checkpoint(tmp_path / "killed" / "emb_last.pt")
-    for part in ("model", "optimizer", "critic", "critic_optimizer", "losses"):
+    for part in ("model", "optimizer", "critic", "critic_optimizer", "losses", "ema"):
         ta, tb = _tensors(a[part]), _tensors(b[part])
         assert ta.keys() == tb.keys() and ta
         for k in ta:
@@ -118,6 +118,33 @@ def test_resume_mid_epoch_ends_with_the_same_weights(tiny_root: Path, tmp_path: 
     again = fit_embedder(_exp(tiny_root, tmp_path, "straight", *_RESUME_ARGS))
     assert again.already_finished and again.step == 8
     assert (tmp_path / "straight" / "log.jsonl").read_text() == log_before
+
+
+@pytest.mark.slow
+def test_weight_ema_is_validated_beside_the_raw_weights(tiny_root: Path, tmp_path: Path) -> None:
+    """train.ema: the EMA copy follows the weights (decay ~0: it equals them; decay near 1: it
+    stays near the weights after the first step), both are validated, the better is kept."""
+    args = ("train.epochs=2", "train.batch_size=8", "train.max_steps_per_epoch=4")
+    follow = fit_embedder(_exp(tiny_root, tmp_path, "ema_follow", *args, "train.ema=0.000001"))
+    last = load_checkpoint(tmp_path / "ema_follow" / "emb_last.pt")
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    raw = last["model"]
+    assert ema.keys() == raw.keys()
+    assert all(torch.allclose(ema[k], raw[k], atol=1e-5) for k in raw if raw[k].is_floating_point())  # int counters aside
+    vals = [r for r in read_jsonl(tmp_path / "ema_follow" / "log.jsonl") if r["kind"] == "val"]
+    assert len(vals) == 2 and all(v["recall_ema"] == v["recall"] for v in vals)
+
+    slow = fit_embedder(_exp(tiny_root, tmp_path, "ema_slow", *args, "train.ema=0.99999", "train.lr=0.01"))
+    last = load_checkpoint(tmp_path / "ema_slow" / "emb_last.pt")
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    moved = [float((ema[k].float() - last["model"][k].float()).abs().max()) for k in last["model"] if last["model"][k].is_floating_point()]
+    assert max(moved) > 1e-3  # 8 steps at lr 0.01 moved the weights; the slow average did not follow
+    best = load_checkpoint(slow.best_path)
+    assert best["weights"] in ("raw", "ema")
+    vals = [r for r in read_jsonl(tmp_path / "ema_slow" / "log.jsonl") if r["kind"] == "val"]
+    chosen = max((r["1"], r["5"]) for v in vals for r in (v["recall"], v["recall_ema"]))
+    assert (best["metrics"]["1"], best["metrics"]["5"]) == chosen
+    assert follow.metrics
 
 
 def test_channel_mismatch_and_missing_data_are_one_line_errors(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

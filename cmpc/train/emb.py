@@ -9,7 +9,9 @@ with the weighted metric losses and the Wasserstein critic; writes to ``runs/<na
   lr, temperature, critic estimate, img/s, seconds), per epoch (``kind: "epoch"``: images,
   wall and CPU seconds, img/s) and per validation (``kind: "val"``: ``recall`` {"1", "5"} of
   validation SAR queries against validation optical references);
-- ``emb_best.pt``: the best validation R@1 (ties: R@5) so far;
+- ``emb_best.pt``: the best validation R@1 (ties: R@5) so far; with ``train.ema`` the EMA
+  weights are validated beside the raw ones and the better of the two is the candidate
+  (``weights``: ``"raw"`` or ``"ema"`` in the checkpoint and the log's ``best``);
 - ``emb_last.pt``: everything needed to resume (optimiser, scheduler, critic and its
   optimiser, loss parameters, AMP scaler, RNG state, sampler position), saved every
   ``train.save_every_steps`` steps and at each epoch end. Re-running the same experiment
@@ -436,6 +438,12 @@ class _Optimisation:
 
         self.net: nn.Module = self.pair_model
         self._sync_critic: Any = None  # averages the critic's gradients over ranks (DDP)
+        # Weight EMA (train.ema): torch's AveragedModel, buffers (BatchNorm statistics) averaged too.
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        if tc.ema > 0:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema), use_buffers=True
+            )
 
     def distribute(self, ddp: _Dist) -> None:
         """Wrap the pair model in DistributedDataParallel when there are several processes.
@@ -479,7 +487,14 @@ class _Optimisation:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         return loss, parts, critic_w
+
+    @property
+    def ema_model(self) -> Embedder | None:
+        """The EMA copy of the embedder (``train.ema`` > 0), else None."""
+        return None if self.ema is None else self.ema.module  # type: ignore[return-value]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the embedder weights that resuming needs (checkpoint keys ``losses``,
@@ -491,6 +506,7 @@ class _Optimisation:
             "scaler": self.scaler.state_dict(),
             "critic": self.critic.state_dict() if self.critic is not None else None,
             "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -503,6 +519,8 @@ class _Optimisation:
         if self.critic is not None:
             self.critic.load_state_dict(ckpt["critic"])
             self.critic_optimizer.load_state_dict(ckpt["critic_optimizer"])  # type: ignore[union-attr]
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
 
 
 def _share_rank0_buffers(module: nn.Module, ddp: _Dist) -> None:
@@ -785,11 +803,19 @@ def _end_epoch(run: _Run, epoch: int) -> None:
     if ddp.main:
         if len(data.val_queries) and ((epoch + 1) % exp.train.val_every == 0 or is_last):
             metrics = validate(opt.model, data, opt.device)
-            append_jsonl(run.files.log, {"kind": "val", "step": progress.step, "epoch": epoch + 1, "recall": metrics, "seconds": round(progress.elapsed_s(), 2)})
-            _say(ddp, f"epoch {epoch + 1}: val R@1 {metrics['1']:.3f} R@5 {metrics['5']:.3f} ({len(data.val_queries)} queries, {len(data.val_locs)} references)")
+            record: dict[str, Any] = {"kind": "val", "step": progress.step, "epoch": epoch + 1, "recall": metrics}
+            model, weights = opt.model, "raw"
+            if opt.ema_model is not None:
+                ema_metrics = validate(opt.ema_model, data, opt.device)
+                record["recall_ema"] = ema_metrics
+                if _better(ema_metrics, metrics):
+                    model, weights, metrics = opt.ema_model, "ema", ema_metrics
+            append_jsonl(run.files.log, {**record, "seconds": round(progress.elapsed_s(), 2)})
+            ema_note = f" (EMA R@1 {record['recall_ema']['1']:.3f})" if "recall_ema" in record else ""
+            _say(ddp, f"epoch {epoch + 1}: val R@1 {record['recall']['1']:.3f} R@5 {record['recall']['5']:.3f}{ema_note} ({len(data.val_queries)} queries, {len(data.val_locs)} references)")
             if _better(metrics, progress.best.get("recall")):
-                progress.best = {"recall": metrics, "epoch": epoch + 1, "step": progress.step}
-                save_checkpoint(run.files.best, _best_payload(opt.model, exp, epoch + 1, progress.step, metrics, opt.losses, run.inputs))
+                progress.best = {"recall": metrics, "epoch": epoch + 1, "step": progress.step, "weights": weights}
+                save_checkpoint(run.files.best, _best_payload(model, exp, epoch + 1, progress.step, metrics, opt.losses, run.inputs, weights=weights))
         elif not len(data.val_queries):
             # No validation data: the latest weights are the best we know.
             progress.best = {"recall": None, "epoch": epoch + 1, "step": progress.step}
@@ -880,10 +906,18 @@ def _better(new: dict[str, float], old: dict[str, float] | None) -> bool:
 
 
 def _best_payload(
-    model: Embedder, exp: Experiment, epoch: int, step: int, metrics: dict[str, float], losses: CombinedLoss, inputs: dict[str, Any] | None = None
+    model: Embedder,
+    exp: Experiment,
+    epoch: int,
+    step: int,
+    metrics: dict[str, float],
+    losses: CombinedLoss,
+    inputs: dict[str, Any] | None = None,
+    weights: str = "raw",
 ) -> dict[str, Any]:
+    """``emb_best.pt``; ``weights`` says which weights it holds: ``raw`` or ``ema`` (train.ema)."""
     return embedder_payload(
-        model, exp.data.img_size, epoch=epoch, step=step, metrics=metrics, experiment=exp.to_dict(), losses=losses.state_dict(), inputs=dict(inputs or {})
+        model, exp.data.img_size, epoch=epoch, step=step, metrics=metrics, experiment=exp.to_dict(), losses=losses.state_dict(), inputs=dict(inputs or {}), weights=weights
     )
 
 
