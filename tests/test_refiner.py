@@ -271,6 +271,14 @@ def test_tiny_end_to_end_refinement_lowers_the_error(tmp_path: Path, monkeypatch
     assert np.mean(refined <= 2.0) >= np.mean(coarse <= 2.0) + 0.2
     # every refined order is a permutation of the coarse candidates
     assert all(sorted(a) == sorted(b) for a, b in zip(res.rows, res.refined_rows))
+    # gating: each position says where it came from; a peak under the threshold keeps the fallback
+    ref = loc.refiner
+    took = res.align_peak >= ref.align_min_peak
+    assert set(res.position_from) <= {"aligned", "gnn"} and np.array_equal(res.position_from == "aligned", took)
+    ref.align_min_peak, ref.cfg.rerank, ref.cfg.gnn_position = 1.01, False, False  # nothing passes: coarse kept
+    kept = loc.localize_batch(torch.stack([ds[i][0] for i in na]))
+    assert set(kept.position_from) == {"coarse"} and np.array_equal(kept.refined_xy, kept.coarse_xy)
+    assert np.array_equal(kept.refined_rows, kept.rows)
 
 
 @pytest.mark.slow

@@ -93,7 +93,9 @@ class LocalizeResult:
     (B, k) int64 location ids; ``scores`` (B, k) float32 cosine similarities; ``coarse_xy``
     (B, 2) float64 metres = centre of the top-1 reference; ``refined_rows`` (B, k) the
     refiner's order (None without refiner); ``refined_xy`` (B, 2) metres (= coarse without
-    refiner).
+    refiner); ``align_peak`` (B,) the refiner's best fine-alignment peak (mean cosine; None
+    without fine alignment) and ``position_from`` (B,) str: ``"aligned"``, ``"gnn"`` or
+    ``"coarse"`` (the refiner's evidence was below its calibrated threshold: coarse kept).
     """
 
     query_emb: np.ndarray
@@ -103,6 +105,8 @@ class LocalizeResult:
     coarse_xy: np.ndarray
     refined_rows: np.ndarray | None
     refined_xy: np.ndarray
+    align_peak: np.ndarray | None = None
+    position_from: np.ndarray | None = None
 
     @property
     def refined(self) -> bool:
@@ -182,11 +186,12 @@ class Localizer:
         checkpoint: str | os.PathLike[str] | None = None,
         index_dir: str | os.PathLike[str] | None = None,
         use_refiner: bool = True,
+        refiner_path: str | os.PathLike[str] | None = None,
     ) -> Localizer:
         """:meth:`load` with the experiment's files: the checkpoint (default
         ``runs/<name>/emb_best.pt``), the index (default the one serving that checkpoint,
-        :func:`cmpc.index.build.serving_index_dir`), ``runs/<name>/refiner.pt`` (unless
-        ``use_refiner`` is false) and its sections."""
+        :func:`cmpc.index.build.serving_index_dir`), the refiner ``refiner_path`` (default
+        ``runs/<name>/refiner.pt``; none when ``use_refiner`` is false) and its sections."""
         ckpt = default_checkpoint(exp.run_dir, checkpoint)
         if index_dir is None:
             index_dir = serving_index_dir(exp.index_dir, checkpoint_hash(ckpt))
@@ -196,7 +201,7 @@ class Localizer:
             exp.localize,
             exp.index,
             exp.refine if use_refiner else None,
-            exp.run_dir / REFINER_FILE,
+            refiner_path if refiner_path is not None else exp.run_dir / REFINER_FILE,
             device=resolve_device(exp.train.device),
             amp=exp.train.amp,
         )
@@ -259,8 +264,10 @@ class Localizer:
         coarse = self.index.positions[rows[:, 0]] if rows.shape[1] else np.full((len(rows), 2), np.nan)
         refined_rows = None
         refined = coarse.copy()
+        peak = source = None
         if self.refiner is not None and rows.shape[1]:
             order, pos = self.refiner.refine(emb, rows, scores, self.index, x)
             refined_rows = np.asarray(order.cpu() if torch.is_tensor(order) else order, dtype=np.int64)
             refined = np.asarray(pos.cpu() if torch.is_tensor(pos) else pos, dtype=np.float64).reshape(-1, 2)
-        return LocalizeResult(emb, rows, ids, scores, coarse, refined_rows, refined)
+            peak, source = getattr(self.refiner, "last_peaks", None), getattr(self.refiner, "last_source", None)
+        return LocalizeResult(emb, rows, ids, scores, coarse, refined_rows, refined, peak, source)

@@ -47,7 +47,9 @@ class PredictionWriter:
 
     Columns / properties: ``query``, final ``x``, ``y`` (refined when a refiner is used, else
     coarse; metres in the map CRS), ``coarse_x``, ``coarse_y``, ``refined_x``, ``refined_y``
-    (with a refiner), ``top1_id``, ``top1_score``, ``topk_ids``, ``topk_scores``, and with
+    (with a refiner), ``position_from`` (``aligned``: fine alignment took it; ``gnn``;
+    ``coarse``: the refiner's evidence was below its calibrated threshold and the coarse
+    answer was kept) and ``align_peak`` (best alignment peak, mean cosine), ``top1_id``, ``top1_score``, ``topk_ids``, ``topk_scores``, and with
     ground truth ``true_id``, ``true_x``, ``true_y``, ``aligned``, ``coarse_rank``,
     ``coarse_error_m`` (+ ``refined_rank``, ``refined_error_m``). Ranks are empty when the
     correct reference was not found.
@@ -62,7 +64,7 @@ class PredictionWriter:
         self._n = 0
         cols = ["query", "x", "y", "coarse_x", "coarse_y"]
         if has_refiner:
-            cols += ["refined_x", "refined_y"]
+            cols += ["refined_x", "refined_y", "position_from", "align_peak"]
         cols += ["top1_id", "top1_score", "topk_ids", "topk_scores"]
         if has_truth:
             cols += ["true_id", "true_x", "true_y", "aligned", "coarse_rank", "coarse_error_m"]
@@ -122,6 +124,8 @@ class PredictionWriter:
             if self.has_refiner:
                 props["refined_x"] = _num(res.refined_xy[i, 0])
                 props["refined_y"] = _num(res.refined_xy[i, 1])
+                props["position_from"] = str(res.position_from[i]) if res.position_from is not None else "refiner"
+                props["align_peak"] = round(float(res.align_peak[i]), 4) if res.align_peak is not None else None
             ids = [int(v) for v in res.ids[i]]
             scores = [round(float(v), 6) for v in res.scores[i]]
             props.update(top1_id=ids[0] if ids else None, top1_score=scores[0] if scores else None, topk_ids=ids, topk_scores=scores)

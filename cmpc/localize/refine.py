@@ -203,10 +203,15 @@ class GraphRefiner:
             query_images: (B, C, S, S) standardised SAR patches (model input), or None
                 (then no fine alignment).
 
-        Returns ``(refined_rows (B, kq) int64, positions (B, 2) float64 metres)``.
+        Returns ``(refined_rows (B, kq) int64, positions (B, 2) float64 metres)``. Afterwards
+        ``last_peaks`` (B,) holds the best alignment peak per query (None without fine
+        alignment) and ``last_source`` (B,) where each position came from: ``"aligned"`` (the
+        peak reached ``align_min_peak``), else ``"gnn"`` (the GNN's position or order) or
+        ``"coarse"`` (the coarse top-1, kept: the refiner's evidence was too weak).
         """
         t_all = time.perf_counter()
         self.last_peaks = None
+        self.last_source = None
         q = np.asarray(query_emb, dtype=np.float32)
         rows = np.asarray(topk_rows, dtype=np.int64)
         B, kq = rows.shape
@@ -222,6 +227,7 @@ class GraphRefiner:
         pos_m = np.asarray(index.positions, dtype=np.float64)[rows]  # (B, kq, 2)
         order = np.broadcast_to(np.arange(kq), (B, kq)).copy()
         position = pos_m[:, 0].copy()
+        fallback = "coarse"  # where the position comes from when fine alignment does not take it
         if self.gnn is not None:
             t0 = time.perf_counter()
             feats = index.gather_features(rows[:, :kg].reshape(-1)).reshape(B, kg, -1)
@@ -247,11 +253,15 @@ class GraphRefiner:
                 order[:, :kg] = np.argsort(-scores, axis=1, kind="stable")
             if self.cfg.gnn_position:
                 position = pos_m[:, 0] + out.position.double().cpu().numpy() * spacing
+                fallback = "gnn"
             else:
                 position = np.take_along_axis(pos_m, order[:, :1, None], axis=1)[:, 0]
+                fallback = "gnn" if self.cfg.rerank else "coarse"
             self.timings["gnn_s"] += time.perf_counter() - t0
+        self.last_source = np.full(B, fallback, dtype=object)
         if self.aligner is not None and self.cfg.fine_align and query_images is not None:
             position, order = self._fine_align(query_images, pos_m, order, position, index)
+            self.last_source[self.last_peaks >= self.align_min_peak] = "aligned"
         refined = np.take_along_axis(rows, order, axis=1)
         self.timings["refine_s"] += time.perf_counter() - t_all
         self.timings["queries"] += B
