@@ -258,6 +258,7 @@ class LocalizeConfig:
 @dataclass
 class EvalConfig:
     """Evaluation (``test.py``)."""
+    raster_truth: bool = param(False, doc="a query GeoTIFF co-registered with the map: score each tile against its own georeferenced footprint centre (the correct reference: the nearest within half a stride); for evaluating on co-registered pairs, never an input to the answer")
 
     ks: list[int] = param([1, 5, 10, 20], lo=1, min_items=1, doc="recall@k cut-offs")
     thresholds_m: list[float] = param([1, 2, 5, 10, 25, 50, 100, 200], gt=0.0, min_items=1, doc="localization-error thresholds, metres")

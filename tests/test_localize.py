@@ -166,6 +166,17 @@ def test_geotiff_queries_tiled_on_the_fly(world, monkeypatch):
     assert s["kind"] == "raster" and s["queries"] == 16
     rows = _read_csv(root / "tif" / "predictions.csv")
     assert rows[0]["query"] == "sar_r0_c0" and "true_id" not in rows[0]
+    # co-registered with the map: each tile is scored against its own footprint centre
+    s = localize_command(experiment("loc", "ds", "localize.raster_truth=true"), str(tif), out="tif_truth")
+    rows = _read_csv(root / "tif_truth" / "predictions.csv")
+    assert len(rows) == 16
+    r0 = next(r for r in rows if r["query"] == "sar_r0_c0")
+    assert (float(r0["true_x"]), float(r0["true_y"])) == (ORIGIN[0] + 8.0, ORIGIN[1] - 8.0)  # centre of the first 16 px tile
+    refs = {int(r["top1_id"]): (float(r["coarse_x"]), float(r["coarse_y"])) for r in rows}
+    for r in rows:
+        if r["coarse_rank"] == "1":  # found: the top-1 reference sits exactly on the tile
+            assert refs[int(r["top1_id"])] == (float(r["true_x"]), float(r["true_y"])) and float(r["coarse_error_m"]) == 0.0
+    assert sum(r["true_id"] != "-1" for r in rows) >= 9  # tiles on the reference grid have a correct reference
 
     # a strip in geographic coordinates over the map is warped to the map CRS and localized
     from pyproj import Transformer

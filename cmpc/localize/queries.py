@@ -215,6 +215,7 @@ class RasterQueries(QuerySource):
 
         self.path, self.img_size, self.nodata_max_frac = path, img_size, nodata_max_frac
         self.bands = cfg.raster_bands
+        self.truth = bool(cfg.raster_truth)
         self.description = f"SAR GeoTIFF {path}"
         with open_raster(path, bands=self.bands, role="query SAR") as probe:
             source_crs = probe.source_crs
@@ -243,6 +244,10 @@ class RasterQueries(QuerySource):
         patch_m = float(index.manifest.get("patch_m") or 0.0)
         self.patch_px = int(cfg.raster_patch_px or max(8, round(patch_m / self.gsd_m)))
         self.stride_px = int(cfg.raster_stride_px or max(1, self.patch_px // 2))
+        self.has_truth = self.truth
+        if self.truth:
+            self._ref_xy = np.asarray(index.positions, dtype=np.float64)
+            self._ref_ids = np.asarray(index.ids, dtype=np.int64)
 
     def batches(self, batch_size: int) -> Iterator[QueryBatch]:
         from cmpc.data.raster import iter_raster_patches
@@ -272,11 +277,21 @@ class RasterQueries(QuerySource):
                 a = np.where(np.isfinite(a), a, fill[:, None, None]).astype(np.float32)
             xs.append(to_model_input(a, self.img_size))
         names = [f"{self.path.stem}_r{int(p.window.row_off)}_c{int(p.window.col_off)}" for p in patches]
+        # localize.raster_truth: the GeoTIFF is co-registered with the map, so each tile's own
+        # footprint centre is its true position (evaluation on co-registered pairs)
+        true_xy = np.array([[p.x, p.y] for p in patches], dtype=np.float64) if self.truth else np.full((len(patches), 2), np.nan)
+        true_ids = np.full(len(patches), -1, dtype=np.int64)
+        if self.truth:
+            # the correct reference: the nearest centre, when within half a query stride
+            d = np.linalg.norm(true_xy[:, None, :] - self._ref_xy[None, :, :], axis=2)
+            j = d.argmin(axis=1)
+            near = d[np.arange(len(j)), j] <= 0.5 * self.stride_px * self.gsd_m + 1e-6
+            true_ids[near] = self._ref_ids[j[near]]
         return QueryBatch(
             x=torch.stack(xs),
             names=names,
-            true_ids=np.full(len(patches), -1, dtype=np.int64),
-            true_xy=np.full((len(patches), 2), np.nan),
+            true_ids=true_ids,
+            true_xy=true_xy,
             aligned=np.ones(len(patches), dtype=bool),
         )
 
