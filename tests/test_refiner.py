@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -279,6 +280,26 @@ def test_tiny_end_to_end_refinement_lowers_the_error(tmp_path: Path, monkeypatch
     kept = loc.localize_batch(torch.stack([ds[i][0] for i in na]))
     assert set(kept.position_from) == {"coarse"} and np.array_equal(kept.refined_xy, kept.coarse_xy)
     assert np.array_equal(kept.refined_rows, kept.rows)
+
+    # calibration on the held-out queries: every fallback policy gets its threshold and R@1;
+    # the chosen one never has a lower R@1 than the coarse order and has the lowest capped error
+    from cmpc.localize.refine import POLICIES, gated_settings
+    from cmpc.models.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    cal = ck["stats"]["calibration"]
+    assert set(cal["policies"]) == set(POLICIES)
+    allowed = {k: v for k, v in cal["policies"].items() if v["r1"] >= cal["coarse_r1"]}
+    assert cal["policy"] == min(allowed, key=lambda k: allowed[k]["capped_mean_m"])
+    assert cal["policies"]["coarse"]["r1"] == cal["coarse_r1"]  # the coarse order is the coarse order
+    assert ck["stats"]["align_min_peak"] == cal["policies"]["gnn_position"]["align_min_peak"]  # the configured switches
+    cfg, t = gated_settings(ck, dataclasses.replace(exp.refine, gate="calibrated"), path)
+    assert (cfg.rerank, cfg.gnn_position) == POLICIES[cal["policy"]] and t == cal["policies"][cal["policy"]]["align_min_peak"]
+    cfg, t = gated_settings(ck, dataclasses.replace(exp.refine, rerank=False, gnn_position=False), path)
+    assert (cfg.rerank, cfg.gnn_position) == (False, False) and t == cal["policies"]["coarse"]["align_min_peak"]
+    old = {**ck, "stats": {k: v for k, v in ck["stats"].items() if k != "calibration"}}
+    with pytest.raises(CheckpointError, match="no calibrated policy"):
+        gated_settings(old, dataclasses.replace(exp.refine, gate="calibrated"), path)
 
 
 @pytest.mark.slow

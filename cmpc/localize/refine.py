@@ -9,8 +9,9 @@
 3. fine alignment (:mod:`cmpc.localize.align`, network :mod:`cmpc.models.descriptor`):
    correlates the query's dense SAR descriptors against the cached optical descriptors of
    the map around the best ``fine_top`` candidates; the strongest peak gives the position
-   (falling back to the GNN position when no peak reaches ``align_min_peak``), and the
-   candidate nearest to that position is moved to the front.
+   (falling back to the GNN position, or the coarse one, when no peak reaches
+   ``align_min_peak``: :func:`gated_settings`), and the candidate nearest to that position
+   is moved to the front (when reranking).
 
 Fewer than ``k`` candidates (a small map or a tight prior): the missing graph nodes are
 masked out (padding), so the refiner works with any number >= 1. Non-finite embeddings are a
@@ -360,6 +361,46 @@ def refiner_embedder_record(ck: dict[str, Any]) -> dict[str, Any] | None:
     return rec
 
 
+#: The refiner's policies when the alignment peak is too weak, as (rerank, gnn_position):
+#: keep the coarse order and top-1 centre; take the GNN's order (its top-1 centre); take
+#: the GNN's order and regressed position; keep the coarse order but the GNN's position.
+POLICIES: dict[str, tuple[bool, bool]] = {
+    "coarse": (False, False),
+    "gnn_order": (True, False),
+    "gnn_position": (True, True),
+    "coarse_order_gnn_position": (False, True),
+}
+
+
+def policy_name(rerank: bool, gnn_position: bool) -> str:
+    """The :data:`POLICIES` key of a (rerank, gnn_position) pair."""
+    return next(k for k, v in POLICIES.items() if v == (bool(rerank), bool(gnn_position)))
+
+
+def gated_settings(ck: dict[str, Any], cfg: RefineConfig, path: str | Path) -> tuple[RefineConfig, float]:
+    """The query-time switches and peak threshold of a refiner checkpoint ``ck``.
+
+    ``refine.gate = "config"``: ``cfg``'s rerank / gnn_position, the threshold calibrated for
+    that policy (older checkpoints: their single ``align_min_peak``). ``"calibrated"``: the
+    policy chosen on validation in training (``stats.calibration.policy``) and its threshold;
+    a checkpoint without one is a one-line :class:`CheckpointError`. ``refine.align_min_peak``
+    set by hand wins over the calibrated threshold.
+    """
+    stats = ck.get("stats") or {}
+    cal = stats.get("calibration") or {}
+    policies = cal.get("policies") or {}
+    if cfg.gate == "calibrated":
+        name = cal.get("policy")
+        if name not in POLICIES or name not in policies:
+            raise CheckpointError(f"{path} holds no calibrated policy (trained without fine alignment or before refine.gate existed); retrain it or set refine.gate=config")
+        rerank, gnn_position = POLICIES[name]
+        cfg = dataclasses.replace(cfg, rerank=rerank, gnn_position=gnn_position)
+    else:
+        name = policy_name(cfg.rerank, cfg.gnn_position)
+    t = (policies.get(name) or {}).get("align_min_peak", stats.get("align_min_peak", 0.0))
+    return cfg, float(cfg.align_min_peak if cfg.align_min_peak is not None else t)
+
+
 def refiner_from_checkpoint(
     path: str | Path,
     cfg: RefineConfig,
@@ -406,7 +447,7 @@ def refiner_from_checkpoint(
             aligner.load_state_dict(ck["aligner"])
         except RuntimeError as e:
             raise CheckpointError(f"{path}: aligner weights do not fit their stored architecture: {str(e).splitlines()[0]}") from None
-    min_peak = cfg.align_min_peak if cfg.align_min_peak is not None else float(ck.get("stats", {}).get("align_min_peak", 0.0))
+    cfg, min_peak = gated_settings(ck, cfg, path)
     gr = GraphRefiner(gnn, aligner, cfg, k, D, align_min_peak=min_peak, device=device)
     gr.source = provenance.record(path)
     gr.inputs = dict(ck.get(provenance.INPUTS) or {})

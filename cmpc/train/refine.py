@@ -506,22 +506,40 @@ def aligner_from(path: str | Path, query_px: int) -> tuple[DenseDescriptor, dict
 
 
 def _calibrate(exp: Experiment, gnn, aligner, gs: GraphSet, val_idx: np.ndarray, anns: list, index, meta: dict) -> tuple[float, dict[str, Any]]:  # noqa: ANN001
-    """Run the whole refiner on held-out training queries; choose ``align_min_peak``."""
-    cfg = copy.deepcopy(exp.refine)
-    gr = GraphRefiner(gnn, aligner, cfg, cfg.k, int(gs.q.shape[1]), align_min_peak=-1.0)
+    """Run the whole refiner on held-out training queries (the places the embedder did not
+    train on: the refiner never trained on them either); for every fallback policy
+    (:data:`cmpc.localize.refine.POLICIES`) choose its ``align_min_peak``, and choose the
+    policy with the lowest capped mean error among those whose final R@1 is not below the
+    coarse R@1. Returns (the threshold of the configured rerank / gnn_position, summary with
+    ``policy`` (the chosen one) and ``policies``: per policy threshold, errors, R@1)."""
+    from cmpc.localize.refine import POLICIES, policy_name
+
     img_size = int(meta.get("img_size") or exp.data.img_size)
     ds = PatchDataset(exp.data.root, "train", "sar", img_size, annotations=[anns[i] for i in val_idx])
     x = torch.stack([ds[i][0] for i in range(len(ds))])
-    rows, scores = gs.rows[val_idx], gs.scores[val_idx]
-    cfg.fine_align = False
-    _, p_gnn = gr.refine(gs.q[val_idx].numpy(), rows, scores, index, x)
-    cfg.fine_align = True
-    # per-query peaks: run the aligner path and read back what it found
-    _, p_al = gr.refine(gs.q[val_idx].numpy(), rows, scores, index, x)
-    peaks = gr.last_peaks
+    q, rows, scores = gs.q[val_idx].numpy(), gs.rows[val_idx], gs.scores[val_idx]
     true = gs.true_pos[val_idx]
-    e_gnn = np.linalg.norm(p_gnn - true, axis=1)
-    e_al = np.linalg.norm(p_al - true, axis=1)
-    t, summary = calibrate_min_peak(e_al, peaks, e_gnn)
-    summary.update({"gnn_median_m": float(np.median(e_gnn)), "aligned_median_m": float(np.median(e_al)), "n": int(len(val_idx))})
-    return t, summary
+    target = gs.target[val_idx].numpy()
+    correct = np.where(target >= 0, rows[np.arange(len(rows)), np.maximum(target, 0)], -1)
+    coarse_r1 = float(np.mean(rows[:, 0] == correct))
+    policies: dict[str, dict[str, Any]] = {}
+    for name, (rerank, gnn_position) in POLICIES.items():
+        if gnn is None and (rerank or gnn_position):
+            continue
+        cfg = dataclasses.replace(copy.deepcopy(exp.refine), rerank=rerank, gnn_position=gnn_position, fine_align=False)
+        gr = GraphRefiner(gnn, aligner, cfg, cfg.k, int(gs.q.shape[1]), align_min_peak=-1.0)
+        _, p_fb = gr.refine(q, rows, scores, index, x)
+        cfg.fine_align = True
+        _, p_al = gr.refine(q, rows, scores, index, x)
+        peaks = gr.last_peaks
+        e_fb, e_al = np.linalg.norm(p_fb - true, axis=1), np.linalg.norm(p_al - true, axis=1)
+        t, summary = calibrate_min_peak(e_al, peaks, e_fb)
+        gr.align_min_peak = t
+        final_rows, _ = gr.refine(q, rows, scores, index, x)
+        summary.update({"align_min_peak": t, "r1": float(np.mean(final_rows[:, 0] == correct)), "fallback_median_m": float(np.median(e_fb)), "aligned_median_m": float(np.median(e_al))})
+        policies[name] = summary
+    allowed = {k: v for k, v in policies.items() if v["r1"] >= coarse_r1 - 1e-12}
+    chosen = min(allowed, key=lambda k: allowed[k]["capped_mean_m"])  # "coarse" is always allowed
+    configured = policy_name(exp.refine.rerank, exp.refine.gnn_position)
+    summary = {**policies.get(configured, policies[chosen]), "n": int(len(val_idx)), "coarse_r1": coarse_r1, "policy": chosen, "policies": policies}
+    return float(summary["align_min_peak"]), summary  # the threshold of the configured switches (refine.gate=config)
