@@ -152,12 +152,57 @@ def cmd_train_all(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card_exp(args: argparse.Namespace, extra: list[str], name: str | None = None):
+    """(experiment, card) of ``--model``: the card's configuration plus ``--set`` and flag
+    overrides. The card's files are checked (size, SHA-256) before anything loads them; an
+    experiment file or ``--checkpoint`` beside ``--model`` is refused (the card carries both)."""
+    from cmpc.models.card import load_card
+
+    if getattr(args, "experiment", None):
+        raise ConfigError(f"give an experiment file or --model, not both: the model card of {args.model!r} carries the configuration")
+    if getattr(args, "checkpoint", None):
+        raise ConfigError("--checkpoint and --model exclude each other: the model card names its embedder")
+    card = load_card(args.model)
+    return card.to_experiment(list(args.set or []) + list(extra), name=name), card
+
+
+def _need_experiment(args: argparse.Namespace, command: str) -> None:
+    if not getattr(args, "experiment", None):
+        raise ConfigError(f"cmpc {command} needs an experiment file or --model NAME (a shipped model, e.g. --model sentinel)")
+
+
+def _index_dir_arg(value: str) -> Path:
+    """``--index``: a name under ``index/`` (when ``index/<name>/`` exists or no folder of that
+    name is here) or the path of an index folder."""
+    from cmpc.config import validate_index_name
+
+    p = Path(value)
+    if "/" not in value and os.sep not in value:
+        named = Path("index") / validate_index_name(value, "--index")
+        if named.is_dir() or not p.is_dir():
+            return named
+    return p
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     from cmpc.index.build import build_index
 
-    exp = _exp(args, _flag_overrides(args, {"name": "index.name", "factory": "index.factory", "split": "index.split", "raster": "index.raster",
-                                            "patch_px": "index.patch_px", "stride_px": "index.stride_px", "shards": "index.shards"}))
-    manifest = build_index(exp, checkpoint=args.checkpoint, add=args.add)
+    overrides = _flag_overrides(args, {"name": "index.name", "factory": "index.factory", "split": "index.split", "raster": "index.raster",
+                                       "patch_px": "index.patch_px", "stride_px": "index.stride_px", "shards": "index.shards"})
+    if args.model:
+        import dataclasses
+
+        from cmpc.data.conventions import check_map_sources
+
+        exp, card = _card_exp(args, overrides)
+        facts = check_map_sources(card.inputs, raster=exp.index.raster, bands=exp.index.bands, root=exp.data.root, split=exp.index.split)
+        if exp.index.raster and exp.index.patch_px is None:  # references cover the ground the model was trained on
+            exp = dataclasses.replace(exp, index=dataclasses.replace(exp.index, patch_px=card.inputs.patch_px(facts["gsd_m"])))
+        manifest = build_index(exp, checkpoint=str(card.embedder.path), add=args.add)
+    else:
+        _need_experiment(args, "index build")
+        exp = _exp(args, overrides)
+        manifest = build_index(exp, checkpoint=args.checkpoint, add=args.add)
     print(json.dumps(manifest, indent=2))
     return 0
 
@@ -173,12 +218,44 @@ def cmd_localize(args: argparse.Namespace) -> int:
     from cmpc.evaluate.ranks import GroundTruthScorer
     from cmpc.localize.run import localize
 
-    exp = _exp(args, _flag_overrides(args, {"top_k": "localize.top_k", "prior": "localize.prior", "center": "localize.prior_center",
-                                            "radius": "localize.prior_radius_m"}))
-    # queries with ground truth are scored too (metrics.json + plots beside the predictions)
-    result = localize(exp, queries=args.queries, out=args.out, checkpoint=args.checkpoint, split=args.split,
-                      scorer=GroundTruthScorer(exp.eval, exp.localize.top_k))
+    overrides = _flag_overrides(args, {"top_k": "localize.top_k", "prior": "localize.prior", "center": "localize.prior_center",
+                                       "radius": "localize.prior_radius_m"})
+    index_dir = _index_dir_arg(args.index) if args.index else None
+    if args.model:
+        # named after the index: reports/<index name>/localize unless --out
+        exp, card = _card_exp(args, overrides, name=index_dir.name if index_dir is not None else None)
+        result = localize(exp, queries=args.queries, out=args.out, checkpoint=str(card.embedder.path), split=args.split,
+                          index_dir=index_dir if index_dir is not None else exp.index_dir,
+                          scorer=GroundTruthScorer(exp.eval, exp.localize.top_k),
+                          refiner_path=card.refiner.path if card.refiner else None, use_refiner=card.refiner is not None,
+                          conventions=card.inputs)
+    else:
+        _need_experiment(args, "localize")
+        exp = _exp(args, overrides)
+        # queries with ground truth are scored too (metrics.json + plots beside the predictions)
+        result = localize(exp, queries=args.queries, out=args.out, checkpoint=args.checkpoint, split=args.split, index_dir=index_dir,
+                          scorer=GroundTruthScorer(exp.eval, exp.localize.top_k))
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from cmpc.models.card import card_summary, load_card
+
+    card = load_card(args.model, verify=False)
+    summary = card_summary(card)
+    if args.verify:
+        card.verify()
+        summary["verified"] = True
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_model_seal(args: argparse.Namespace) -> int:
+    from cmpc.models.card import seal_card
+
+    raw = seal_card(args.model)
+    print(json.dumps(raw["files"], indent=2))
     return 0
 
 
@@ -476,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_idx = sub.add_parser("index", help="build or inspect a reference index")
     s_idx = p_idx.add_subparsers(dest="sub", required=True)
     p = s_idx.add_parser("build", help="embed optical references into index/<name>/")
-    _add_common(p, "required")
+    _add_common(p)
+    p.add_argument("--model", help="a shipped model instead of the experiment file: a registered name (weights/<NAME>/, or $CMPC_WEIGHTS) or a card.json path")
     p.add_argument("--checkpoint", help="embedder checkpoint (default: runs/<name>/emb_best.pt)")
     p.add_argument("--name", help="index name (folder under index/)")
     p.add_argument("--factory", help="faiss factory string or auto")
@@ -491,9 +569,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="index folder")
     p.set_defaults(func=cmd_index_info)
 
+    # model (shipped weights + card)
+    p_model = sub.add_parser("model", help="shipped models: weights/<name>/card.json")
+    s_model = p_model.add_subparsers(dest="sub", required=True)
+    p = s_model.add_parser("info", help="print a model card (files, input conventions, metrics)")
+    p.add_argument("model", help="registered name or card.json path")
+    p.add_argument("--verify", action="store_true", help="also check every file's size and sha256 against the card")
+    p.set_defaults(func=cmd_model_info)
+    p = s_model.add_parser("seal", help="record the files' sha256 and sizes (and the embedder's model config) in card.json")
+    p.add_argument("model", help="registered name, model folder or card.json path")
+    p.set_defaults(func=cmd_model_seal)
+
     # localize
     p = sub.add_parser("localize", help="localize SAR queries against an index")
-    _add_common(p, "required")
+    _add_common(p)
+    p.add_argument("--model", help="a shipped model instead of the experiment file: a registered name (weights/<NAME>/, or $CMPC_WEIGHTS) or a card.json path")
+    p.add_argument("--index", help="index name (index/<NAME>/) or folder (default: the experiment's / the model's name)")
     p.add_argument("--queries", required=True, help="folder of SAR patches, a CMPC dataset root/split, or a SAR GeoTIFF")
     p.add_argument("--out", help="output folder (default reports/<name>/localize)")
     p.add_argument("--checkpoint")

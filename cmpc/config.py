@@ -254,12 +254,12 @@ class LocalizeConfig:
     raster_stride_px: int | None = param(None, lo=1, doc="stride when tiling a SAR GeoTIFF, pixels; null = raster_patch_px/2")
     raster_bands: list[int] | None = param(None, lo=1, min_items=1, doc="1-based bands of a SAR GeoTIFF to use; null = all")
     reproject: bool = param(False, doc="warp a query GeoTIFF in another projected CRS to the map CRS (resamples the SAR) instead of refusing it")
+    raster_truth: bool = param(False, doc="a query GeoTIFF co-registered with the map: score each tile against its own georeferenced footprint centre (the correct reference: the nearest within half a stride); for evaluating on co-registered pairs, never an input to the answer")
 
 
 @dataclass
 class EvalConfig:
     """Evaluation (``test.py``)."""
-    raster_truth: bool = param(False, doc="a query GeoTIFF co-registered with the map: score each tile against its own georeferenced footprint centre (the correct reference: the nearest within half a stride); for evaluating on co-registered pairs, never an input to the answer")
 
     ks: list[int] = param([1, 5, 10, 20], lo=1, min_items=1, doc="recall@k cut-offs")
     thresholds_m: list[float] = param([1, 2, 5, 10, 25, 50, 100, 200], gt=0.0, min_items=1, doc="localization-error thresholds, metres")
@@ -584,12 +584,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
-def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Experiment:
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> Experiment:
     """Load, merge (``extends``), override (``--set``) and validate an experiment.
 
-    ``path`` None gives the defaults (plus overrides).
+    ``path`` None gives the defaults (plus overrides), or ``base``: an experiment already
+    read as a dict (e.g. a model card's ``experiment``, :mod:`cmpc.models.card`), copied and
+    validated like a file's content.
     """
-    raw: dict[str, Any] = _read_json(Path(path)) if path is not None else {}
+    if path is not None and base is not None:
+        raise ConfigError("give an experiment file or a model's configuration, not both")
+    raw: dict[str, Any] = _read_json(Path(path)) if path is not None else json.loads(json.dumps(base or {}))
     if path is not None and "name" not in raw:
         raw["name"] = Path(path).stem
     for text in overrides or []:

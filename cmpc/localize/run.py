@@ -24,15 +24,16 @@ import numpy as np
 from tqdm import tqdm
 
 from cmpc.config import Experiment
+from cmpc.data.conventions import InputConventions, check_patch_files, check_sar_raster
 from cmpc.data.layout import read_dataset_meta
 from cmpc.errors import DataError
 from cmpc.index.store import ReferenceIndex
 from cmpc.localize.localizer import Localizer, LocalizeResult, load_refiner  # noqa: F401 - public re-exports
 from cmpc.localize.outputs import CSV_FILE, GEOJSON_FILE, PredictionWriter, QueryRecords
-from cmpc.localize.queries import AnnotationQueries, QuerySource, open_queries
+from cmpc.localize.queries import AnnotationQueries, QuerySource, RasterQueries, open_queries
 from cmpc.utils.io import atomic_dir, check_out_dir
 
-__all__ = ["Localizer", "LocalizeResult", "Scorer", "load_refiner", "localize", "run_queries", "split_protocol"]
+__all__ = ["Localizer", "LocalizeResult", "Scorer", "check_query_conventions", "load_refiner", "localize", "run_queries", "split_protocol"]
 
 #: What a localization run writes itself (a scorer adds its own files, :attr:`Scorer.files`).
 PREDICTION_FILES = (CSV_FILE, GEOJSON_FILE)
@@ -118,6 +119,9 @@ def localize(
     *,
     index_dir: str | Path | None = None,
     scorer: Scorer | None = None,
+    refiner_path: str | Path | None = None,
+    use_refiner: bool = True,
+    conventions: InputConventions | None = None,
 ) -> dict[str, Any]:
     """Localize ``queries`` against the index; return a summary (and write outputs).
 
@@ -127,12 +131,18 @@ def localize(
     the index folder (default the one serving the checkpoint, see
     :meth:`Localizer.from_experiment`). ``scorer``: scores queries that carry ground truth
     (metrics.json and plots beside the predictions); without one, predictions only.
+    ``refiner_path`` / ``use_refiner``: see :meth:`Localizer.from_experiment`.
+    ``conventions``: the input conventions of a shipped model (:mod:`cmpc.models.card`): the
+    queries are checked against them before anything is embedded or written
+    (:func:`check_query_conventions`).
     """
     out_dir = check_out_dir(Path(out) if out else exp.report_dir / "localize")  # a file there: one line, before any work
-    localizer = Localizer.from_experiment(exp, checkpoint, index_dir=index_dir)
+    localizer = Localizer.from_experiment(exp, checkpoint, index_dir=index_dir, use_refiner=use_refiner, refiner_path=refiner_path)
     source = open_queries(
         queries, split, localizer.img_size, localizer.index, exp.localize, exp.data.num_workers, exp.tile.nodata_max_frac
     )
+    if conventions is not None:
+        check_query_conventions(source, conventions)
     # Written aside and moved into out_dir only when everything succeeded: a failed run leaves
     # the previous outputs whole (or no folder at all); other files in out_dir stay.
     owned = PREDICTION_FILES + (scorer.files if scorer is not None else ())
@@ -169,6 +179,19 @@ def localize(
             summary["files"] += [str(out_dir / name) for name in scorer.written()]
             summary["metrics"] = short_metrics(metrics)
     return summary
+
+
+def check_query_conventions(source: QuerySource, conventions: InputConventions) -> dict[str, Any]:
+    """Check the SAR queries of ``source`` against a shipped model's input conventions
+    (:mod:`cmpc.data.conventions`): a SAR GeoTIFF as a whole, patch files on a sample (their
+    annotation ``gsd``, metres/pixel, when they carry one). One-line refusals; returns the facts."""
+    if isinstance(source, RasterQueries):
+        return check_sar_raster(source.path, conventions, bands=source.bands)
+    paths = getattr(source, "paths", None)  # patch folders and dataset splits
+    if paths is not None:
+        gsds = [a.gsd for a in getattr(source, "annotations", []) if a.gsd]
+        return check_patch_files(paths, conventions, "sar", gsd_m=float(np.median(gsds)) if gsds else None)
+    return {}
 
 
 def short_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,406 @@
+"""Shipped models (weights/<model>/card.json): the two user commands without an experiment
+file, the card's hash check, its configuration, and the input-convention refusals.
+
+The mechanics run on a tiny card made here (an untrained embedder saved with the project's
+checkpoint writer, sealed with ``cmpc model seal``); the real shipped card is parsed always
+and localizes a real sentinel-la patch when ../shared and the weights are present.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from affine import Affine
+
+from cmpc.cli import main
+from index_fixtures import make_world, write_checkpoint
+from tiny_rasters import X0, Y0, write_tif
+
+REPO = Path(__file__).resolve().parents[1]
+MAP_PX = 64  # optical map side, pixels (1 m/px)
+PATCH_PX, STRIDE_PX = 16, 8  # card patch_m = 16 m at 1 m/px; stride = patch / 2
+N_GRID = ((MAP_PX - PATCH_PX) // STRIDE_PX + 1) ** 2  # 7 x 7 = 49 references (and SAR queries on the same grid)
+
+INPUTS = {
+    "sar": {"bands": 1, "band_names": ["VH"], "polarisation": "VH", "dtype": "uint8", "scaling": "linear amplitude / p99 -> uint8"},
+    "optical": {"bands": 3, "band_names": ["B04", "B03", "B02"], "dtype": "uint8", "product": "Sentinel-2 L1C"},
+    "gsd_m": [0.5, 2.0],
+    "patch_m": 16.0,
+}
+
+
+def _card_json(**over) -> dict:
+    card = {
+        "card_version": 1, "name": "tiny", "description": "untrained test embedder",
+        "files": {"embedder": {"path": "embedder.pt", "sha256": None, "bytes": None}},
+        "experiment": {"data": {"img_size": 16}, "index": {"batch_size": 16, "factory": "Flat"},
+                       "localize": {"batch_size": 16, "top_k": 5}, "train": {"device": "cpu"}, "eval": {"grid_queries": 2, "plots": False}},
+        "inputs": INPUTS, "metrics": {}, "licence": "test", "credit": "Contains modified Copernicus Sentinel data 2020",
+    }
+    card.update(over)
+    return card
+
+
+def _sar_u8(world: np.ndarray, seed: int = 1) -> np.ndarray:
+    """(1, H, W) uint8 'amplitude' from the optical world: brightness x speckle, clipped at p99."""
+    rng = np.random.default_rng(seed)
+    a = world.astype(np.float64).mean(axis=0, keepdims=True) * np.sqrt(rng.gamma(4, 1 / 4, size=(1,) + world.shape[1:]))
+    return np.clip(np.rint(255 * a / np.percentile(a, 99)), 1, 255).astype(np.uint8)
+
+
+def _tif(path: Path, data: np.ndarray, res: float = 1.0, descriptions: list[str] | None = None) -> Path:
+    write_tif(path, data, transform=Affine(res, 0.0, X0, 0.0, -res, Y0))
+    if descriptions:
+        import rasterio
+
+        with rasterio.open(path, "r+") as dst:
+            for i, d in enumerate(descriptions, start=1):
+                dst.set_band_description(i, d)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """weights/tiny/{card.json, embedder.pt} (sealed) + a co-registered uint8 VH / RGB pair at 1 m."""
+    from cmpc.errors import CheckpointError
+    from cmpc.models.card import load_card, seal_card
+
+    root = tmp_path_factory.mktemp("shipped")
+    folder = root / "weights" / "tiny"
+    folder.mkdir(parents=True)
+    write_checkpoint(folder / "embedder.pt", img_size=16, embed_dim=16)
+    (folder / "card.json").write_text(json.dumps(_card_json()))
+    with pytest.raises(CheckpointError, match="records no sha256"):
+        load_card(folder / "card.json")  # not sealed yet
+    seal_card(folder)
+    world = make_world(0, MAP_PX)
+    _tif(root / "map.tif", world, descriptions=["B04", "B03", "B02"])
+    _tif(root / "s1.tif", _sar_u8(world), descriptions=["VH"])
+    return root, world
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_error(rc: int, err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
+    return lines[0]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- the two commands
+
+
+def test_index_build_and_localize_with_a_registered_model(shipped, tmp_path, monkeypatch, capsys):
+    from cmpc.models.card import load_card
+
+    root, _ = shipped
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CMPC_WEIGHTS", str(root / "weights"))  # --model tiny = a registered name
+    card = load_card("tiny")
+
+    rc, out, err = _run(capsys, "model", "info", "tiny", "--verify")
+    assert rc == 0 and json.loads(out)["verified"] is True and json.loads(out)["files"]["embedder"]["bytes"] == card.embedder.bytes
+
+    rc, out, err = _run(capsys, "index", "build", "--model", "tiny", "--raster", str(root / "map.tif"), "--name", "mymap")
+    assert rc == 0, err
+    man = json.loads(out)
+    src = man["sources"][0]
+    assert (src["patch_px"], src["stride_px"]) == (PATCH_PX, STRIDE_PX)  # card patch_m 16 m / 1 m/px
+    assert man["checkpoint"]["hash"] == card.embedder.sha256  # the provenance an index keeps
+    assert src["count"] == N_GRID == 49
+    assert (tmp_path / "index" / "mymap" / "manifest.json").is_file()
+
+    rc, out, err = _run(capsys, "localize", "--model", "tiny", "--index", "mymap", "--queries", str(root / "s1.tif"))
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["queries"] == N_GRID and res["kind"] == "raster" and res["refined"] is False
+    assert Path(res["out"]) == Path("reports") / "mymap" / "localize"  # named after the index
+    rows = _rows(Path(res["out"]) / "predictions.csv")
+    assert len(rows) == N_GRID
+    x = np.array([float(r["x"]) for r in rows])
+    y = np.array([float(r["y"]) for r in rows])
+    # every answer is a reference centre of the map: inside it by half a patch
+    half = PATCH_PX / 2
+    assert (x >= X0 + half - 1e-6).all() and (x <= X0 + MAP_PX - half + 1e-6).all()
+    assert (y <= Y0 - half + 1e-6).all() and (y >= Y0 - MAP_PX + half - 1e-6).all()
+    assert set(np.round((x - X0 - half) / STRIDE_PX, 6)) <= set(range(7))
+
+
+def test_localize_a_dataset_split_with_a_card_path(shipped, tmp_path, monkeypatch, capsys):
+    """`--queries ROOT --split test` of a CMPC dataset tiled from the pair; the card named by path."""
+    root, _ = shipped
+    monkeypatch.chdir(tmp_path)
+    card = str(root / "weights" / "tiny" / "card.json")
+    rc, out, err = _run(capsys, "data", "tile", "--sar", str(root / "s1.tif"), "--optical", str(root / "map.tif"), "--out", "ds",
+                        "--patch-px", "16", "--stride-px", "8", "--split", "same-area", "--non-aligned-per-ref", "0")
+    assert rc == 0, err
+    n_test = len(list((tmp_path / "ds" / "test" / "annotations" / "sar").glob("*.json")))
+    assert n_test > 0
+    rc, out, err = _run(capsys, "index", "build", "--model", card, "--set", "data.root=ds", "--split", "test", "--name", "dsmap")
+    assert rc == 0, err
+    n_refs = json.loads(out)["sources"][0]["count"]
+    rc, out, err = _run(capsys, "localize", "--model", card, "--index", "dsmap", "--queries", "ds", "--split", "test", "--out", "loc")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["kind"] == "dataset" and res["queries"] == n_test
+    assert len(_rows(tmp_path / "loc" / "predictions.csv")) == n_test
+    r1 = res["metrics"]["aligned"]["coarse"]["R@1"]
+    assert 0.0 <= r1 <= 1.0 and res["metrics"]["aligned"]["n_queries"] == n_test
+    assert n_refs > 0
+
+
+# --------------------------------------------------------------------------- trust: hashes, configuration
+
+
+def test_sha256_mismatch_is_refused_before_anything_is_written(shipped, tmp_path, monkeypatch, capsys):
+    root, _ = shipped
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "weights" / "tiny", bad)
+    card = json.loads((bad / "card.json").read_text())
+    card["files"]["embedder"]["sha256"] = "0" * 64
+    (bad / "card.json").write_text(json.dumps(card))
+    rc, _, err = _run(capsys, "index", "build", "--model", str(bad / "card.json"), "--raster", str(root / "map.tif"), "--name", "m")
+    line = _one_line_error(rc, err)
+    assert "sha256" in line and "000000000000" in line
+    assert not (tmp_path / "index").exists()
+    rc, _, err = _run(capsys, "localize", "--model", str(bad), "--index", "m", "--queries", str(root / "s1.tif"))
+    assert "sha256" in _one_line_error(rc, err)
+    assert not (tmp_path / "reports").exists()
+    # the same bytes with a size that does not match: refused too (before hashing)
+    card["files"]["embedder"]["bytes"] = 1
+    (bad / "card.json").write_text(json.dumps(card))
+    rc, _, err = _run(capsys, "index", "build", "--model", str(bad), "--raster", str(root / "map.tif"))
+    assert "bytes" in _one_line_error(rc, err)
+    # a listed refiner that is not there: refused, not silently skipped
+    card["files"]["embedder"]["bytes"] = None
+    card["files"]["embedder"]["sha256"] = json.loads((root / "weights" / "tiny" / "card.json").read_text())["files"]["embedder"]["sha256"]
+    card["files"]["refiner"] = {"path": "refiner.pt", "sha256": "1" * 64, "bytes": 10}
+    (bad / "card.json").write_text(json.dumps(card))
+    rc, _, err = _run(capsys, "localize", "--model", str(bad), "--index", "m", "--queries", str(root / "s1.tif"))
+    assert "refiner" in _one_line_error(rc, err) and "missing" in err
+
+
+def test_an_index_of_another_model_is_refused(shipped, tmp_path, monkeypatch, capsys):
+    from cmpc.models.card import seal_card
+
+    root, _ = shipped
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(root / "weights" / "tiny", other)
+    write_checkpoint(other / "embedder.pt", img_size=16, embed_dim=16, seed=1)
+    seal_card(other)
+    rc, _, err = _run(capsys, "index", "build", "--model", str(other), "--raster", str(root / "map.tif"), "--name", "m2")
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "localize", "--model", str(root / "weights" / "tiny"), "--index", "m2", "--queries", str(root / "s1.tif"))
+    assert "checkpoint" in _one_line_error(rc, err)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"experiment": {"index": {"facotry": "Flat"}}}, "unknown config key 'index.facotry'"),
+        ({"experiment": {"nonsense": {}}}, "unknown config key 'nonsense'"),
+        ({"experiment": {"extends": "x.json"}}, "extends"),
+        ({"inputs": {**INPUTS, "gsd_m": [2, 1]}}, "inputs.gsd_m"),
+        ({"colour": "red"}, "unknown key 'colour'"),
+    ],
+)
+def test_a_card_with_unknown_or_bad_keys_is_refused(shipped, tmp_path, monkeypatch, capsys, change, words):
+    root, _ = shipped
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "card"
+    shutil.copytree(root / "weights" / "tiny", folder)
+    card = json.loads((folder / "card.json").read_text())
+    card.update(change)
+    (folder / "card.json").write_text(json.dumps(card))
+    rc, _, err = _run(capsys, "localize", "--model", str(folder), "--index", "m", "--queries", str(root / "s1.tif"))
+    line = _one_line_error(rc, err)
+    assert words in line and str(folder / "card.json") in line
+
+
+def test_model_and_experiment_file_exclude_each_other(shipped, tmp_path, monkeypatch, capsys):
+    root, _ = shipped
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "e.json").write_text("{}")
+    rc, _, err = _run(capsys, "index", "build", "e.json", "--model", str(root / "weights" / "tiny"), "--raster", str(root / "map.tif"))
+    assert "not both" in _one_line_error(rc, err)
+    rc, _, err = _run(capsys, "localize", "--queries", str(root / "s1.tif"))
+    assert "--model" in _one_line_error(rc, err)
+    rc, _, err = _run(capsys, "localize", "--model", "no-such-model", "--queries", str(root / "s1.tif"))
+    assert "no registered model" in _one_line_error(rc, err)
+
+
+# --------------------------------------------------------------------------- input conventions (issue 11 item 3)
+
+
+def _refused(capsys, tmp_path, root, command: str, path: Path) -> str:
+    card = str(root / "weights" / "tiny")
+    if command == "index":
+        rc, _, err = _run(capsys, "index", "build", "--model", card, "--raster", str(path), "--name", "x")
+        assert not (tmp_path / "index" / "x").exists()
+    else:
+        rc, _, err = _run(capsys, "localize", "--model", card, "--index", "mymap", "--queries", str(path), "--out", "out")
+        assert not (tmp_path / "out").exists()
+    return _one_line_error(rc, err)
+
+
+@pytest.fixture
+def with_index(shipped, tmp_path, monkeypatch, capsys):
+    root, world = shipped
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = _run(capsys, "index", "build", "--model", str(root / "weights" / "tiny"), "--raster", str(root / "map.tif"), "--name", "mymap")
+    assert rc == 0, err
+    return root, world
+
+
+def test_sar_in_db_is_refused_pointing_to_convert_s1(with_index, tmp_path, capsys):
+    root, world = with_index
+    amp = _sar_u8(world).astype(np.float32) + 1.0
+    db = (20 * np.log10(amp / 255.0) - 12).astype(np.float32)  # -60 .. -12 dB
+    line = _refused(capsys, tmp_path, root, "localize", _tif(tmp_path / "s1_db.tif", db, descriptions=["VH"]))
+    assert "dB" in line and "cmpc data convert-s1" in line and "--pol VH" in line
+
+
+def test_sar_linear_power_is_refused_too(with_index, tmp_path, capsys):
+    root, world = with_index
+    power = (_sar_u8(world).astype(np.float32) / 255.0) ** 2 * 0.05
+    line = _refused(capsys, tmp_path, root, "localize", _tif(tmp_path / "s1_pow.tif", power.astype(np.float32)))
+    assert "linear power" in line and "convert-s1" in line
+
+
+def test_a_30m_map_is_refused_with_the_numbers(with_index, tmp_path, capsys):
+    root, world = with_index
+    line = _refused(capsys, tmp_path, root, "index", _tif(tmp_path / "map30.tif", world, res=30.0))
+    assert "30.00 m/px" in line and "0.5-2 m/px" in line and "gdalwarp -tr" in line
+    line = _refused(capsys, tmp_path, root, "localize", _tif(tmp_path / "s1_30.tif", _sar_u8(world), res=30.0, descriptions=["VH"]))
+    assert "30.00 m/px" in line
+
+
+def test_wrong_band_counts_are_refused(with_index, tmp_path, capsys):
+    root, world = with_index
+    four = np.concatenate([world, world[:1]])
+    line = _refused(capsys, tmp_path, root, "index", _tif(tmp_path / "map4.tif", four))
+    assert "has 4 band(s)" in line and "3 band(s) B04,B03,B02 uint8" in line
+    two = np.concatenate([_sar_u8(world)] * 2)
+    line = _refused(capsys, tmp_path, root, "localize", _tif(tmp_path / "s1_2.tif", two))
+    assert "has 2 band(s)" in line and "1 band(s) VH uint8" in line
+
+
+def test_float_reflectance_and_band_order_are_refused_pointing_to_convert_s2(with_index, tmp_path, capsys):
+    root, world = with_index
+    refl = (world.astype(np.float32) / 255.0 * 0.2).astype(np.float32)
+    line = _refused(capsys, tmp_path, root, "index", _tif(tmp_path / "map_refl.tif", refl))
+    assert "float32 reflectance" in line and "cmpc data convert-s2" in line
+    line = _refused(capsys, tmp_path, root, "index", _tif(tmp_path / "map_bgr.tif", world[::-1].copy(), descriptions=["B02", "B03", "B04"]))
+    assert "B02,B03,B04" in line and "index.bands" in line
+
+
+def test_vv_where_vh_was_trained_is_warned_not_refused(with_index, tmp_path, capsys):
+    root, world = with_index
+    rc, out, err = _run(capsys, "localize", "--model", str(root / "weights" / "tiny"), "--index", "mymap",
+                        "--queries", str(_tif(tmp_path / "s1_vv.tif", _sar_u8(world, seed=2), descriptions=["VV"])))
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "VV" in warnings[0] and "trained on VH" in warnings[0]
+    assert json.loads(out)["queries"] == N_GRID
+
+
+# --------------------------------------------------------------------------- the real shipped card
+
+
+SENTINEL = REPO / "weights" / "sentinel"
+
+
+def test_the_shipped_sentinel_card_parses():
+    from cmpc.models.card import load_card
+
+    card = load_card(SENTINEL / "card.json", verify=False)
+    exp = card.to_experiment()
+    assert card.name == "sentinel" and exp.model.backbone and exp.data.img_size == 128
+    assert card.inputs.sar.polarisation == "VH" and card.inputs.optical.band_names == ("B04", "B03", "B02")
+    assert card.inputs.gsd_m[0] <= 8.3 <= card.inputs.gsd_m[1]
+    assert "Contains modified Copernicus Sentinel data 2020" in card.raw["credit"]
+    assert "TODO-NUMBERS" in (SENTINEL / "MODEL_CARD.md").read_text() or card.raw["metrics"]
+
+
+@pytest.mark.real
+def test_sentinel_la_files_pass_the_shipped_conventions(real_data):
+    """The files the model was trained on are what its card says (no refusal, no warning)."""
+    from cmpc.data.conventions import check_optical_raster, check_sar_raster
+    from cmpc.models.card import load_card
+
+    la = real_data / "sentinel-la"
+    if not la.is_dir():
+        pytest.skip(f"{la} is absent")
+    conv = load_card(SENTINEL / "card.json", verify=False).inputs
+    sar = check_sar_raster(la / "175_sar.tif", conv)
+    opt = check_optical_raster(la / "175_optical.tif", conv)
+    assert sar["bands"] == 1 and sar["dtype"] == "uint8" and 8.0 < sar["gsd_m"] < 8.6
+    assert opt["bands"] == 3 and opt["dtype"] == "uint8" and 8.0 < opt["gsd_m"] < 8.6
+    assert conv.patch_px(opt["gsd_m"]) == 128  # 1,062 m at 8.3 m/px: the training patch
+
+
+@pytest.mark.real
+def test_the_shipped_model_localizes_a_real_sentinel_la_patch(real_data, tmp_path, monkeypatch, capsys):
+    """Index one test-block optical file (175, never trained on) with `--model sentinel`, then
+    localize SAR patches of the same place cut from 175_sar.tif: one answer per query, on the
+    map, and most of them at the right place."""
+    la = real_data / "sentinel-la"
+    if not la.is_dir():
+        pytest.skip(f"{la} is absent")
+    card = json.loads((SENTINEL / "card.json").read_text())
+    if not (SENTINEL / card["files"]["embedder"]["path"]).is_file() or not card["files"]["embedder"]["sha256"]:
+        pytest.skip("weights/sentinel not shipped yet")
+    import rasterio
+    from rasterio.windows import Window
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CMPC_WEIGHTS", raising=False)
+    # 384 px (3 x 3 reference cells) of SAR from the middle of the file, its georeferencing kept
+    with rasterio.open(la / "175_sar.tif") as src:
+        win = Window(320, 320, 384, 384)
+        prof = {**src.profile, "width": 384, "height": 384, "transform": src.window_transform(win)}
+        prof.pop("blockxsize", None), prof.pop("blockysize", None), prof.pop("tiled", None)
+        with rasterio.open(tmp_path / "s1.tif", "w", **prof) as dst:
+            dst.write(src.read(window=win))
+    rc, out, err = _run(capsys, "index", "build", "--model", "sentinel", "--raster", str(la / "175_optical.tif"), "--name", "la175")
+    assert rc == 0, err
+    man = json.loads(out)
+    assert man["sources"][0]["patch_px"] == 128 and man["sources"][0]["count"] > 100
+    rc, out, err = _run(capsys, "localize", "--model", "sentinel", "--index", "la175", "--queries", str(tmp_path / "s1.tif"))
+    assert rc == 0, err
+    res = json.loads(out)
+    rows = _rows(Path(res["out"]) / "predictions.csv")
+    assert res["queries"] == len(rows) == 25  # (384 - 128) / 64 + 1 = 5 per side
+    # the true centre of each query: its window on the query raster's working grid (UTM 11N)
+    from cmpc.data.raster import open_raster
+
+    with open_raster(tmp_path / "s1.tif") as q:
+        g = q.grid
+    err_m = []
+    for r in rows:
+        top, left = (int(t[1:]) for t in r["query"].rsplit("_", 2)[-2:])
+        cx, cy = g.window_centre(top, left, 128)
+        err_m.append(float(np.hypot(float(r["x"]) - cx, float(r["y"]) - cy)))
+    err_m = np.array(err_m)
+    assert np.isfinite(err_m).all()
+    # Query and reference grids are both warped from EPSG:3395 to UTM 11N: each query centre
+    # is 39 m from its own reference's, so a right answer is within 100 m (checked with a
+    # random embedder: 38.8 m for all 25). TODO-NUMBERS (trainer): set the floor from the
+    # measured rate once the weights are in (a random embedder: 0 of 25).
+    assert np.mean(err_m < 100) >= 0.4, np.round(err_m)
