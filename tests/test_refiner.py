@@ -336,3 +336,31 @@ def test_a_finished_refiner_is_kept_and_other_settings_retrain(tmp_path: Path, m
     train_refiner_command(experiment("again", root, *args, "refine.epochs=2"))
     assert path.stat().st_mtime_ns != second
     assert load_checkpoint(path)["inputs"]["embedder"]["sha256"] == checkpoint_hash(emb)
+
+
+def test_places_unseen_by_the_embedder_follow_the_validation_boxes(tmp_path: Path):
+    """With tiler validation boxes in dataset.json, the refiner validates and calibrates on
+    the queries inside them (where the embedder validated), not on the west end."""
+    import json
+
+    from index_fixtures import experiment, write_dataset
+
+    from cmpc.data.layout import read_annotations
+    from cmpc.train.refine import embedder_unseen
+
+    root = tmp_path / "ds"
+    write_dataset(root, split="train", seed=0, grid=6, patch_px=16, non_aligned=10)
+    refs = read_annotations(root, "train", "opt")
+    xs, ys = np.array([a.x for a in refs]), np.array([a.y for a in refs])
+    box = [float(xs.max() - 20), float(ys.max() - 20), float(xs.max() + 8), float(ys.max() + 8)]  # the north-east corner
+    meta_path = root / "dataset.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta["areas"] = {"val": {"boxes": [box]}, "buffer_m": 0.0}
+    meta_path.write_text(json.dumps(meta))
+    anns = read_annotations(root, "train", "sar")
+    unseen = embedder_unseen(experiment("u", root), {}, anns)
+    inside = {a.id for a in refs if a.x - 8 >= box[0] and a.y - 8 >= box[1] and a.x + 8 <= box[2] and a.y + 8 <= box[3]}
+    touching = {a.id for a in refs if a.x - 8 < box[2] and box[0] < a.x + 8 and a.y - 8 < box[3] and box[1] < a.y + 8}
+    assert 0 < len(inside) < len(touching) < len(refs) / 2
+    # validation (inside) and the references the trainer held back around it (touching the box)
+    assert {a.id for a, u in zip(anns, unseen) if u} == touching

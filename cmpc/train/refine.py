@@ -298,14 +298,16 @@ def calibrate_min_peak(errors_aligned: np.ndarray, peaks: np.ndarray, errors_fal
 
 
 def embedder_unseen(exp: Experiment, meta: dict[str, Any], anns: list) -> np.ndarray:
-    """(N,) bool: training queries at places the embedder did not train on (its spatial
-    validation block and the buffer around it, as :func:`cmpc.data.pairs.spatial_holdout`
-    draws them with the checkpoint's ``train.val_fraction``)."""
-    from cmpc.data.pairs import footprint_side_m, spatial_holdout
+    """(N,) bool: training queries at places the embedder did not train on (its validation
+    hold-out and the buffer around it, as :func:`cmpc.data.pairs.validation_holdout` draws
+    them: the tiler's validation boxes when ``dataset.json`` names them, else the west end
+    with the checkpoint's ``train.val_fraction``)."""
+    from cmpc.data.layout import read_dataset_meta
+    from cmpc.data.pairs import validation_holdout
 
     refs = read_annotations(exp.data.root, "train", "opt")
     frac = float(((meta.get("experiment") or {}).get("train") or {}).get("val_fraction", exp.train.val_fraction))
-    split = spatial_holdout(positions(refs), frac, footprint_side_m(refs))
+    split = validation_holdout(read_dataset_meta(exp.data.root), refs, frac)
     ids = {refs[int(i)].id for i in np.concatenate([split.val, split.buffer])}
     return np.array([a.id in ids for a in anns], dtype=bool)
 
