@@ -8,12 +8,12 @@ LOCK   := requirements.lock
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test test-fast bench venv lock clean-data
+.PHONY: demo test test-fast bench venv lock gpu clean-data sentinel
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || (command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV))
 	$(PY) -m pip install -q --disable-pip-version-check -c $(LOCK) -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-	@$(PY) -c "import torch, timm, torch_geometric, faiss, rasterio, geopandas, h5py, matplotlib" \
+	@$(PY) -c "import torch, timm, torch_geometric, faiss, rasterio, geopandas, h5py, matplotlib, pymilvus, milvus_lite, distributed" \
 	  || (echo "error: the environment did not install correctly (see pip output above)" && exit 1)
 	@touch $(STAMP)
 
@@ -30,6 +30,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+## The shipped Sentinel-1 -> Sentinel-2 model retrained from scratch, three seeds, evaluated,
+## docs/real.json written (needs ../shared/data/real/sentinel-la; 2-3 hours on 2 cores).
+sentinel: $(STAMP)
+	bash experiments/sentinel/run.sh
+
 ## Benchmarks (not part of CI): rewrites docs/BENCHMARKS.md and docs/benchmarks.json.
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
@@ -40,6 +45,12 @@ lock:
 	.venv-lock/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	{ sed -n '1,3p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock
+
+## GPU install (docs/SCALE.md): faiss with CUDA (requirements-gpu.txt) instead of faiss-cpu, in .venv.
+gpu: $(STAMP)
+	$(PY) -m pip uninstall -q -y faiss-cpu
+	$(PY) -m pip install -q --disable-pip-version-check -c $(LOCK) -r requirements-gpu.txt
+	$(PY) -c "import faiss, torch; n = faiss.get_num_gpus(); print(f'faiss {faiss.__version__}: {n} GPU(s); torch CUDA {torch.version.cuda}: {torch.cuda.is_available()}'); raise SystemExit(0 if n > 0 else 'error: faiss sees no GPU (driver? see docs/SCALE.md)')"
 
 clean-data:
 	rm -rf data runs reports index/*/

@@ -188,7 +188,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from cmpc.index.build import build_index
 
     overrides = _flag_overrides(args, {"name": "index.name", "factory": "index.factory", "split": "index.split", "raster": "index.raster",
-                                       "patch_px": "index.patch_px", "stride_px": "index.stride_px", "shards": "index.shards"})
+                                       "patch_px": "index.patch_px", "stride_px": "index.stride_px", "shards": "index.shards",
+                                       "engine": "index.engine", "uri": "index.uri", "dask": "index.dask", "dask_workers": "index.dask_workers"})
     if args.model:
         import dataclasses
 
@@ -564,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-px", dest="patch_px", type=int, help="reference patch side on --raster, pixels")
     p.add_argument("--stride-px", dest="stride_px", type=int, help="reference grid stride on --raster, pixels")
     p.add_argument("--shards", type=int, help="split the index into this many FAISS files searched as one")
+    p.add_argument("--engine", choices=("faiss", "milvus"), help="vector engine (index.engine): faiss files, or Milvus (Lite file or server; docs/SCALE.md)")
+    p.add_argument("--uri", help="with --engine milvus: a local .db path (Milvus Lite) or http://host:19530 (default index/<name>/milvus.db)")
+    p.add_argument("--dask", nargs="?", const="local", metavar="SCHEDULER",
+                   help="with --raster: embed the mosaic's blocks on Dask, a LocalCluster without an address, else the scheduler at tcp://host:8786")
+    p.add_argument("--dask-workers", dest="dask_workers", type=int, help="workers of the local Dask cluster (default cores / index.dask_threads)")
     p.set_defaults(func=cmd_index_build)
     p = s_idx.add_parser("info", help="print an index manifest")
     p.add_argument("path", help="index folder")

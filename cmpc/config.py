@@ -203,6 +203,11 @@ class IndexConfig:
     stride_px: int | None = param(None, lo=1, doc="reference grid stride on index.raster, pixels; null = patch_px/2 (50 % overlap)")
     bands: list[int] | None = param(None, lo=1, min_items=1, doc="1-based bands of index.raster to use; null = all")
     resume: bool = param(True, doc="continue an interrupted raster build from its checkpointed blocks (index/.<name>.building/)")
+    engine: str = param("faiss", choices=("faiss", "milvus"), doc="vector engine: faiss (in-process files, the default) or milvus (Milvus Lite file or a Milvus server, pip install 'cmpc[milvus]'; docs/SCALE.md)")
+    uri: str | None = param(None, doc="index.engine=milvus: a local path ending in .db (Milvus Lite) or http(s)://host:19530 (Milvus server/cluster); null = milvus.db inside index/<name>/")
+    dask: str | None = param(None, doc="embed index.raster on a Dask cluster: 'local' (a LocalCluster on this machine) or a scheduler address tcp://host:8786; null = in-process (pip install 'cmpc[dask]')")
+    dask_workers: int | None = param(None, lo=1, hi=4096, doc="workers of the local Dask cluster (index.dask=local); null = CPU cores / dask_threads")
+    dask_threads: int = param(1, lo=1, hi=256, doc="torch threads per Dask worker (local cluster: also its threads_per_worker)")
 
 
 @dataclass

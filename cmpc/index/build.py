@@ -46,7 +46,7 @@ from cmpc.config import Experiment, validate_index_name
 from cmpc.data.crs import dataset_crs
 from cmpc.data.layout import Annotation, check_root, read_annotations, read_dataset_meta
 from cmpc.data.patches import PatchDataset
-from cmpc.errors import CmpcError, DataError
+from cmpc.errors import CmpcError, ConfigError, DataError
 from cmpc.index.factory import resolve_factory
 from cmpc.index.store import (
     FEATURES_FILE,
@@ -58,7 +58,7 @@ from cmpc.index.store import (
     read_manifest,
     short_hash,
 )
-from cmpc.index.writer import FeatureWriter, fill_faiss, index_lock, index_manifest, write_footprints
+from cmpc.index.writer import FeatureWriter, check_engine, fill_index, finish_replace, index_lock, index_manifest, write_footprints
 from cmpc.models.checkpoint import checkpoint_hash, default_checkpoint, embed_batches, load_embedder
 from cmpc.utils.io import atomic_dir, atomic_write_json
 from cmpc.utils.runtime import resolve_device
@@ -230,6 +230,8 @@ def build_index(exp: Experiment, checkpoint: str | None = None, add: bool = Fals
     not a cmpc index is never replaced (:func:`cmpc.index.store.check_replaceable`).
     """
     out_dir = exp.index_dir  # validates the index name
+    if exp.index.dask and not exp.index.raster:
+        raise ConfigError("index.dask (--dask) embeds the blocks of a mosaic: give --raster MAP (index.raster) too")
     if exp.index.raster:
         if add:
             raise DataError("--add with index.raster is not supported: build one index per mosaic, or join the mosaics into one VRT (gdalbuildvrt) and index that")
@@ -243,6 +245,7 @@ def build_index(exp: Experiment, checkpoint: str | None = None, add: bool = Fals
 
 def _build_index_from_dataset(exp: Experiment, out_dir: Path, checkpoint: str | None, add: bool) -> dict[str, Any]:
     """:func:`build_index` from ``exp.data.root``, under the index lock."""
+    check_engine(exp.index)
     ckpt_path = default_checkpoint(exp.run_dir, checkpoint)
     device = resolve_device(exp.train.device)
     model, meta = load_embedder(ckpt_path, device)
@@ -269,7 +272,11 @@ def _build_index_from_dataset(exp: Experiment, out_dir: Path, checkpoint: str | 
     if add:
         if not (out_dir / MANIFEST_FILE).is_file():
             raise DataError(f"--add: there is no index at {out_dir} to add to; build it first without --add")
+        old_engine = read_manifest(out_dir).get("engine", "faiss")
+        if old_engine != exp.index.engine:
+            raise DataError(f"--add: {out_dir} uses index.engine={old_engine} but the experiment asks for {exp.index.engine}; set index.engine={old_engine}")
         old = ReferenceIndex.load(out_dir, expect_hash=meta["hash"], checkpoint_path=ckpt_path)
+        old.close()  # only its manifest and features are needed (and a Milvus Lite folder must be free to move)
         old.check_crs(crs, f"references of {root}/{split}")
         for src in old.manifest["sources"]:
             if src.get("root") == source_entry["root"] and src.get("split") == split:
@@ -294,6 +301,7 @@ def _build_index_from_dataset(exp: Experiment, out_dir: Path, checkpoint: str | 
         pin_memory=device.type == "cuda",
     )
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    replaced = old.manifest if old is not None else _manifest_or_none(out_dir)
     with atomic_dir(out_dir) as tmp:
         h5_path = tmp / FEATURES_FILE
         if old is not None:
@@ -314,8 +322,8 @@ def _build_index_from_dataset(exp: Experiment, out_dir: Path, checkpoint: str | 
             n_total = writer.rows
             if n_total != n_old + len(refs):
                 raise RuntimeError(f"embedded {n_total - n_old} of {len(refs)} references")  # a bug, not user input
-            filled = fill_faiss(
-                tmp, h5, factory, dim, shards=exp.index.shards if old is None else 1, use_gpu=exp.index.use_gpu,
+            filled = fill_index(
+                tmp, h5, factory, dim, index_cfg=exp.index, index_name=out_dir.name, checkpoint_hash=meta["hash"],
                 old_dir=out_dir if old is not None else None, old_manifest=old.manifest if old is not None else None,
             )
             h5.attrs["checkpoint_hash"] = meta["hash"]
@@ -330,7 +338,16 @@ def _build_index_from_dataset(exp: Experiment, out_dir: Path, checkpoint: str | 
             created=old.manifest.get("created", now) if old is not None else now, now=now,
         )
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
+    finish_replace(replaced, out_dir, manifest)
     return manifest
+
+
+def _manifest_or_none(d: Path) -> dict[str, Any] | None:
+    """The manifest of an existing index folder, None when there is none (or it is unreadable)."""
+    try:
+        return read_manifest(d) if (d / MANIFEST_FILE).is_file() else None
+    except DataError:
+        return None
 
 
 def index_is_current(exp: Experiment, checkpoint_hash: str) -> tuple[bool, str]:
@@ -346,7 +363,16 @@ def index_is_current(exp: Experiment, checkpoint_hash: str) -> tuple[bool, str]:
         m = read_manifest(d)
     except DataError as e:
         return False, str(e)
-    if any(not (d / f).is_file() for f in (INDEX_FILE, FEATURES_FILE, FOOTPRINTS_FILE)):
+    engine = m.get("engine", "faiss")
+    if engine != exp.index.engine:
+        return False, f"{d} uses index.engine={engine}, the experiment asks for {exp.index.engine}"
+    if engine == "milvus":
+        from cmpc.index.milvus import stored_uri
+
+        if (m.get("milvus") or {}).get("uri") != stored_uri(exp.index.uri):
+            return False, f"{d} lives in Milvus at {(m.get('milvus') or {}).get('uri')}, the experiment asks for index.uri={exp.index.uri}"
+    index_files = () if engine == "milvus" else ((e["file"] for e in m["shards"]) if m.get("shards") else (INDEX_FILE,))
+    if any(not (d / f).is_file() for f in (*index_files, FEATURES_FILE, FOOTPRINTS_FILE)):
         return False, f"{d} is incomplete"
     if m["checkpoint"].get("hash") != checkpoint_hash:
         return False, f"{d} was built with checkpoint {short_hash(m['checkpoint'].get('hash'))}"

@@ -36,26 +36,22 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cmpc.config import Experiment
 from cmpc.data.layout import read_dataset_meta
-from cmpc.data.patches import standardize
 from cmpc.data.crs import normalize_crs
 from cmpc.data.raster import block_groups, crs_name, grid_positions, open_raster
 from cmpc.errors import DataError
+from cmpc.index.blocks import CHUNK_DIR, chunk_path, embed_arrays, embed_block, prepare_batch, write_chunk  # noqa: F401 - re-exported
 from cmpc.index.factory import resolve_factory
-from cmpc.index.store import FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE, check_replaceable
-from cmpc.index.writer import FeatureWriter, fill_faiss, index_lock, index_manifest, write_footprints
+from cmpc.index.store import FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE, check_replaceable, read_manifest
+from cmpc.index.writer import FeatureWriter, check_engine, fill_index, finish_replace, index_lock, index_manifest, write_footprints
 from cmpc.models.checkpoint import default_checkpoint, load_embedder
-from cmpc.models.embedder import Embedder
-from cmpc.utils.io import atomic_dir, atomic_path, atomic_write_json
+from cmpc.utils.io import atomic_dir, atomic_write_json
 from cmpc.utils.runtime import resolve_device
 
 PARAMS_FILE = "params.json"
-CHUNK_DIR = "chunks"
 
 
 def work_dir(out_dir: Path) -> Path:
@@ -81,49 +77,21 @@ def reference_patch_px(exp: Experiment, gsd_m: float, img_size: int) -> tuple[in
     return int(img_size), "model input size"
 
 
-def prepare_batch(arrays: list[np.ndarray], img_size: int) -> torch.Tensor:
-    """(C, p, p) float32 patches (NaN = nodata) -> (B, C, S, S) model input.
-
-    Nodata pixels take their band's mean over the patch (as for raster queries), then each
-    patch is resized (bilinear, antialiased) and standardised per channel, exactly as
-    :func:`cmpc.data.patches.to_model_input` does one patch at a time.
-    """
-    a = np.stack(arrays).astype(np.float32, copy=False)
-    bad = ~np.isfinite(a)
-    if bad.any():
-        mean = np.nan_to_num(np.nanmean(np.where(bad, np.nan, a), axis=(2, 3), keepdims=True), nan=0.0)
-        a = np.where(bad, mean, a).astype(np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if t.shape[-1] != img_size or t.shape[-2] != img_size:
-        t = F.interpolate(t, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
-    return standardize(t)
-
-
-@torch.no_grad()
-def embed_arrays(model: Embedder, arrays: list[np.ndarray], img_size: int, batch_size: int, device: torch.device, amp: bool) -> np.ndarray:
-    """(N, D) float32 optical embeddings of N patches, in batches (AMP + channels_last on CUDA)."""
-    out = []
-    cuda = device.type == "cuda"
-    for s in range(0, len(arrays), batch_size):
-        x = prepare_batch(arrays[s : s + batch_size], img_size).to(device, non_blocking=True)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, enabled=amp and cuda, dtype=torch.float16):
-            e = model(x, "opt")
-        out.append(e.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
-
-
-def _chunk_path(work: Path, b: int) -> Path:
-    return work / CHUNK_DIR / f"block_{b:06d}.npz"
-
-
-def _done_blocks(work: Path, n_blocks: int) -> int:
-    """Number of leading blocks whose chunk file exists (chunks are written atomically)."""
-    b = 0
-    while b < n_blocks and _chunk_path(work, b).is_file():
-        b += 1
-    return b
+def _done_blocks(work: Path, n_blocks: int) -> set[int]:
+    """The blocks whose chunk file exists (chunks are written atomically; a Dask build
+    finishes blocks out of order, so any subset may be done)."""
+    folder = work / CHUNK_DIR
+    if not folder.is_dir():
+        return set()
+    done = set()
+    for f in folder.glob("block_*.npz"):
+        try:
+            b = int(f.stem.split("_", 1)[1])
+        except ValueError:
+            continue
+        if 0 <= b < n_blocks:
+            done.add(b)
+    return done
 
 
 def build_index_from_raster(
@@ -141,6 +109,11 @@ def build_index_from_raster(
     and never replaces an ``index/<name>/`` that is not a cmpc index.
     """
     out_dir = exp.index_dir  # validates the index name
+    check_engine(exp.index)
+    if exp.index.dask:
+        from cmpc.index.dask_build import check_dask
+
+        check_dask(exp.index.dask)
     with index_lock(out_dir):
         check_replaceable(out_dir)
         return _build_from_raster(exp, out_dir, raster, checkpoint, on_block)
@@ -188,41 +161,41 @@ def _build_from_raster(
             "block_px": block_px, "img_size": img_size, "nodata_max_frac": exp.tile.nodata_max_frac, "crs": crs,
         }
         work = work_dir(out_dir)
-        resumed = 0
+        done: set[int] = set()
         if work.is_dir() and exp.index.resume and (work / PARAMS_FILE).is_file():
             try:
                 same = json.loads((work / PARAMS_FILE).read_text()) == params
             except (json.JSONDecodeError, UnicodeDecodeError):
                 same = False
             if same:
-                resumed = _done_blocks(work, len(groups))
+                done = _done_blocks(work, len(groups))
+        resumed = len(done)
         if resumed == 0:
             shutil.rmtree(work, ignore_errors=True)
             (work / CHUNK_DIR).mkdir(parents=True)
             atomic_write_json(work / PARAMS_FILE, params)
         bar = tqdm(total=len(tops), desc=f"index {out_dir.name} (raster)", unit="ref", disable=None, mininterval=2.0)
-        bar.update(sum(len(groups[b]) for b in range(resumed)))
-        for b in range(resumed, len(groups)):
-            idx = groups[b]
-            r0, c0 = int(tops[idx].min()), int(lefts[idx].min())
-            h, w = int(tops[idx].max()) + patch_px - r0, int(lefts[idx].max()) + patch_px - c0
-            arr, valid = src.read_on(g, r0, c0, h, w)
-            keep, arrays = [], []
-            for i in idx:
-                r, c = int(tops[i]) - r0, int(lefts[i]) - c0
-                if 1.0 - float(valid[r : r + patch_px, c : c + patch_px].mean()) > exp.tile.nodata_max_frac:
-                    continue
-                keep.append(int(i))
-                arrays.append(arr[:, r : r + patch_px, c : c + patch_px])
-            del arr, valid
-            feats = embed_arrays(model, arrays, img_size, exp.index.batch_size, device, amp)
-            keep_a = np.asarray(keep, dtype=np.int64)
-            with atomic_path(_chunk_path(work, b)) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez(f, features=feats, cells=keep_a)
-            bar.update(len(idx))
-            if on_block is not None:
-                on_block(b + 1, len(groups))
+        bar.update(sum(len(groups[b]) for b in done))
+        todo = [b for b in range(len(groups)) if b not in done]
+        if exp.index.dask:
+            from cmpc.index.dask_build import BlockJob, embed_blocks_dask
+
+            job = BlockJob(
+                raster=params["raster"], bands=list(src.bands), checkpoint=str(Path(ckpt_path).resolve()), checkpoint_hash=meta["hash"],
+                patch_px=patch_px, nodata_max_frac=float(exp.tile.nodata_max_frac), img_size=img_size, batch_size=int(exp.index.batch_size),
+                device=exp.train.device, amp=amp, threads=int(exp.index.dask_threads),
+            )
+            dask_info = embed_blocks_dask(exp.index, job, tops, lefts, groups, todo, work, bar, on_block, n_done=resumed)
+        else:
+            dask_info = None
+            for n, b in enumerate(todo, start=resumed + 1):
+                idx = groups[b]
+                feats, keep_a = embed_block(src, tops, lefts, idx, patch_px, exp.tile.nodata_max_frac, model, img_size,
+                                            exp.index.batch_size, device, amp)
+                write_chunk(work, b, feats, keep_a)
+                bar.update(len(idx))
+                if on_block is not None:
+                    on_block(n, len(groups))
         bar.close()
 
     # ---- every block is on disk: assemble features.h5, fill FAISS, rename into place
@@ -231,12 +204,13 @@ def _build_from_raster(
         "raster": params["raster"], "bands": params["bands"], "patch_px": patch_px, "stride_px": stride_px,
         "gsd_m": g.gsd_m, "grid": [int(g.height), int(g.width)], "first_row": 0, "added": now,
     }
+    replaced = _manifest_or_none(out_dir)
     with atomic_dir(out_dir) as tmp:
         h5_path = tmp / FEATURES_FILE
         with h5py.File(h5_path, "w") as h5:
             writer = FeatureWriter(h5, dim)
             for b in range(len(groups)):
-                with np.load(_chunk_path(work, b)) as z:
+                with np.load(chunk_path(work, b)) as z:
                     feats, cells = z["features"], z["cells"]
                 if len(cells) == 0:
                     continue
@@ -252,7 +226,7 @@ def _build_from_raster(
             if n_total == 0:
                 raise DataError(f"every reference patch of {path} is mostly nodata (tile.nodata_max_frac {exp.tile.nodata_max_frac}); nothing to index")
             factory = resolve_factory(exp.index.factory, n_total, dim)
-            filled = fill_faiss(tmp, h5, factory, dim, shards=exp.index.shards, use_gpu=exp.index.use_gpu)
+            filled = fill_index(tmp, h5, factory, dim, index_cfg=exp.index, index_name=out_dir.name, checkpoint_hash=meta["hash"])
             h5.attrs["checkpoint_hash"] = meta["hash"]
             h5.attrs["embed_dim"] = dim
             h5.attrs["crs"] = crs or ""
@@ -266,6 +240,16 @@ def _build_from_raster(
             dataset={"root": None, "split": None, "raster": params["raster"]}, sources=[source], filled=filled, created=now, now=now,
         )
         manifest["raster_build"] = {"blocks": len(groups), "resumed_blocks": resumed, "grid_cells": int(len(tops)), "block_px": block_px}
+        if dask_info is not None:
+            manifest["raster_build"]["dask"] = dask_info
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
+    finish_replace(replaced, out_dir, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _manifest_or_none(d: Path) -> dict[str, Any] | None:
+    try:
+        return read_manifest(d) if (d / MANIFEST_FILE).is_file() else None
+    except DataError:
+        return None

@@ -46,6 +46,8 @@ INDEX_FILES = (INDEX_FILE, FEATURES_FILE, FOOTPRINTS_FILE, MANIFEST_FILE)
 INDEX_FORMAT = 1
 #: Search backends :meth:`ReferenceIndex.load` accepts (``auto`` picks; see the module doc).
 BACKENDS = ("auto", "faiss", "torch")
+#: Vector engines an index may use (``manifest["engine"]``, ``index.engine``; see :mod:`cmpc.index.milvus`).
+ENGINES = ("faiss", "milvus")
 #: On the CPU, exact (Flat) searches of at least this many queries go through torch
 #: matmul + topk: one GEMM, 5x faster per query than faiss's batched Flat search at 100k
 #: references (faiss 1.15 only switches to BLAS from 128000 queries; docs/BENCHMARKS.md,
@@ -139,6 +141,8 @@ class ReferenceIndex:
         #: "faiss", "faiss-gpu" or "torch-<device>" (exact matmul + topk)
         self.backend = "faiss"
         self.sharded: ShardedIndex | None = None
+        #: the Milvus side of an ``index.engine = "milvus"`` index (:mod:`cmpc.index.milvus`), else None
+        self.milvus: Any = None
         self._torch: Any = None
         self._torch_batch: Any = None
         self._features: np.ndarray | None = None
@@ -178,8 +182,12 @@ class ReferenceIndex:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         d = Path(directory)
         manifest = read_manifest(d)
+        engine = manifest.get("engine", "faiss")
+        if engine not in ENGINES:
+            raise DataError(f"{d / MANIFEST_FILE} names index engine {engine!r}; this cmpc knows {', '.join(ENGINES)}")
         shard_entries = manifest.get("shards") or []
-        needed = [n for n in INDEX_FILES if not (shard_entries and n == INDEX_FILE)] + [e["file"] for e in shard_entries]
+        skip = {INDEX_FILE} if (shard_entries or engine == "milvus") else set()
+        needed = [n for n in INDEX_FILES if n not in skip] + [e["file"] for e in shard_entries]
         for name in needed:
             if not (d / name).is_file():
                 raise DataError(f"index {d} is incomplete: {name} is missing; rebuild it with `cmpc index build EXPERIMENT.json`")
@@ -198,7 +206,16 @@ class ReferenceIndex:
                 "rebuild it with `cmpc index build EXPERIMENT.json`"
             )
         sharded = None
-        if shard_entries:
+        milvus = None
+        if engine == "milvus":
+            from cmpc.index.milvus import MilvusSearch
+
+            milvus = MilvusSearch(
+                d, manifest, nprobe=int(nprobe if nprobe is not None else manifest.get("nprobe", 16)),
+                ef_search=int(ef_search if ef_search is not None else manifest.get("ef_search", 64)),
+            )
+            index = milvus
+        elif shard_entries:
             try:
                 sharded = ShardedIndex.open(d, shard_entries, int(manifest["embed_dim"]), mmap=mmap)
             except (RuntimeError, ValueError) as e:
@@ -215,9 +232,13 @@ class ReferenceIndex:
                 n_feat = int(h5["features"].shape[0])
                 d_feat = int(h5["features"].shape[1])
         except (OSError, KeyError) as e:
+            if milvus is not None:
+                milvus.close()
             raise DataError(f"{d / FEATURES_FILE} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); rebuild the index") from None
         n = int(manifest.get("count", -1))
         if not (index.ntotal == len(ids) == len(positions) == n_feat == n) or index.d != dim or d_feat != dim:
+            if milvus is not None:
+                milvus.close()
             raise DataError(
                 f"index {d} is inconsistent (faiss rows {index.ntotal}, features {n_feat}x{d_feat}, ids {len(ids)}, "
                 f"manifest count {n} dim {dim}); rebuild it with `cmpc index build EXPERIMENT.json`"
@@ -232,6 +253,16 @@ class ReferenceIndex:
             nprobe=int(nprobe if nprobe is not None else manifest.get("nprobe", 16)),
             ef_search=int(ef_search if ef_search is not None else manifest.get("ef_search", 64)),
         )
+        ref.milvus = milvus
+        if milvus is not None:
+            ref.backend = "milvus-lite" if milvus.lite else "milvus"
+            if expect_crs is not None:
+                try:
+                    ref.check_crs(expect_crs, "the queries")
+                except IndexMismatchError:
+                    milvus.close()
+                    raise
+            return ref
         if expect_crs is not None:
             ref.check_crs(expect_crs, "the queries")
         ref.sharded = sharded
@@ -239,6 +270,16 @@ class ReferenceIndex:
             set_search_defaults(sub, ref.nprobe, ref.ef_search)
         ref._choose_backend(backend, use_gpu, torch_device)
         return ref
+
+    @property
+    def engine(self) -> str:
+        """``faiss`` or ``milvus`` (``manifest["engine"]``; older indexes are faiss)."""
+        return str(self.manifest.get("engine", "faiss"))
+
+    def close(self) -> None:
+        """Release what the index holds outside this object (a Milvus connection; nothing for faiss)."""
+        if self.milvus is not None:
+            self.milvus.close()
 
     @property
     def exact(self) -> bool:
@@ -425,6 +466,8 @@ class ReferenceIndex:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise IndexMismatchError(f"query embeddings have shape {q.shape} but index {self.directory} holds dim {self.dim}")
+        if self.milvus is not None:
+            return self._milvus_search(q, k, allowed)
         if allowed is None:
             k_eff = min(int(k), self.ntotal)
             if len(q) == 0 or k_eff == 0:
@@ -461,6 +504,24 @@ class ReferenceIndex:
             s2, r2 = self._exact_search(q[bad], k_eff, allowed)
             scores[bad], rows[bad] = s2, r2
         return scores.astype(np.float32), rows
+
+    def _milvus_search(self, q: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Search the Milvus collection; a prior is a bounding-box filter there plus the exact test
+        here (:meth:`cmpc.index.milvus.MilvusSearch.search`). Queries that come back short of
+        ``k`` candidates (an approximate index under a tight filter) are redone exactly here."""
+        if allowed is not None:
+            allowed = np.unique(np.asarray(allowed, dtype=np.int64))
+            if len(allowed) == self.ntotal:
+                allowed = None
+        k_eff = min(int(k), self.ntotal if allowed is None else len(allowed))
+        if len(q) == 0 or k_eff == 0:
+            return np.zeros((len(q), k_eff), np.float32), np.zeros((len(q), k_eff), np.int64)
+        scores, rows = self.milvus.search(q, k_eff, allowed, self.positions)
+        bad = (rows < 0).any(axis=1)
+        if bad.any():
+            s2, r2 = self._exact_search(q[bad], k_eff, allowed)
+            scores[bad], rows[bad] = s2, r2
+        return scores.astype(np.float32), rows.astype(np.int64)
 
     def _sharded_filtered_search(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Filtered search shard by shard (shard-local selectors), merged into the global top-k."""

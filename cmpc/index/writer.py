@@ -24,6 +24,7 @@ import torch
 import cmpc
 from cmpc.config import IndexConfig
 from cmpc.data.layout import Annotation
+from cmpc.errors import ConfigError
 from cmpc.index.factory import maybe_to_gpu, new_index, to_cpu, train_index, training_sample_size
 from cmpc.index.shards import SHARD_DIR, read_faiss, write_shards
 from cmpc.index.store import FEATURES_FILE, FOOTPRINTS_FILE, INDEX_FILE, INDEX_FORMAT
@@ -225,6 +226,7 @@ def index_manifest(
         "dataset": dataset,
         "sources": sources,
         "built_on_gpu": filled["built_on_gpu"],
+        "engine": "milvus" if filled.get("milvus") else "faiss",
         "versions": _versions(),
         "created": created,
         "updated": now,
@@ -232,7 +234,69 @@ def index_manifest(
     }
     if filled["shards"]:
         manifest["shards"] = filled["shards"]
+    if filled.get("milvus"):
+        m = filled["milvus"]
+        manifest["milvus"] = m
+        manifest["files"]["index"] = f"milvus collection {m['collection']} at {m['uri']}"
+        manifest["versions"].update(_milvus_versions())
     return manifest
+
+
+def _milvus_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("pymilvus", "milvus-lite"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def fill_index(
+    folder: Path,
+    h5: h5py.File,
+    factory: str,
+    dim: int,
+    *,
+    index_cfg: IndexConfig,
+    index_name: str,
+    checkpoint_hash: str,
+    old_dir: Path | None = None,
+    old_manifest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fill the vector engine of ``index_cfg`` from ``h5["features"]``: :func:`fill_faiss`
+    (``index.engine = "faiss"``), or a new Milvus collection with every row
+    (:func:`cmpc.index.milvus.fill_milvus`; ``--add`` re-inserts the old rows too)."""
+    if index_cfg.engine == "milvus":
+        from cmpc.index.milvus import fill_milvus
+
+        return fill_milvus(folder, h5, factory, dim, index_name=index_name, uri=index_cfg.uri, checkpoint_hash=checkpoint_hash)
+    return fill_faiss(folder, h5, factory, dim, shards=index_cfg.shards if old_manifest is None else 1, use_gpu=index_cfg.use_gpu,
+                      old_dir=old_dir, old_manifest=old_manifest)
+
+
+def check_engine(index_cfg: IndexConfig, old_manifest: dict[str, Any] | None = None) -> None:
+    """One-line ConfigError, before any embedding, for engine settings that cannot work."""
+    if index_cfg.engine != "milvus":
+        return  # index.uri is only read by the milvus engine
+    from cmpc.index.milvus import _pymilvus, check_uri, milvus_index_spec
+
+    _pymilvus()
+    check_uri(index_cfg.uri)
+    if index_cfg.shards > 1:
+        raise ConfigError("index.shards splits FAISS files; with index.engine=milvus leave it at 1 (Milvus shards its collections itself)")
+    if index_cfg.factory.lower() != "auto":
+        milvus_index_spec(index_cfg.factory, 0, 8)
+
+
+def finish_replace(old_manifest: dict[str, Any] | None, out_dir: Path, manifest: dict[str, Any]) -> None:
+    """After a new index is in place: drop Milvus collections it replaced (see :func:`cmpc.index.milvus.drop_replaced`)."""
+    if manifest.get("engine") == "milvus" or (old_manifest or {}).get("engine") == "milvus":
+        from cmpc.index.milvus import drop_replaced
+
+        drop_replaced(old_manifest, out_dir, manifest)
 
 
 def index_lock(out_dir: Path):  # noqa: ANN201 - context manager
