@@ -11,9 +11,9 @@ At query time the shards are opened (optionally memory-mapped, so the OS pages t
 disk instead of holding them in RAM) into a ``faiss.IndexShards`` with successive ids: a
 search fans out to every shard (in threads) and merges the per-shard top-k, and row numbers
 come back global. :class:`cmpc.index.store.ReferenceIndex` does this transparently; its
-``search`` interface is the same for sharded and single-file indexes. On several machines
-each one would serve some shard files and a front end would merge their top-k lists exactly
-like ``IndexShards`` (:func:`cmpc.index.store.merge_topk`).
+``search`` interface is the same for sharded and single-file indexes. Shards serve a map past
+one machine's RAM on one machine; past one machine the index lives in Milvus instead
+(``index.engine = "milvus"``, :mod:`cmpc.index.milvus`), which shards and merges itself.
 """
 
 from __future__ import annotations

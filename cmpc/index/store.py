@@ -13,7 +13,10 @@ A sharded index (``index.shards`` > 1, see :mod:`cmpc.index.shards`) has
 :meth:`ReferenceIndex.search`. Search backends (chosen by :meth:`ReferenceIndex.load`):
 faiss on the CPU; faiss on the GPU when this faiss build has GPU support; for an exact
 (Flat) index on a CUDA machine without faiss-gpu, torch ``matmul + topk`` on the GPU
-(:mod:`cmpc.index.torch_search`).
+(:mod:`cmpc.index.torch_search`). An index built with ``index.engine = "milvus"`` has no
+FAISS file: its vectors are a Milvus collection (``manifest["milvus"]``), searched through the
+same :meth:`ReferenceIndex.search` (:mod:`cmpc.index.milvus`; ``backend`` reads
+``milvus-lite`` or ``milvus``).
 
 :meth:`ReferenceIndex.load` refuses an index that does not fit the model or the queries
 (another checkpoint, another embedding size, another CRS) with one line saying how to fix it.
