@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from index_fixtures import experiment, localize_command, write_checkpoint, write_dataset
+from index_fixtures import evaluate_command, experiment, localize_command, write_checkpoint, write_dataset
 
 pytest.importorskip("pymilvus", reason="the milvus extra is not installed: pip install 'cmpc[milvus]'")
 
@@ -69,6 +69,15 @@ def test_engine_parity_exact_search_and_localize(engines, monkeypatch):
         outs[name] = json.loads(Path(res["files"][0]).read_text())
     ids = {n: [f["properties"]["topk_ids"] for f in o["features"]] for n, o in outs.items()}
     assert len(ids["f"]) == 49 + 6 and ids["f"] == ids["m"]
+    # `cmpc test` / test.py: the index step finds the Milvus index current, the metrics are the FAISS ones
+    metrics = {}
+    for name in ("f", "m"):
+        exp = experiment(name, "ds", "index.factory=Flat", "eval.plots=false", f"eval.out=rep_{name}", *(["index.engine=milvus"] if name == "m" else []))
+        metrics[name] = evaluate_command(exp, checkpoint="ck.pt")
+    assert metrics["m"]["meta"]["index_rebuilt"] is False and metrics["f"]["meta"]["index_rebuilt"] is False
+    for qs in ("aligned", "non_aligned"):
+        assert metrics["m"][qs]["coarse"]["recall"] == metrics["f"][qs]["coarse"]["recall"]
+        assert metrics["m"][qs]["coarse"]["error_m"] == metrics["f"][qs]["coarse"]["error_m"]
 
 
 def test_prior_filters_bbox_then_exact(engines, monkeypatch):
