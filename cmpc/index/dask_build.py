@@ -84,12 +84,31 @@ _CACHE: dict[Any, Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def _tune_malloc() -> None:
+    """Undo what Dask's nanny sets for its workers, ``MALLOC_TRIM_THRESHOLD_=65536``: it also
+    pins glibc's mmap threshold at 128 kB, so every batch's tensors are fresh mmaps (page
+    faults) and a worker embedded at half the in-process speed (366 vs 748 patches/s measured,
+    docs/BENCHMARKS.md "Dask"). Big buffers go back to the heap (mmap threshold 32 MB, trim
+    threshold 128 MB). glibc only; elsewhere a no-op."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 2**20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker_model(job: BlockJob):  # noqa: ANN202 - (model, device)
     """The embedder of ``job``, loaded once per worker process (and checked against the client's hash)."""
     key = ("model", job.checkpoint, job.checkpoint_hash, job.device)
     with _CACHE_LOCK:
         if key not in _CACHE:
             import torch
+
+            _tune_malloc()
 
             from cmpc.models.checkpoint import load_embedder
             from cmpc.utils.runtime import resolve_device
