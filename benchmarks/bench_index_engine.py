@@ -154,6 +154,9 @@ def render(rows: list[dict[str, Any]]) -> str:
         f"centre ({next((r['prior_refs'] for r in rows if r['prior']), 0):,} references): Milvus filters by its bounding box, "
         "then the exact disc test. Baseline: FAISS Flat in the same run (`x FAISS Flat time`). Milvus Lite single queries "
         "pay a local gRPC round trip each; batched queries amortise it.",
+        "", "Noisy, shared machine (another job's training run used about one of the two cores; load average "
+        f"{(r0.get('machine') or {}).get('load_avg')}): latencies are medians (200 single queries; 3 batched passes), engine "
+        "builds were run twice for FLAT and once for the approximate Milvus indexes at this size; compare within the table.",
         "", target, "", parity, "", table(rows, cols),
     ])
 

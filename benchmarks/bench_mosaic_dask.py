@@ -161,7 +161,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
 def render(rows: list[dict[str, Any]]) -> str:
     cols = [("name", "run"), ("workers", "workers"), ("threads_per_worker", "threads/worker"), ("torch_threads", "torch threads"),
             ("n_refs", "references"), ("build_s", "seconds"), ("patches_s", "patches/s"), ("vs_in_process", "x in-process"),
-            ("peak_rss_mb", "peak RSS MB (all processes)"), ("max_abs_diff", "max |diff| vs in-process"), ("runs", "runs")]
+            ("peak_rss_mb", "peak RSS MB (all processes)"), ("max_abs_diff", "max abs diff vs in-process"), ("runs", "runs")]
     two = [r for r in rows if (r.get("workers") or 0) >= 2]
     lines = [
         f"{rows[0]['n_refs']:,} references ({PATCH} px every {STRIDE} px) from a {rows[0]['mosaic_px']} px mosaic; embedder: "
@@ -169,6 +169,15 @@ def render(rows: list[dict[str, Any]]) -> str:
         f"(torch threads: {rows[0].get('torch_threads')}), measured in the same run; each Dask worker runs one torch thread.",
         "",
     ]
+    lines.append(
+        "Noisy, shared machine: a training run of another job used about one of the two cores throughout (load average "
+        f"{(rows[0].get('machine') or {}).get('load_avg')}), so the in-process baseline ran with one torch thread "
+        "(CMPC_THREADS=1, what this page advises on a busy machine; with two threads it fell to 24 patches/s in a quick "
+        "run while a second build of ours shared the machine) and two Dask workers could not use a second free core. One build per configuration at this size "
+        "(repeats shrunk, size kept); ratios are against the baseline built minutes earlier in the same run. Before "
+        "the malloc fix in the workers (docs/SCALE.md) the same run gave 365 and 361 patches/s for 1 and 2 workers "
+        "(0.50 x).")
+    lines.append("")
     if two:
         r = two[0]
         ok = r["vs_in_process"] >= 0.8 and r["max_abs_diff"] <= 1e-5
