@@ -1,0 +1,106 @@
+"""Collect the real-data rows of docs/real.json from the reports of real runs.
+
+    .venv/bin/python experiments/sentinel/collect.py [--out docs/real.json]
+
+Reads (every file that exists; nothing is invented for one that does not):
+
+- ``reports/<run>/metrics.json`` of the sentinel-la test blocks (``cmpc test
+  experiments/sentinel.json --set name=<run>``): one row per (stage, queries);
+- ``reports/<run>/pairs_bigearthnet_*.json`` (``cmpc eval pairs``): BigEarthNet 60-way;
+- ``reports/<run>-s1s2/metrics.json`` and ``reports/<run>-uavsar/metrics.json``: the shipped
+  model on co-registered rasters (``cmpc localize --model sentinel ... --set
+  localize.raster_truth=true``), if run.
+
+Row fields (docs/real.json): dataset, split, stage, queries, seed, n_refs, n_queries, r1,
+r5, r10, r20, map, chance_r1, median_m, within_25m, within_100m, within_640m (null where
+positions do not apply), checkpoint_sha256, plus ``run`` and ``source`` (the report file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+RUNS = {"sentinel": 0, "sentinel_s1": 1, "sentinel_s2": 2}
+
+
+def _within(err: dict[str, Any], t: float) -> float | None:
+    w = err.get("within") or {}
+    for k, v in w.items():
+        if abs(float(k) - t) < 1e-9:
+            return float(v)
+    return None
+
+
+def metric_rows(path: Path, dataset: str, split: str, seed: int, run: str) -> list[dict[str, Any]]:
+    """Rows of one ``metrics.json`` (cmpc test / cmpc localize with ground truth)."""
+    m = json.loads(path.read_text())
+    meta = m.get("meta") or {}
+    n_refs = int(meta.get("references") or 0)
+    out = []
+    for queries in ("aligned", "non_aligned", "all"):
+        block = m.get(queries)
+        if not isinstance(block, dict):
+            continue
+        for stage in ("coarse", "refined"):
+            s = block.get(stage)
+            if not isinstance(s, dict):
+                continue
+            rec, err = s.get("recall") or {}, s.get("error_m") or {}
+            out.append({
+                "dataset": dataset, "split": split, "stage": stage, "queries": queries, "seed": seed,
+                "n_refs": n_refs, "n_queries": int(block.get("n_queries") or 0),
+                "r1": rec.get("1"), "r5": rec.get("5"), "r10": rec.get("10"), "r20": rec.get("20"),
+                "map": s.get("mAP"), "chance_r1": 1.0 / n_refs if n_refs else None,
+                "median_m": err.get("median"), "within_25m": _within(err, 25), "within_100m": _within(err, 100), "within_640m": _within(err, 640),
+                "checkpoint_sha256": meta.get("checkpoint_hash"), "run": run, "source": str(path),
+            })
+    return out
+
+
+def pair_rows(path: Path, seed: int, run: str) -> list[dict[str, Any]]:
+    """The row of one ``cmpc eval pairs`` report (BigEarthNet: no positions)."""
+    r = json.loads(path.read_text())
+    rec, st = r.get("recall") or {}, r.get("settings") or {}
+    n = int(r.get("n") or 0)
+    return [{
+        "dataset": "bigearthnet", "split": f"{n}-way, fit {st.get('fit')}, SAR {'+'.join(st.get('sar_bands') or [])} as {st.get('sar_scale')}",
+        "stage": "coarse", "queries": "pairs", "seed": seed, "n_refs": n, "n_queries": n,
+        "r1": rec.get("1"), "r5": rec.get("5"), "r10": rec.get("10"), "r20": rec.get("20"), "map": r.get("mAP"),
+        "chance_r1": 1.0 / n if n else None, "median_m": None, "within_25m": None, "within_100m": None, "within_640m": None,
+        "checkpoint_sha256": (r.get("meta") or {}).get("checkpoint_hash"), "run": run, "source": str(path),
+    }]
+
+
+def collect(reports: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for run, seed in RUNS.items():
+        m = reports / run / "metrics.json"
+        if m.is_file():
+            rows += metric_rows(m, "sentinel-la", "test blocks", seed, run)
+        for p in sorted((reports / run).glob("pairs_bigearthnet_*.json")):
+            rows += pair_rows(p, seed, run)
+        for dataset, split in (("s1s2", "whole scene (unseen)"), ("uavsar", "whole pair (unseen)")):
+            m = reports / f"{run}-{dataset}" / "metrics.json"
+            if m.is_file():
+                rows += metric_rows(m, dataset, split, seed, run)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reports", default="reports")
+    ap.add_argument("--out", default="docs/real.json")
+    a = ap.parse_args()
+    rows = collect(Path(a.reports))
+    if not rows:
+        raise SystemExit(f"no reports found under {a.reports}/ (run experiments/sentinel/run.sh first)")
+    Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"{len(rows)} rows -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
