@@ -400,7 +400,7 @@ def test_the_shipped_model_localizes_a_real_sentinel_la_patch(real_data, tmp_pat
     err_m = np.array(err_m)
     assert np.isfinite(err_m).all()
     # Query and reference grids are both warped from EPSG:3395 to UTM 11N: each query centre
-    # is 39 m from its own reference's, so a right answer is within 100 m (checked with a
-    # random embedder: 38.8 m for all 25). TODO-NUMBERS (trainer): set the floor from the
-    # measured rate once the weights are in (a random embedder: 0 of 25).
-    assert np.mean(err_m < 100) >= 0.4, np.round(err_m)
+    # is 39 m from its own reference's, so a right answer is within 100 m. The shipped model
+    # (seed 2, sha256 1383ca1f...) puts 22 of the 25 there (file 175 is in the test block,
+    # never trained on); a random embedder 0 of 25.
+    assert np.mean(err_m < 100) >= 0.8, np.round(err_m)

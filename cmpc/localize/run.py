@@ -161,16 +161,19 @@ def localize(
             "seconds": stats["seconds"],
             "ms_per_query": stats["ms_per_query"],
         }
-        if records is not None and scorer is not None and isinstance(source, AnnotationQueries):
+        if records is not None and scorer is not None:
+            annotated = isinstance(source, AnnotationQueries)
             meta = {
-                "dataset": str(source.root),
-                "split": split_protocol(source.root),
-                "query_split": source.split,
+                # a co-registered GeoTIFF (localize.raster_truth) is scored against its own tiles
+                "dataset": str(source.root) if annotated else str(getattr(source, "path", source.description)),
+                "split": split_protocol(source.root) if annotated else "co-registered raster (localize.raster_truth)",
+                "query_split": source.split if annotated else None,
                 "checkpoint": str(localizer.checkpoint_path),
                 "checkpoint_hash": localizer.index.manifest["checkpoint"]["hash"],
                 "inputs": localizer.inputs(),  # embedder / index / refiner {path, sha256} (cmpc.utils.provenance)
                 "index": str(localizer.index.directory),
                 "index_factory": localizer.index.manifest.get("factory"),
+                "references": int(len(localizer.index.ids)),
                 "config": exp.to_dict(),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "timing": stats,

@@ -7,8 +7,8 @@ Reads (every file that exists; nothing is invented for one that does not):
 - ``reports/<run>/metrics.json`` of the sentinel-la test blocks (``cmpc test
   experiments/sentinel.json --set name=<run>``): one row per (stage, queries);
 - ``reports/<run>/pairs_bigearthnet_*.json`` (``cmpc eval pairs``): BigEarthNet 60-way;
-- ``reports/<run>-s1s2/metrics.json`` and ``reports/<run>-uavsar/metrics.json``: the shipped
-  model on co-registered rasters (``cmpc localize --model sentinel ... --set
+- ``reports/sentinel-s1s2/metrics.json`` and ``reports/sentinel-uavsar/metrics.json``: the shipped
+  model on co-registered rasters (experiments/sentinel/cross.sh) (``cmpc localize --model sentinel ... --set
   localize.raster_truth=true``), if run.
 
 Row fields (docs/real.json): dataset, split, stage, queries, seed, n_refs, n_queries, r1,
@@ -42,7 +42,7 @@ def metric_rows(path: Path, dataset: str, split: str, seed: int, run: str) -> li
     out = []
     for queries in ("aligned", "non_aligned", "all"):
         block = m.get(queries)
-        if not isinstance(block, dict):
+        if not isinstance(block, dict) or not block.get("n_queries"):
             continue
         for stage in ("coarse", "refined"):
             s = block.get(stage)
@@ -82,23 +82,53 @@ def collect(reports: Path) -> list[dict[str, Any]]:
             rows += metric_rows(m, "sentinel-la", "test blocks", seed, run)
         for p in sorted((reports / run).glob("pairs_bigearthnet_*.json")):
             rows += pair_rows(p, seed, run)
-        for dataset, split in (("s1s2", "whole scene (unseen)"), ("uavsar", "whole pair (unseen)")):
-            m = reports / f"{run}-{dataset}" / "metrics.json"
-            if m.is_file():
-                rows += metric_rows(m, dataset, split, seed, run)
+    # the shipped model (weights/sentinel: the seed its card names) on the cross-sensor pairs
+    card = json.loads(Path("weights/sentinel/card.json").read_text()) if Path("weights/sentinel/card.json").is_file() else {}
+    shipped = next((r for r in RUNS if f"runs/{r}/" in str(card.get("recipe", ""))), None)
+    for dataset, split in (("s1s2", "whole scene, aligned tiles (never trained on)"), ("uavsar", "whole pair, aligned tiles (L-band HV, warped to 8.3 m)")):
+        m = reports / f"sentinel-{dataset}" / "metrics.json"
+        if m.is_file():
+            rows += metric_rows(m, dataset, split, RUNS.get(shipped, -1), "weights/sentinel")
     return rows
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The docs/RESULTS.md tables of ``rows``: one line per row, then per (dataset, split,
+    stage, queries) the mean over seeds."""
+    cols = ("dataset", "queries", "stage", "seed", "n_refs", "n_queries", "r1", "r5", "r10", "r20", "map", "chance_r1", "median_m", "within_25m", "within_100m", "within_640m")
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(_f(r.get(c), 1 if c == "median_m" else 4 if c == "chance_r1" else 3) for c in cols) + " |")
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["split"], r["queries"], r["stage"]), []).append(r)
+    out += ["", "| dataset | split | queries | stage | seeds | R@1 mean (min-max) | R@10 mean | median m mean | within 25 m mean | within 640 m mean |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (d, sp, q, st), g in groups.items():
+        def mean(k: str) -> str:
+            v = [x[k] for x in g if x.get(k) is not None]
+            return _f(sum(v) / len(v), 1 if k == "median_m" else 3) if v else "-"
+        r1 = [x["r1"] for x in g if x.get("r1") is not None]
+        out.append(f"| {d} | {sp} | {q} | {st} | {len(g)} | {mean('r1')} ({_f(min(r1))}-{_f(max(r1))}) | {mean('r10')} | {mean('median_m')} | {mean('within_25m')} | {mean('within_640m')} |")
+    return "\n".join(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reports", default="reports")
     ap.add_argument("--out", default="docs/real.json")
+    ap.add_argument("--markdown", action="store_true", help="also print the RESULTS.md tables")
     a = ap.parse_args()
     rows = collect(Path(a.reports))
     if not rows:
         raise SystemExit(f"no reports found under {a.reports}/ (run experiments/sentinel/run.sh first)")
     Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
     print(f"{len(rows)} rows -> {a.out}")
+    if a.markdown:
+        print(markdown(rows))
     return 0
 
 

@@ -31,5 +31,5 @@ PY
 for set in s1s2 uavsar; do
   $CMPC index build --model sentinel --raster data/cross/${set}_optical.tif --name sentinel-$set > /dev/null
   $CMPC localize --model sentinel --index sentinel-$set --queries data/cross/${set}_sar.tif \
-    --set localize.raster_truth=true --out reports/sentinel-$set
+    --set localize.raster_truth=true --set 'eval.thresholds_m=[5,10,25,50,100,200,640,1000]' --out reports/sentinel-$set > /dev/null
 done

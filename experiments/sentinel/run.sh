@@ -13,8 +13,10 @@ EXP=experiments/sentinel.json
 for seed in ${SEEDS:-0 1 2}; do
   name=sentinel; [ "$seed" -gt 0 ] && name=sentinel_s$seed
   $CMPC train emb $EXP --set name=$name --set train.seed=$seed
-  $CMPC train refine $EXP --set name=$name
-  $CMPC test $EXP --set name=$name
+  # seeds > 0 reuse seed 0's fine-alignment descriptor (it depends on the data, not on the embedder)
+  align=(); [ "$seed" -gt 0 ] && align=(--set refine.align_from=runs/sentinel/refiner.pt)
+  $CMPC train refine $EXP --set name=$name "${align[@]}"
+  $CMPC test $EXP --set name=$name "${align[@]}"
   for fit in resize native; do
     $CMPC eval pairs $EXP --set name=$name --pairs bigearthnet --sar-bands VH --sar-scale amplitude --fit $fit
   done
