@@ -262,7 +262,7 @@ class GraphRefiner:
         self.last_source = np.full(B, fallback, dtype=object)
         if self.aligner is not None and self.cfg.fine_align and query_images is not None:
             position, order = self._fine_align(query_images, pos_m, order, position, index)
-            self.last_source[self.last_peaks >= self.align_min_peak] = "aligned"
+            self.last_source[self.last_aligned] = "aligned"
         refined = np.take_along_axis(rows, order, axis=1)
         self.timings["refine_s"] += time.perf_counter() - t_all
         self.timings["queries"] += B
@@ -292,7 +292,7 @@ class GraphRefiner:
         best = peak.argmax(axis=1)
         found = res.position_m.numpy()[np.arange(B), best]
         self.last_peaks = peak[np.arange(B), best]
-        ok = self.last_peaks >= self.align_min_peak
+        ok = self.last_aligned = self.last_peaks >= self.align_min_peak
         position = np.where(ok[:, None], found, position)
         if self.cfg.rerank:
             # the reference nearest the aligned position is the best answer to "which reference"
