@@ -14,7 +14,8 @@ references, the 1M-reference benchmark. Generation is resumable: finished worlds
 recorded in ``progress.json`` and skipped on a rerun; the folder is renamed into place
 when complete.
 
-``python -m benchmarks.mosaic [--tiles 4] [--out data/bench/mosaic]``
+``mosaic.json`` records each world's seed, box (metres) and SAR misregistration, so scenes can
+be cut inside one world (no seam crossing) with their true position known. ``python -m benchmarks.mosaic [--tiles 4] [--seed0 1000] [--out data/bench/mosaic]``
 """
 
 from __future__ import annotations
@@ -46,6 +47,22 @@ def _profile(width: int, height: int, count: int, dtype: str, gsd: float) -> dic
     }
 
 
+def _worlds(tiles: int, tile_m: float, gsd_m: float, seed0: int) -> list[dict[str, Any]]:
+    """Per world: seed, box (minx, miny, maxx, maxy) metres, and the misregistration its SAR
+    was drawn with (``sar_shift_m``: east, north metres; the SAR content sits that far from
+    its true place on the optical grid)."""
+    from cmpc.config import SynthConfig
+    from cmpc.data.synth.world import sar_shift_m
+
+    out = []
+    for k in range(tiles * tiles):
+        r, c = divmod(k, tiles)
+        cfg = SynthConfig(seed=seed0 + k, size_m=tile_m, gsd_m=gsd_m, epsg=EPSG)
+        out.append({"seed": seed0 + k, "box_m": [ORIGIN[0] + c * tile_m, ORIGIN[1] - (r + 1) * tile_m, ORIGIN[0] + (c + 1) * tile_m, ORIGIN[1] - r * tile_m],
+                    "sar_shift_m": [round(v, 4) for v in sar_shift_m(cfg)]})
+    return out
+
+
 def make_mosaic(out: Path = DEFAULT_OUT, tiles: int = 4, tile_m: float = 2048.0, gsd_m: float = 1.0, seed0: int = 1000) -> dict[str, Any]:
     """Write ``out/optical.tif`` and ``out/sar.tif`` (``tiles`` x ``tiles`` worlds); return ``out/mosaic.json``.
 
@@ -61,6 +78,11 @@ def make_mosaic(out: Path = DEFAULT_OUT, tiles: int = 4, tile_m: float = 2048.0,
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("params") == params:
+            if any("sar_shift_m" not in w for w in meta.get("worlds", [{}])):
+                meta["worlds"] = _worlds(tiles, tile_m, gsd_m, seed0)  # recorded by an older version
+                tmp = meta_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(meta, indent=2))
+                os.replace(tmp, meta_path)
             return meta
     work = out.with_name(f".{out.name}.partial")
     progress_path = work / "progress.json"
@@ -108,6 +130,7 @@ def make_mosaic(out: Path = DEFAULT_OUT, tiles: int = 4, tile_m: float = 2048.0,
         "shape_px": [total, total],
         "extent_m": [ORIGIN[0], ORIGIN[1] - total * gsd_m, ORIGIN[0] + total * gsd_m, ORIGIN[1]],
         "bytes": {n: (work / n).stat().st_size for n in ("optical.tif", "sar.tif")},
+        "worlds": _worlds(tiles, tile_m, gsd_m, seed0),
         "seconds_per_world_median": float(np.median(seconds)) if seconds else None,
         "seconds_this_run": round(time.perf_counter() - t0, 1),
         "synth": {k: v for k, v in dataclasses.asdict(SynthConfig(size_m=tile_m, gsd_m=gsd_m, epsg=EPSG)).items() if k not in ("out", "seed", "origin_x", "origin_y")},
@@ -125,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--tiles", type=int, default=4, help="worlds per side")
     p.add_argument("--tile-m", type=float, default=2048.0, help="side of one world, metres")
+    p.add_argument("--seed0", type=int, default=1000, help="seed of the first world (world k has seed0 + k)")
     a = p.parse_args(argv)
-    print(json.dumps(make_mosaic(a.out, a.tiles, a.tile_m), indent=2))
+    print(json.dumps(make_mosaic(a.out, a.tiles, a.tile_m, seed0=a.seed0), indent=2))
     return 0
 
 

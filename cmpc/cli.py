@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from cmpc.errors import CmpcError, ConfigError
+from cmpc.errors import CmpcError, ConfigError, DataError
 
 
 def _exp(args: argparse.Namespace, extra: list[str] | None = None):
@@ -295,15 +295,37 @@ def _scene_settings(args: argparse.Namespace):
     return s
 
 
+def _georeferencer(args: argparse.Namespace, command: str):  # noqa: ANN202 - (Experiment, Georeferencer)
+    """(experiment, georeferencer) of ``cmpc georef`` / ``cmpc eval scenes``: an experiment
+    file or ``--model`` (a shipped card: its embedder, and its refiner when it ships one),
+    on ``--index`` (default the experiment's serving index)."""
+    from cmpc.localize.georef import georeferencer_from_experiment
+
+    index_dir = _index_dir_arg(args.index) if getattr(args, "index", None) else None
+    scene_dir = Path(args.scene_model) if getattr(args, "scene_model", None) else None
+    if scene_dir is not None and not scene_dir.is_dir():
+        raise ConfigError(f"--scene-model {scene_dir} is not a folder (it holds scene_decision.json / scene_graph.pt from `cmpc train scene --out`)")
+    settings = _scene_settings(args)
+    if getattr(args, "model", None):
+        if index_dir is None:
+            raise ConfigError(f"cmpc {command} --model needs --index NAME (an index built with `cmpc index build --model {args.model} --raster MAP.tif --name NAME`)")
+        exp, card = _card_exp(args, [], name=index_dir.name)
+        geo = georeferencer_from_experiment(exp, settings, checkpoint=str(card.embedder.path), index_dir=index_dir,
+                                            refiner_path=card.refiner.path if card.refiner else None, use_refiner=card.refiner is not None,
+                                            scene_dir=scene_dir)
+        return exp, geo
+    _need_experiment(args, command)
+    exp = _exp(args)
+    return exp, georeferencer_from_experiment(exp, settings, checkpoint=args.checkpoint, index_dir=index_dir, scene_dir=scene_dir)
+
+
 def cmd_georef(args: argparse.Namespace) -> int:
-    from cmpc.localize.georef import georeferencer_from_experiment, write_answer
+    from cmpc.localize.georef import write_answer
     from cmpc.localize.scene import read_scene
 
-    exp = _exp(args)
     if (args.center is None) != (args.radius is None):
         raise ConfigError("--center X Y and --radius M go together (a prior disc in the map CRS)")
-    settings = _scene_settings(args)
-    geo = georeferencer_from_experiment(exp, settings, checkpoint=args.checkpoint)
+    exp, geo = _georeferencer(args, "georef")
     scene = read_scene(args.scene, gsd_m=args.gsd, bands=exp.localize.raster_bands, map_crs=geo.localizer.index.crs)
     method = args.method or geo.default_method
     ans = geo.locate(scene, center=args.center, radius_m=args.radius, methods=(method,))[method]
@@ -321,22 +343,26 @@ def cmd_georef(args: argparse.Namespace) -> int:
 
 
 def cmd_data_scenes(args: argparse.Namespace) -> int:
-    from cmpc.data.scenes import cut_scenes, world_sar
+    from cmpc.data.scenes import cut_scenes, load_box_shifts, load_boxes, world_sar
 
     exp = _exp(args)
     out = Path(args.out) if args.out else Path("data") / exp.name / f"scenes_{args.split}_{args.tiles}x{args.tiles}_h{args.heading_range:g}"
-    rec = cut_scenes(world_sar(exp.synth.out, exp.data.root), exp.data.root, out, args.split, args.tiles, args.count,
-                     args.heading_range, args.seed, bands=exp.localize.raster_bands, extra={"experiment": exp.name})
+    sar = Path(args.sar) if args.sar else world_sar(exp.synth.out, exp.data.root)
+    if not sar.exists():
+        raise DataError(f"--sar {sar} does not exist")
+    boxes = load_boxes(args.areas, args.split) if args.areas else None
+    extra = {"experiment": exp.name} | ({"areas": str(args.areas)} if args.areas else {})
+    rec = cut_scenes(sar, exp.data.root, out, args.split, args.tiles, args.count,
+                     args.heading_range, args.seed, bands=exp.localize.raster_bands, extra=extra, boxes=boxes,
+                     box_shifts=load_box_shifts(args.areas) if args.areas else None)
     print(json.dumps({k: v for k, v in rec.items() if k != "scenes"} | {"out": str(out)}, indent=2))
     return 0
 
 
 def cmd_eval_scenes(args: argparse.Namespace) -> int:
     from cmpc.evaluate.scenes import evaluate_scenes
-    from cmpc.localize.georef import georeferencer_from_experiment
 
-    exp = _exp(args)
-    geo = georeferencer_from_experiment(exp, _scene_settings(args), checkpoint=args.checkpoint)
+    exp, geo = _georeferencer(args, "eval scenes")
     out = Path(args.out) if args.out else exp.report_dir / "scenes" / Path(args.scenes).name
     rec = evaluate_scenes(geo, args.scenes, out, methods=tuple(args.methods), meta={"experiment": exp.name}, gsd_factor=args.gsd_factor)
     print(json.dumps(rec["rows"], indent=2))
@@ -344,18 +370,30 @@ def cmd_eval_scenes(args: argparse.Namespace) -> int:
 
 
 def cmd_train_scene(args: argparse.Namespace) -> int:
+    from cmpc.data.scenes import SceneSource
     from cmpc.index.build import ensure_train_index
     from cmpc.train.scene import calibrate
 
     exp = _exp(args)
-    index = ensure_train_index(exp, args.checkpoint)  # the index step: the training map, built only when missing or stale
+    if (args.sar or args.areas or args.index) and not (args.sar and args.areas and args.index):
+        raise ConfigError("--sar, --areas and --index go together: a calibration map's SAR raster, its area boxes and the index of its optical raster")
+    if args.sar:
+        source = SceneSource.of_files(args.sar, args.areas, "train")
+        index_dir = _index_dir_arg(args.index)
+        if not (index_dir / "manifest.json").is_file():
+            raise DataError(f"--index {args.index}: no index at {index_dir} (build it with `cmpc index build EXP --raster OPTICAL.tif --name NAME`)")
+    else:
+        source = None
+        index_dir = ensure_train_index(exp, args.checkpoint).directory  # the index step: the training map, built only when missing or stale
+    out = Path(args.out) if args.out else None
     if args.no_gnn:
-        rec = calibrate(exp, index.directory, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges), checkpoint=args.checkpoint)
+        rec = calibrate(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges), checkpoint=args.checkpoint,
+                        source=source, out_dir=out)
     else:
         from cmpc.train.scene import train_and_calibrate
 
-        rec = train_and_calibrate(exp, index.directory, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges),
-                                  checkpoint=args.checkpoint, gnn_count=args.gnn_count, gnn_epochs=args.gnn_epochs)
+        rec = train_and_calibrate(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges),
+                                  checkpoint=args.checkpoint, gnn_count=args.gnn_count, gnn_epochs=args.gnn_epochs, source=source, out_dir=out)
     print(json.dumps(rec, indent=2))
     return 0
 
@@ -498,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=50)
     p.add_argument("--heading-range", dest="heading_range", type=float, default=0.0, help="headings drawn within +-DEG")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sar", help="SAR raster (or folder of SAR/optical pairs) to cut from (default: the experiment's world or dataset source)")
+    p.add_argument("--areas", help="JSON of area boxes the scenes must lie in (a list of [minx, miny, maxx, maxy], a benchmarks.mosaic "
+                   "mosaic.json: one box per world, or a dataset.json: its --split boxes); default the dataset's --split area")
     p.add_argument("--out", help="output folder (default data/<name>/scenes_<split>_<N>x<N>_h<DEG>)")
     p.set_defaults(func=cmd_data_scenes)
 
@@ -546,6 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heading-ranges", dest="heading_ranges", type=float, nargs="+", default=[0.0, 15.0],
                    help="heading ranges (+-DEG) of the validation scenes; rotated ones are searched with that rotation range")
     p.add_argument("--no-gnn", dest="no_gnn", action="store_true", help="only calibrate the verify rule (no scene-graph GNN)")
+    p.add_argument("--sar", help="cut the scenes from this SAR raster (a calibration map of other places) instead of the training area; needs --areas and --index")
+    p.add_argument("--areas", help="JSON of the boxes the scenes lie in (see `cmpc data scenes --areas`)")
+    p.add_argument("--index", help="index of the calibration map's optical raster (name under index/ or folder)")
+    p.add_argument("--out", help="folder for scene_decision.json and scene_graph.pt (default runs/<name>); georef reads it with --scene-model")
     p.add_argument("--gnn-count", dest="gnn_count", type=int, default=40, help="GNN scenes cut per size (2, 3, 4) and heading range")
     p.add_argument("--gnn-epochs", dest="gnn_epochs", type=int, default=40, help="GNN training epochs (the best validation one is kept)")
     p.set_defaults(func=cmd_train_scene)
@@ -603,8 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # georef
     p = sub.add_parser("georef", help="where is this SAR scene? tile it, verify its tiles' candidates jointly, align it")
-    _add_common(p, "required")
+    _add_common(p)
+    p.add_argument("--model", help="a shipped model (weights/<NAME>/card.json) instead of an experiment file; needs --index")
+    p.add_argument("--index", help="index name under index/ or index folder (default: the experiment's serving index)")
     p.add_argument("--scene", required=True, help="SAR image (GeoTIFF, plain TIFF or PNG)")
+    p.add_argument("--scene-model", dest="scene_model",
+                   help="folder of the calibrated decision rule and scene-graph GNN (`cmpc train scene --out`; default runs/<name>)")
     p.add_argument("--gsd", type=float, help="metres per pixel of a scene without georeferencing")
     p.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"), help="prior centre, metres in the map CRS")
     p.add_argument("--radius", type=float, help="prior radius, metres")
@@ -636,8 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sar-bands", dest="sar_bands", nargs="+", default=["VV", "VH"], metavar="BAND", help="SAR bands in model order (VV, VH)")
     p.set_defaults(func=cmd_eval_pairs)
     p = s_ev.add_parser("scenes", help="georeference every scene cut by `cmpc data scenes`; success / not-found / false-claim table")
-    _add_common(p, "required")
+    _add_common(p)
+    p.add_argument("--model", help="a shipped model (weights/<NAME>/card.json) instead of an experiment file; needs --index")
+    p.add_argument("--index", help="index name under index/ or index folder (default: the experiment's serving index)")
     p.add_argument("--scenes", required=True, help="folder cut by `cmpc data scenes`")
+    p.add_argument("--scene-model", dest="scene_model",
+                   help="folder of the calibrated decision rule and scene-graph GNN (`cmpc train scene --out`; default runs/<name>)")
     p.add_argument("--methods", nargs="+", default=["independent", "verify"], choices=("independent", "verify", "gnn+verify"))
     p.add_argument("--rotation-range", dest="rotation_range", type=float, help="search headings within +-DEG (default 0)")
     p.add_argument("--top-k", dest="top_k", type=int)

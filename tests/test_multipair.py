@@ -302,3 +302,27 @@ def test_real_sentinel_la_overlaps_and_histogram(real_data):
     skew = lambda x: float(np.mean((x - x.mean()) ** 3) / x.std() ** 3)  # noqa: E731
     core = v[v < 255]
     assert skew(core) > 0.3 and skew(20 * np.log10(core)) < 0.0
+
+
+def test_maps_source_composites_pairs_by_footprint(tmp_path, tiled):
+    # the scene cutter reads a multi-pair dataset's SAR by footprint, across files and maps
+    from cmpc.data.mosaic import open_maps
+    from cmpc.data.scenes import cut_scenes
+
+    src_dir = _write_pairs(tmp_path / "pairs")
+    with open_maps(src_dir, "sar", crs=CRS) as maps:
+        assert len(maps.sources) == 2  # 001-003 touch; 004 stands apart
+        a, v = maps.read_bounds((X0 + 48, Y0 - 16, X0 + 80, Y0), (16, 32))
+        assert v.all()
+        assert np.allclose(a[0, :, :16], 1.0) and np.allclose(a[0, :, 16:], 2.0)  # 001 | 002
+        a, v = maps.read_bounds((X0 + 500, Y0 - 8, X0 + 508, Y0), (8, 8))
+        assert v.all() and np.allclose(a, 4.0)  # the separate map
+        a, v = maps.read_bounds((X0 + 300, Y0 - 8, X0 + 308, Y0), (8, 8))
+        assert not v.any()  # between the maps: nothing
+    root, _ = tiled
+    rec = cut_scenes(src_dir, root, tmp_path / "scenes", "test", 1, 3, 0.0, seed=0, boxes=[[X0 + 64, Y0 - 64, X0 + 128, Y0]])
+    import rasterio as rio
+
+    for s in rec["scenes"]:
+        with rio.open(tmp_path / "scenes" / f"{s['name']}.tif") as f:
+            assert np.allclose(f.read(), 2.0)  # inside file 002

@@ -280,3 +280,101 @@ def test_georef_end_to_end_on_smoke_world(smoke_demo) -> None:
         assert r.returncode == 2, (args, r.stderr[-500:])
         assert r.stderr.strip().count("\n") == 0 and words in r.stderr, (args, r.stderr)
         assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------- offset voting, screening
+
+
+@pytest.mark.parametrize("heading", [0.0, 10.0])
+def test_vote_placements_finds_a_few_agreeing_tiles_among_many_wrong(heading: float) -> None:
+    # 8 x 8 tiles, 20 candidates each, only 10 of 64 tiles have their right candidate (within
+    # half a 64 m stride, at a random rank < 3): the vote's best block is that placement
+    from cmpc.localize.verify import vote_placements
+
+    truth = SceneTransform.from_params(1.0, heading, 5000.0, 9000.0)
+    corr = _correspondences(truth, 8, 20, 10 / 64, 32.0, seed=3)
+    corr.heading_deg = np.full(len(corr), heading)
+    votes = vote_placements(corr, 1.0, 64.0, top_n=5)
+    tiles, _, best = votes[0]
+    assert tiles >= 9  # the right tiles (over 1,280 random candidates the best random block gathers ~5)
+    assert all(v[0] <= 6 for v in votes[1:])
+    assert np.linalg.norm(best.centre(576, 576) - truth.centre(576, 576)) < 20.0
+    assert best.heading_deg == pytest.approx(heading) and best.scale == pytest.approx(1.0)
+    # a placement needs min_tiles distinct tiles; nothing to vote on gives nothing
+    assert vote_placements(corr.subset(np.array([0])), 1.0, 64.0) == []
+    assert vote_placements(corr.subset(np.array([], dtype=np.int64)), 1.0, 64.0) == []
+
+
+def test_screen_placements_ranks_the_true_placement_first() -> None:
+    # one descriptor pass per heading, one correlation per placement: the placement 20 m
+    # off the truth scores like the exact alignment; 300 m off or 9 degrees off score low
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    from cmpc.localize.align import build_feature_mosaic
+    from cmpc.localize.verify import fine_align_scene, screen_placements
+
+    rng = np.random.default_rng(1)
+    img = gaussian_filter(rng.normal(size=(600, 600)), 3).astype(np.float32)[None]
+    img = (img - img.mean()) / img.std()
+    ox, oy = 1000.0, 5000.0
+    fm = build_feature_mosaic(_TextureDescriptor(), img, np.ones((600, 600), bool), ox, oy, 1.0, tile_px=128, margin_px=16)
+    truth = SceneTransform.from_params(1.0, 0.0, 1150.0, 4850.0)
+    cols, rows = np.meshgrid(np.arange(160) + 0.5, np.arange(160) + 0.5)
+    xy = truth.apply(np.stack([cols.ravel(), rows.ravel()], 1))
+    scene = map_coordinates(img[0], [(oy - xy[:, 1]) - 0.5, (xy[:, 0] - ox) - 0.5], order=1).reshape(1, 160, 160).astype(np.float32)
+    valid = np.ones((160, 160), bool)
+    hyps = [truth.shifted(300.0, -250.0), truth.shifted(20.0, -13.0), SceneTransform.from_params(1.0, 9.0, 1150.0, 4850.0), truth.shifted(-190.0, 0.0)]
+    peaks = screen_placements(_TextureDescriptor(), fm, scene, valid, hyps, max_shift_m=48.0)
+    assert int(np.argmax(peaks)) == 1
+    assert peaks[1] > 0.8 and max(peaks[0], peaks[2], peaks[3]) < 0.5
+    exact = fine_align_scene(_TextureDescriptor(), fm, scene, valid, hyps[1], np.array([[80.0, 80.0]]), 64.0, max_shift_m=48.0)
+    # the screen measures what the exact alignment measures, a little lower (sub-cell phase of a shared warp)
+    assert exact.peak - 0.15 <= peaks[1] <= exact.peak + 0.02
+    assert np.linalg.norm(exact.transform.centre(160, 160) - truth.centre(160, 160)) < 1.0
+
+
+def test_area_boxes_and_misregistration_truth(tmp_path) -> None:
+    # area files: a list, a mosaic.json (one box per world, with its SAR shift), a dataset.json
+    import json
+
+    from cmpc.data.scenes import load_box_shifts, load_boxes
+    from cmpc.errors import DataError
+
+    (tmp_path / "list.json").write_text(json.dumps([[0, 0, 10, 10]]))
+    assert load_boxes(tmp_path / "list.json") == [[0.0, 0.0, 10.0, 10.0]] and load_box_shifts(tmp_path / "list.json") is None
+    mosaic = {"worlds": [{"seed": 1, "box_m": [0, 0, 5, 5], "sar_shift_m": [0.5, -0.25]}, {"seed": 2, "box_m": [5, 0, 10, 5], "sar_shift_m": [0, 1]}]}
+    (tmp_path / "mosaic.json").write_text(json.dumps(mosaic))
+    assert load_boxes(tmp_path / "mosaic.json") == [[0.0, 0.0, 5.0, 5.0], [5.0, 0.0, 10.0, 5.0]]
+    assert load_box_shifts(tmp_path / "mosaic.json") == [(0.5, -0.25), (0.0, 1.0)]
+    (tmp_path / "dataset.json").write_text(json.dumps({"areas": {"test": {"boxes": [[1, 2, 3, 4]]}}}))
+    assert load_boxes(tmp_path / "dataset.json", "test") == [[1.0, 2.0, 3.0, 4.0]]
+    for bad in ([[0, 0, -1, 5]], {"areas": {}}, [1, 2, 3, 4], "x"):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match="holds no area boxes"):
+            load_boxes(tmp_path / "bad.json", "test")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(DataError, match="cannot read area boxes"):
+        load_boxes(tmp_path / "broken.json")
+
+
+def test_cut_scenes_truth_is_where_the_content_lies(tmp_path) -> None:
+    # a world whose SAR is misregistered by (+2, -1) m: the truth is the content's place
+    import json
+
+    import rasterio
+    from affine import Affine
+
+    from cmpc.data.scenes import cut_scenes
+
+    X, Y = 500_000.0, 5_000_000.0  # EPSG:32631 metres near the central meridian
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps({"patch_m": 16.0, "crs": "EPSG:32631", "areas": {"test": {"boxes": [[X, Y, X + 64, Y + 64]]}}}))
+    with rasterio.open(tmp_path / "sar.tif", "w", driver="GTiff", width=64, height=64, count=1, dtype="float32", crs="EPSG:32631",
+                       transform=Affine(1.0, 0, X, 0, -1.0, Y + 64.0)) as f:
+        f.write(np.random.default_rng(0).normal(size=(1, 64, 64)).astype(np.float32))
+    rec = cut_scenes(tmp_path / "sar.tif", root, tmp_path / "s", "test", 2, 3, 0.0, seed=0, boxes=[[X, Y, X + 64, Y + 64]], box_shifts=[(2.0, -1.0)])
+    for s in rec["scenes"]:
+        t = json.loads((tmp_path / "s" / f"{s['name']}.truth.json").read_text())
+        assert t["center_xy"] == pytest.approx([t["raster_center_xy"][0] - 2.0, t["raster_center_xy"][1] + 1.0])
+        assert t["transform"][2] == pytest.approx(t["raster_center_xy"][0] - 2.0 - 12.0)  # side (2+1)/2 * 16 = 24 m

@@ -300,6 +300,16 @@ class MosaicSource:
                 break
         return out, valid
 
+    def read_bounds(self, bounds: Bounds, out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Read the footprint ``bounds`` (metres, working CRS) resampled to ``out_shape`` (h, w)
+        pixels, composited as :meth:`read_on` does."""
+        minx, miny, maxx, maxy = bounds
+        h, w = out_shape
+        if not (maxx > minx and maxy > miny and h > 0 and w > 0):
+            raise ValueError(f"empty footprint {bounds} or output shape {out_shape}")
+        target = Grid(self.crs, Affine((maxx - minx) / w, 0.0, minx, 0.0, -(maxy - miny) / h, maxy), w, h)
+        return self.read_on(target, 0, 0, h, w)
+
     def describe(self) -> dict[str, Any]:
         return {
             "path": str(self.paths[0].parent),
@@ -327,3 +337,62 @@ class MosaicSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class MapsSource:
+    """The SAR (or optical) of every map of a pair folder, read by footprint: what the scene
+    cutter needs from a multi-pair dataset (``cmpc data scenes`` on sentinel-la). ``grid``
+    is the first map's (its ``gsd_m`` is the cut GSD); :meth:`read_bounds` composites the
+    maps in order, each read lazily through its :class:`MosaicSource`."""
+
+    def __init__(self, sources: list[MosaicSource]) -> None:
+        if not sources:
+            raise DataError("no map to read")
+        self.sources = sources
+        self.grid = sources[0].grid
+        self.crs = self.grid.crs
+        self.count = sources[0].count
+
+    def read_bounds(self, bounds: Bounds, out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Footprint ``bounds`` (metres, working CRS) at ``out_shape`` (h, w): float32 (C, h, w)
+        with NaN at nodata, and the valid mask; the first map with data wins."""
+        out = np.full((self.count, *out_shape), np.nan, dtype=np.float32)
+        valid = np.zeros(out_shape, dtype=bool)
+        for s in self.sources:
+            b = s.source_bounds
+            if b[0] >= bounds[2] or b[2] <= bounds[0] or b[1] >= bounds[3] or b[3] <= bounds[1]:
+                continue
+            a, v = s.read_bounds(bounds, out_shape)
+            take = v & ~valid
+            out[:, take] = a[:, take]
+            valid |= take
+        return out, valid
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+    def __enter__(self) -> MapsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_maps(source: str | os.PathLike[str], modality: str = "sar", crs: str | None = None, bands: list[int] | None = None) -> MapsSource:
+    """Open one modality (``"sar"`` or ``"optical"``) of the pairs of ``source`` (folder or
+    list, as :func:`find_pairs`) as one :class:`MapsSource` in ``crs`` (default: the working
+    CRS the tiler would choose)."""
+    pairs = find_pairs(source)
+    c, reason = working_crs_of(pairs, crs)
+    out: list[MosaicSource] = []
+    try:
+        for m in group_pairs(pairs, c, reason):
+            paths = [p.sar if modality == "sar" else p.optical for p in m.pairs]
+            feet = m.sar_footprints if modality == "sar" else m.footprints
+            out.append(MosaicSource(paths, m.names, feet, m.grid, bands, "SAR" if modality == "sar" else "optical", reason))
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return MapsSource(out)

@@ -71,11 +71,19 @@ def cut_scenes(
     seed: int = 0,
     bands: list[int] | None = None,
     extra: dict[str, Any] | None = None,
+    boxes: list[list[float]] | None = None,
+    box_shifts: list[tuple[float, float] | None] | None = None,
 ) -> dict[str, Any]:
-    """Cut the scenes (module doc) into ``out`` (atomically); returns the scenes.json record."""
-    from skimage.transform import AffineTransform, warp
+    """Cut the scenes (module doc) into ``out`` (atomically); returns the scenes.json record.
 
-    from cmpc.data.raster import open_raster
+    ``sar_path``: one SAR raster, or a folder / list of SAR-optical pairs (a multi-pair
+    dataset such as sentinel-la: the pairs' SAR is read as the tiler reads it, in the
+    dataset's CRS). ``boxes``: area boxes (minx, miny, maxx, maxy) metres the scenes must lie
+    in, instead of the dataset's ``split`` area (see :func:`load_boxes`); ``box_shifts``:
+    per box, the (east, north) metres by which the SAR content there is displaced from its
+    true place on the optical grid (a synthetic world's drawn misregistration): the truth is
+    then where the scene's content really lies, not the SAR raster's own georeferencing."""
+    from skimage.transform import AffineTransform, warp
 
     if tiles < 1:
         raise ConfigError(f"--tiles must be at least 1, got {tiles}")
@@ -84,12 +92,12 @@ def cut_scenes(
     if not (0.0 <= heading_range_deg <= 180.0):
         raise ConfigError(f"--heading-range must be within 0..180 degrees, got {heading_range_deg:g}")
     meta = json.loads((Path(dataset_root) / "dataset.json").read_text(encoding="utf-8")) if (Path(dataset_root) / "dataset.json").is_file() else {}
-    boxes = split_boxes(dataset_root, split)
+    boxes = [list(map(float, b)) for b in boxes] if boxes else split_boxes(dataset_root, split)
     patch_m = float(meta.get("patch_m") or 0.0)
     if not patch_m:
         raise DataError(f"{dataset_root}/dataset.json has no patch_m (the tile size in metres)")
     rng = np.random.default_rng(seed)
-    with open_raster(sar_path, bands=bands, crs=meta.get("crs"), role="SAR world") as src:
+    with _open_sar(sar_path, bands, meta.get("crs")) as src:
         gsd = float(src.grid.gsd_m)
         side_m = (tiles + 1) / 2.0 * patch_m
         side_px = int(round(side_m / gsd))
@@ -109,7 +117,11 @@ def cut_scenes(
                         f"inside any {split} area box of {dataset_root}; cut smaller scenes"
                     )
                 w = np.array([(b[2] - b[0] - 2 * half) * (b[3] - b[1] - 2 * half) for b in fits])
-                box = fits[int(rng.choice(len(fits), p=w / w.sum()))]
+                k = int(rng.choice(len(fits), p=w / w.sum()))
+                box = fits[k]
+                shift = None
+                if box_shifts is not None:
+                    shift = box_shifts[[i for i, b in enumerate(boxes) if b[2] - b[0] > 2 * half and b[3] - b[1] > 2 * half][k]]
                 cx = float(rng.uniform(box[0] + half, box[2] - half))
                 cy = float(rng.uniform(box[1] + half, box[3] - half))
                 t = _affine(gsd, h, cx, cy, side_px)
@@ -130,15 +142,67 @@ def cut_scenes(
                 name = f"scene_{i:04d}"
                 _write_plain_tiff(tmp / f"{name}.tif", scene)
                 corners = np.array([[0, 0], [side_px, 0], [side_px, side_px], [0, side_px]], dtype=np.float64)
-                xs, ys = _apply(t, corners[:, 0], corners[:, 1])
+                tt, tcx, tcy = t, cx, cy
+                if shift is not None:  # the content of SAR pixel P shows the ground at P - shift
+                    tt = (t[0], t[1], t[2] - shift[0], t[3], t[4], t[5] - shift[1])
+                    tcx, tcy = cx - shift[0], cy - shift[1]
+                xs, ys = _apply(tt, corners[:, 0], corners[:, 1])
                 truth = {
-                    "scene": f"{name}.tif", "gsd_m": gsd, "heading_deg": h, "transform": list(t), "center_xy": [cx, cy],
+                    "scene": f"{name}.tif", "gsd_m": gsd, "heading_deg": h, "transform": list(tt), "center_xy": [tcx, tcy],
                     "corners_xy": [[float(x), float(y)] for x, y in zip(xs, ys)], "crs": meta.get("crs"), "split": split, "tiles": tiles,
+                    **({"sar_shift_m": list(shift), "raster_center_xy": [cx, cy]} if shift is not None else {}),
                 }
                 atomic_write_json(tmp / f"{name}.truth.json", truth)
                 record["scenes"].append({"name": name, "heading_deg": h, "center_xy": [cx, cy]})
             atomic_write_json(tmp / "scenes.json", record)
     return record
+
+
+def _open_sar(sar: str | os.PathLike[str], bands: list[int] | None, crs: str | None):  # noqa: ANN202 - RasterSource | MapsSource
+    """A SAR raster, or the SAR of a folder / list of pairs, in ``crs``."""
+    from cmpc.data.raster import open_raster
+
+    p = Path(sar)
+    if p.is_dir() or p.suffix.lower() in (".json", ".csv"):
+        from cmpc.data.mosaic import open_maps
+
+        return open_maps(p, "sar", crs=crs, bands=bands)
+    return open_raster(p, bands=bands, crs=crs, role="SAR world")
+
+
+def load_box_shifts(path: str | os.PathLike[str]) -> list[tuple[float, float] | None] | None:
+    """Per box of a mosaic.json (``worlds[*].sar_shift_m``), the SAR misregistration; None
+    for any other area file."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("worlds"), list) and all("sar_shift_m" in w for w in doc["worlds"]):
+        return [tuple(map(float, w["sar_shift_m"])) for w in doc["worlds"]]  # type: ignore[misc]
+    return None
+
+
+def load_boxes(path: str | os.PathLike[str], split: str = "test") -> list[list[float]]:
+    """Area boxes (minx, miny, maxx, maxy) metres from a JSON file: a list of boxes, a mosaic
+    record (``benchmarks.mosaic``: ``worlds[*].box_m``, one box per world, so no scene crosses
+    a seam) or a dataset.json (``areas[split].boxes``)."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read area boxes from {p}: {str(e).splitlines()[0]}") from None
+    if isinstance(doc, dict) and "worlds" in doc:
+        boxes = [w.get("box_m") for w in doc["worlds"]]
+    elif isinstance(doc, dict) and "areas" in doc:
+        boxes = ((doc["areas"] or {}).get(split) or {}).get("boxes") or []
+    else:
+        boxes = doc
+    ok = isinstance(boxes, list) and boxes and all(
+        isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b) and b[2] > b[0] and b[3] > b[1] for b in boxes
+    )
+    if not ok:
+        raise DataError(f"{p} holds no area boxes: expected [[minx, miny, maxx, maxy], ...], a mosaic.json (worlds) or a dataset.json (areas.{split})")
+    return [list(map(float, b)) for b in boxes]
 
 
 def _write_plain_tiff(path: Path, arr: np.ndarray) -> None:
@@ -158,14 +222,40 @@ def read_truth(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def world_sar(synth_out: str | os.PathLike[str], dataset_root: str | os.PathLike[str]) -> Path:
-    """The SAR raster of an experiment's world: ``synth.out/sar.tif`` when present, else the
-    SAR source recorded in the dataset's dataset.json."""
+    """The SAR raster the experiment's dataset was tiled from: the SAR source recorded in the
+    dataset's dataset.json (one raster, or the pair folder of a multi-pair dataset), else
+    ``synth.out/sar.tif`` (a synthetic world tiled by an older version)."""
     p = Path(synth_out) / "sar.tif"
-    if p.is_file():
-        return p
     meta_p = Path(dataset_root) / "dataset.json"
     if meta_p.is_file():
         src = ((json.loads(meta_p.read_text(encoding="utf-8")).get("sources") or {}).get("sar") or {}).get("path")
-        if src and Path(src).is_file():
+        if src and (Path(src).is_file() or Path(src).is_dir()):
             return Path(src)
-    raise DataError(f"no SAR raster for this experiment: neither {p} nor a SAR source in {meta_p}")
+    if p.is_file():
+        return p
+    raise DataError(f"no SAR raster for this experiment: neither a SAR source in {meta_p} nor {p}")
+
+
+class SceneSource:
+    """Where training / calibration scenes are cut: ``sar`` (raster or pair folder),
+    ``boxes`` (area boxes, metres) and optional ``box_shifts`` (see :func:`cut_scenes`).
+    :meth:`of_experiment` is the experiment's own training area; :meth:`of_files` another
+    map (e.g. a synthetic calibration mosaic of worlds no test map uses)."""
+
+    def __init__(self, sar: Path, boxes: list[list[float]], box_shifts: list[tuple[float, float] | None] | None = None, label: str = "") -> None:
+        self.sar, self.boxes, self.box_shifts, self.label = Path(sar), boxes, box_shifts, label
+
+    @classmethod
+    def of_experiment(cls, exp, split: str = "train") -> SceneSource:  # noqa: ANN001 - cmpc.config.Experiment
+        return cls(world_sar(exp.synth.out, exp.data.root), split_boxes(exp.data.root, split), None, f"{exp.name} {split} area")
+
+    @classmethod
+    def of_files(cls, sar: str | os.PathLike[str], areas: str | os.PathLike[str], split: str = "train") -> SceneSource:
+        if not Path(sar).exists():
+            raise DataError(f"--sar {sar} does not exist")
+        return cls(Path(sar), load_boxes(areas, split), load_box_shifts(areas), f"{sar} within {areas}")
+
+    def cut(self, dataset_root: str | os.PathLike[str], out: str | os.PathLike[str], split: str, tiles: int, count: int,
+            heading_range_deg: float, seed: int) -> dict[str, Any]:
+        """:func:`cut_scenes` from this source."""
+        return cut_scenes(self.sar, dataset_root, out, split, tiles, count, heading_range_deg, seed, boxes=self.boxes, box_shifts=self.box_shifts)

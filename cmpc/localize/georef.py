@@ -58,6 +58,8 @@ from cmpc.localize.verify import (
     estimate_scene_transform,
     fine_align_scene,
     score_transform,
+    screen_placements,
+    vote_placements,
 )
 from cmpc.utils.io import atomic_dir, atomic_write_json
 
@@ -302,7 +304,13 @@ class Georeferencer:
                 tf = SceneTransform.from_params(scene.gsd_m, float(tiles.heading_deg[t]), 0.0, 0.0)
                 off = cand.positions_m[t, 0] - tf.apply(tiles.centre_px[t][None])[0]
                 alone.append(tf.shifted(float(off[0]), float(off[1])))
-            hyps = distinct_transforms([*res.hypotheses, *alone], 0.5 * residual, probe=(scene.width / 2.0, scene.height / 2.0))
+            voted = [t for _, _, t in vote_placements(cand.corr, scene.gsd_m, self.stride_m, top_n=s.vote_placements)] if s.vote_placements else []
+            hyps = distinct_transforms([*res.hypotheses, *voted, *alone], 0.5 * residual, probe=(scene.width / 2.0, scene.height / 2.0))
+            n_hyps = len(hyps)
+            if s.fine_top and len(hyps) > s.fine_top:
+                # rank every placement by one cheap dense correlation, refine the best few exactly
+                peaks = screen_placements(self.aligner, self.feature_mosaic(), scene.image, scene.valid, hyps, residual, device=self.localizer.device)
+                hyps = [hyps[i] for i in np.argsort(-peaks, kind="stable")[: s.fine_top]]
             centres = scene_grid_centres(scene, self.tile_m, self.stride_m)
             best_fr = None
             for h in hyps:
@@ -317,7 +325,7 @@ class Georeferencer:
             transform = best_fr.transform
             res = score_transform(cand.corr, transform, rs, tiles.per_heading)
             fine_stats = {
-                "used": True, "seconds": round(time.perf_counter() - t0, 3), "hypotheses": len(hyps), "shift_m": [round(v, 2) for v in best_fr.shift_m],
+                "used": True, "seconds": round(time.perf_counter() - t0, 3), "hypotheses": n_hyps, "voted": len(voted), "refined": len(hyps), "shift_m": [round(v, 2) for v in best_fr.shift_m],
                 "peak": round(best_fr.peak, 4), "tiles_aligned": int(best_fr.tile_inlier.sum()), "tiles": int(len(best_fr.tile_px)), "refit": best_fr.refit,
             }
         stats["fine"] = fine_stats
@@ -522,19 +530,24 @@ def georeferencer_from_experiment(
     checkpoint: str | os.PathLike[str] | None = None,
     index_dir: str | os.PathLike[str] | None = None,
     rescorer: CandidateRescorer | None = None,
+    refiner_path: str | os.PathLike[str] | None = None,
+    use_refiner: bool = True,
+    scene_dir: str | os.PathLike[str] | None = None,
 ) -> Georeferencer:
     """A :class:`Georeferencer` on the experiment's embedder, index (default the serving
-    one, or ``index_dir``) and refiner, with the calibrated decision rule of
-    ``runs/<name>/scene_decision.json`` when present."""
+    one, or ``index_dir``) and refiner, with the calibrated decision rule and scene-graph
+    GNN of ``scene_dir`` (default ``runs/<name>``: ``scene_decision.json``,
+    ``scene_graph.pt``) when present."""
     from cmpc.localize.localizer import Localizer
 
     settings = settings or SceneSettings()
     settings.check()
     base = settings
-    settings, source = load_decision(exp.run_dir, settings)
-    loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=index_dir)
+    scene_dir = Path(scene_dir) if scene_dir is not None else Path(exp.run_dir)
+    settings, source = load_decision(scene_dir, settings)
+    loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=index_dir, refiner_path=refiner_path, use_refiner=use_refiner)
     gnn, gnn_settings, gnn_error = None, None, None
-    gpath = Path(exp.run_dir) / SCENE_GRAPH_FILE
+    gpath = scene_dir / SCENE_GRAPH_FILE
     if gpath.is_file():
         from cmpc.localize.scene_graph import SceneGraphRescorer
         from cmpc.models.checkpoint import default_checkpoint
@@ -545,7 +558,7 @@ def georeferencer_from_experiment(
             gnn = SceneGraphRescorer.load(gpath, default_checkpoint(exp.run_dir, checkpoint))
         except CheckpointError as e:  # e.g. trained with another embedder: verify still works, gnn+verify says why not
             gnn_error = str(e)
-        gnn_settings, gsrc = load_decision(exp.run_dir, base, method="gnn+verify")
+        gnn_settings, gsrc = load_decision(scene_dir, base, method="gnn+verify")
         source = {**source, "gnn+verify": gsrc}
     geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings)
     geo.gnn_error = gnn_error

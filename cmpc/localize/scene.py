@@ -45,7 +45,10 @@ class SceneSettings:
     """Settings of scene georeferencing (``cmpc georef``; defaults for the demo world).
 
     ``tile_hypotheses``: besides RANSAC's placements, the most confident tiles alone are
-    placements the dense alignment checks. Units: degrees, metres, fractions. ``residual_frac`` / ``tile_shift_frac`` are fractions
+    placements the dense alignment checks; ``vote_placements``: so are the best blocks of
+    the offset vote (:func:`cmpc.localize.verify.vote_placements`; 0 = off); ``fine_top``:
+    all placements are ranked by one cheap whole-scene correlation and only the best
+    ``fine_top`` are aligned exactly (0 = align every placement). Units: degrees, metres, fractions. ``residual_frac`` / ``tile_shift_frac`` are fractions
     of the reference stride. ``min_inliers`` / ``min_inlier_frac`` / ``min_fine_peak``: the
     decision rule (found when all hold; the last one only when fine alignment ran: the
     whole-scene correlation peak, a mean cosine): neighbouring tiles lie one stride apart
@@ -66,6 +69,8 @@ class SceneSettings:
     own_prior_radius_m: float = 2000.0
     fine: bool = True
     tile_hypotheses: int = 3
+    vote_placements: int = 8
+    fine_top: int = 2
     min_inliers: int = 3
     min_inlier_frac: float = 0.3
     min_fine_peak: float = 0.15

@@ -322,6 +322,69 @@ def estimate_scene_transform(
     return out
 
 
+def vote_placements(
+    corr: Correspondences,
+    gsd_m: float,
+    stride_m: float,
+    top_n: int = 8,
+    min_tiles: int = 2,
+) -> list[tuple[int, float, SceneTransform]]:
+    """Scene placements by offset voting (a Hough transform over translation), per heading
+    hypothesis, at the nominal GSD.
+
+    Every correspondence implies where the scene's pixel ``(0, 0)`` lies on the map
+    (``map_xy - T_h(scene_px)``, ``T_h`` the nominal similarity of the tile's heading
+    hypothesis). A tile's right candidate is the reference nearest its centre, so right
+    correspondences imply origins within a ``stride_m`` square around the true one; wrong
+    ones scatter. The origins are binned at half a stride and every 3 x 3 block of bins (1.5
+    strides, which holds any stride square) counts the distinct tiles voting in it. The
+    ``top_n`` blocks with the most tiles (at least ``min_tiles``; ties by summed rank weight
+    ``1 / (1 + rank)``) give placements: the weighted mean origin of their tiles' best
+    votes, skipped within a stride of a better placement. RANSAC samples pairs and can miss a
+    consensus of a few tiles among hundreds of wrong candidates; the vote counts all of
+    them at once (O(N)). Returns ``[(tiles, weight, transform), ...]``, best first.
+    """
+    n = len(corr)
+    if n == 0:
+        return []
+    cell = stride_m / 2.0
+    found: list[tuple[int, float, SceneTransform]] = []
+    for h in np.unique(np.asarray(corr.heading_deg, dtype=np.float64)):
+        sel = np.flatnonzero(np.asarray(corr.heading_deg) == h)
+        t0 = SceneTransform.from_params(gsd_m, float(h), 0.0, 0.0)
+        origin = np.asarray(corr.map_xy, dtype=np.float64)[sel] - t0.apply(corr.scene_px[sel])
+        b = np.floor(origin / cell).astype(np.int64)
+        tile = np.asarray(corr.tile, dtype=np.int64)[sel]
+        w = corr.weight[sel]
+        # every vote falls in the 9 blocks whose 3 x 3 bins hold its bin (block key = its NW-most bin)
+        dx, dy = np.meshgrid(np.arange(-2, 1), np.arange(-2, 1))
+        bx = (b[:, 0][:, None] + dx.ravel()[None]).ravel()
+        by = (b[:, 1][:, None] + dy.ravel()[None]).ravel()
+        vi = np.repeat(np.arange(len(sel)), 9)
+        # one vote per (block, tile): the tile's best-weighted candidate in that block
+        order = np.lexsort((-w[vi], tile[vi], by, bx))
+        bx, by, vi = bx[order], by[order], vi[order]
+        first = np.ones(len(vi), dtype=bool)
+        first[1:] = (bx[1:] != bx[:-1]) | (by[1:] != by[:-1]) | (tile[vi][1:] != tile[vi][:-1])
+        bx, by, vi = bx[first], by[first], vi[first]
+        keys, inv, counts = np.unique(np.stack([bx, by], axis=1), axis=0, return_inverse=True, return_counts=True)
+        inv = inv.ravel()
+        wsum = np.bincount(inv, weights=w[vi], minlength=len(keys))
+        rank = np.lexsort((-wsum, -counts))
+        taken: list[np.ndarray] = []
+        for k in rank:
+            if counts[k] < min_tiles or len(taken) >= top_n:
+                break
+            m = vi[inv == k]
+            o = np.average(origin[m], axis=0, weights=w[m])
+            if any(np.abs(o - c).max() < stride_m for c in taken):
+                continue  # the same cluster seen from an overlapping block
+            taken.append(o)
+            found.append((int(counts[k]), float(wsum[k]), SceneTransform.from_params(gsd_m, float(h), float(o[0]), float(o[1]))))
+    found.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    return found[:top_n]
+
+
 def distinct_transforms(transforms: list[SceneTransform], min_dist_m: float, probe: tuple[float, float] = (0.0, 0.0)) -> list[SceneTransform]:
     """``transforms`` without near-duplicates (a later one whose translation is within
     ``min_dist_m`` of a kept one and heading within 2 degrees), order kept."""
@@ -555,6 +618,79 @@ def _standardise(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+def _scene_window(mosaic, transform: SceneTransform, W: int, H: int) -> tuple[int, int, int, int]:  # noqa: ANN001 - FeatureMosaic
+    """(row0, col0, height, width) of the cell-aligned map-grid window holding the placed scene."""
+    s, w = mosaic.stride, float(mosaic.gsd_m)
+    corners = transform.corners(W, H)
+    cmin = math.floor(((corners[:, 0].min() - mosaic.origin_x) / w) / s) * s
+    cmax = math.ceil(((corners[:, 0].max() - mosaic.origin_x) / w) / s) * s
+    rmin = math.floor(((mosaic.origin_y - corners[:, 1].max()) / w) / s) * s
+    rmax = math.ceil(((mosaic.origin_y - corners[:, 1].min()) / w) / s) * s
+    return int(rmin), int(cmin), int(rmax - rmin), int(cmax - cmin)
+
+
+def _scene_descriptors(aligner, mosaic, image: np.ndarray, valid: np.ndarray, transform: SceneTransform, device):  # noqa: ANN001, ANN202
+    """The scene warped onto the map grid by ``transform`` and described: ``(desc (C, hc, wc)
+    zeroed outside the valid cells, cell_valid (hc, wc) bool, (row0, col0) of the window)``."""
+    s, w = mosaic.stride, float(mosaic.gsd_m)
+    H, W = image.shape[-2:]
+    rmin, cmin, h, wd = _scene_window(mosaic, transform, W, H)
+    warped, wvalid = warp_to_grid(image, valid, transform, mosaic.origin_x, mosaic.origin_y, w, rmin, cmin, h, wd)
+    x = torch.from_numpy(_standardise(warped, wvalid))[None]
+    aligner.eval()
+    desc = aligner(x.to(device), "sar").float().cpu()[0]  # (C, h/4, w/4)
+    cell_valid = torch.from_numpy(wvalid[s // 2 :: s, s // 2 :: s][: desc.shape[1], : desc.shape[2]].copy())
+    # drop one ring of cells at the scene's edge (zero padding makes them unreliable)
+    cv = cell_valid.float()[None, None]
+    cell_valid = (torch.nn.functional.max_pool2d(1.0 - cv, 3, stride=1, padding=1)[0, 0] < 0.5) & cell_valid
+    return desc * cell_valid[None].float(), cell_valid, (rmin, cmin)
+
+
+@torch.no_grad()
+def screen_placements(
+    aligner,  # noqa: ANN001 - cmpc.models.descriptor.DenseDescriptor
+    mosaic,  # noqa: ANN001 - cmpc.localize.align.FeatureMosaic
+    image: np.ndarray,
+    valid: np.ndarray,
+    transforms: list[SceneTransform],
+    max_shift_m: float,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Whole-scene dense correlation peak (mean cosine over the valid cells, as
+    :func:`fine_align_scene`'s ``peak``) of every placement in ``transforms``, searched
+    within ``max_shift_m`` of each.
+
+    Placements that share their linear part (heading and scale) differ by a translation
+    only: the scene is warped and described once per linear part and correlated at each
+    placement's window (the translation rounded to the descriptor cell, a few pixels:
+    within the search). So ranking many placements costs one descriptor pass per heading
+    plus one FFT correlation each; :func:`fine_align_scene` then refines the winner exactly.
+    Returns (K,) float peaks.
+    """
+    from cmpc.localize.align import correlate
+
+    s, w = mosaic.stride, float(mosaic.gsd_m)
+    n = int(math.ceil(max_shift_m / w / s))
+    peaks = np.full(len(transforms), -np.inf)
+    groups: dict[tuple[float, ...], list[int]] = {}
+    for i, t in enumerate(transforms):
+        groups.setdefault(tuple(round(v / max(t.scale, 1e-12), 5) for v in (t.a, t.b, t.d, t.e)), []).append(i)
+    for members in groups.values():
+        ref = transforms[members[0]]
+        desc, cell_valid, (r0, c0) = _scene_descriptors(aligner, mosaic, image, valid, ref, device)
+        frac = float(cell_valid.float().mean()) or 1.0
+        hc, wc = desc.shape[-2:]
+        tops, lefts = [], []
+        for i in members:
+            t = transforms[i]
+            tops.append(r0 // s + int(round(-(t.f - ref.f) / w / s)) - n)
+            lefts.append(c0 // s + int(round((t.c - ref.c) / w / s)) - n)
+        ctx = mosaic.crops(torch.tensor([tops]), torch.tensor([lefts]), hc + 2 * n, wc + 2 * n)  # (1, K, C, ., .)
+        score = correlate(desc[None], ctx)[0]  # (K, 2n+1, 2n+1)
+        peaks[members] = score.flatten(1).max(dim=1).values.numpy() / frac
+    return peaks
+
+
 @torch.no_grad()
 def fine_align_scene(
     aligner,  # noqa: ANN001 - cmpc.models.descriptor.DenseDescriptor
@@ -567,7 +703,7 @@ def fine_align_scene(
     max_shift_m: float,
     tile_shift_m: float = 16.0,
     min_tile_peak: float = 0.1,
-    tile_residual_m: float = 3.0,
+    tile_residual_m: float | None = None,
     scale_tol: float = 0.05,
     nominal_gsd_m: float | None = None,
     device: str | torch.device = "cpu",
@@ -579,30 +715,16 @@ def fine_align_scene(
     whole scene is searched within this of the estimate; ``tile_shift_m``: each tile within
     this of the scene's aligned position. A tile counts in the refit when its peak is at
     least ``min_tile_peak``; the refit is a RANSAC similarity (inliers within
-    ``tile_residual_m``) with the scale within ``scale_tol`` of ``nominal_gsd_m`` (default:
+    ``tile_residual_m``, default 3 map pixels: 3 m on a 1 m map, 25 m on Sentinel-2) with
+    the scale within ``scale_tol`` of ``nominal_gsd_m`` (default:
     the estimate's), else the translation-only estimate is kept.
     """
     from cmpc.localize.align import correlate, subpixel_peak
 
     s = mosaic.stride
     w = float(mosaic.gsd_m)
-    H, W = image.shape[-2:]
-    corners = transform.corners(W, H)
     # window of the map grid holding the warped scene, cell-aligned
-    cmin = math.floor(((corners[:, 0].min() - mosaic.origin_x) / w) / s) * s
-    cmax = math.ceil(((corners[:, 0].max() - mosaic.origin_x) / w) / s) * s
-    rmin = math.floor(((mosaic.origin_y - corners[:, 1].max()) / w) / s) * s
-    rmax = math.ceil(((mosaic.origin_y - corners[:, 1].min()) / w) / s) * s
-    h, wd = int(rmax - rmin), int(cmax - cmin)
-    warped, wvalid = warp_to_grid(image, valid, transform, mosaic.origin_x, mosaic.origin_y, w, int(rmin), int(cmin), h, wd)
-    x = torch.from_numpy(_standardise(warped, wvalid))[None]
-    aligner.eval()
-    desc = aligner(x.to(device), "sar").float().cpu()[0]  # (C, h/4, w/4)
-    cell_valid = torch.from_numpy(wvalid[s // 2 :: s, s // 2 :: s][: desc.shape[1], : desc.shape[2]].copy())
-    # drop one ring of cells at the scene's edge (zero padding makes them unreliable)
-    cv = cell_valid.float()[None, None]
-    cell_valid = (torch.nn.functional.max_pool2d(1.0 - cv, 3, stride=1, padding=1)[0, 0] < 0.5) & cell_valid
-    desc = desc * cell_valid[None].float()
+    desc, cell_valid, (rmin, cmin) = _scene_descriptors(aligner, mosaic, image, valid, transform, device)
     hc, wc = desc.shape[-2:]
     top0, left0 = int(rmin) // s, int(cmin) // s
     n = int(math.ceil(max_shift_m / w / s))
@@ -663,7 +785,7 @@ def fine_align_scene(
         sub = estimate_scene_transform(
             corr,
             RansacSettings(gsd_m=g, scale_tol=scale_tol, heading_deg=moved.heading_deg, heading_range_deg=5.0,
-                           residual_m=tile_residual_m, min_pair_m=tile_side_m * 0.4, max_trials=300, seed=0),
+                           residual_m=tile_residual_m if tile_residual_m is not None else 3.0 * w, min_pair_m=tile_side_m * 0.4, max_trials=300, seed=0),
         )
         if sub.transform is not None and sub.inliers.sum() >= 3:
             final, refit = sub.transform, True

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cmpc.data.scenes import cut_scenes, world_sar
+from cmpc.data.scenes import SceneSource
 from cmpc.evaluate.scenes import evaluate_scenes
 from cmpc.localize.georef import DECISION_FILE, Georeferencer
 from cmpc.localize.localizer import Localizer
@@ -68,16 +68,20 @@ def calibrate(
     checkpoint: str | None = None,
     methods: tuple[str, ...] = ("verify",),
     gnn=None,  # noqa: ANN001 - a CandidateRescorer for method gnn+verify
+    source: SceneSource | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Cut validation scenes from the training area (each size in ``tiles``, each heading
     range in ``heading_ranges``; rotated ones answered with that rotation range), answer
     them against the training map, choose the rule (module doc) and write
     ``runs/<name>/scene_decision.json``. With ``gnn+verify`` in ``methods`` (and ``gnn``) its
     rule is chosen the same way and written under ``methods["gnn+verify"]``; the top-level
-    rule stays the verify one."""
-    work = exp.run_dir / "scene_val"
+    rule stays the verify one. ``source``: where the scenes are cut (default the experiment's
+    training area); ``out_dir``: where scene_decision.json goes (default ``runs/<name>``)."""
+    out_dir = Path(out_dir) if out_dir is not None else Path(exp.run_dir)
+    work = out_dir / "scene_val"
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
-    sar = world_sar(exp.synth.out, exp.data.root)
+    source = source or SceneSource.of_experiment(exp)
     per_scene: list[dict[str, Any]] = []
     off = {"source": "calibration (rule off)", "min_inliers": 0, "min_inlier_frac": 0.0, "min_fine_peak": -1.0}
     try:
@@ -87,7 +91,7 @@ def calibrate(
             geo = Georeferencer(loc, settings, off, gnn=gnn)
             for n in tiles:
                 folder = work / f"train_{n}x{n}_h{hr:g}"
-                cut_scenes(sar, exp.data.root, folder, "train", n, count, float(hr), seed + i)
+                source.cut(exp.data.root, folder, "train", n, count, float(hr), seed + i)
                 per_scene += evaluate_scenes(geo, folder, None, methods=methods)["per_scene"]
                 i += 1
     finally:
@@ -97,7 +101,7 @@ def calibrate(
     record = {
         **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
         "chosen_on": {
-            "split": "train", "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
+            "split": "train", "source": source.label, "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
             "heading_ranges_deg": list(heading_ranges), "seed": seed, "n_scenes": rule["n_scenes"],
             "found_within_25m": rule.get("found_good"), "false_claims_over_100m": rule.get("false_claims"),
             "criterion": "most scenes found within 25 m with false claims (> 100 m) at most 2 % of the scenes",
@@ -109,10 +113,8 @@ def calibrate(
         record["methods"] = {m: {**{k: r[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
                                  "found_within_25m": r.get("found_good"), "false_claims_over_100m": r.get("false_claims")}
                              for m, r in others.items()}
-    atomic_write_json(exp.run_dir / DECISION_FILE, record)
+    atomic_write_json(out_dir / DECISION_FILE, record)
     return record
-
-
 
 
 def choose_method(rows: dict[str, dict[str, Any]], max_false: float = 0.02) -> str:
@@ -133,6 +135,8 @@ def train_and_calibrate(
     checkpoint: str | None = None,
     gnn_count: int = 40,
     gnn_epochs: int = 40,
+    source: SceneSource | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """``cmpc train scene``: train the scene-graph GNN (:func:`cmpc.train.scene_graph.train_scene_graph`,
     its validation scenes = the southern part of the training area), calibrate the decision
@@ -145,19 +149,21 @@ def train_and_calibrate(
     from cmpc.models.checkpoint import default_checkpoint
     from cmpc.train.scene_graph import train_scene_graph
 
-    val_dir = exp.run_dir / "scene_graph_val"
+    out_dir = Path(out_dir) if out_dir is not None else Path(exp.run_dir)
+    val_dir = out_dir / "scene_graph_val"
     shutil.rmtree(val_dir, ignore_errors=True)
     try:
         log = train_scene_graph(exp, train_index_dir, count=gnn_count, heading_ranges=heading_ranges, epochs=gnn_epochs,
-                                checkpoint=checkpoint, keep_val=val_dir)
-        gnn = SceneGraphRescorer.load(exp.run_dir / SCENE_GRAPH_FILE, default_checkpoint(exp.run_dir, checkpoint))
-        record = calibrate(exp, train_index_dir, tiles, count, heading_ranges, checkpoint=checkpoint, methods=("verify", "gnn+verify"), gnn=gnn)
+                                checkpoint=checkpoint, keep_val=val_dir, source=source, out_dir=out_dir)
+        gnn = SceneGraphRescorer.load(out_dir / SCENE_GRAPH_FILE, default_checkpoint(exp.run_dir, checkpoint))
+        record = calibrate(exp, train_index_dir, tiles, count, heading_ranges, checkpoint=checkpoint, methods=("verify", "gnn+verify"), gnn=gnn,
+                           source=source, out_dir=out_dir)
         loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
         per_scene: list[dict[str, Any]] = []
         for hr in heading_ranges:
             base = SceneSettings(rotation_range_deg=float(hr))
-            s_v, src = load_decision(exp.run_dir, base)
-            s_g, _ = load_decision(exp.run_dir, base, method="gnn+verify")
+            s_v, src = load_decision(out_dir, base)
+            s_g, _ = load_decision(out_dir, base, method="gnn+verify")
             geo = Georeferencer(loc, s_v, src, gnn=gnn, gnn_settings=s_g)
             for folder in sorted(val_dir.glob(f"*_h{hr:g}")):
                 per_scene += evaluate_scenes(geo, folder, None, methods=("verify", "gnn+verify"))["per_scene"]
@@ -172,5 +178,5 @@ def train_and_calibrate(
         "validation": rows,
     }
     record["scene_graph"] = {k: v for k, v in log.items() if k != "history"}
-    atomic_write_json(exp.run_dir / DECISION_FILE, record)
+    atomic_write_json(out_dir / DECISION_FILE, record)
     return record

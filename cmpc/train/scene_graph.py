@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmpc.data.scenes import cut_scenes, split_boxes, world_sar
+from cmpc.data.scenes import SceneSource
 from cmpc.evaluate.scenes import list_scenes
 from cmpc.localize.georef import SCENE_GRAPH_FILE, Georeferencer
 from cmpc.localize.localizer import Localizer
@@ -87,17 +87,22 @@ def train_scene_graph(
     max_disc: float = 1.5,
     checkpoint: str | None = None,
     keep_val: Path | None = None,
+    source: SceneSource | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Cut, label, train, keep the best validation epoch (module doc). ``keep_val``: copy
-    the validation scenes there (for the method choice). Returns the log record."""
+    the validation scenes there (for the method choice); ``source``: where the scenes are
+    cut (default the experiment's training area); ``out_dir``: where scene_graph.pt and its
+    log go (default ``runs/<name>``). Returns the log record."""
     from cmpc.models.checkpoint import default_checkpoint
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
-    work = exp.run_dir / "scene_graph_data"
+    out_dir = Path(out_dir) if out_dir is not None else Path(exp.run_dir)
+    work = out_dir / "scene_graph_data"
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
-    sar = world_sar(exp.synth.out, exp.data.root)
-    box = split_boxes(exp.data.root, "train")
+    source = source or SceneSource.of_experiment(exp)
+    box = source.boxes
     y0 = min(b[1] for b in box)
     y1 = max(b[3] for b in box)
     y_val = y0 + val_frac * (y1 - y0)
@@ -110,7 +115,7 @@ def train_scene_graph(
             geo = Georeferencer(loc, SceneSettings(rotation_range_deg=float(hr)))
             for n in tiles:
                 folder = work / f"train_{n}x{n}_h{hr:g}"
-                cut_scenes(sar, exp.data.root, folder, "train", n, count, float(hr), seed + i)
+                source.cut(exp.data.root, folder, "train", n, count, float(hr), seed + i)
                 i += 1
                 for path, truth in list_scenes(folder):
                     lo, hi = _ys(truth)
@@ -159,7 +164,7 @@ def train_scene_graph(
     emb = provenance.record(default_checkpoint(exp.run_dir, checkpoint))
     rec = {
         "model": {"hidden": hidden, "layers": layers, "max_disc": max_disc, "params": sum(p.numel() for p in model.parameters())},
-        "data": {"split": "train", "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_setting": count,
+        "data": {"split": "train", "source": source.label, "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_setting": count,
                  "heading_ranges_deg": list(heading_ranges), "seed": seed, "val_frac_south": val_frac, "y_val_max": y_val,
                  "stride_m": stride_m, "positive": "candidate within one stride of the tile's true centre",
                  "train_nodes": int(len(y_all)), "train_positives": int(y_all.sum()), **counts},
@@ -167,8 +172,8 @@ def train_scene_graph(
         "seconds": {"data": round(t_data, 1), "total": round(t_all, 1)}, "history": history,
     }
     index_manifest = Path(train_index_dir) / "manifest.json"
-    save_scene_graph(exp.run_dir / SCENE_GRAPH_FILE, model, emb,
+    save_scene_graph(out_dir / SCENE_GRAPH_FILE, model, emb,
                      {"max_disc": max_disc, "best_epoch": best_state[1],
                       "inputs_index": provenance.record(index_manifest) if index_manifest.is_file() else None})
-    atomic_write_json(exp.run_dir / "scene_graph_log.json", rec)
+    atomic_write_json(out_dir / "scene_graph_log.json", rec)
     return rec

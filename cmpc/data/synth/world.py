@@ -107,6 +107,20 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"synth.out {out} is a non-empty folder without world.json; refusing to replace it, choose another folder")
 
 
+def _misregistration(cfg: SynthConfig, rng: np.random.Generator) -> tuple[float, float]:
+    """Co-registration error: a random shift of at most misregistration_m, uniform in a disc."""
+    r_m = cfg.misregistration_m * np.sqrt(rng.random())
+    ang = rng.uniform(0.0, 2.0 * np.pi)
+    return float(r_m * np.cos(ang)), float(r_m * np.sin(ang))
+
+
+def sar_shift_m(cfg: SynthConfig) -> tuple[float, float]:
+    """(east, north) metres by which the world's sar.tif content is displaced from its true
+    position on the optical grid (what :func:`build_world` draws), without building it."""
+    streams = np.random.SeedSequence([int(cfg.seed), 0x5A5]).spawn(12)
+    return _misregistration(cfg, np.random.default_rng(streams[9]))
+
+
 def build_world(cfg: SynthConfig) -> dict[str, Any]:
     """Generate everything in memory (no files). Returns a dict with the two scenes, the
     rendered images (``optical`` (H, W, 3) uint8, ``sar`` (P, H, W) float32 in the output
@@ -149,10 +163,7 @@ def build_world(cfg: SynthConfig) -> dict[str, Any]:
     t = time.perf_counter()
     geom = SarGeometry(cfg.incidence_deg, cfg.look, gsd)
     mean = render_sar_mean(scene_sar, geom, cfg.polarisations, rng[8])
-    # Co-registration error: a random shift of at most misregistration_m, uniform in a disc.
-    r_m = cfg.misregistration_m * np.sqrt(rng[9].random())
-    ang = rng[9].uniform(0.0, 2.0 * np.pi)
-    shift_east, shift_north = float(r_m * np.cos(ang)), float(r_m * np.sin(ang))
+    shift_east, shift_north = _misregistration(cfg, rng[9])
     mean = misregister(mean, (-shift_north / gsd, shift_east / gsd))
     sar = speckle(mean, cfg.looks, rng[10], BANDS[cfg.polarisations])
     if cfg.sar_db:
