@@ -8,7 +8,7 @@ LOCK   := requirements.lock
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test test-fast bench venv lock gpu clean-data sentinel
+.PHONY: demo test test-fast bench venv lock gpu clean-data sentinel scenes
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || (command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV))
@@ -34,6 +34,11 @@ test-fast: $(STAMP)
 ## docs/real.json written (needs ../shared/data/real/sentinel-la; 2-3 hours on 2 cores).
 sentinel: $(STAMP)
 	bash experiments/sentinel/run.sh
+
+## Scene localization study: 8 km unseen synthetic map (200 scenes per size and heading), UAVSAR and
+## sentinel-la scenes; docs/scenes.json and docs/img/scenes_*.png (needs make demo; about 1.5 h).
+scenes: $(STAMP)
+	bash experiments/scenes/run.sh
 
 ## Benchmarks (not part of CI): rewrites docs/BENCHMARKS.md and docs/benchmarks.json.
 bench: $(STAMP)

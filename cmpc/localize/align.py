@@ -120,17 +120,21 @@ class FeatureMosaic:
     stride: int = STRIDE
     phases: torch.Tensor | None = None
 
-    def _pad(self, which: str, h: int, w: int) -> torch.Tensor:
-        """Zero-bordered, channels-last copy of ``desc`` or the stacked phase maps, made
-        once per window size (query time then only gathers)."""
+    def _pad(self, which: str, h: int, w: int) -> tuple[int, int, torch.Tensor]:
+        """Zero-bordered, channels-last copy of ``desc`` or the stacked phase maps, with a
+        border of at least ``h`` rows / ``w`` columns: ``(rows, cols, padded)``. Made once
+        and kept while windows fit its border (rounded up to 32 cells, and grown to the
+        largest window asked so far: scenes at several headings ask for windows of several
+        sizes, and re-padding a large map costs far more than a query)."""
         cache = self.__dict__.setdefault("_pad_cache", {})
-        key = (which, h, w)
-        if key not in cache:
+        cur = cache.get(which)
+        if cur is None or cur[0] < h or cur[1] < w:
+            ph = -(-max(h, cur[0] if cur else 0) // 32) * 32
+            pw = -(-max(w, cur[1] if cur else 0) // 32) * 32
             src = self.desc if which == "desc" else self.phases.reshape(-1, *self.desc.shape[1:])  # type: ignore[union-attr]
-            for stale in [k for k in cache if k[0] == which]:
-                del cache[stale]  # one window size per map is in use at a time
-            cache[key] = _pad_channels_last(src, h, w)
-        return cache[key]
+            cache.pop(which, None)  # free the old copy before making the new one
+            cache[which] = (ph, pw, _pad_channels_last(src, ph, pw))
+        return cache[which]
 
     def crops(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Windows of the descriptor map, zero outside it.
@@ -139,26 +143,26 @@ class FeatureMosaic:
         (..., C, h, w).
         """
         _, Hc, Wc = self.desc.shape
-        return _crops_padded(self._pad("desc", h, w), Hc, Wc, top, left, h, w)
+        return _crops_padded(*self._pad("desc", h, w), Hc, Wc, top, left, h, w)
 
     def phase_crops(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Windows of all 16 phase maps: (...,) cell coordinates -> (..., 16, C, h, w)."""
         if self.phases is None:
             raise ValueError("this feature mosaic has no phase maps")
         P, Q, C, Hc, Wc = self.phases.shape
-        out = _crops_padded(self._pad("phases", h, w), Hc, Wc, top, left, h, w)
+        out = _crops_padded(*self._pad("phases", h, w), Hc, Wc, top, left, h, w)
         return out.reshape(*top.shape, P * Q, C, h, w)
 
 
-def _crops_padded(pad: torch.Tensor, Hc: int, Wc: int, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Windows of a map (C, Hc, Wc) given as ``pad``: the map with ``h`` rows / ``w`` columns
-    of zeros around it, channels last (Hc + 2h, Wc + 2w, C). (...,) corners -> (..., C, h, w);
-    a window reaching past the map reads zeros, one entirely outside is clamped to an
-    all-zero place."""
+def _crops_padded(ph: int, pw: int, pad: torch.Tensor, Hc: int, Wc: int, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Windows of a map (C, Hc, Wc) given as ``pad``: the map with ``ph`` >= ``h`` rows /
+    ``pw`` >= ``w`` columns of zeros around it, channels last (Hc + 2ph, Wc + 2pw, C). (...,)
+    corners -> (..., C, h, w); a window reaching past the map reads zeros, one entirely
+    outside is clamped to an all-zero place."""
     C = pad.shape[-1]
     lead = top.shape
-    t = top.reshape(-1).clamp(-h, Hc) + h
-    lf = left.reshape(-1).clamp(-w, Wc) + w
+    t = top.reshape(-1).clamp(-h, Hc) + ph
+    lf = left.reshape(-1).clamp(-w, Wc) + pw
     rows = t[:, None] + torch.arange(h)[None, :]  # (M, h)
     cols = lf[:, None] + torch.arange(w)[None, :]  # (M, w)
     out = pad[rows[:, :, None], cols[:, None, :]]  # (M, h, w, C): one gather of whole cells

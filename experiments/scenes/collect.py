@@ -1,0 +1,124 @@
+"""Collect the scene-localization study (experiments/scenes/run.sh) into docs/scenes.json,
+the curves docs/img/scenes_success.png / scenes_cdf.png, and a markdown table on stdout.
+
+Reads ``reports/scenes/<dataset>_<n>x<n>_h<deg>/rows.json`` (written by ``cmpc eval scenes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+REPORTS = Path("reports/scenes")
+NAMES = {"synthetic": "synthetic", "uavsar": "uavsar", "sentinel": "sentinel-la"}
+COLS = ("dataset", "tiles", "heading_deg", "method", "n_scenes", "n_refs", "success_5m", "success_25m", "not_found", "false_claims",
+        "median_m", "corner_m", "heading_err_deg", "s_per_scene")
+
+
+def load(reports: Path = REPORTS) -> tuple[list[dict], dict[tuple, list[dict]]]:
+    rows, per_scene = [], {}
+    for f in sorted(reports.glob("*/rows.json")):
+        m = re.fullmatch(r"(synthetic|uavsar|sentinel)_(\d+)x\d+_h(\d+)", f.parent.name)
+        if not m:
+            continue
+        rec = json.loads(f.read_text())
+        ds, n, h = NAMES[m.group(1)], int(m.group(2)), int(m.group(3))
+        meta = rec["meta"]
+        for r in rec["rows"]:
+            row = {"dataset": ds, "tiles": n, "heading_deg": h, **{k: r[k] for k in r if k != "method"}, "method": r["method"],
+                   "n_refs": meta["n_refs"], "decision_rule": meta.get("decision_rule"), "experiment": meta.get("experiment"),
+                   "report": str(f.parent)}
+            rows.append({k: row[k] for k in COLS} | {k: row[k] for k in ("decision_rule", "experiment", "report")})
+        for p in rec["per_scene"]:
+            per_scene.setdefault((ds, n, h, p["method"]), []).append(p)
+    order = {"synthetic": 0, "uavsar": 1, "sentinel-la": 2}
+    rows.sort(key=lambda r: (order[r["dataset"]], r["heading_deg"], r["tiles"], ("independent", "verify", "gnn+verify").index(r["method"])))
+    return rows, per_scene
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| dataset | tiles | heading | method | scenes | refs | within 5 m | within 25 m | not found | false claims | median m | corner m | heading err | s/scene |"
+    out = [head, "|" + "---|" * 14]
+    for r in rows:
+        h = "0" if r["heading_deg"] == 0 else f"+-{r['heading_deg']}"
+        out.append(f"| {r['dataset']} | {r['tiles']}x{r['tiles']} | {h} | {r['method']} | {r['n_scenes']} | {r['n_refs']} | {r['success_5m']:.3f} | "
+                   f"{r['success_25m']:.3f} | {r['not_found']:.3f} | {r['false_claims']:.3f} | {r['median_m']} | {r['corner_m']} | "
+                   f"{r['heading_err_deg']} | {r['s_per_scene']} |")
+    return "\n".join(out)
+
+
+def plots(rows: list[dict], per_scene: dict[tuple, list[dict]], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = ("independent", "verify", "gnn+verify")
+    colours = {"independent": "tab:grey", "verify": "tab:blue", "gnn+verify": "tab:red"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, h in zip(axes, (0, 15)):
+        for m in methods:
+            pts = sorted((r["tiles"], r["success_5m"], r["success_25m"]) for r in rows if r["dataset"] == "synthetic" and r["heading_deg"] == h and r["method"] == m)
+            if pts:
+                t = [p[0] for p in pts]
+                ax.plot(t, [p[2] for p in pts], "o-", color=colours[m], label=f"{m} (25 m)")
+                ax.plot(t, [p[1] for p in pts], "s--", color=colours[m], alpha=0.6, label=f"{m} (5 m)")
+        for ds, mk in (("uavsar", "^"), ("sentinel-la", "D")):
+            for r in rows:
+                if r["dataset"] == ds and r["heading_deg"] == h and r["method"] == "verify":
+                    ax.plot([r["tiles"]], [r["success_25m"]], mk, color="k", ms=7, label=f"{ds} verify (25 m)" if r["tiles"] == max(
+                        x["tiles"] for x in rows if x["dataset"] == ds) else None)
+        ax.set_xlabel("tiles per scene side")
+        ax.set_title(f"heading {'0 (north-up)' if h == 0 else '+-15 deg'}")
+        ax.set_xticks([2, 3, 4, 8])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction of scenes found within 25 m (5 m dashed)")
+    axes[0].set_ylim(0, 1.02)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Scene localization success vs scene size (synthetic: 8 km unseen map, 16,129 references)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "scenes_success.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, h in zip(axes, (0, 15)):
+        for (ds, n, hh, m), ps in sorted(per_scene.items()):
+            if hh != h or m != "gnn+verify":
+                continue
+            err = np.sort(np.array([p["centre_m"] if np.isfinite(p["centre_m"]) else 1e9 for p in ps]))
+            ax.step(err, np.arange(1, len(err) + 1) / len(err), where="post", label=f"{ds} {n}x{n}")
+        ax.set_xscale("log")
+        ax.set_xlim(0.1, 1e4)
+        ax.set_xlabel("centre error, m (best guess, all scenes)")
+        ax.set_title(f"gnn+verify, heading {'0' if h == 0 else '+-15 deg'}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("fraction of scenes")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "scenes_cdf.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/scenes.json")
+    ap.add_argument("--img", default="docs/img")
+    a = ap.parse_args(argv)
+    rows, per_scene = load()
+    if not rows:
+        raise SystemExit("no reports/scenes/*/rows.json: run experiments/scenes/run.sh first")
+    tmp = Path(a.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(a.out)
+    plots(rows, per_scene, Path(a.img))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Scene localization study (docs/RESULTS.md "Scene localization"; `make scenes`).
+#
+# Synthetic: an 8 km x 8 km test map of 16 unseen 2 km worlds (seeds 7000-7015) and a separate
+# 8 km calibration map (seeds 7100-7115: the "training area" of the scene step; neither is seen
+# by the embedder or the refiner, which learned on the demo world, seed 0). The scene-graph
+# GNN and the decision rule are fit on the calibration map only (runs/demo/scene_map8k); the
+# test map answers 200 scenes per (tiles 2/4/8, heading 0 / +-15 deg), reported once.
+# Real: UAVSAR test strip (experiments/uavsar.json, 2x2 / 3x3 tiles) and the sentinel-la test
+# block (experiments/sentinel.json seed 0, 8x8 tiles), each calibrated on its training area.
+# Needs the demo run (make demo), and ../shared/data/real for the real rows (skipped without).
+# Every step skips what is already there; about 1.5 h on the 2-core machine.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=.venv/bin/python
+CMPC=.venv/bin/cmpc
+export CMPC_THREADS=${CMPC_THREADS:-1}
+N=${SCENES:-200}
+[ -f runs/demo/emb_best.pt ] || { echo "error: runs/demo/emb_best.pt is missing: run make demo first" >&2; exit 2; }
+
+# maps and their indexes (the auto factory)
+$PY -m benchmarks.mosaic --tiles 4 --seed0 7000 --out data/scenes/map8k > /dev/null
+$PY -m benchmarks.mosaic --tiles 4 --seed0 7100 --out data/scenes/map8k_cal > /dev/null
+[ -f index/demo-map8k/manifest.json ] || $CMPC index build experiments/demo.json --raster data/scenes/map8k/optical.tif --name demo-map8k > /dev/null
+[ -f index/demo-map8k-cal/manifest.json ] || $CMPC index build experiments/demo.json --raster data/scenes/map8k_cal/optical.tif --name demo-map8k-cal > /dev/null
+
+# scene GNN + decision rule on the calibration map
+[ -f runs/demo/scene_map8k/scene_decision.json ] || $CMPC train scene experiments/demo.json --sar data/scenes/map8k_cal/sar.tif \
+  --areas data/scenes/map8k_cal/mosaic.json --index demo-map8k-cal --out runs/demo/scene_map8k --tiles 2 4 8 --count 30 --gnn-count 30
+
+# test scenes (no georeferencing; truth = where the content lies, the world's SAR misregistration removed)
+for n in 2 4 8; do for h in 0 15; do
+  d=data/scenes/map8k_${n}x${n}_h$h
+  [ -f $d/scenes.json ] || $CMPC data scenes experiments/demo.json --sar data/scenes/map8k/sar.tif --areas data/scenes/map8k/mosaic.json \
+    --tiles $n --count $N --heading-range $h --seed $((9000 + 10 * n + h)) --out $d > /dev/null
+  o=reports/scenes/synthetic_${n}x${n}_h$h
+  [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes $d --index demo-map8k --scene-model runs/demo/scene_map8k \
+    --methods independent verify gnn+verify --rotation-range $h --out $o > /dev/null
+done; done
+
+# real scenes
+if [ -d ../shared/data/real/uavsar-nc ] && [ -f runs/uavsar/emb_best.pt ]; then
+  [ -f runs/uavsar/scene_decision.json ] || $CMPC train scene experiments/uavsar.json --tiles 2 3 --count 30
+  for n in 2 3; do
+    d=data/scenes/uavsar_${n}x${n}_h0
+    [ -f $d/scenes.json ] || $CMPC data scenes experiments/uavsar.json --tiles $n --count $N --seed $((9100 + n)) --out $d > /dev/null
+    o=reports/scenes/uavsar_${n}x${n}_h0
+    [ -f $o/rows.json ] || $CMPC eval scenes experiments/uavsar.json --scenes $d --methods independent verify gnn+verify --out $o > /dev/null
+  done
+fi
+if [ -d ../shared/data/real/sentinel-la ] && [ -f runs/sentinel/emb_best.pt ]; then
+  [ -f runs/sentinel/scene_decision.json ] || $CMPC train scene experiments/sentinel.json --tiles 4 8 --count 30
+  d=data/scenes/sentinel_8x8_h0
+  [ -f $d/scenes.json ] || $CMPC data scenes experiments/sentinel.json --tiles 8 --count $N --seed 9208 --out $d > /dev/null
+  o=reports/scenes/sentinel_8x8_h0
+  [ -f $o/rows.json ] || $CMPC eval scenes experiments/sentinel.json --scenes $d --methods independent verify gnn+verify --out $o > /dev/null
+fi
+$PY experiments/scenes/collect.py
