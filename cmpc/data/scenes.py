@@ -73,6 +73,8 @@ def cut_scenes(
     extra: dict[str, Any] | None = None,
     boxes: list[list[float]] | None = None,
     box_shifts: list[tuple[float, float] | None] | None = None,
+    min_valid: float = 0.95,
+    max_draws: int = 200,
 ) -> dict[str, Any]:
     """Cut the scenes (module doc) into ``out`` (atomically); returns the scenes.json record.
 
@@ -82,7 +84,9 @@ def cut_scenes(
     in, instead of the dataset's ``split`` area (see :func:`load_boxes`); ``box_shifts``:
     per box, the (east, north) metres by which the SAR content there is displaced from its
     true place on the optical grid (a synthetic world's drawn misregistration): the truth is
-    then where the scene's content really lies, not the SAR raster's own georeferencing."""
+    then where the scene's content really lies, not the SAR raster's own georeferencing.
+    A draw with under ``min_valid`` of its pixels on SAR data is drawn again (at most
+    ``max_draws`` times per scene)."""
     from skimage.transform import AffineTransform, warp
 
     if tiles < 1:
@@ -108,37 +112,45 @@ def cut_scenes(
         }
         with atomic_dir(out) as tmp:
             for i in range(count):
-                h = float(rng.uniform(-heading_range_deg, heading_range_deg)) if heading_range_deg > 0 else 0.0
-                half = side_px * gsd / 2.0 * (abs(math.cos(math.radians(h))) + abs(math.sin(math.radians(h))))
-                fits = [b for b in boxes if b[2] - b[0] > 2 * half and b[3] - b[1] > 2 * half]
-                if not fits:
+                for _attempt in range(max_draws):  # redraw scenes over nodata (gaps between a dataset's files)
+                    h = float(rng.uniform(-heading_range_deg, heading_range_deg)) if heading_range_deg > 0 else 0.0
+                    half = side_px * gsd / 2.0 * (abs(math.cos(math.radians(h))) + abs(math.sin(math.radians(h))))
+                    fits = [b for b in boxes if b[2] - b[0] > 2 * half and b[3] - b[1] > 2 * half]
+                    if not fits:
+                        raise DataError(
+                            f"a {tiles}x{tiles}-tile scene ({side_px * gsd:.0f} m, heading up to {heading_range_deg:g} deg) does not fit "
+                            f"inside any {split} area box of {dataset_root}; cut smaller scenes"
+                        )
+                    w = np.array([(b[2] - b[0] - 2 * half) * (b[3] - b[1] - 2 * half) for b in fits])
+                    k = int(rng.choice(len(fits), p=w / w.sum()))
+                    box = fits[k]
+                    shift = None
+                    if box_shifts is not None:
+                        shift = box_shifts[[i for i, b in enumerate(boxes) if b[2] - b[0] > 2 * half and b[3] - b[1] > 2 * half][k]]
+                    cx = float(rng.uniform(box[0] + half, box[2] - half))
+                    cy = float(rng.uniform(box[1] + half, box[3] - half))
+                    t = _affine(gsd, h, cx, cy, side_px)
+                    # read the raster over the footprint's bounding box, then sample the scene grid
+                    bb = (cx - half - 2 * gsd, cy - half - 2 * gsd, cx + half + 2 * gsd, cy + half + 2 * gsd)
+                    n_px = int(round((bb[2] - bb[0]) / gsd))
+                    arr, valid = src.read_bounds(bb, (n_px, n_px))
+                    wg = (bb[2] - bb[0]) / n_px
+                    # output (col j, row i) centre -> map -> window pixel (skimage: centres at integers)
+                    a, b, c, d, e, f = t
+                    m_scene = np.array([[a, b, a * 0.5 + b * 0.5 + c], [d, e, d * 0.5 + e * 0.5 + f], [0, 0, 1.0]])
+                    m_win = np.array([[1 / wg, 0, -bb[0] / wg - 0.5], [0, -1 / wg, bb[3] / wg - 0.5], [0, 0, 1.0]])
+                    tf = AffineTransform(matrix=m_win @ m_scene)
+                    data = np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=0.0)
+                    scene = np.stack([warp(ch, tf, output_shape=(side_px, side_px), order=1, preserve_range=True) for ch in data]).astype(np.float32)
+                    ok = warp(np.asarray(valid, np.float32), tf, output_shape=(side_px, side_px), order=1, preserve_range=True) > 0.999
+                    scene[:, ~ok] = np.nan
+                    if ok.mean() >= min_valid:
+                        break
+                else:
                     raise DataError(
-                        f"a {tiles}x{tiles}-tile scene ({side_px * gsd:.0f} m, heading up to {heading_range_deg:g} deg) does not fit "
-                        f"inside any {split} area box of {dataset_root}; cut smaller scenes"
+                        f"no {tiles}x{tiles}-tile scene with {min_valid:.0%} valid pixels found in {max_draws} draws inside the {split} area boxes; "
+                        "the SAR raster has little data there (check --areas / the split boxes)"
                     )
-                w = np.array([(b[2] - b[0] - 2 * half) * (b[3] - b[1] - 2 * half) for b in fits])
-                k = int(rng.choice(len(fits), p=w / w.sum()))
-                box = fits[k]
-                shift = None
-                if box_shifts is not None:
-                    shift = box_shifts[[i for i, b in enumerate(boxes) if b[2] - b[0] > 2 * half and b[3] - b[1] > 2 * half][k]]
-                cx = float(rng.uniform(box[0] + half, box[2] - half))
-                cy = float(rng.uniform(box[1] + half, box[3] - half))
-                t = _affine(gsd, h, cx, cy, side_px)
-                # read the raster over the footprint's bounding box, then sample the scene grid
-                bb = (cx - half - 2 * gsd, cy - half - 2 * gsd, cx + half + 2 * gsd, cy + half + 2 * gsd)
-                n_px = int(round((bb[2] - bb[0]) / gsd))
-                arr, valid = src.read_bounds(bb, (n_px, n_px))
-                wg = (bb[2] - bb[0]) / n_px
-                # output (col j, row i) centre -> map -> window pixel (skimage: centres at integers)
-                a, b, c, d, e, f = t
-                m_scene = np.array([[a, b, a * 0.5 + b * 0.5 + c], [d, e, d * 0.5 + e * 0.5 + f], [0, 0, 1.0]])
-                m_win = np.array([[1 / wg, 0, -bb[0] / wg - 0.5], [0, -1 / wg, bb[3] / wg - 0.5], [0, 0, 1.0]])
-                tf = AffineTransform(matrix=m_win @ m_scene)
-                data = np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=0.0)
-                scene = np.stack([warp(ch, tf, output_shape=(side_px, side_px), order=1, preserve_range=True) for ch in data]).astype(np.float32)
-                ok = warp(np.asarray(valid, np.float32), tf, output_shape=(side_px, side_px), order=1, preserve_range=True) > 0.999
-                scene[:, ~ok] = np.nan
                 name = f"scene_{i:04d}"
                 _write_plain_tiff(tmp / f"{name}.tif", scene)
                 corners = np.array([[0, 0], [side_px, 0], [side_px, side_px], [0, side_px]], dtype=np.float64)

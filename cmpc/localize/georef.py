@@ -293,6 +293,11 @@ class Georeferencer:
             )
         transform = res.transform
         fine_stats: dict[str, Any] = {"used": False}
+        if not can_fine:
+            fine_stats["why"] = (
+                "no dense alignment (no refiner loaded, or fine alignment off): the placement is RANSAC's fit of reference "
+                f"centres, expect errors up to about half a reference stride ({self.stride_m / 2:.0f} m)"
+            )
         if can_fine:
             # look-alike places can gather several agreeing tiles; the dense alignment tells
             # them apart: every RANSAC stage's placement and the few most confident tiles

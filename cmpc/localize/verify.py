@@ -511,6 +511,8 @@ def fit_similarity(scene_px: np.ndarray, map_xy: np.ndarray, gsd_m: float | None
         return SimilarityTransform.from_estimate(src, dst)
     assert gsd_m is not None
     rigid = EuclideanTransform.from_estimate(src * gsd_m, dst)
+    if not rigid:  # a FailedEstimation (e.g. poorly conditioned: all points on one tile) is falsy
+        return rigid
     m = np.asarray(rigid.params, dtype=np.float64).copy()
     m[:2, :2] *= gsd_m
     return SimilarityTransform(matrix=m)
