@@ -8,6 +8,7 @@ Heavy modules are imported lazily so ``cmpc --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -312,20 +313,27 @@ def _georeferencer(args: argparse.Namespace, command: str):  # noqa: ANN202 - (E
         exp, card = _card_exp(args, [], name=index_dir.name)
         geo = georeferencer_from_experiment(exp, settings, checkpoint=str(card.embedder.path), index_dir=index_dir,
                                             refiner_path=card.refiner.path if card.refiner else None, use_refiner=card.refiner is not None,
-                                            scene_dir=scene_dir)
+                                            scene_dir=scene_dir, use_scene_top_k=args.top_k is None)
         return exp, geo
     _need_experiment(args, command)
     exp = _exp(args)
-    return exp, georeferencer_from_experiment(exp, settings, checkpoint=args.checkpoint, index_dir=index_dir, scene_dir=scene_dir)
+    return exp, georeferencer_from_experiment(exp, settings, checkpoint=args.checkpoint, index_dir=index_dir, scene_dir=scene_dir,
+                                              use_scene_top_k=args.top_k is None)
 
 
 def cmd_georef(args: argparse.Namespace) -> int:
     from cmpc.localize.georef import write_answer
     from cmpc.localize.scene import read_scene
 
-    if (args.center is None) != (args.radius is None):
-        raise ConfigError("--center X Y and --radius M go together (a prior disc in the map CRS)")
+    if args.center is not None and args.radius is None:
+        raise ConfigError("--center X Y needs --radius M (a prior disc in the map CRS)")
+    if args.radius is not None and args.radius <= 0:
+        raise ConfigError(f"--radius must be positive metres, got {args.radius:g}")
     exp, geo = _georeferencer(args, "georef")
+    if args.center is None and args.radius is not None:  # the radius of the prior around the file's own georeferencing
+        geo.settings = dataclasses.replace(geo.settings, own_prior_radius_m=float(args.radius))
+        if geo.gnn_settings is not None:
+            geo.gnn_settings = dataclasses.replace(geo.gnn_settings, own_prior_radius_m=float(args.radius))
     scene = read_scene(args.scene, gsd_m=args.gsd, bands=exp.localize.raster_bands, map_crs=geo.localizer.index.crs)
     method = args.method or geo.default_method
     ans = geo.locate(scene, center=args.center, radius_m=args.radius, methods=(method,))[method]
@@ -388,12 +396,13 @@ def cmd_train_scene(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if args.no_gnn:
         rec = calibrate(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges), checkpoint=args.checkpoint,
-                        source=source, out_dir=out)
+                        source=source, out_dir=out, top_k=args.top_k)
     else:
         from cmpc.train.scene import train_and_calibrate
 
         rec = train_and_calibrate(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges),
-                                  checkpoint=args.checkpoint, gnn_count=args.gnn_count, gnn_epochs=args.gnn_epochs, source=source, out_dir=out)
+                                  checkpoint=args.checkpoint, gnn_count=args.gnn_count, gnn_epochs=args.gnn_epochs, source=source, out_dir=out,
+                                  top_k=args.top_k)
     print(json.dumps(rec, indent=2))
     return 0
 
@@ -591,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--areas", help="JSON of the boxes the scenes lie in (see `cmpc data scenes --areas`)")
     p.add_argument("--index", help="index of the calibration map's optical raster (name under index/ or folder)")
     p.add_argument("--out", help="folder for scene_decision.json and scene_graph.pt (default runs/<name>); georef reads it with --scene-model")
+    p.add_argument("--top-k", dest="top_k", type=int, default=20, help="candidates per tile, recorded with the rule (georef uses it by default)")
     p.add_argument("--gnn-count", dest="gnn_count", type=int, default=40, help="GNN scenes cut per size (2, 3, 4) and heading range")
     p.add_argument("--gnn-epochs", dest="gnn_epochs", type=int, default=40, help="GNN training epochs (the best validation one is kept)")
     p.set_defaults(func=cmd_train_scene)
@@ -656,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the calibrated decision rule and scene-graph GNN (`cmpc train scene --out`; default runs/<name>)")
     p.add_argument("--gsd", type=float, help="metres per pixel of a scene without georeferencing")
     p.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"), help="prior centre, metres in the map CRS")
-    p.add_argument("--radius", type=float, help="prior radius, metres")
+    p.add_argument("--radius", type=float, help="prior radius, metres (alone: around the file's own georeferencing, default 2000 m)")
     p.add_argument("--rotation-range", dest="rotation_range", type=float, help="search headings within +-DEG (default 0: north-up)")
     p.add_argument("--top-k", dest="top_k", type=int, help="candidates per tile (default 20)")
     p.add_argument("--method", choices=("verify", "gnn+verify"),

@@ -275,6 +275,9 @@ def test_georef_end_to_end_on_smoke_world(smoke_demo) -> None:
         (("--scene", "scenes/scene_0001.tif"), "--gsd"),
         (("--scene", "scenes/scene_0001.tif", "--gsd", "2", "--rotation-range", "400"), "rotation-range"),
         (("--scene", "scenes/scene_0001.tif", "--gsd", "2", "--center", "0", "0", "--radius", "100"), "prior"),
+        (("--scene", "scenes/scene_0001.tif", "--gsd", "2", "--center", "0", "0"), "--radius"),
+        (("--scene", "scenes/scene_0001.tif", "--gsd", "2", "--scene-model", "nowhere"), "--scene-model"),
+        (("--scene", "scenes/scene_0001.tif", "--gsd", "2", "--index", "nowhere"), "nowhere"),
     ):
         r = run("georef", exp, *args, "--out", "bad")
         assert r.returncode == 2, (args, r.stderr[-500:])
@@ -378,3 +381,23 @@ def test_cut_scenes_truth_is_where_the_content_lies(tmp_path) -> None:
         t = json.loads((tmp_path / "s" / f"{s['name']}.truth.json").read_text())
         assert t["center_xy"] == pytest.approx([t["raster_center_xy"][0] - 2.0, t["raster_center_xy"][1] + 1.0])
         assert t["transform"][2] == pytest.approx(t["raster_center_xy"][0] - 2.0 - 12.0)  # side (2+1)/2 * 16 = 24 m
+
+
+def test_scene_commands_refuse_incomplete_flags() -> None:
+    # one line, exit 2: --model needs an index; a calibration map needs its SAR, boxes and index together
+    import subprocess
+    import sys
+
+    def run(*a: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cmpc", *a], capture_output=True, text=True, timeout=120)
+
+    for args, words in (
+        (("georef", "--model", "sentinel", "--scene", "x.tif"), "needs --index"),
+        (("eval", "scenes", "--model", "sentinel", "--scenes", "x"), "needs --index"),
+        (("georef", "--scene", "x.tif"), "experiment file or --model"),
+        (("train", "scene", "experiments/demo.json", "--sar", "x.tif"), "go together"),
+        (("train", "scene", "experiments/demo.json", "--index", "x", "--areas", "a.json"), "go together"),
+    ):
+        r = run(*args)
+        assert r.returncode == 2, (args, r.stderr[-500:])
+        assert r.stderr.strip().count("\n") == 0 and words in r.stderr, (args, r.stderr)

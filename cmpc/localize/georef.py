@@ -69,10 +69,12 @@ METHODS = ("independent", "verify", "gnn+verify")
 SCENE_GRAPH_FILE = "scene_graph.pt"
 
 
-def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings, method: str = "verify") -> tuple[SceneSettings, dict[str, Any]]:
+def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings, method: str = "verify", use_top_k: bool = True) -> tuple[SceneSettings, dict[str, Any]]:
     """``settings`` with the calibrated decision rule of ``run_dir/scene_decision.json``
     when present (else the defaults), and a record of where the rule came from. ``method``
-    ``gnn+verify`` reads the file's ``methods["gnn+verify"]`` rule (the top-level one when absent)."""
+    ``gnn+verify`` reads the file's ``methods["gnn+verify"]`` rule (the top-level one when absent).
+    The candidates per tile the rule was calibrated with (``top_k``) come along unless
+    ``use_top_k`` is false (the user chose ``--top-k``)."""
     p = Path(run_dir) / DECISION_FILE
     if p.is_file():
         try:
@@ -80,7 +82,10 @@ def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings, meth
             default_method = (d.get("default_method") or {}).get("method") if isinstance(d.get("default_method"), dict) else None
             if method != "verify" and isinstance(d.get("methods"), dict) and method in d["methods"]:
                 d = d["methods"][method]
+            top = json.loads(p.read_text(encoding="utf-8")).get("top_k")
             rule = {"min_inliers": int(d["min_inliers"]), "min_inlier_frac": float(d["min_inlier_frac"]), "min_fine_peak": float(d.get("min_fine_peak", settings.min_fine_peak))}
+            if use_top_k and top is not None:
+                rule["top_k"] = int(top)
             return replace(settings, **rule), {"source": str(p), **rule, **({"default_method": default_method} if default_method else {})}
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             raise DataError(f"{p} is not a scene decision file (min_inliers, min_inlier_frac); rerun `cmpc train scene EXPERIMENT.json`") from None
@@ -538,6 +543,7 @@ def georeferencer_from_experiment(
     refiner_path: str | os.PathLike[str] | None = None,
     use_refiner: bool = True,
     scene_dir: str | os.PathLike[str] | None = None,
+    use_scene_top_k: bool = True,
 ) -> Georeferencer:
     """A :class:`Georeferencer` on the experiment's embedder, index (default the serving
     one, or ``index_dir``) and refiner, with the calibrated decision rule and scene-graph
@@ -549,7 +555,7 @@ def georeferencer_from_experiment(
     settings.check()
     base = settings
     scene_dir = Path(scene_dir) if scene_dir is not None else Path(exp.run_dir)
-    settings, source = load_decision(scene_dir, settings)
+    settings, source = load_decision(scene_dir, settings, use_top_k=use_scene_top_k)
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=index_dir, refiner_path=refiner_path, use_refiner=use_refiner)
     gnn, gnn_settings, gnn_error = None, None, None
     gpath = scene_dir / SCENE_GRAPH_FILE
@@ -563,7 +569,7 @@ def georeferencer_from_experiment(
             gnn = SceneGraphRescorer.load(gpath, default_checkpoint(exp.run_dir, checkpoint))
         except CheckpointError as e:  # e.g. trained with another embedder: verify still works, gnn+verify says why not
             gnn_error = str(e)
-        gnn_settings, gsrc = load_decision(scene_dir, base, method="gnn+verify")
+        gnn_settings, gsrc = load_decision(scene_dir, base, method="gnn+verify", use_top_k=use_scene_top_k)
         source = {**source, "gnn+verify": gsrc}
     geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings)
     geo.gnn_error = gnn_error

@@ -70,6 +70,7 @@ def calibrate(
     gnn=None,  # noqa: ANN001 - a CandidateRescorer for method gnn+verify
     source: SceneSource | None = None,
     out_dir: str | Path | None = None,
+    top_k: int = SceneSettings.top_k,
 ) -> dict[str, Any]:
     """Cut validation scenes from the training area (each size in ``tiles``, each heading
     range in ``heading_ranges``; rotated ones answered with that rotation range), answer
@@ -77,7 +78,8 @@ def calibrate(
     ``runs/<name>/scene_decision.json``. With ``gnn+verify`` in ``methods`` (and ``gnn``) its
     rule is chosen the same way and written under ``methods["gnn+verify"]``; the top-level
     rule stays the verify one. ``source``: where the scenes are cut (default the experiment's
-    training area); ``out_dir``: where scene_decision.json goes (default ``runs/<name>``)."""
+    training area); ``out_dir``: where scene_decision.json goes (default ``runs/<name>``);
+    ``top_k``: candidates per tile, recorded with the rule (georef uses it unless told otherwise)."""
     out_dir = Path(out_dir) if out_dir is not None else Path(exp.run_dir)
     work = out_dir / "scene_val"
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
@@ -87,7 +89,7 @@ def calibrate(
     try:
         i = 0
         for hr in heading_ranges:
-            settings = SceneSettings(rotation_range_deg=float(hr), min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0)
+            settings = SceneSettings(rotation_range_deg=float(hr), min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0, top_k=top_k)
             geo = Georeferencer(loc, settings, off, gnn=gnn)
             for n in tiles:
                 folder = work / f"train_{n}x{n}_h{hr:g}"
@@ -100,6 +102,7 @@ def calibrate(
     others = {m: choose_rule(per_scene, method=m) for m in methods if m != "verify"}
     record = {
         **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
+        "top_k": int(top_k),
         "chosen_on": {
             "split": "train", "source": source.label, "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
             "heading_ranges_deg": list(heading_ranges), "seed": seed, "n_scenes": rule["n_scenes"],
@@ -137,6 +140,7 @@ def train_and_calibrate(
     gnn_epochs: int = 40,
     source: SceneSource | None = None,
     out_dir: str | Path | None = None,
+    top_k: int = SceneSettings.top_k,
 ) -> dict[str, Any]:
     """``cmpc train scene``: train the scene-graph GNN (:func:`cmpc.train.scene_graph.train_scene_graph`,
     its validation scenes = the southern part of the training area), calibrate the decision
@@ -154,14 +158,14 @@ def train_and_calibrate(
     shutil.rmtree(val_dir, ignore_errors=True)
     try:
         log = train_scene_graph(exp, train_index_dir, count=gnn_count, heading_ranges=heading_ranges, epochs=gnn_epochs,
-                                checkpoint=checkpoint, keep_val=val_dir, source=source, out_dir=out_dir)
+                                checkpoint=checkpoint, keep_val=val_dir, source=source, out_dir=out_dir, top_k=top_k)
         gnn = SceneGraphRescorer.load(out_dir / SCENE_GRAPH_FILE, default_checkpoint(exp.run_dir, checkpoint))
         record = calibrate(exp, train_index_dir, tiles, count, heading_ranges, checkpoint=checkpoint, methods=("verify", "gnn+verify"), gnn=gnn,
-                           source=source, out_dir=out_dir)
+                           source=source, out_dir=out_dir, top_k=top_k)
         loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
         per_scene: list[dict[str, Any]] = []
         for hr in heading_ranges:
-            base = SceneSettings(rotation_range_deg=float(hr))
+            base = SceneSettings(rotation_range_deg=float(hr), top_k=top_k)
             s_v, src = load_decision(out_dir, base)
             s_g, _ = load_decision(out_dir, base, method="gnn+verify")
             geo = Georeferencer(loc, s_v, src, gnn=gnn, gnn_settings=s_g)

@@ -89,6 +89,7 @@ def train_scene_graph(
     keep_val: Path | None = None,
     source: SceneSource | None = None,
     out_dir: str | Path | None = None,
+    top_k: int = SceneSettings.top_k,
 ) -> dict[str, Any]:
     """Cut, label, train, keep the best validation epoch (module doc). ``keep_val``: copy
     the validation scenes there (for the method choice); ``source``: where the scenes are
@@ -112,7 +113,7 @@ def train_scene_graph(
     try:
         i = 0
         for hr in heading_ranges:
-            geo = Georeferencer(loc, SceneSettings(rotation_range_deg=float(hr)))
+            geo = Georeferencer(loc, SceneSettings(rotation_range_deg=float(hr), top_k=top_k))
             for n in tiles:
                 folder = work / f"train_{n}x{n}_h{hr:g}"
                 source.cut(exp.data.root, folder, "train", n, count, float(hr), seed + i)
@@ -164,7 +165,7 @@ def train_scene_graph(
     emb = provenance.record(default_checkpoint(exp.run_dir, checkpoint))
     rec = {
         "model": {"hidden": hidden, "layers": layers, "max_disc": max_disc, "params": sum(p.numel() for p in model.parameters())},
-        "data": {"split": "train", "source": source.label, "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_setting": count,
+        "data": {"split": "train", "source": source.label, "top_k": int(top_k), "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_setting": count,
                  "heading_ranges_deg": list(heading_ranges), "seed": seed, "val_frac_south": val_frac, "y_val_max": y_val,
                  "stride_m": stride_m, "positive": "candidate within one stride of the tile's true centre",
                  "train_nodes": int(len(y_all)), "train_positives": int(y_all.sum()), **counts},

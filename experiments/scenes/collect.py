@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 REPORTS = Path("reports/scenes")
-NAMES = {"synthetic": "synthetic", "uavsar": "uavsar", "sentinel": "sentinel-la"}
+NAMES = {"synthetic": "synthetic", "uavsar": "uavsar", "sentinel": "sentinel-la", "demo": "demo strip (synthetic)"}
 COLS = ("dataset", "tiles", "heading_deg", "method", "n_scenes", "n_refs", "success_5m", "success_25m", "not_found", "false_claims",
         "median_m", "corner_m", "heading_err_deg", "s_per_scene")
 
@@ -22,7 +22,7 @@ COLS = ("dataset", "tiles", "heading_deg", "method", "n_scenes", "n_refs", "succ
 def load(reports: Path = REPORTS) -> tuple[list[dict], dict[tuple, list[dict]]]:
     rows, per_scene = [], {}
     for f in sorted(reports.glob("*/rows.json")):
-        m = re.fullmatch(r"(synthetic|uavsar|sentinel)_(\d+)x\d+_h(\d+)", f.parent.name)
+        m = re.fullmatch(r"(synthetic|uavsar|sentinel|demo)_(\d+)x\d+_h(\d+)", f.parent.name)
         if not m:
             continue
         rec = json.loads(f.read_text())
@@ -35,7 +35,7 @@ def load(reports: Path = REPORTS) -> tuple[list[dict], dict[tuple, list[dict]]]:
             rows.append({k: row[k] for k in COLS} | {k: row[k] for k in ("decision_rule", "experiment", "report")})
         for p in rec["per_scene"]:
             per_scene.setdefault((ds, n, h, p["method"]), []).append(p)
-    order = {"synthetic": 0, "uavsar": 1, "sentinel-la": 2}
+    order = {"synthetic": 0, "uavsar": 1, "sentinel-la": 2, "demo strip (synthetic)": 3}
     rows.sort(key=lambda r: (order[r["dataset"]], r["heading_deg"], r["tiles"], ("independent", "verify", "gnn+verify").index(r["method"])))
     return rows, per_scene
 

@@ -55,4 +55,11 @@ if [ -d ../shared/data/real/sentinel-la ] && [ -f runs/sentinel/emb_best.pt ]; t
   o=reports/scenes/sentinel_8x8_h0
   [ -f $o/rows.json ] || $CMPC eval scenes experiments/sentinel.json --scenes $d --methods independent verify gnn+verify --out $o > /dev/null
 fi
+# the demo's own test strip (217 references), its rule calibrated on the demo training area
+for n in 2 3 4; do for h in 0 15; do
+  d=data/demo/scenes/test_${n}x${n}_h$h
+  [ -f $d/scenes.json ] || $CMPC data scenes experiments/demo.json --split test --tiles $n --count 50 --heading-range $h --seed $((100 * n + h)) --out $d > /dev/null
+  o=reports/scenes/demo_${n}x${n}_h$h
+  [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes $d --methods independent verify gnn+verify --rotation-range $h --out $o > /dev/null
+done; done
 $PY experiments/scenes/collect.py
