@@ -58,10 +58,13 @@ def score_answer(ans: SceneAnswer, truth: dict[str, Any], width: int, height: in
                            "confidence": ans.confidence, "seconds": round(ans.seconds, 3),
                            "fine_peak": float((ans.stats.get("fine") or {}).get("peak", float("nan")))}
     if ans.transform is None:
-        row.update({"centre_m": float("nan"), "corner_m": float("nan"), "heading_err_deg": float("nan"), "scale": float("nan")})
+        row.update({"centre_m": float("nan"), "dx_m": float("nan"), "dy_m": float("nan"), "corner_m": float("nan"), "heading_err_deg": float("nan"),
+                    "scale": float("nan")})
         return row
     e = ans.transform
-    row["centre_m"] = float(np.linalg.norm(e.centre(width, height) - t.centre(width, height)))
+    d = e.centre(width, height) - t.centre(width, height)
+    row["centre_m"] = float(np.linalg.norm(d))
+    row["dx_m"], row["dy_m"] = float(d[0]), float(d[1])  # signed (east, north): a systematic offset shows here
     row["corner_m"] = float(np.linalg.norm(e.corners(width, height) - t.corners(width, height), axis=1).mean())
     row["heading_err_deg"] = float(abs(angle_diff_deg(e.heading_deg, t.heading_deg)))
     row["scale"] = float(e.scale)

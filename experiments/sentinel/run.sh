@@ -3,7 +3,7 @@
 # Tiles sentinel-la into its blocks, trains three seeds of experiments/sentinel.json (embedder
 # + refiner), evaluates each on the test blocks (reported once) and on BigEarthNet 60-way, and
 # writes docs/real.json. About 40-50 min per seed on the 2-core machine; every step resumes or
-# skips when already done. The shipped weights are seed 0's (weights/sentinel/, see its card).
+# skips when already done. The shipped weights are seed 2's (best validation R@1; weights/sentinel/, see its card).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CMPC=".venv/bin/cmpc"
