@@ -37,7 +37,7 @@ import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 
-from cmpc.data.raster import Bounds, Grid, RasterSource, crs_name, normalized_bounds, open_raster, parse_crs, working_crs
+from cmpc.data.raster import Bounds, Grid, RasterSource, crs_name, footprint_grid, normalized_bounds, open_raster, parse_crs, working_crs
 from cmpc.errors import DataError
 
 _SUFFIXES = (".tif", ".tiff")
@@ -303,12 +303,7 @@ class MosaicSource:
     def read_bounds(self, bounds: Bounds, out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Read the footprint ``bounds`` (metres, working CRS) resampled to ``out_shape`` (h, w)
         pixels, composited as :meth:`read_on` does."""
-        minx, miny, maxx, maxy = bounds
-        h, w = out_shape
-        if not (maxx > minx and maxy > miny and h > 0 and w > 0):
-            raise ValueError(f"empty footprint {bounds} or output shape {out_shape}")
-        target = Grid(self.crs, Affine((maxx - minx) / w, 0.0, minx, 0.0, -(maxy - miny) / h, maxy), w, h)
-        return self.read_on(target, 0, 0, h, w)
+        return self.read_on(footprint_grid(self.crs, bounds, out_shape), 0, 0, *out_shape)
 
     def describe(self) -> dict[str, Any]:
         return {

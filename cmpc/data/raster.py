@@ -411,12 +411,17 @@ class RasterSource:
 
     def read_bounds(self, bounds: Bounds, out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Read the footprint ``bounds`` (metres, working CRS) resampled to ``out_shape`` (h, w) pixels."""
-        minx, miny, maxx, maxy = bounds
-        h, w = out_shape
-        if not (maxx > minx and maxy > miny and h > 0 and w > 0):
-            raise ValueError(f"empty footprint {bounds} or output shape {out_shape}")
-        target = Grid(self.crs, Affine((maxx - minx) / w, 0.0, minx, 0.0, -(maxy - miny) / h, maxy), w, h)
-        return self.read_on(target, 0, 0, h, w)
+        return self.read_on(footprint_grid(self.crs, bounds, out_shape), 0, 0, *out_shape)
+
+
+def footprint_grid(crs: CRS, bounds: Bounds, out_shape: tuple[int, int]) -> Grid:
+    """The north-up grid of ``out_shape`` (h, w) pixels exactly covering ``bounds`` (minx,
+    miny, maxx, maxy metres in ``crs``); ValueError for an empty footprint or shape."""
+    minx, miny, maxx, maxy = bounds
+    h, w = out_shape
+    if not (maxx > minx and maxy > miny and h > 0 and w > 0):
+        raise ValueError(f"empty footprint {bounds} or output shape {out_shape}")
+    return Grid(crs, Affine((maxx - minx) / w, 0.0, minx, 0.0, -(maxy - miny) / h, maxy), w, h)
 
 
 def normalized_bounds(b: Sequence[float]) -> Bounds:
