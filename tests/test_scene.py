@@ -128,19 +128,33 @@ class _TextureDescriptor:
         return F.normalize(F.avg_pool2d(F.conv2d(x, w, padding=3), 4, 4, ceil_mode=True), dim=1)
 
 
+def _textured_map(side: int, seed: int):  # noqa: ANN202 - (image (1, side, side), FeatureMosaic, ox, oy)
+    """A smooth random texture as a 1 m map whose NW corner is (1000, 5000), described by _TextureDescriptor."""
+    from scipy.ndimage import gaussian_filter
+
+    from cmpc.localize.align import build_feature_mosaic
+
+    img = gaussian_filter(np.random.default_rng(seed).normal(size=(side, side)), 3).astype(np.float32)[None]
+    img = (img - img.mean()) / img.std()
+    ox, oy = 1000.0, 5000.0
+    return img, build_feature_mosaic(_TextureDescriptor(), img, np.ones((side, side), bool), ox, oy, 1.0, tile_px=128, margin_px=16), ox, oy
+
+
+def _scene_from_map(img: np.ndarray, ox: float, oy: float, truth: SceneTransform, px: int = 160) -> np.ndarray:
+    """The map sampled on the scene grid that ``truth`` places (bilinear): (1, px, px) float32."""
+    from scipy.ndimage import map_coordinates
+
+    cols, rows = np.meshgrid(np.arange(px) + 0.5, np.arange(px) + 0.5)
+    xy = truth.apply(np.stack([cols.ravel(), rows.ravel()], 1))
+    return map_coordinates(img[0], [(oy - xy[:, 1]) - 0.5, (xy[:, 0] - ox) - 0.5], order=1).reshape(1, px, px).astype(np.float32)
+
+
 def test_fine_alignment_recovers_offset_and_heading() -> None:
     # a textured map; the scene is the map sampled on a grid rotated by 8 degrees; the
     # estimate is 15 m and 2 degrees off: dense alignment + per-tile refit bring it to < 1 m
-    from scipy.ndimage import gaussian_filter, map_coordinates
-
-    from cmpc.localize.align import build_feature_mosaic
     from cmpc.localize.verify import fine_align_scene
 
-    rng = np.random.default_rng(0)
-    img = gaussian_filter(rng.normal(size=(400, 400)), 3).astype(np.float32)[None]
-    img = (img - img.mean()) / img.std()
-    ox, oy = 1000.0, 5000.0
-    fm = build_feature_mosaic(_TextureDescriptor(), img, np.ones((400, 400), bool), ox, oy, 1.0, tile_px=128, margin_px=16)
+    img, fm, ox, oy = _textured_map(400, 0)
 
     def placed(heading: float, cx: float, cy: float) -> SceneTransform:
         t = SceneTransform.from_params(1.0, heading, 0.0, 0.0)
@@ -148,9 +162,7 @@ def test_fine_alignment_recovers_offset_and_heading() -> None:
         return t.shifted(cx - c[0], cy - c[1])
 
     truth = placed(8.0, 1200.0, 4800.0)
-    cols, rows = np.meshgrid(np.arange(160) + 0.5, np.arange(160) + 0.5)
-    xy = truth.apply(np.stack([cols.ravel(), rows.ravel()], 1))
-    scene = map_coordinates(img[0], [(oy - xy[:, 1]) - 0.5, (xy[:, 0] - ox) - 0.5], order=1).reshape(1, 160, 160).astype(np.float32)
+    scene = _scene_from_map(img, ox, oy, truth)
     centres = np.array([[40.0 + 40 * i, 40.0 + 40 * j] for j in range(3) for i in range(3)])
     fr = fine_align_scene(_TextureDescriptor(), fm, scene, np.ones((160, 160), bool), placed(6.0, 1212.0, 4791.0), centres, 64.0,
                           max_shift_m=48.0, tile_shift_m=16.0, tile_residual_m=3.0)
@@ -311,20 +323,11 @@ def test_vote_placements_finds_a_few_agreeing_tiles_among_many_wrong(heading: fl
 def test_screen_placements_ranks_the_true_placement_first() -> None:
     # one descriptor pass per heading, one correlation per placement: the placement 20 m
     # off the truth scores like the exact alignment; 300 m off or 9 degrees off score low
-    from scipy.ndimage import gaussian_filter, map_coordinates
-
-    from cmpc.localize.align import build_feature_mosaic
     from cmpc.localize.verify import fine_align_scene, screen_placements
 
-    rng = np.random.default_rng(1)
-    img = gaussian_filter(rng.normal(size=(600, 600)), 3).astype(np.float32)[None]
-    img = (img - img.mean()) / img.std()
-    ox, oy = 1000.0, 5000.0
-    fm = build_feature_mosaic(_TextureDescriptor(), img, np.ones((600, 600), bool), ox, oy, 1.0, tile_px=128, margin_px=16)
+    img, fm, ox, oy = _textured_map(600, 1)
     truth = SceneTransform.from_params(1.0, 0.0, 1150.0, 4850.0)
-    cols, rows = np.meshgrid(np.arange(160) + 0.5, np.arange(160) + 0.5)
-    xy = truth.apply(np.stack([cols.ravel(), rows.ravel()], 1))
-    scene = map_coordinates(img[0], [(oy - xy[:, 1]) - 0.5, (xy[:, 0] - ox) - 0.5], order=1).reshape(1, 160, 160).astype(np.float32)
+    scene = _scene_from_map(img, ox, oy, truth)
     valid = np.ones((160, 160), bool)
     hyps = [truth.shifted(300.0, -250.0), truth.shifted(20.0, -13.0), SceneTransform.from_params(1.0, 9.0, 1150.0, 4850.0), truth.shifted(-190.0, 0.0)]
     peaks = screen_placements(_TextureDescriptor(), fm, scene, valid, hyps, max_shift_m=48.0)

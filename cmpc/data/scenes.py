@@ -115,7 +115,8 @@ def cut_scenes(
                 for _attempt in range(max_draws):  # redraw scenes over nodata (gaps between a dataset's files)
                     h = float(rng.uniform(-heading_range_deg, heading_range_deg)) if heading_range_deg > 0 else 0.0
                     half = side_px * gsd / 2.0 * (abs(math.cos(math.radians(h))) + abs(math.sin(math.radians(h))))
-                    fits = [b for b in boxes if b[2] - b[0] > 2 * half and b[3] - b[1] > 2 * half]
+                    fit_ids = [j for j, b in enumerate(boxes) if b[2] - b[0] > 2 * half and b[3] - b[1] > 2 * half]
+                    fits = [boxes[j] for j in fit_ids]
                     if not fits:
                         raise DataError(
                             f"a {tiles}x{tiles}-tile scene ({side_px * gsd:.0f} m, heading up to {heading_range_deg:g} deg) does not fit "
@@ -126,7 +127,7 @@ def cut_scenes(
                     box = fits[k]
                     shift = None
                     if box_shifts is not None:
-                        shift = box_shifts[[i for i, b in enumerate(boxes) if b[2] - b[0] > 2 * half and b[3] - b[1] > 2 * half][k]]
+                        shift = box_shifts[fit_ids[k]]
                     cx = float(rng.uniform(box[0] + half, box[2] - half))
                     cy = float(rng.uniform(box[1] + half, box[3] - half))
                     t = _affine(gsd, h, cx, cy, side_px)

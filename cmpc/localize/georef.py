@@ -79,10 +79,10 @@ def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings, meth
     if p.is_file():
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
+            top = d.get("top_k")  # candidates per tile the rules were calibrated with (file level)
             default_method = (d.get("default_method") or {}).get("method") if isinstance(d.get("default_method"), dict) else None
             if method != "verify" and isinstance(d.get("methods"), dict) and method in d["methods"]:
                 d = d["methods"][method]
-            top = json.loads(p.read_text(encoding="utf-8")).get("top_k")
             rule = {"min_inliers": int(d["min_inliers"]), "min_inlier_frac": float(d["min_inlier_frac"]), "min_fine_peak": float(d.get("min_fine_peak", settings.min_fine_peak))}
             if use_top_k and top is not None:
                 rule["top_k"] = int(top)
