@@ -368,9 +368,17 @@ def cmd_data_scenes(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_scenes(args: argparse.Namespace) -> int:
-    from cmpc.evaluate.scenes import evaluate_scenes
+    from cmpc.evaluate.scenes import evaluate_scenes, redecide_scenes
 
+    if bool(args.scenes) == bool(args.redecide):
+        raise ConfigError("cmpc eval scenes needs --scenes FOLDER (answer the scenes) or --redecide REPORT (decide earlier answers again), not both")
     exp, geo = _georeferencer(args, "eval scenes")
+    if args.redecide:
+        if not args.out:
+            raise ConfigError("--redecide needs --out FOLDER (the report it reads is kept)")
+        rec = redecide_scenes(geo, args.redecide, Path(args.out))
+        print(json.dumps(rec["rows"], indent=2))
+        return 0
     out = Path(args.out) if args.out else exp.report_dir / "scenes" / Path(args.scenes).name
     rec = evaluate_scenes(geo, args.scenes, out, methods=tuple(args.methods), meta={"experiment": exp.name}, gsd_factor=args.gsd_factor)
     print(json.dumps(rec["rows"], indent=2))
@@ -383,6 +391,13 @@ def cmd_train_scene(args: argparse.Namespace) -> int:
     from cmpc.train.scene import calibrate
 
     exp = _exp(args)
+    if args.rechoose:
+        from cmpc.train.scene import rechoose
+
+        print(json.dumps(rechoose(Path(args.out) if args.out else Path(exp.run_dir)), indent=2))
+        return 0
+    if args.keep_gnn and args.no_gnn:
+        raise ConfigError("--keep-gnn and --no-gnn contradict each other")
     if (args.sar or args.areas or args.index) and not (args.sar and args.areas and args.index):
         raise ConfigError("--sar, --areas and --index go together: a calibration map's SAR raster, its area boxes and the index of its optical raster")
     if args.sar:
@@ -397,6 +412,11 @@ def cmd_train_scene(args: argparse.Namespace) -> int:
     if args.no_gnn:
         rec = calibrate(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges), checkpoint=args.checkpoint,
                         source=source, out_dir=out, top_k=args.top_k)
+    elif args.keep_gnn:
+        from cmpc.train.scene import calibrate_keeping_gnn
+
+        rec = calibrate_keeping_gnn(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges),
+                                    checkpoint=args.checkpoint, source=source, out_dir=out, top_k=args.top_k)
     else:
         from cmpc.train.scene import train_and_calibrate
 
@@ -596,6 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heading-ranges", dest="heading_ranges", type=float, nargs="+", default=[0.0, 15.0],
                    help="heading ranges (+-DEG) of the validation scenes; rotated ones are searched with that rotation range")
     p.add_argument("--no-gnn", dest="no_gnn", action="store_true", help="only calibrate the verify rule (no scene-graph GNN)")
+    p.add_argument("--keep-gnn", dest="keep_gnn", action="store_true",
+                   help="calibrate with the scene-graph GNN already in the output folder (not retrained; its default-method record is kept)")
+    p.add_argument("--rechoose", action="store_true",
+                   help="choose the decision again from the saved scene_calibration.csv (no scene is answered; other records kept)")
     p.add_argument("--sar", help="cut the scenes from this SAR raster (a calibration map of other places) instead of the training area; needs --areas and --index")
     p.add_argument("--areas", help="JSON of the boxes the scenes lie in (see `cmpc data scenes --areas`)")
     p.add_argument("--index", help="index of the calibration map's optical raster (name under index/ or folder)")
@@ -698,7 +722,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--model", help="a shipped model (weights/<NAME>/card.json) instead of an experiment file; needs --index")
     p.add_argument("--index", help="index name under index/ or index folder (default: the experiment's serving index)")
-    p.add_argument("--scenes", required=True, help="folder cut by `cmpc data scenes`")
+    p.add_argument("--scenes", help="folder cut by `cmpc data scenes`")
+    p.add_argument("--redecide", metavar="REPORT",
+                   help="instead of answering: apply this decision (--scene-model) to the answers of an earlier `cmpc eval scenes` report "
+                        "(same candidates and tiling; refused otherwise) and write the table to --out")
     p.add_argument("--scene-model", dest="scene_model",
                    help="folder of the calibrated decision rule and scene-graph GNN (`cmpc train scene --out`; default runs/<name>)")
     p.add_argument("--methods", nargs="+", default=["independent", "verify"], choices=("independent", "verify", "gnn+verify"))

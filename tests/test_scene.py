@@ -279,6 +279,23 @@ def test_georef_end_to_end_on_smoke_world(smoke_demo) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "table" / "rows.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["independent", "verify"] and rows[0]["n_scenes"] == 3
+    # deciding the same answers again under another decision equals answering them again under it
+    (tmp_path / "dec").mkdir()
+    lenient = {"min_inliers": 1, "min_inlier_frac": 0.0, "min_fine_peak": -1.0}
+    (tmp_path / "dec" / "scene_decision.json").write_text(json.dumps(lenient))  # no min_scene_tiles: reference-stride tiling
+    r = run("eval", "scenes", exp, "--redecide", "table", "--scene-model", "dec", "--out", "re")
+    assert r.returncode == 2 and "spacing" in r.stderr and not (tmp_path / "re").exists()  # the table tiled 2x2 scenes densely
+    (tmp_path / "dec" / "scene_decision.json").write_text(json.dumps({**lenient, "min_scene_tiles": 64}))
+    r = run("eval", "scenes", exp, "--redecide", "table", "--scene-model", "dec", "--out", "re")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("eval", "scenes", exp, "--scenes", "scenes", "--scene-model", "dec", "--out", "full")
+    assert r.returncode == 0, r.stderr[-2000:]
+    re_, full = (json.loads((tmp_path / d / "rows.json").read_text()) for d in ("re", "full"))
+    keys = ("method", "status", "inliers", "tiles", "confidence", "centre_m")
+    assert [[p[k] for k in keys] for p in re_["per_scene"]] == [[p[k] for k in keys] for p in full["per_scene"]]
+    assert [{k: v for k, v in x.items() if k != "s_per_scene"} for x in re_["rows"]] == \
+        [{k: v for k, v in x.items() if k != "s_per_scene"} for x in full["rows"]]
+    assert any(p["status"] == "found" for p in full["per_scene"] if p["method"] == "verify")  # the lenient rule claims
     # bad inputs: one line on stderr, exit 2, nothing written
     _plain_tiff(tmp_path / "tiny.tif", np.random.default_rng(0).normal(size=(1, 8, 8)))
     for args, words in (

@@ -125,17 +125,93 @@ def evaluate_scenes(
     rows = [summarise(per_scene, m) for m in methods]
     record = {"meta": {**(meta or {}), "scenes": str(scenes_dir), "n_refs": int(geo.localizer.index.ntotal),
                        "decision_rule": geo.decision_source, "rotation_range_deg": geo.settings.rotation_range_deg,
+                       "answering": _answering(geo),
                        "gsd_factor": gsd_factor},
               "rows": rows, "per_scene": per_scene}
     if out is not None:
-        with atomic_dir(out) as tmp:
-            atomic_write_json(tmp / "rows.json", record)
-            with open(tmp / "scenes.csv", "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=list(per_scene[0]))
-                w.writeheader()
-                w.writerows(per_scene)
-            atomic_write_text(tmp / "table.md", table_markdown(rows))
+        _write_report(Path(out), record)
     return record
+
+
+def _answering(geo: Georeferencer) -> dict[str, Any]:
+    """The settings that shape a report's answers (not the decision): candidates per tile and tiling."""
+    s = geo.settings
+    return {"top_k": s.top_k, "min_scene_tiles": s.min_scene_tiles, "tile_stride_frac": s.tile_stride_frac,
+            "gnn_top_k": (geo.gnn_settings or s).top_k}
+
+
+def _report_answering(meta: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_answering` of a report; reports from before it was recorded: from the
+    decision rule they were made with (tiling then had no dense mode)."""
+    if "answering" in meta:
+        return meta["answering"]
+    rule = meta.get("decision_rule") or {}
+    top = int(rule.get("top_k", 20))
+    return {"top_k": top, "min_scene_tiles": int(rule.get("min_scene_tiles", 0)), "tile_stride_frac": 1.0,
+            "gnn_top_k": int((rule.get("gnn+verify") or {}).get("top_k", top))}
+
+
+def redecide_scenes(geo: Georeferencer, report: str | os.PathLike[str], out: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Apply ``geo``'s decision (its verify / gnn+verify settings) to the answers of an
+    earlier ``cmpc eval scenes`` report without answering the scenes again, and write the
+    table like :func:`evaluate_scenes`. Exact: the placement and its evidence (agreeing tiles,
+    dense peak) do not depend on the decision, only the status and confidence do. Refused
+    (:class:`DataError`) when the report was answered with other candidates per tile or
+    another tiling of its scenes, whose evidence would differ. ``s_per_scene`` stays the
+    report's (deciding takes microseconds)."""
+    from cmpc.localize.georef import decide
+
+    rep = Path(report)
+    p = rep / "rows.json"
+    if not p.is_file():
+        raise DataError(f"{p} not found: --redecide takes a folder written by `cmpc eval scenes`")
+    old = json.loads(p.read_text(encoding="utf-8"))
+    meta, per_old = old["meta"], old["per_scene"]
+    from cmpc.localize.scene import SceneSettings
+
+    rule_old = meta.get("decision_rule") or {}
+    was, now = _report_answering(meta), _answering(geo)
+    for key in ("top_k", "gnn_top_k"):
+        if int(was[key]) != int(now[key]):
+            raise DataError(f"{rep} was answered with top-{was[key]} candidates per tile, this decision uses {now[key]}: run `cmpc eval scenes` again")
+    tiling_was = SceneSettings(tile_stride_frac=float(was["tile_stride_frac"]), min_scene_tiles=int(was["min_scene_tiles"]))
+    scenes = {path.name: truth for path, truth in list_scenes(meta["scenes"])}
+    for name, truth in scenes.items():
+        c = np.asarray(truth["corners_xy"], dtype=np.float64)
+        w_m, h_m = float(np.linalg.norm(c[1] - c[0])), float(np.linalg.norm(c[3] - c[0]))
+        if abs(tiling_was.tile_stride_m(w_m, h_m, geo.tile_m, geo.stride_m) - geo.settings.tile_stride_m(w_m, h_m, geo.tile_m, geo.stride_m)) > 1e-6:
+            raise DataError(f"{rep} tiled {name} at another spacing than this decision's tiling (min_scene_tiles): run `cmpc eval scenes` again")
+    per_scene = []
+    for r in per_old:
+        r = dict(r)
+        s = geo.settings if r["method"] == "verify" else (geo.gnn_settings or geo.settings) if r["method"] == "gnn+verify" else None
+        if s is not None and np.isfinite(float(r["centre_m"])) and r.get("tiles"):
+            peak = float(r.get("fine_peak", float("nan")))
+            ok, _, conf = decide(s, int(r["inliers"]), int(r["tiles"]), peak if np.isfinite(peak) else None)
+            r["status"], r["confidence"] = ("found" if ok else "not_found"), conf
+        per_scene.append(r)
+    methods = list(dict.fromkeys(r["method"] for r in per_scene))
+    rows = []
+    for m in methods:
+        row = summarise(per_scene, m)
+        row["s_per_scene"] = next((x["s_per_scene"] for x in old["rows"] if x["method"] == m), row["s_per_scene"])
+        rows.append(row)
+    record = {"meta": {**meta, "decision_rule": geo.decision_source, "answering": now, "redecided_from": {"report": str(rep), "decision_rule": rule_old}},
+              "rows": rows, "per_scene": per_scene}
+    if out is not None:
+        _write_report(Path(out), record)
+    return record
+
+
+def _write_report(out: Path, record: dict[str, Any]) -> None:
+    per_scene = record["per_scene"]
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "rows.json", record)
+        with open(tmp / "scenes.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(per_scene[0]))
+            w.writeheader()
+            w.writerows(per_scene)
+        atomic_write_text(tmp / "table.md", table_markdown(record["rows"]))
 
 
 def table_markdown(rows: list[dict[str, Any]], extra_cols: tuple[str, ...] = ()) -> str:

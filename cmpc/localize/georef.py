@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from cmpc.errors import DataError
+from cmpc.localize.decision import ConfidenceModel
 from cmpc.localize.prior import prior_rows
 from cmpc.localize.scene import (
     GSD_RATIO_RANGE,
@@ -69,24 +70,41 @@ METHODS = ("independent", "verify", "gnn+verify")
 SCENE_GRAPH_FILE = "scene_graph.pt"
 
 
+def _rule_of(d: dict[str, Any], settings: SceneSettings) -> dict[str, Any]:
+    """The decision fields of one method's record: the thresholds, and the confidence model
+    when the calibration chose it (``decider``)."""
+    rule: dict[str, Any] = {"min_inliers": int(d["min_inliers"]), "min_inlier_frac": float(d["min_inlier_frac"]),
+                            "min_fine_peak": float(d.get("min_fine_peak", settings.min_fine_peak))}
+    if d.get("decider") == "confidence":
+        rule["confidence"] = ConfidenceModel.from_json(d["confidence"])
+    return rule
+
+
 def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings, method: str = "verify", use_top_k: bool = True) -> tuple[SceneSettings, dict[str, Any]]:
-    """``settings`` with the calibrated decision rule of ``run_dir/scene_decision.json``
-    when present (else the defaults), and a record of where the rule came from. ``method``
-    ``gnn+verify`` reads the file's ``methods["gnn+verify"]`` rule (the top-level one when absent).
+    """``settings`` with the calibrated decision of ``run_dir/scene_decision.json`` when
+    present (else the defaults), and a record of where it came from. The decision is the
+    three thresholds or, when the calibration chose it (``"decider": "confidence"``), the
+    logistic confidence model (:mod:`cmpc.localize.decision`). ``method`` ``gnn+verify``
+    reads the file's ``methods["gnn+verify"]`` record (the top-level one when absent).
     The candidates per tile the rule was calibrated with (``top_k``) come along unless
-    ``use_top_k`` is false (the user chose ``--top-k``)."""
+    ``use_top_k`` is false (the user chose ``--top-k``), and so does the tiling
+    (``min_scene_tiles``; 0 for files that do not record it)."""
     p = Path(run_dir) / DECISION_FILE
     if p.is_file():
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
             top = d.get("top_k")  # candidates per tile the rules were calibrated with (file level)
+            # the tiling the rules were calibrated with (files from before dense tiling: none)
+            min_tiles = int(d.get("min_scene_tiles", 0))
             default_method = (d.get("default_method") or {}).get("method") if isinstance(d.get("default_method"), dict) else None
             if method != "verify" and isinstance(d.get("methods"), dict) and method in d["methods"]:
                 d = d["methods"][method]
-            rule = {"min_inliers": int(d["min_inliers"]), "min_inlier_frac": float(d["min_inlier_frac"]), "min_fine_peak": float(d.get("min_fine_peak", settings.min_fine_peak))}
+            rule = _rule_of(d, settings)
+            rule["min_scene_tiles"] = min_tiles
             if use_top_k and top is not None:
                 rule["top_k"] = int(top)
-            return replace(settings, **rule), {"source": str(p), **rule, **({"default_method": default_method} if default_method else {})}
+            shown = {k: (v.to_json() if isinstance(v, ConfidenceModel) else v) for k, v in rule.items()}
+            return replace(settings, **rule), {"source": str(p), **shown, **({"default_method": default_method} if default_method else {})}
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             raise DataError(f"{p} is not a scene decision file (min_inliers, min_inlier_frac); rerun `cmpc train scene EXPERIMENT.json`") from None
     return settings, {"source": "default (uncalibrated)", "min_inliers": settings.min_inliers, "min_inlier_frac": settings.min_inlier_frac,
@@ -205,7 +223,8 @@ class Georeferencer:
             )
 
     def tiles(self, scene: SceneImage) -> SceneTiles:
-        return tile_scene(scene, self.tile_m, self.stride_m, self.work_gsd_m, self.img_size, self.settings.headings(), self.settings.min_tile_valid)
+        st = self.settings.tile_stride_m(scene.width * scene.gsd_m, scene.height * scene.gsd_m, self.tile_m, self.stride_m)
+        return tile_scene(scene, self.tile_m, st, self.work_gsd_m, self.img_size, self.settings.headings(), self.settings.min_tile_valid)
 
     def locate(
         self,
@@ -287,7 +306,8 @@ class Georeferencer:
         t0 = time.perf_counter()
         res = estimate_scene_transform(cand.corr, rs, tiles.per_heading)
         t_ransac = time.perf_counter() - t0
-        stats: dict[str, Any] = {"ransac_trials": res.trials, "ransac_s": round(t_ransac, 3), "support": round(res.support, 3)}
+        stats: dict[str, Any] = {"ransac_trials": res.trials, "ransac_s": round(t_ransac, 3), "support": round(res.support, 3),
+                                 "tile_spacing_m": round(tiles.stride_m, 3)}
         can_fine = s.fine and self.aligner is not None and getattr(self.localizer.refiner, "feature_mosaic", None) is not None
         if res.transform is None and not can_fine:
             best = self._independent(scene, tiles, cand)
@@ -339,23 +359,37 @@ class Georeferencer:
                 "peak": round(best_fr.peak, 4), "tiles_aligned": int(best_fr.tile_inlier.sum()), "tiles": int(len(best_fr.tile_px)), "refit": best_fr.refit,
             }
         stats["fine"] = fine_stats
-        frac = res.inlier_frac
-        ok = res.inlier_tiles >= s.min_inliers and frac >= s.min_inlier_frac
-        reason = None
-        if not ok:
-            reason = (
-                f"weak evidence: {res.inlier_tiles} of {res.n_tiles} tiles agree (the rule needs >= {s.min_inliers} "
-                f"and >= {s.min_inlier_frac:.0%})"
-            )
-        elif fine_stats["used"] and fine_stats["peak"] < s.min_fine_peak:
-            ok = False
-            reason = f"weak evidence: the dense alignment does not confirm the placement (peak {fine_stats['peak']:.3f} < {s.min_fine_peak:.3f})"
+        ok, reason, confidence = decide(s, res.inlier_tiles, res.n_tiles, fine_stats["peak"] if fine_stats["used"] else None)
         heading_tiles = {int(t) for t in res.tile_ids}
         return SceneAnswer(
             method, "found" if ok else "not_found", reason, transform, res.inlier_tiles, res.n_tiles,
-            round(frac * min(1.0, max(0.0, fine_stats.get("peak", 1.0)) / max(s.min_fine_peak, 1e-6)) if fine_stats["used"] else frac, 4), 0.0,
+            confidence, 0.0,
             self._tile_rows(tiles, cand, heading_tiles, transform), stats,
         )
+
+
+def decide(s: SceneSettings, inliers: int, tiles: int, peak: float | None) -> tuple[bool, str | None, float]:
+    """(found, reason when not, confidence) of one verified placement: the calibrated
+    confidence model when ``s`` has one (and the evidence it needs: the fine peak),
+    else the three thresholds. Confidence: the model's P(centre within its good_m); for the
+    thresholds the inlier fraction scaled down by a peak below the threshold (a score, not a
+    probability)."""
+    frac = inliers / tiles if tiles else 0.0
+    m = s.confidence
+    if m is not None and (peak is not None or not m.needs_peak):
+        p = float(m.probability(inliers, tiles, peak)[0])
+        if inliers >= 2 and p >= m.threshold:
+            return True, None, round(p, 4)
+        why = (f"weak evidence: calibrated confidence {p:.3f} < {m.threshold:.3f} ({inliers} of {tiles} tiles agree"
+               + (f", alignment peak {peak:.3f})" if peak is not None else ")")) if inliers >= 2 else f"weak evidence: {inliers} of {tiles} tiles agree (at least 2 needed)"
+        return False, why, round(p, 4)
+    conf = round(frac * min(1.0, max(0.0, peak) / max(s.min_fine_peak, 1e-6)) if peak is not None else frac, 4)
+    if not (inliers >= s.min_inliers and frac >= s.min_inlier_frac):
+        return False, (f"weak evidence: {inliers} of {tiles} tiles agree (the rule needs >= {s.min_inliers} "
+                       f"and >= {s.min_inlier_frac:.0%})"), conf
+    if peak is not None and peak < s.min_fine_peak:
+        return False, f"weak evidence: the dense alignment does not confirm the placement (peak {peak:.3f} < {s.min_fine_peak:.3f})", conf
+    return True, None, conf
 
 
 # --------------------------------------------------------------------------- outputs

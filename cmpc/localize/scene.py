@@ -31,6 +31,7 @@ import torch
 
 from cmpc.data.patches import to_model_input
 from cmpc.errors import ConfigError, DataError
+from cmpc.localize.decision import ConfidenceModel
 from cmpc.localize.verify import Correspondences, SceneTransform, warp_to_grid
 
 #: Scene GSD / map GSD accepted: finer scenes are smoothed down; much coarser ones lack the
@@ -59,6 +60,15 @@ class SceneSettings:
     """
 
     top_k: int = 20
+    #: tile spacing as a fraction of the reference stride (1 = the reference stride; 0.5 =
+    #: twice as many tiles per side: the nearest tile lies closer to a reference position)
+    tile_stride_frac: float = 1.0
+    #: scenes with fewer tiles than this are tiled at half the spacing (:meth:`tile_stride_m`):
+    #: a scene's tiles lie off the reference grid by up to half a stride, where a tile's
+    #: coarse recall is lowest; tiles every half stride put one within a quarter stride of a
+    #: reference position, at about 4x the tiles. 0 = off. Chosen on the calibration map
+    #: (docs/RESULTS.md, Scene localization): 2x2- to 4x4-tile scenes are tiled densely, 8x8 not
+    min_scene_tiles: int = 64
     rotation_range_deg: float = 0.0
     rotation_step_deg: float = 5.0
     scale_tol: float = 0.05
@@ -74,6 +84,10 @@ class SceneSettings:
     min_inliers: int = 3
     min_inlier_frac: float = 0.3
     min_fine_peak: float = 0.15
+    #: the calibrated confidence model (:class:`cmpc.localize.decision.ConfidenceModel`); when
+    #: set it decides instead of the three thresholds (which stay the fallback when no fine
+    #: alignment ran but the model needs its peak)
+    confidence: ConfidenceModel | None = None
     batch_size: int = 64
     seed: int = 0
 
@@ -85,8 +99,21 @@ class SceneSettings:
             raise ConfigError(f"the rotation step must be within 0.5..45 degrees, got {self.rotation_step_deg:g}")
         if not (0.0 <= self.scale_tol <= 0.2):
             raise ConfigError(f"the scale tolerance must be within 0..0.2 (a fraction), got {self.scale_tol:g}")
+        if not (0.25 <= self.tile_stride_frac <= 1.0):
+            raise ConfigError(f"--tile-stride must be within 0.25..1 (a fraction of the reference stride), got {self.tile_stride_frac:g}")
+        if self.min_scene_tiles < 0:
+            raise ConfigError(f"min_scene_tiles must be >= 0, got {self.min_scene_tiles}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be at least 1, got {self.top_k}")
+
+    def tile_stride_m(self, width_m: float, height_m: float, tile_m: float, stride_m: float) -> float:
+        """Tile spacing (metres) for a scene of ``width_m`` x ``height_m``: ``tile_stride_frac``
+        of the reference ``stride_m``, halved once when the scene then holds fewer than
+        ``min_scene_tiles`` tiles (north-up count). A quarter stride found no more than half
+        a stride on calibration scenes (docs/RESULTS.md), so the spacing is halved only once."""
+        st = stride_m * self.tile_stride_frac
+        n = math.prod(max(0, int(math.floor((side - tile_m) / st + 1e-6)) + 1) for side in (width_m, height_m))
+        return st / 2.0 if self.min_scene_tiles and n < self.min_scene_tiles else st
 
     def headings(self) -> list[float]:
         """Heading hypotheses, degrees: 0, +-step, +-2 step, ... within the range."""

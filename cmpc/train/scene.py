@@ -1,14 +1,15 @@
-"""``cmpc train scene``: calibrate the scene decision rule on the TRAINING area.
+"""``cmpc train scene``: calibrate the scene decision on the TRAINING area.
 
-The verify method claims "found" when at least ``min_inliers`` tiles agree, they are at
-least ``min_inlier_frac`` of the scene's tiles, and the dense alignment's peak is at least
-``min_fine_peak``. The thresholds are chosen here, never on the
-test area: scenes are cut from the training split's area (``cmpc data scenes --split
-train``), georeferenced against the training map (``index/<name>-train``, the index the
-refiner was trained on) with the rule switched off, and the thresholds picked that find the
-most scenes (centre within ``good_m``) while false claims (centre error > ``bad_m``) stay at
-most ``max_false`` of the scenes; ties go to the stricter rule. Written to
-``runs/<name>/scene_decision.json`` (read by :func:`cmpc.localize.georef.load_decision`).
+The verify method claims "found" from its evidence: how many tiles agree and the dense
+alignment's peak. The decision is chosen here, never on the test area: scenes are cut from
+the training split's area (``cmpc data scenes --split train``, or a calibration map),
+georeferenced against the training map with the decision switched off, and either three
+thresholds (inlier tiles, inlier fraction, peak) or a logistic confidence model fit
+(:mod:`cmpc.localize.decision`), whichever finds more scenes (centre within ``good_m``) in
+cross-validation while false claims (centre error > ``bad_m``) stay at most ``max_false``
+of the scenes. Written to ``runs/<name>/scene_decision.json`` (read by
+:func:`cmpc.localize.georef.load_decision`), the answers beside it in
+``scene_calibration.csv`` (``cmpc train scene --rechoose`` chooses again from them).
 
 :func:`train_and_calibrate` (what ``cmpc train scene`` runs unless ``--no-gnn``) first trains
 the scene-graph GNN (:mod:`cmpc.train.scene_graph`), calibrates the rules of verify and
@@ -18,6 +19,9 @@ scenes as ``default_method``.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,37 +29,79 @@ from typing import Any
 import numpy as np
 
 from cmpc.data.scenes import SceneSource
+from cmpc.errors import DataError
 from cmpc.evaluate.scenes import evaluate_scenes
+from cmpc.localize.decision import Evidence, choose_decider, confidence_claims, rule_claims
 from cmpc.localize.georef import DECISION_FILE, Georeferencer
 from cmpc.localize.localizer import Localizer
 from cmpc.localize.scene import SceneSettings
-from cmpc.utils.io import atomic_write_json
+from cmpc.utils.io import atomic_write_json, atomic_write_text
 
 
-def choose_rule(per_scene: list[dict[str, Any]], good_m: float = 25.0, bad_m: float = 100.0, max_false: float = 0.02, method: str = "verify") -> dict[str, Any]:
-    """Thresholds (min_inliers, min_inlier_frac, min_fine_peak) from ``method``'s answers made with the rule off."""
-    rows = [r for r in per_scene if r["method"] == method]
-    n = len(rows)
-    inl = np.array([r["inliers"] for r in rows], dtype=np.float64)
-    frac = np.array([r["inliers"] / r["tiles"] if r["tiles"] else 0.0 for r in rows])
-    err = np.array([r["centre_m"] if np.isfinite(r["centre_m"]) else 1e9 for r in rows])
-    peak = np.array([r.get("fine_peak", np.nan) for r in rows], dtype=np.float64)
-    peak = np.where(np.isfinite(peak), peak, np.inf)  # no fine alignment: the peak does not decide
-    best: tuple[float, ...] | None = None
-    rule: dict[str, Any] = {}
-    for m in range(2, 11):
-        for f in np.round(np.arange(0.0, 0.85, 0.05), 2):
-            for p in np.round(np.arange(0.0, 0.61, 0.025), 3):
-                claim = (inl >= m) & (frac >= f) & (peak >= p)
-                good = int((claim & (err <= good_m)).sum())
-                false = int((claim & (err > bad_m)).sum())
-                if n and false / n > max_false:
-                    continue
-                key = (good, -false, p, m, f)  # most found, fewest false, then the stricter rule
-                if best is None or key > best:
-                    best = key
-                    rule = {"min_inliers": int(m), "min_inlier_frac": float(f), "min_fine_peak": float(p), "found_good": good, "false_claims": false}
-    return {**rule, "n_scenes": n}
+#: the calibration scenes' answers (rule off), one row per scene and method, beside the decision file
+CALIBRATION_FILE = "scene_calibration.csv"
+_CAL_COLUMNS = ("method", "tiles_per_side", "heading_range_deg", "scene", "inliers", "tiles", "fine_peak", "centre_m")
+
+
+def decision_record(per_scene: list[dict[str, Any]], method: str, max_false: float = 0.02) -> dict[str, Any]:
+    """One method's decision (:func:`cmpc.localize.decision.choose_decider`) from its
+    calibration answers, as stored in scene_decision.json."""
+    ev = Evidence.of_rows([r for r in per_scene if r["method"] == method])
+    if not len(ev):
+        raise DataError(f"no calibration answers of method {method}")
+    d = choose_decider(ev, max_false=max_false)
+    rule, model = d["rule"], d["confidence"]
+    claims = confidence_claims(model, ev) if d["decider"] == "confidence" else rule_claims(rule, ev)
+    return {
+        **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
+        "decider": d["decider"],
+        "confidence": model.to_json() if model is not None else None,
+        "cv": d["cv"],
+        "found_within_25m": int((claims & (ev.err <= 25.0)).sum()),
+        "false_claims_over_100m": int((claims & (ev.err > 100.0)).sum()),
+        "n_scenes": len(ev),
+    }
+
+
+def write_calibration_rows(path: Path, per_scene: list[dict[str, Any]]) -> None:
+    """The calibration answers as CSV (atomically), so the decision can be re-chosen
+    without answering the scenes again (``cmpc train scene --rechoose``)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_CAL_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in per_scene:
+        w.writerow(r)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_calibration_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path} not found: the calibration answers are saved by `cmpc train scene` (run it without --rechoose first)")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or any(c not in rows[0] for c in _CAL_COLUMNS):
+        raise DataError(f"{path} is not a scene calibration file (columns {', '.join(_CAL_COLUMNS)})")
+    return [{**r, "inliers": int(r["inliers"]), "tiles": int(r["tiles"]), "fine_peak": float(r["fine_peak"] or "nan"),
+             "centre_m": float(r["centre_m"] or "nan")} for r in rows]
+
+
+def rechoose(out_dir: str | Path, methods: tuple[str, ...] = ("verify", "gnn+verify")) -> dict[str, Any]:
+    """Choose the decision again from ``out_dir``'s saved calibration answers (no scene is
+    answered again) and update scene_decision.json in place (its other records kept)."""
+    out_dir = Path(out_dir)
+    per_scene = read_calibration_rows(out_dir / CALIBRATION_FILE)
+    p = out_dir / DECISION_FILE
+    record = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    present = [m for m in methods if any(r["method"] == m for r in per_scene)]
+    for m in present:
+        rec = decision_record(per_scene, m)
+        if m == "verify":
+            record.update({k: v for k, v in rec.items() if k not in ("found_within_25m", "false_claims_over_100m", "n_scenes")})
+            record.setdefault("chosen_on", {}).update({"found_within_25m": rec["found_within_25m"], "false_claims_over_100m": rec["false_claims_over_100m"]})
+        else:
+            record.setdefault("methods", {})[m] = {k: v for k, v in rec.items() if k != "n_scenes"}
+    atomic_write_json(p, record)
+    return record
 
 
 def calibrate(
@@ -94,29 +140,69 @@ def calibrate(
             for n in tiles:
                 folder = work / f"train_{n}x{n}_h{hr:g}"
                 source.cut(exp.data.root, folder, "train", n, count, float(hr), seed + i)
-                per_scene += evaluate_scenes(geo, folder, None, methods=methods)["per_scene"]
+                rows = evaluate_scenes(geo, folder, None, methods=methods)["per_scene"]
+                per_scene += [{**r, "tiles_per_side": n, "heading_range_deg": float(hr)} for r in rows]
                 i += 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rule = choose_rule(per_scene)
-    others = {m: choose_rule(per_scene, method=m) for m in methods if m != "verify"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_calibration_rows(out_dir / CALIBRATION_FILE, per_scene)
+    rule = decision_record(per_scene, "verify")
+    others = {m: decision_record(per_scene, m) for m in methods if m != "verify"}
     record = {
-        **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
+        **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak", "decider", "confidence", "cv")},
         "top_k": int(top_k),
+        "min_scene_tiles": SceneSettings.min_scene_tiles,
         "chosen_on": {
             "split": "train", "source": source.label, "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
             "heading_ranges_deg": list(heading_ranges), "seed": seed, "n_scenes": rule["n_scenes"],
-            "found_within_25m": rule.get("found_good"), "false_claims_over_100m": rule.get("false_claims"),
-            "criterion": "most scenes found within 25 m with false claims (> 100 m) at most 2 % of the scenes",
+            "found_within_25m": rule["found_within_25m"], "false_claims_over_100m": rule["false_claims_over_100m"],
+            "criterion": ("most scenes found within 25 m with false claims (> 100 m) at most 2 % of the scenes; thresholds or the "
+                          "logistic confidence model, whichever finds more in 5-fold cross-validation (cmpc.localize.decision)"),
         },
         "default_when_uncalibrated": {"min_inliers": SceneSettings.min_inliers, "min_inlier_frac": SceneSettings.min_inlier_frac,
                                       "min_fine_peak": SceneSettings.min_fine_peak},
     }
     if others:
-        record["methods"] = {m: {**{k: r[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
-                                 "found_within_25m": r.get("found_good"), "false_claims_over_100m": r.get("false_claims")}
-                             for m, r in others.items()}
+        record["methods"] = {m: {k: v for k, v in r.items() if k != "n_scenes"} for m, r in others.items()}
     atomic_write_json(out_dir / DECISION_FILE, record)
+    return record
+
+
+def calibrate_keeping_gnn(
+    exp,  # noqa: ANN001 - cmpc.config.Experiment
+    train_index_dir: str | Path,
+    tiles: tuple[int, ...] = (2, 3),
+    count: int = 30,
+    heading_ranges: tuple[float, ...] = (0.0, 15.0),
+    checkpoint: str | None = None,
+    source: SceneSource | None = None,
+    out_dir: str | Path | None = None,
+    top_k: int = SceneSettings.top_k,
+) -> dict[str, Any]:
+    """``cmpc train scene --keep-gnn``: :func:`calibrate` verify and gnn+verify with the
+    scene-graph GNN already in ``out_dir`` (not retrained); the earlier file's
+    ``default_method`` and ``scene_graph`` records are kept (the default method was chosen
+    with the decision of that time: said in the record)."""
+    from cmpc.localize.georef import SCENE_GRAPH_FILE
+    from cmpc.localize.scene_graph import SceneGraphRescorer
+    from cmpc.models.checkpoint import default_checkpoint
+
+    out_dir = Path(out_dir) if out_dir is not None else Path(exp.run_dir)
+    gpath = out_dir / SCENE_GRAPH_FILE
+    if not gpath.is_file():
+        raise DataError(f"--keep-gnn: no scene-graph GNN at {gpath}; run `cmpc train scene` without it first")
+    dpath = out_dir / DECISION_FILE
+    old = json.loads(dpath.read_text(encoding="utf-8")) if dpath.is_file() else {}
+    gnn = SceneGraphRescorer.load(gpath, default_checkpoint(exp.run_dir, checkpoint))
+    record = calibrate(exp, train_index_dir, tiles, count, heading_ranges, checkpoint=checkpoint, methods=("verify", "gnn+verify"), gnn=gnn,
+                       source=source, out_dir=out_dir, top_k=top_k)
+    for k in ("default_method", "scene_graph"):
+        if k in old:
+            record[k] = old[k]
+    if "default_method" in record:
+        record["default_method"]["note"] = "kept from the earlier calibration (chosen with the decision of that time); `cmpc train scene` without --keep-gnn chooses it again"
+    atomic_write_json(dpath, record)
     return record
 
 

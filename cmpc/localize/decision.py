@@ -1,0 +1,234 @@
+"""When is a scene placement "found"? The decision of ``cmpc georef``, calibrated on scenes
+cut from a training area (``cmpc train scene``), never on the test area.
+
+A verified placement comes with three numbers of evidence: how many of the scene's tiles
+agree on it (``inliers`` of ``tiles``) and the dense alignment's whole-scene correlation
+peak (``fine_peak``, a mean cosine; NaN when no fine alignment ran). Two deciders map
+them to found / not found:
+
+- :func:`choose_rule`: three thresholds (inlier tiles, inlier fraction, peak), all must hold;
+  picked by grid search.
+- :class:`ConfidenceModel`: a logistic model of P(centre within ``good_m``) on
+  ``log(1 + inliers)``, the inlier fraction, ``log(tiles)`` and the peak, fit on the same
+  scenes; "found" when the probability reaches a threshold. Its probability is the
+  answer's ``confidence``. Many agreeing tiles can make up for a weak peak (rotated scenes
+  correlate less after resampling) and a strong peak for few tiles, which one set of
+  thresholds cannot express.
+
+Both are chosen for the most scenes within ``good_m`` while false claims (found, centre
+error over ``bad_m``) stay at most ``max_false`` of the scenes; :func:`choose_decider`
+compares them by k-fold cross-validation on the calibration scenes and keeps the better
+one (ties: the thresholds). The logistic fit is 4 weights by L-BFGS in torch: a
+dependency such as scikit-learn is not worth its size for that.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+#: features of the confidence model, in order (see :func:`evidence_features`)
+FEATURES_FINE = ("log1p_inliers", "inlier_frac", "log_tiles", "fine_peak")
+FEATURES_COARSE = ("log1p_inliers", "inlier_frac", "log_tiles")
+
+
+def evidence_features(inliers: np.ndarray, tiles: np.ndarray, peak: np.ndarray | None) -> np.ndarray:
+    """(n, 3 or 4) feature matrix (see :data:`FEATURES_FINE`); ``peak`` None: no peak column."""
+    inl = np.asarray(inliers, dtype=np.float64)
+    n = np.maximum(np.asarray(tiles, dtype=np.float64), 1.0)
+    cols = [np.log1p(inl), inl / n, np.log(n)]
+    if peak is not None:
+        cols.append(np.asarray(peak, dtype=np.float64))
+    return np.stack(cols, axis=1)
+
+
+@dataclass(frozen=True)
+class ConfidenceModel:
+    """Logistic P(centre within ``good_m``) from the evidence (module doc). ``mean`` /
+    ``scale`` standardise the features; ``threshold``: the probability from which a
+    placement is claimed."""
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    threshold: float
+    good_m: float = 25.0
+
+    @property
+    def needs_peak(self) -> bool:
+        return "fine_peak" in self.features
+
+    def probability(self, inliers: Any, tiles: Any, peak: Any = None) -> np.ndarray:
+        """P(within ``good_m``) per row (arrays or scalars)."""
+        x = evidence_features(np.atleast_1d(inliers), np.atleast_1d(tiles), np.atleast_1d(peak) if self.needs_peak else None)
+        z = ((x - np.array(self.mean)) / np.array(self.scale)) @ np.array(self.coef) + self.intercept
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "logistic", "features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
+                "coef": list(self.coef), "intercept": self.intercept, "threshold": self.threshold, "good_m": self.good_m}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ConfidenceModel":
+        feats = tuple(str(f) for f in d["features"])
+        if feats not in (FEATURES_FINE, FEATURES_COARSE):
+            raise ValueError(f"unknown confidence features {feats}")
+        k = len(feats)
+        vals = [tuple(float(v) for v in d[key]) for key in ("mean", "scale", "coef")]
+        if any(len(v) != k for v in vals) or any(s <= 0 for s in vals[1]):
+            raise ValueError("confidence model: mean / scale / coef do not match its features")
+        out = cls(feats, vals[0], vals[1], vals[2], float(d["intercept"]), float(d["threshold"]), float(d.get("good_m", 25.0)))
+        if not all(math.isfinite(v) for v in (*out.mean, *out.coef, out.intercept, out.threshold)):
+            raise ValueError("confidence model holds non-finite numbers")
+        return out
+
+
+@dataclass
+class Evidence:
+    """The calibration scenes' evidence and errors, as arrays (rule off)."""
+
+    inliers: np.ndarray
+    tiles: np.ndarray
+    peak: np.ndarray  # NaN where no fine alignment ran
+    err: np.ndarray  # centre error, metres (1e9 when no placement)
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[dict[str, Any]]) -> "Evidence":
+        def arr(key: str, default: float) -> np.ndarray:
+            a = np.array([float(r.get(key, default)) if r.get(key, default) not in (None, "") else default for r in rows], dtype=np.float64)
+            return a
+
+        err = arr("centre_m", np.nan)
+        return cls(arr("inliers", 0.0), arr("tiles", 0.0), arr("fine_peak", np.nan), np.where(np.isfinite(err), err, 1e9))
+
+    def subset(self, idx: np.ndarray) -> "Evidence":
+        return Evidence(self.inliers[idx], self.tiles[idx], self.peak[idx], self.err[idx])
+
+    def __len__(self) -> int:
+        return len(self.err)
+
+
+def _best_claim(claims: np.ndarray, err: np.ndarray, good_m: float, bad_m: float, max_false: float) -> tuple[int, tuple[int, int] | None]:
+    """Index of the best claim vector (rows of ``claims``, each a candidate decider, in
+    order from loosest to strictest is not assumed): most good, fewest false, then the
+    later (stricter) one; and its (good, false). (-1, None) when none keeps false claims low."""
+    n = claims.shape[1]
+    good = (claims & (err <= good_m)[None]).sum(1)
+    false = (claims & (err > bad_m)[None]).sum(1)
+    ok = false <= max_false * n + 1e-9
+    if not ok.any():
+        return -1, None
+    key = np.where(ok, good * (n + 1) * 2 + (n - false), -1)
+    i = int(len(key) - 1 - np.argmax(key[::-1]))  # ties: the later (stricter) one
+    return i, (int(good[i]), int(false[i]))
+
+
+_M = np.arange(2, 11)
+_F = np.round(np.arange(0.0, 0.85, 0.05), 2)
+_P = np.round(np.arange(0.0, 0.61, 0.025), 3)
+
+
+def choose_rule(ev: Evidence, good_m: float = 25.0, bad_m: float = 100.0, max_false: float = 0.02) -> dict[str, Any]:
+    """The thresholds (min_inliers, min_inlier_frac, min_fine_peak) finding the most scenes
+    within ``good_m`` with false claims at most ``max_false``; ties: the stricter rule
+    (higher peak, then inliers, then fraction). No fine peak: the peak does not decide."""
+    frac = ev.inliers / np.maximum(ev.tiles, 1.0)
+    peak = np.where(np.isfinite(ev.peak), ev.peak, np.inf)
+    grid = np.array([(m, f, p) for m in _M for f in _F for p in _P])
+    order = np.lexsort((grid[:, 1], grid[:, 0], grid[:, 2]))  # strictness: peak, then inliers, then fraction
+    grid = grid[order]
+    claims = (ev.inliers[None] >= grid[:, :1]) & (frac[None] >= grid[:, 1:2]) & (peak[None] >= grid[:, 2:3])
+    i, gf = _best_claim(claims, ev.err, good_m, bad_m, max_false)
+    if gf is None:  # nothing keeps false claims low: the strictest rule
+        i, gf = len(grid) - 1, (0, 0)
+    m, f, p = grid[i]
+    return {"min_inliers": int(m), "min_inlier_frac": float(f), "min_fine_peak": float(p), "found_good": gf[0], "false_claims": gf[1], "n_scenes": len(ev)}
+
+
+def rule_claims(rule: dict[str, Any], ev: Evidence) -> np.ndarray:
+    frac = ev.inliers / np.maximum(ev.tiles, 1.0)
+    peak = np.where(np.isfinite(ev.peak), ev.peak, np.inf)
+    return (ev.inliers >= rule["min_inliers"]) & (frac >= rule["min_inlier_frac"]) & (peak >= rule["min_fine_peak"])
+
+
+def fit_confidence(ev: Evidence, good_m: float = 25.0, bad_m: float = 100.0, max_false: float = 0.02, l2: float = 1e-2,
+                   min_inliers: int = 2) -> ConfidenceModel | None:
+    """Fit the logistic model (module doc) and its claim threshold; None when the scenes
+    hold only one class (nothing to learn from). Rows without a peak are dropped when
+    others have one (the model then needs fine alignment); a placement with fewer than
+    ``min_inliers`` agreeing tiles is never claimed."""
+    import torch
+
+    has_peak = np.isfinite(ev.peak)
+    use_peak = bool(has_peak.any())
+    keep = has_peak if use_peak else np.ones(len(ev), dtype=bool)
+    e = ev.subset(np.flatnonzero(keep))
+    y = (e.err <= good_m).astype(np.float64)
+    if len(e) < 4 or y.min() == y.max():
+        return None
+    x = evidence_features(e.inliers, e.tiles, e.peak if use_peak else None)
+    mean, scale = x.mean(0), x.std(0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    xt = torch.tensor((x - mean) / scale, dtype=torch.float64)
+    yt = torch.tensor(y, dtype=torch.float64)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    model = ConfidenceModel(FEATURES_FINE if use_peak else FEATURES_COARSE, tuple(mean.tolist()), tuple(scale.tolist()),
+                            tuple(w.detach().numpy().tolist()), float(b.detach()), 1.0, good_m)
+    p = model.probability(e.inliers, e.tiles, e.peak)
+    cands = np.unique(np.concatenate([p, [1.0 + 1e-9]]))  # ascending: loosest first, the last claims nothing
+    claims = (p[None] >= cands[:, None]) & (e.inliers[None] >= min_inliers)
+    i, _ = _best_claim(claims, e.err, good_m, bad_m, max_false)
+    thr = float(cands[i]) if i >= 0 else 1.0 + 1e-9
+    return ConfidenceModel(model.features, model.mean, model.scale, model.coef, model.intercept, round(min(thr, 1.0 + 1e-9), 6), good_m)
+
+
+def confidence_claims(model: ConfidenceModel, ev: Evidence, min_inliers: int = 2) -> np.ndarray:
+    p = model.probability(ev.inliers, ev.tiles, ev.peak)
+    ok = (p >= model.threshold) & (ev.inliers >= min_inliers)
+    if model.needs_peak:
+        ok &= np.isfinite(ev.peak)
+    return ok
+
+
+def choose_decider(ev: Evidence, good_m: float = 25.0, bad_m: float = 100.0, max_false: float = 0.02, folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Thresholds and confidence model fit on all scenes, compared by ``folds``-fold
+    cross-validation (each fit on the other folds, counted on its own): the decider with
+    more held-out scenes found within ``good_m`` among those whose held-out false claims stay
+    at most ``max_false`` wins (ties: the thresholds). Returns ``{"rule", "confidence"
+    (or None), "decider": "rule" | "confidence", "cv": {...}}``."""
+    rule = choose_rule(ev, good_m, bad_m, max_false)
+    model = fit_confidence(ev, good_m, bad_m, max_false)
+    n = len(ev)
+    perm = np.random.default_rng(seed).permutation(n)
+    cv = {"rule": {"good": 0, "false": 0}, "confidence": {"good": 0, "false": 0}}
+    for k in range(folds):
+        test = perm[k::folds]
+        train = np.setdiff1d(perm, test)
+        tr, te = ev.subset(train), ev.subset(test)
+        c_rule = rule_claims(choose_rule(tr, good_m, bad_m, max_false), te)
+        m = fit_confidence(tr, good_m, bad_m, max_false)
+        c_conf = confidence_claims(m, te) if m is not None else np.zeros(len(te), dtype=bool)
+        for name, c in (("rule", c_rule), ("confidence", c_conf)):
+            cv[name]["good"] += int((c & (te.err <= good_m)).sum())
+            cv[name]["false"] += int((c & (te.err > bad_m)).sum())
+    for v in cv.values():
+        v["n_scenes"] = n
+    ok = {k: v["false"] <= max_false * n + 1e-9 for k, v in cv.items()}
+    use_conf = model is not None and ok["confidence"] and (not ok["rule"] or cv["confidence"]["good"] > cv["rule"]["good"])
+    return {"rule": rule, "confidence": model, "decider": "confidence" if use_conf else "rule",
+            "cv": {**cv, "folds": folds, "criterion": f"held-out scenes within {good_m:g} m with held-out false claims (> {bad_m:g} m) at most {max_false:.0%}"}}

@@ -1,0 +1,143 @@
+"""The scene decision (cmpc.localize.decision): thresholds and the calibrated confidence model,
+their choice by cross-validation, the decision file and re-choosing from saved answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cmpc.errors import DataError
+from cmpc.localize.decision import (
+    ConfidenceModel,
+    Evidence,
+    choose_decider,
+    choose_rule,
+    confidence_claims,
+    fit_confidence,
+    rule_claims,
+)
+
+
+def _two_regimes(n: int = 240, seed: int = 0) -> Evidence:
+    """Calibration-like evidence where no single set of thresholds separates right from
+    wrong: right placements either have many agreeing tiles and a weak peak (rotated
+    scenes) or few tiles and a strong peak; wrong ones have few tiles and a weak peak."""
+    rng = np.random.default_rng(seed)
+    kind = rng.integers(0, 3, n)  # 0 wrong, 1 right with many tiles, 2 right with a strong peak
+    tiles = np.full(n, 64.0)
+    inl = np.where(kind == 1, rng.integers(20, 45, n), rng.integers(2, 12, n)).astype(np.float64)
+    peak = np.where(kind == 2, rng.uniform(0.45, 0.75, n), rng.uniform(0.05, 0.30, n))
+    peak = np.where(kind == 0, rng.uniform(0.05, 0.30, n), peak)
+    err = np.where(kind == 0, rng.uniform(500, 6000, n), rng.uniform(0.1, 3.0, n))
+    return Evidence(inl, tiles, peak, err)
+
+
+def test_rule_thresholds_on_a_known_split() -> None:
+    # right ones: peak >= 0.3; wrong ones: peak <= 0.2 with as many tiles: the peak decides,
+    # and of the tied thresholds the strictest (0.3) is kept
+    peak = np.array([0.30, 0.35, 0.5, 0.6, 0.1, 0.15, 0.2, 0.2])
+    ev = Evidence(np.full(8, 10.0), np.full(8, 16.0), peak, np.array([1, 2, 1, 3, 900, 800, 700, 2000.0]))
+    r = choose_rule(ev, max_false=0.0)
+    assert r["min_fine_peak"] == pytest.approx(0.3)
+    assert (r["found_good"], r["false_claims"]) == (4, 0)
+    assert rule_claims(r, ev).tolist() == [True] * 4 + [False] * 4
+
+
+def test_confidence_model_beats_thresholds_when_evidence_trades_off() -> None:
+    ev = _two_regimes()
+    right = ev.err <= 25.0
+    d = choose_decider(ev, max_false=0.02)
+    assert d["decider"] == "confidence"
+    cv = d["cv"]
+    # thresholds must give up one regime of right placements; the model keeps both
+    assert cv["confidence"]["good"] > cv["rule"]["good"] + 0.15 * right.sum()
+    assert cv["confidence"]["false"] <= 0.02 * len(ev)
+    m = d["confidence"]
+    claims = confidence_claims(m, ev)
+    assert (claims & right).sum() >= 0.9 * right.sum()
+    assert (claims & ~right).sum() <= 0.02 * len(ev)
+    # probabilities order the regimes: many tiles or a strong peak -> high, neither -> low
+    p = m.probability([30, 4, 4], [64, 64, 64], [0.15, 0.6, 0.15])
+    assert p[0] > m.threshold and p[1] > m.threshold and p[2] < m.threshold
+
+
+def test_confidence_model_round_trip_and_refusals() -> None:
+    m = fit_confidence(_two_regimes())
+    assert m is not None and m.needs_peak
+    again = ConfidenceModel.from_json(json.loads(json.dumps(m.to_json())))
+    assert again == m
+    bad = m.to_json() | {"coef": [1.0, 2.0]}
+    with pytest.raises(ValueError):
+        ConfidenceModel.from_json(bad)
+    with pytest.raises(ValueError):
+        ConfidenceModel.from_json(m.to_json() | {"features": ["log1p_inliers", "height"]})
+    # one class only: nothing to learn
+    ev = _two_regimes()
+    assert fit_confidence(Evidence(ev.inliers, ev.tiles, ev.peak, np.full(len(ev), 1.0))) is None
+
+
+def test_no_peak_means_a_coarse_model() -> None:
+    ev = _two_regimes()
+    m = fit_confidence(Evidence(ev.inliers, ev.tiles, np.full(len(ev), np.nan), ev.err))
+    assert m is not None and not m.needs_peak and len(m.coef) == 3
+
+
+def test_decide_uses_the_model_and_says_why() -> None:
+    from cmpc.localize.georef import decide
+    from cmpc.localize.scene import SceneSettings
+
+    m = fit_confidence(_two_regimes())
+    s = SceneSettings(min_inliers=2, min_inlier_frac=0.3, min_fine_peak=0.4, confidence=m)
+    ok, why, conf = decide(s, 30, 64, 0.15)  # the thresholds would refuse this (peak 0.15 < 0.4)
+    assert ok and why is None and conf >= m.threshold
+    ok, why, conf = decide(s, 4, 64, 0.15)
+    assert not ok and "calibrated confidence" in why and conf < m.threshold
+    ok, why, _ = decide(s, 1, 64, 0.9)  # one tile cannot agree with anything
+    assert not ok and "at least 2" in why
+    # no fine alignment ran but the model needs its peak: the thresholds decide
+    ok, why, _ = decide(s, 10, 64, None)
+    assert not ok and "rule needs" in why
+    assert decide(s, 30, 64, None)[0]
+
+
+def test_decision_file_with_a_confidence_model(tmp_path) -> None:
+    from cmpc.localize.georef import DECISION_FILE, load_decision
+    from cmpc.localize.scene import SceneSettings
+
+    m = fit_confidence(_two_regimes())
+    rec = {"min_inliers": 2, "min_inlier_frac": 0.3, "min_fine_peak": 0.4, "decider": "confidence", "confidence": m.to_json(),
+           "methods": {"gnn+verify": {"min_inliers": 3, "min_inlier_frac": 0.2, "min_fine_peak": 0.3, "decider": "rule", "confidence": m.to_json()}}}
+    (tmp_path / DECISION_FILE).write_text(json.dumps(rec))
+    s, src = load_decision(tmp_path, SceneSettings())
+    assert s.confidence == m and src["confidence"]["threshold"] == m.threshold
+    g, _ = load_decision(tmp_path, SceneSettings(), method="gnn+verify")
+    assert g.confidence is None and g.min_inliers == 3  # its calibration kept the thresholds
+    rec["confidence"] = {"features": ["log1p_inliers"], "mean": [0.0]}
+    (tmp_path / DECISION_FILE).write_text(json.dumps(rec))
+    with pytest.raises(DataError, match="not a scene decision file"):
+        load_decision(tmp_path, SceneSettings())
+
+
+def test_rechoose_from_saved_calibration_answers(tmp_path) -> None:
+    from cmpc.localize.georef import DECISION_FILE
+    from cmpc.train.scene import CALIBRATION_FILE, rechoose, write_calibration_rows
+
+    ev = _two_regimes()
+    rows = []
+    for method in ("verify", "gnn+verify"):
+        rows += [{"method": method, "tiles_per_side": 8, "heading_range_deg": 15.0, "scene": f"s{i}.tif", "inliers": int(ev.inliers[i]),
+                  "tiles": int(ev.tiles[i]), "fine_peak": float(ev.peak[i]), "centre_m": float(ev.err[i])} for i in range(len(ev))]
+    write_calibration_rows(tmp_path / CALIBRATION_FILE, rows)
+    (tmp_path / DECISION_FILE).write_text(json.dumps({"min_inliers": 9, "min_inlier_frac": 0.8, "min_fine_peak": 0.6, "top_k": 100,
+                                                      "default_method": {"method": "verify"}}))
+    rec = rechoose(tmp_path)
+    saved = json.loads((tmp_path / DECISION_FILE).read_text())
+    assert saved == rec
+    assert rec["decider"] == "confidence" and rec["methods"]["gnn+verify"]["decider"] == "confidence"
+    assert rec["top_k"] == 100 and rec["default_method"] == {"method": "verify"}  # other records kept
+    assert rec["chosen_on"]["found_within_25m"] >= 0.9 * int((ev.err <= 25).sum())
+    (tmp_path / CALIBRATION_FILE).write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="not a scene calibration file"):
+        rechoose(tmp_path)
