@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(folder, ignore_errors=True)
                 source.cut(exp.data.root, folder, "train", n, a.count, h, a.seed + 10 * n + int(h))
             for frac in a.fracs:
-                s = SceneSettings(rotation_range_deg=h, top_k=a.top_k, tile_stride_frac=frac, min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0)
+                s = SceneSettings(rotation_range_deg=h, top_k=a.top_k, tile_stride_frac=frac, min_scene_tiles=0, min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0)
                 geo = Georeferencer(loc, s, {"source": "selection (decision off)"})
                 per = [r for r in evaluate_scenes(geo, folder, None, methods=("verify",), progress=False)["per_scene"]]
                 err = np.array([r["centre_m"] if np.isfinite(r["centre_m"]) else 1e9 for r in per])
