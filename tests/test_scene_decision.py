@@ -141,3 +141,29 @@ def test_rechoose_from_saved_calibration_answers(tmp_path) -> None:
     (tmp_path / CALIBRATION_FILE).write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="not a scene calibration file"):
         rechoose(tmp_path)
+
+
+def test_rotation_feature_when_rotated_scenes_correlate_less() -> None:
+    # right rotated placements have weaker peaks than right north-up ones, and wrong
+    # north-up placements reach those peaks: only a model that knows the heading search
+    # keeps the rotated right ones without claiming the wrong north-up ones
+    rng = np.random.default_rng(3)
+    n = 400
+    rot = rng.integers(0, 2, n).astype(np.float64)
+    right = rng.random(n) < 0.6
+    peak = np.where(right, np.where(rot == 1, rng.uniform(0.22, 0.34, n), rng.uniform(0.40, 0.70, n)),
+                    np.where(rot == 1, rng.uniform(0.05, 0.15, n), rng.uniform(0.20, 0.36, n)))
+    inl = rng.integers(3, 8, n).astype(np.float64)
+    ev = Evidence(inl, np.full(n, 64.0), peak, np.where(right, 1.0, 3000.0), rot)
+    d = choose_decider(ev)
+    assert d["chosen"] == "confidence+rotation" and d["confidence"].uses_rotation
+    cv = d["cv"]
+    assert cv["confidence+rotation"]["good"] > cv["confidence"]["good"] + 0.1 * right.sum()
+    m = d["confidence"]
+    assert m.probability(5, 64, 0.28, 1.0)[0] > m.threshold > m.probability(5, 64, 0.28, 0.0)[0]
+    # decide() passes the heading search of the settings
+    from cmpc.localize.georef import decide
+    from cmpc.localize.scene import SceneSettings
+
+    assert decide(SceneSettings(rotation_range_deg=15.0, confidence=m), 5, 64, 0.28)[0]
+    assert not decide(SceneSettings(rotation_range_deg=0.0, confidence=m), 5, 64, 0.28)[0]

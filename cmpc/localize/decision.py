@@ -9,8 +9,9 @@ them to found / not found:
 - :func:`choose_rule`: three thresholds (inlier tiles, inlier fraction, peak), all must hold;
   picked by grid search.
 - :class:`ConfidenceModel`: a logistic model of P(centre within ``good_m``) on
-  ``log(1 + inliers)``, the inlier fraction, ``log(tiles)`` and the peak, fit on the same
-  scenes; "found" when the probability reaches a threshold. Its probability is the
+  ``log(1 + inliers)``, the inlier fraction, ``log(tiles)`` and the peak (and, as a
+  second candidate, whether headings were searched), fit on the same scenes; "found" when
+  the probability reaches a threshold. Its probability is the
   answer's ``confidence``. Many agreeing tiles can make up for a weak peak (rotated scenes
   correlate less after resampling) and a strong peak for few tiles, which one set of
   thresholds cannot express.
@@ -30,18 +31,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
-#: features of the confidence model, in order (see :func:`evidence_features`)
+#: features of the confidence model, in order (see :func:`evidence_features`); ``rotated``:
+#: 1 when headings were searched (rotated scenes correlate less after resampling)
 FEATURES_FINE = ("log1p_inliers", "inlier_frac", "log_tiles", "fine_peak")
 FEATURES_COARSE = ("log1p_inliers", "inlier_frac", "log_tiles")
+FEATURE_SETS = (FEATURES_FINE, FEATURES_COARSE, FEATURES_FINE + ("rotated",), FEATURES_COARSE + ("rotated",))
 
 
-def evidence_features(inliers: np.ndarray, tiles: np.ndarray, peak: np.ndarray | None) -> np.ndarray:
-    """(n, 3 or 4) feature matrix (see :data:`FEATURES_FINE`); ``peak`` None: no peak column."""
+def evidence_features(inliers: np.ndarray, tiles: np.ndarray, peak: np.ndarray | None, rotated: np.ndarray | None = None) -> np.ndarray:
+    """(n, k) feature matrix (see :data:`FEATURE_SETS`); ``peak`` / ``rotated`` None: no such column."""
     inl = np.asarray(inliers, dtype=np.float64)
     n = np.maximum(np.asarray(tiles, dtype=np.float64), 1.0)
     cols = [np.log1p(inl), inl / n, np.log(n)]
     if peak is not None:
         cols.append(np.asarray(peak, dtype=np.float64))
+    if rotated is not None:
+        cols.append(np.broadcast_to(np.asarray(rotated, dtype=np.float64), inl.shape))
     return np.stack(cols, axis=1)
 
 
@@ -63,9 +68,14 @@ class ConfidenceModel:
     def needs_peak(self) -> bool:
         return "fine_peak" in self.features
 
-    def probability(self, inliers: Any, tiles: Any, peak: Any = None) -> np.ndarray:
-        """P(within ``good_m``) per row (arrays or scalars)."""
-        x = evidence_features(np.atleast_1d(inliers), np.atleast_1d(tiles), np.atleast_1d(peak) if self.needs_peak else None)
+    @property
+    def uses_rotation(self) -> bool:
+        return "rotated" in self.features
+
+    def probability(self, inliers: Any, tiles: Any, peak: Any = None, rotated: Any = 0.0) -> np.ndarray:
+        """P(within ``good_m``) per row (arrays or scalars); ``rotated``: 1 where headings were searched."""
+        x = evidence_features(np.atleast_1d(inliers), np.atleast_1d(tiles), np.atleast_1d(peak) if self.needs_peak else None,
+                              np.atleast_1d(rotated) if self.uses_rotation else None)
         z = ((x - np.array(self.mean)) / np.array(self.scale)) @ np.array(self.coef) + self.intercept
         return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
 
@@ -76,7 +86,7 @@ class ConfidenceModel:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ConfidenceModel":
         feats = tuple(str(f) for f in d["features"])
-        if feats not in (FEATURES_FINE, FEATURES_COARSE):
+        if feats not in FEATURE_SETS:
             raise ValueError(f"unknown confidence features {feats}")
         k = len(feats)
         vals = [tuple(float(v) for v in d[key]) for key in ("mean", "scale", "coef")]
@@ -96,6 +106,10 @@ class Evidence:
     tiles: np.ndarray
     peak: np.ndarray  # NaN where no fine alignment ran
     err: np.ndarray  # centre error, metres (1e9 when no placement)
+    rotated: np.ndarray | None = None  # 1 where headings were searched (None: all north-up)
+
+    def rot(self) -> np.ndarray:
+        return self.rotated if self.rotated is not None else np.zeros(len(self.err))
 
     @classmethod
     def of_rows(cls, rows: Sequence[dict[str, Any]]) -> "Evidence":
@@ -104,10 +118,11 @@ class Evidence:
             return a
 
         err = arr("centre_m", np.nan)
-        return cls(arr("inliers", 0.0), arr("tiles", 0.0), arr("fine_peak", np.nan), np.where(np.isfinite(err), err, 1e9))
+        rot = (arr("heading_range_deg", 0.0) > 0).astype(np.float64)
+        return cls(arr("inliers", 0.0), arr("tiles", 0.0), arr("fine_peak", np.nan), np.where(np.isfinite(err), err, 1e9), rot)
 
     def subset(self, idx: np.ndarray) -> "Evidence":
-        return Evidence(self.inliers[idx], self.tiles[idx], self.peak[idx], self.err[idx])
+        return Evidence(self.inliers[idx], self.tiles[idx], self.peak[idx], self.err[idx], None if self.rotated is None else self.rotated[idx])
 
     def __len__(self) -> int:
         return len(self.err)
@@ -157,11 +172,13 @@ def rule_claims(rule: dict[str, Any], ev: Evidence) -> np.ndarray:
 
 
 def fit_confidence(ev: Evidence, good_m: float = 25.0, bad_m: float = 100.0, max_false: float = 0.02, l2: float = 1e-2,
-                   min_inliers: int = 2) -> ConfidenceModel | None:
+                   min_inliers: int = 2, rotation: bool = False) -> ConfidenceModel | None:
     """Fit the logistic model (module doc) and its claim threshold; None when the scenes
-    hold only one class (nothing to learn from). Rows without a peak are dropped when
+    hold only one class (nothing to learn from), or when ``rotation`` is asked but the
+    scenes are all north-up or all rotated. Rows without a peak are dropped when
     others have one (the model then needs fine alignment); a placement with fewer than
-    ``min_inliers`` agreeing tiles is never claimed."""
+    ``min_inliers`` agreeing tiles is never claimed. ``rotation``: one more feature, whether
+    headings were searched."""
     import torch
 
     has_peak = np.isfinite(ev.peak)
@@ -171,7 +188,9 @@ def fit_confidence(ev: Evidence, good_m: float = 25.0, bad_m: float = 100.0, max
     y = (e.err <= good_m).astype(np.float64)
     if len(e) < 4 or y.min() == y.max():
         return None
-    x = evidence_features(e.inliers, e.tiles, e.peak if use_peak else None)
+    if rotation and len(np.unique(e.rot())) < 2:
+        return None
+    x = evidence_features(e.inliers, e.tiles, e.peak if use_peak else None, e.rot() if rotation else None)
     mean, scale = x.mean(0), x.std(0)
     scale = np.where(scale > 1e-9, scale, 1.0)
     xt = torch.tensor((x - mean) / scale, dtype=torch.float64)
@@ -187,9 +206,10 @@ def fit_confidence(ev: Evidence, good_m: float = 25.0, bad_m: float = 100.0, max
         return loss
 
     opt.step(closure)
-    model = ConfidenceModel(FEATURES_FINE if use_peak else FEATURES_COARSE, tuple(mean.tolist()), tuple(scale.tolist()),
+    feats = (FEATURES_FINE if use_peak else FEATURES_COARSE) + (("rotated",) if rotation else ())
+    model = ConfidenceModel(feats, tuple(mean.tolist()), tuple(scale.tolist()),
                             tuple(w.detach().numpy().tolist()), float(b.detach()), 1.0, good_m)
-    p = model.probability(e.inliers, e.tiles, e.peak)
+    p = model.probability(e.inliers, e.tiles, e.peak, e.rot())
     cands = np.unique(np.concatenate([p, [1.0 + 1e-9]]))  # ascending: loosest first, the last claims nothing
     claims = (p[None] >= cands[:, None]) & (e.inliers[None] >= min_inliers)
     i, _ = _best_claim(claims, e.err, good_m, bad_m, max_false)
@@ -198,7 +218,7 @@ def fit_confidence(ev: Evidence, good_m: float = 25.0, bad_m: float = 100.0, max
 
 
 def confidence_claims(model: ConfidenceModel, ev: Evidence, min_inliers: int = 2) -> np.ndarray:
-    p = model.probability(ev.inliers, ev.tiles, ev.peak)
+    p = model.probability(ev.inliers, ev.tiles, ev.peak, ev.rot())
     ok = (p >= model.threshold) & (ev.inliers >= min_inliers)
     if model.needs_peak:
         ok &= np.isfinite(ev.peak)
@@ -206,29 +226,35 @@ def confidence_claims(model: ConfidenceModel, ev: Evidence, min_inliers: int = 2
 
 
 def choose_decider(ev: Evidence, good_m: float = 25.0, bad_m: float = 100.0, max_false: float = 0.02, folds: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Thresholds and confidence model fit on all scenes, compared by ``folds``-fold
-    cross-validation (each fit on the other folds, counted on its own): the decider with
-    more held-out scenes found within ``good_m`` among those whose held-out false claims stay
-    at most ``max_false`` wins (ties: the thresholds). Returns ``{"rule", "confidence"
-    (or None), "decider": "rule" | "confidence", "cv": {...}}``."""
+    """Thresholds, the confidence model and the confidence model with the ``rotated``
+    feature, each fit on all scenes, compared by ``folds``-fold cross-validation (each fit on
+    the other folds, counted on its own): the decider with the most held-out scenes found
+    within ``good_m`` among those whose held-out false claims stay at most ``max_false`` wins
+    (ties: the simpler, in that order). Returns ``{"rule", "confidence" (the chosen model, or
+    the plain one, or None), "decider": "rule" | "confidence", "cv": {...}}``."""
     rule = choose_rule(ev, good_m, bad_m, max_false)
-    model = fit_confidence(ev, good_m, bad_m, max_false)
+    models = {"confidence": fit_confidence(ev, good_m, bad_m, max_false), "confidence+rotation": fit_confidence(ev, good_m, bad_m, max_false, rotation=True)}
     n = len(ev)
     perm = np.random.default_rng(seed).permutation(n)
-    cv = {"rule": {"good": 0, "false": 0}, "confidence": {"good": 0, "false": 0}}
+    names = ("rule", "confidence", "confidence+rotation")
+    cv: dict[str, Any] = {k: {"good": 0, "false": 0} for k in names}
     for k in range(folds):
         test = perm[k::folds]
         train = np.setdiff1d(perm, test)
         tr, te = ev.subset(train), ev.subset(test)
-        c_rule = rule_claims(choose_rule(tr, good_m, bad_m, max_false), te)
-        m = fit_confidence(tr, good_m, bad_m, max_false)
-        c_conf = confidence_claims(m, te) if m is not None else np.zeros(len(te), dtype=bool)
-        for name, c in (("rule", c_rule), ("confidence", c_conf)):
+        claims = {"rule": rule_claims(choose_rule(tr, good_m, bad_m, max_false), te)}
+        for name, rot in (("confidence", False), ("confidence+rotation", True)):
+            m = fit_confidence(tr, good_m, bad_m, max_false, rotation=rot) if models[name] is not None else None
+            claims[name] = confidence_claims(m, te) if m is not None else np.zeros(len(te), dtype=bool)
+        for name, c in claims.items():
             cv[name]["good"] += int((c & (te.err <= good_m)).sum())
             cv[name]["false"] += int((c & (te.err > bad_m)).sum())
-    for v in cv.values():
-        v["n_scenes"] = n
-    ok = {k: v["false"] <= max_false * n + 1e-9 for k, v in cv.items()}
-    use_conf = model is not None and ok["confidence"] and (not ok["rule"] or cv["confidence"]["good"] > cv["rule"]["good"])
-    return {"rule": rule, "confidence": model, "decider": "confidence" if use_conf else "rule",
+    for name in names:
+        cv[name]["n_scenes"] = n
+        if name != "rule" and models[name] is None:
+            cv[name]["unavailable"] = True
+    ok = [k for k in names if (k == "rule" or models[k] is not None) and cv[k]["false"] <= max_false * n + 1e-9]
+    best = max(ok, key=lambda k: (cv[k]["good"], -names.index(k))) if ok else "rule"
+    model = models[best] if best != "rule" else (models["confidence"] or models["confidence+rotation"])
+    return {"rule": rule, "confidence": model, "decider": "rule" if best == "rule" else "confidence", "chosen": best,
             "cv": {**cv, "folds": folds, "criterion": f"held-out scenes within {good_m:g} m with held-out false claims (> {bad_m:g} m) at most {max_false:.0%}"}}

@@ -377,7 +377,7 @@ def decide(s: SceneSettings, inliers: int, tiles: int, peak: float | None) -> tu
     frac = inliers / tiles if tiles else 0.0
     m = s.confidence
     if m is not None and (peak is not None or not m.needs_peak):
-        p = float(m.probability(inliers, tiles, peak)[0])
+        p = float(m.probability(inliers, tiles, peak, float(s.rotation_range_deg > 0))[0])
         if inliers >= 2 and p >= m.threshold:
             return True, None, round(p, 4)
         why = (f"weak evidence: calibrated confidence {p:.3f} < {m.threshold:.3f} ({inliers} of {tiles} tiles agree"

@@ -55,6 +55,7 @@ def decision_record(per_scene: list[dict[str, Any]], method: str, max_false: flo
     return {
         **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak")},
         "decider": d["decider"],
+        "chosen": d["chosen"],
         "confidence": model.to_json() if model is not None else None,
         "cv": d["cv"],
         "found_within_25m": int((claims & (ev.err <= 25.0)).sum()),
@@ -150,7 +151,7 @@ def calibrate(
     rule = decision_record(per_scene, "verify")
     others = {m: decision_record(per_scene, m) for m in methods if m != "verify"}
     record = {
-        **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak", "decider", "confidence", "cv")},
+        **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak", "decider", "chosen", "confidence", "cv")},
         "top_k": int(top_k),
         "min_scene_tiles": SceneSettings.min_scene_tiles,
         "chosen_on": {
