@@ -128,6 +128,7 @@ def _write_report(exp: Experiment, metrics: dict[str, Any], seconds: dict[str, f
     Beside the evaluation's files, in ``exp.report_dir``: the folder follows the experiment
     name (``--set name=X`` writes reports/X) unless ``eval.out`` is set explicitly.
     """
+    from cmpc.localize.georef import describe_decision
     out = exp.report_dir
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "timings.json", {"steps_s": seconds, "total_s": total, "machine": _machine()})
@@ -176,7 +177,7 @@ def _write_report(exp: Experiment, metrics: dict[str, Any], seconds: dict[str, f
             "|---|---|---|---|---|---|",
             *[f"| {r['scene']} | {r['status']} | {r['inliers']}/{r['tiles']} | {_fmt(r['centre_m'])} | {_fmt(r['heading_err_deg'])} | {_fmt(r['seconds'])} |" for r in per],
             "",
-            f"Decision rule: {scenes['decision_rule']}. Picture: scenes.png (SAR over the optical map at the found position, "
+            f"Decision: {describe_decision(scenes['decision_rule'])}. Picture: scenes.png (SAR over the optical map at the found position, "
             "found footprint red, true footprint green); `cmpc georef EXP --scene SCENE.tif --gsd M` does one scene.",
             "",
             "<img src=\"scenes.png\" width=\"900\">",

@@ -368,6 +368,17 @@ class Georeferencer:
         )
 
 
+def describe_decision(src: dict[str, Any]) -> str:
+    """One readable line for a decision record of :func:`load_decision` (reports)."""
+    where = src.get("source", "given")
+    c = src.get("confidence")
+    if isinstance(c, dict):
+        feats = ", ".join(c.get("features", []))
+        return f"calibrated confidence P(within {c.get('good_m', 25):g} m) >= {c['threshold']:.3f} (logistic on {feats}; {where})"
+    return (f"found when >= {src.get('min_inliers')} tiles agree, >= {float(src.get('min_inlier_frac', 0)):.0%} of them, "
+            f"dense peak >= {src.get('min_fine_peak')} ({where})")
+
+
 def decide(s: SceneSettings, inliers: int, tiles: int, peak: float | None) -> tuple[bool, str | None, float]:
     """(found, reason when not, confidence) of one verified placement: the calibrated
     confidence model when ``s`` has one (and the evidence it needs: the fine peak),
