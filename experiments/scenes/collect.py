@@ -93,20 +93,24 @@ def plots(rows: list[dict], per_scene: dict[tuple, list[dict]], out_dir: Path) -
     fig.savefig(out_dir / "scenes_success.png", dpi=110)
     plt.close(fig)
 
+    # the error CDF of the default method (verify), one colour per (dataset, size) in both panels
+    keys = sorted({(ds, n) for (ds, n, _, m) in per_scene if m == "verify"})
+    cmap = plt.get_cmap("tab10")
+    colour_of = {k: cmap(i % 10) for i, k in enumerate(keys)}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, h in zip(axes, (0, 15)):
         for (ds, n, hh, m), ps in sorted(per_scene.items()):
-            if hh != h or m != "gnn+verify":
+            if hh != h or m != "verify":
                 continue
             err = np.sort(np.array([p["centre_m"] if np.isfinite(p["centre_m"]) else 1e9 for p in ps]))
-            ax.step(err, np.arange(1, len(err) + 1) / len(err), where="post", label=f"{ds} {n}x{n}")
+            ax.step(err, np.arange(1, len(err) + 1) / len(err), where="post", color=colour_of[(ds, n)], label=f"{ds} {n}x{n}")
         ax.set_xscale("log")
         ax.set_xlim(0.1, 1e4)
         ax.set_xlabel("centre error, m (best guess, all scenes)")
-        ax.set_title(f"gnn+verify, heading {'0' if h == 0 else '+-15 deg'}")
+        ax.set_title(f"verify (the default), heading {'0' if h == 0 else '+-15 deg'}")
         ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("fraction of scenes")
-    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "scenes_cdf.png", dpi=110)
     plt.close(fig)
