@@ -421,3 +421,21 @@ def test_scene_commands_refuse_incomplete_flags() -> None:
         r = run(*args)
         assert r.returncode == 2, (args, r.stderr[-500:])
         assert r.stderr.strip().count("\n") == 0 and words in r.stderr, (args, r.stderr)
+
+
+def test_dense_tiling_policy() -> None:
+    from cmpc.errors import ConfigError
+    from cmpc.localize.scene import SceneSettings
+
+    def spacing(n: int, **kw) -> float:  # an n x n-tile scene of 128 m tiles every 64 m
+        return SceneSettings(**kw).tile_stride_m((n + 1) * 64.0, (n + 1) * 64.0, 128.0, 64.0)
+
+    # small scenes (under 64 tiles at the reference stride) are tiled at half of it
+    assert [spacing(n, max_dense_tiles=0) for n in (2, 3, 4, 8)] == [32.0, 32.0, 32.0, 64.0]
+    # an 8x8 scene's 225 half-stride tiles fit the 1000-tile budget north-up, not with 7 headings
+    assert spacing(8) == 32.0 and spacing(8, rotation_range_deg=15.0) == 64.0
+    assert spacing(4, rotation_range_deg=15.0) == 32.0  # 49 x 7 = 343 tiles
+    assert [spacing(n, min_scene_tiles=0, max_dense_tiles=0) for n in (2, 8)] == [64.0, 64.0]  # off: the reference stride
+    assert spacing(8, tile_stride_frac=0.5, min_scene_tiles=0, max_dense_tiles=0) == 32.0
+    with pytest.raises(ConfigError):
+        SceneSettings(max_dense_tiles=-1).check()

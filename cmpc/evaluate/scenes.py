@@ -136,7 +136,7 @@ def evaluate_scenes(
 def _answering(geo: Georeferencer) -> dict[str, Any]:
     """The settings that shape a report's answers (not the decision): candidates per tile and tiling."""
     s = geo.settings
-    return {"top_k": s.top_k, "min_scene_tiles": s.min_scene_tiles, "tile_stride_frac": s.tile_stride_frac,
+    return {"top_k": s.top_k, "min_scene_tiles": s.min_scene_tiles, "max_dense_tiles": s.max_dense_tiles, "tile_stride_frac": s.tile_stride_frac,
             "gnn_top_k": (geo.gnn_settings or s).top_k}
 
 
@@ -147,7 +147,7 @@ def _report_answering(meta: dict[str, Any]) -> dict[str, Any]:
         return meta["answering"]
     rule = meta.get("decision_rule") or {}
     top = int(rule.get("top_k", 20))
-    return {"top_k": top, "min_scene_tiles": int(rule.get("min_scene_tiles", 0)), "tile_stride_frac": 1.0,
+    return {"top_k": top, "min_scene_tiles": int(rule.get("min_scene_tiles", 0)), "max_dense_tiles": int(rule.get("max_dense_tiles", 0)), "tile_stride_frac": 1.0,
             "gnn_top_k": int((rule.get("gnn+verify") or {}).get("top_k", top))}
 
 
@@ -174,7 +174,9 @@ def redecide_scenes(geo: Georeferencer, report: str | os.PathLike[str], out: str
     for key in ("top_k", "gnn_top_k"):
         if int(was[key]) != int(now[key]):
             raise DataError(f"{rep} was answered with top-{was[key]} candidates per tile, this decision uses {now[key]}: run `cmpc eval scenes` again")
-    tiling_was = SceneSettings(tile_stride_frac=float(was["tile_stride_frac"]), min_scene_tiles=int(was["min_scene_tiles"]))
+    tiling_was = SceneSettings(tile_stride_frac=float(was["tile_stride_frac"]), min_scene_tiles=int(was["min_scene_tiles"]),
+                               max_dense_tiles=int(was.get("max_dense_tiles", 0)), rotation_range_deg=float(meta.get("rotation_range_deg", 0.0)),
+                               rotation_step_deg=geo.settings.rotation_step_deg)
     scenes = {path.name: truth for path, truth in list_scenes(meta["scenes"])}
     for name, truth in scenes.items():
         c = np.asarray(truth["corners_xy"], dtype=np.float64)

@@ -88,7 +88,7 @@ def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings, meth
     reads the file's ``methods["gnn+verify"]`` record (the top-level one when absent).
     The candidates per tile the rule was calibrated with (``top_k``) come along unless
     ``use_top_k`` is false (the user chose ``--top-k``), and so does the tiling
-    (``min_scene_tiles``; 0 for files that do not record it)."""
+    (``min_scene_tiles``, ``max_dense_tiles``; 0 for files that do not record them)."""
     p = Path(run_dir) / DECISION_FILE
     if p.is_file():
         try:
@@ -96,11 +96,13 @@ def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings, meth
             top = d.get("top_k")  # candidates per tile the rules were calibrated with (file level)
             # the tiling the rules were calibrated with (files from before dense tiling: none)
             min_tiles = int(d.get("min_scene_tiles", 0))
+            max_dense = int(d.get("max_dense_tiles", 0))
             default_method = (d.get("default_method") or {}).get("method") if isinstance(d.get("default_method"), dict) else None
             if method != "verify" and isinstance(d.get("methods"), dict) and method in d["methods"]:
                 d = d["methods"][method]
             rule = _rule_of(d, settings)
             rule["min_scene_tiles"] = min_tiles
+            rule["max_dense_tiles"] = max_dense
             if use_top_k and top is not None:
                 rule["top_k"] = int(top)
             shown = {k: (v.to_json() if isinstance(v, ConfidenceModel) else v) for k, v in rule.items()}

@@ -69,6 +69,10 @@ class SceneSettings:
     #: reference position, at about 4x the tiles. 0 = off. Chosen on the calibration map
     #: (docs/RESULTS.md, Scene localization): 2x2- to 4x4-tile scenes are tiled densely, 8x8 not
     min_scene_tiles: int = 64
+    #: ... and any scene is tiled at half the spacing while its dense tiles over all heading
+    #: hypotheses stay within this many (a time budget: an 8x8-tile north-up scene, 225 dense
+    #: tiles, is; with 7 headings, 1,575, it is not). 0 = off
+    max_dense_tiles: int = 1000
     rotation_range_deg: float = 0.0
     rotation_step_deg: float = 5.0
     scale_tol: float = 0.05
@@ -101,19 +105,25 @@ class SceneSettings:
             raise ConfigError(f"the scale tolerance must be within 0..0.2 (a fraction), got {self.scale_tol:g}")
         if not (0.25 <= self.tile_stride_frac <= 1.0):
             raise ConfigError(f"--tile-stride must be within 0.25..1 (a fraction of the reference stride), got {self.tile_stride_frac:g}")
-        if self.min_scene_tiles < 0:
-            raise ConfigError(f"min_scene_tiles must be >= 0, got {self.min_scene_tiles}")
+        if self.min_scene_tiles < 0 or self.max_dense_tiles < 0:
+            raise ConfigError(f"min_scene_tiles / max_dense_tiles must be >= 0, got {self.min_scene_tiles} / {self.max_dense_tiles}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be at least 1, got {self.top_k}")
 
     def tile_stride_m(self, width_m: float, height_m: float, tile_m: float, stride_m: float) -> float:
         """Tile spacing (metres) for a scene of ``width_m`` x ``height_m``: ``tile_stride_frac``
         of the reference ``stride_m``, halved once when the scene then holds fewer than
-        ``min_scene_tiles`` tiles (north-up count). A quarter stride found no more than half
-        a stride on calibration scenes (docs/RESULTS.md), so the spacing is halved only once."""
+        ``min_scene_tiles`` tiles (north-up count) or when its half-spacing tiles over all
+        heading hypotheses stay within ``max_dense_tiles``. A quarter stride found no more than
+        half a stride on calibration scenes (docs/RESULTS.md), so the spacing is halved only once."""
         st = stride_m * self.tile_stride_frac
-        n = math.prod(max(0, int(math.floor((side - tile_m) / st + 1e-6)) + 1) for side in (width_m, height_m))
-        return st / 2.0 if self.min_scene_tiles and n < self.min_scene_tiles else st
+
+        def count(spacing: float) -> int:
+            return math.prod(max(0, int(math.floor((side - tile_m) / spacing + 1e-6)) + 1) for side in (width_m, height_m))
+
+        small = bool(self.min_scene_tiles) and count(st) < self.min_scene_tiles
+        affordable = bool(self.max_dense_tiles) and count(st / 2.0) * len(self.headings()) <= self.max_dense_tiles
+        return st / 2.0 if small or affordable else st
 
     def headings(self) -> list[float]:
         """Heading hypotheses, degrees: 0, +-step, +-2 step, ... within the range."""

@@ -154,6 +154,7 @@ def calibrate(
         **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak", "decider", "chosen", "confidence", "cv")},
         "top_k": int(top_k),
         "min_scene_tiles": SceneSettings.min_scene_tiles,
+        "max_dense_tiles": SceneSettings.max_dense_tiles,
         "chosen_on": {
             "split": "train", "source": source.label, "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
             "heading_ranges_deg": list(heading_ranges), "seed": seed, "n_scenes": rule["n_scenes"],

@@ -24,8 +24,9 @@ $PY -m benchmarks.mosaic --tiles 4 --seed0 7100 --out data/scenes/map8k_cal > /d
 [ -f index/demo-map8k/manifest.json ] || $CMPC index build experiments/demo.json --raster data/scenes/map8k/optical.tif --name demo-map8k > /dev/null
 [ -f index/demo-map8k-cal/manifest.json ] || $CMPC index build experiments/demo.json --raster data/scenes/map8k_cal/optical.tif --name demo-map8k-cal > /dev/null
 
-# Scenes under 64 tiles are tiled at half the reference stride (SceneSettings.min_scene_tiles,
-# chosen on calibration-map scenes: experiments/scenes/select_tiling.py). The decision (thresholds
+# Scenes under 64 tiles, or whose half-stride tiles over all headings fit 1,000, are tiled at half
+# the reference stride (SceneSettings.min_scene_tiles / max_dense_tiles; half vs reference vs
+# quarter stride measured on calibration-map scenes: experiments/scenes/select_tiling.py). The decision (thresholds
 # or the logistic confidence model, by 5-fold cross-validation) is written with the calibration
 # answers (scene_calibration.csv); `cmpc train scene ... --rechoose` re-chooses from them.
 # scene GNN + decision rule on the calibration map. 100 candidates per tile were chosen there
