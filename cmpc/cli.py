@@ -398,6 +398,14 @@ def cmd_train_scene(args: argparse.Namespace) -> int:
         return 0
     if args.keep_gnn and args.no_gnn:
         raise ConfigError("--keep-gnn and --no-gnn contradict each other")
+    from cmpc.localize.scene import SceneSettings
+
+    tiling = {"min_scene_tiles": SceneSettings.min_scene_tiles if args.min_tiles is None else args.min_tiles,
+              "max_dense_tiles": SceneSettings.max_dense_tiles if args.max_dense_tiles is None else args.max_dense_tiles}
+    if min(tiling.values()) < 0:
+        raise ConfigError("--min-tiles / --max-dense-tiles must be >= 0 (0 = off)")
+    if not (args.no_gnn or args.keep_gnn) and tiling != {"min_scene_tiles": SceneSettings.min_scene_tiles, "max_dense_tiles": SceneSettings.max_dense_tiles}:
+        raise ConfigError("--min-tiles / --max-dense-tiles go with --keep-gnn or --no-gnn (the GNN is trained with the default tiling)")
     if (args.sar or args.areas or args.index) and not (args.sar and args.areas and args.index):
         raise ConfigError("--sar, --areas and --index go together: a calibration map's SAR raster, its area boxes and the index of its optical raster")
     if args.sar:
@@ -411,12 +419,12 @@ def cmd_train_scene(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if args.no_gnn:
         rec = calibrate(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges), checkpoint=args.checkpoint,
-                        source=source, out_dir=out, top_k=args.top_k)
+                        source=source, out_dir=out, top_k=args.top_k, **tiling)
     elif args.keep_gnn:
         from cmpc.train.scene import calibrate_keeping_gnn
 
         rec = calibrate_keeping_gnn(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges),
-                                    checkpoint=args.checkpoint, source=source, out_dir=out, top_k=args.top_k)
+                                    checkpoint=args.checkpoint, source=source, out_dir=out, top_k=args.top_k, **tiling)
     else:
         from cmpc.train.scene import train_and_calibrate
 
@@ -618,6 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gnn", dest="no_gnn", action="store_true", help="only calibrate the verify rule (no scene-graph GNN)")
     p.add_argument("--keep-gnn", dest="keep_gnn", action="store_true",
                    help="calibrate with the scene-graph GNN already in the output folder (not retrained; its default-method record is kept)")
+    p.add_argument("--min-tiles", dest="min_tiles", type=int,
+                   help="tile scenes with fewer tiles than this at half the reference stride (default 64; 0 = off); recorded with the decision")
+    p.add_argument("--max-dense-tiles", dest="max_dense_tiles", type=int,
+                   help="...and any scene whose half-stride tiles over all headings fit this budget (default 1000; 0 = off); recorded with the decision")
     p.add_argument("--rechoose", action="store_true",
                    help="choose the decision again from the saved scene_calibration.csv (no scene is answered; other records kept)")
     p.add_argument("--sar", help="cut the scenes from this SAR raster (a calibration map of other places) instead of the training area; needs --areas and --index")

@@ -417,6 +417,10 @@ def test_scene_commands_refuse_incomplete_flags() -> None:
         (("georef", "--scene", "x.tif"), "experiment file or --model"),
         (("train", "scene", "experiments/demo.json", "--sar", "x.tif"), "go together"),
         (("train", "scene", "experiments/demo.json", "--index", "x", "--areas", "a.json"), "go together"),
+        (("train", "scene", "experiments/demo.json", "--min-tiles", "0"), "go with --keep-gnn or --no-gnn"),
+        (("train", "scene", "experiments/demo.json", "--no-gnn", "--max-dense-tiles", "-1"), ">= 0"),
+        (("train", "scene", "experiments/demo.json", "--no-gnn", "--keep-gnn"), "contradict"),
+        (("eval", "scenes", "experiments/demo.json"), "--scenes FOLDER"),
     ):
         r = run(*args)
         assert r.returncode == 2, (args, r.stderr[-500:])

@@ -118,6 +118,8 @@ def calibrate(
     source: SceneSource | None = None,
     out_dir: str | Path | None = None,
     top_k: int = SceneSettings.top_k,
+    min_scene_tiles: int = SceneSettings.min_scene_tiles,
+    max_dense_tiles: int = SceneSettings.max_dense_tiles,
 ) -> dict[str, Any]:
     """Cut validation scenes from the training area (each size in ``tiles``, each heading
     range in ``heading_ranges``; rotated ones answered with that rotation range), answer
@@ -136,7 +138,8 @@ def calibrate(
     try:
         i = 0
         for hr in heading_ranges:
-            settings = SceneSettings(rotation_range_deg=float(hr), min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0, top_k=top_k)
+            settings = SceneSettings(rotation_range_deg=float(hr), min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0, top_k=top_k,
+                                     min_scene_tiles=min_scene_tiles, max_dense_tiles=max_dense_tiles)
             geo = Georeferencer(loc, settings, off, gnn=gnn)
             for n in tiles:
                 folder = work / f"train_{n}x{n}_h{hr:g}"
@@ -153,8 +156,8 @@ def calibrate(
     record = {
         **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak", "decider", "chosen", "confidence", "cv")},
         "top_k": int(top_k),
-        "min_scene_tiles": SceneSettings.min_scene_tiles,
-        "max_dense_tiles": SceneSettings.max_dense_tiles,
+        "min_scene_tiles": int(min_scene_tiles),
+        "max_dense_tiles": int(max_dense_tiles),
         "chosen_on": {
             "split": "train", "source": source.label, "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
             "heading_ranges_deg": list(heading_ranges), "seed": seed, "n_scenes": rule["n_scenes"],
@@ -181,6 +184,8 @@ def calibrate_keeping_gnn(
     source: SceneSource | None = None,
     out_dir: str | Path | None = None,
     top_k: int = SceneSettings.top_k,
+    min_scene_tiles: int = SceneSettings.min_scene_tiles,
+    max_dense_tiles: int = SceneSettings.max_dense_tiles,
 ) -> dict[str, Any]:
     """``cmpc train scene --keep-gnn``: :func:`calibrate` verify and gnn+verify with the
     scene-graph GNN already in ``out_dir`` (not retrained); the earlier file's
@@ -198,7 +203,7 @@ def calibrate_keeping_gnn(
     old = json.loads(dpath.read_text(encoding="utf-8")) if dpath.is_file() else {}
     gnn = SceneGraphRescorer.load(gpath, default_checkpoint(exp.run_dir, checkpoint))
     record = calibrate(exp, train_index_dir, tiles, count, heading_ranges, checkpoint=checkpoint, methods=("verify", "gnn+verify"), gnn=gnn,
-                       source=source, out_dir=out_dir, top_k=top_k)
+                       source=source, out_dir=out_dir, top_k=top_k, min_scene_tiles=min_scene_tiles, max_dense_tiles=max_dense_tiles)
     for k in ("default_method", "scene_graph"):
         if k in old:
             record[k] = old[k]
