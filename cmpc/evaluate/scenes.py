@@ -160,6 +160,7 @@ def redecide_scenes(geo: Georeferencer, report: str | os.PathLike[str], out: str
     another tiling of its scenes, whose evidence would differ. ``s_per_scene`` stays the
     report's (deciding takes microseconds)."""
     from cmpc.localize.georef import decide
+    from cmpc.localize.scene import SceneSettings
 
     rep = Path(report)
     p = rep / "rows.json"
@@ -167,9 +168,10 @@ def redecide_scenes(geo: Georeferencer, report: str | os.PathLike[str], out: str
         raise DataError(f"{p} not found: --redecide takes a folder written by `cmpc eval scenes`")
     old = json.loads(p.read_text(encoding="utf-8"))
     meta, per_old = old["meta"], old["per_scene"]
-    from cmpc.localize.scene import SceneSettings
-
     rule_old = meta.get("decision_rule") or {}
+    if abs(float(meta.get("rotation_range_deg", 0.0)) - geo.settings.rotation_range_deg) > 1e-9:
+        raise DataError(f"{rep} searched headings within +-{float(meta.get('rotation_range_deg', 0.0)):g} deg, this run +-{geo.settings.rotation_range_deg:g}: "
+                        "give the same --rotation-range")
     was, now = _report_answering(meta), _answering(geo)
     for key in ("top_k", "gnn_top_k"):
         if int(was[key]) != int(now[key]):
