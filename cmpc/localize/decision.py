@@ -114,8 +114,7 @@ class Evidence:
     @classmethod
     def of_rows(cls, rows: Sequence[dict[str, Any]]) -> "Evidence":
         def arr(key: str, default: float) -> np.ndarray:
-            a = np.array([float(r.get(key, default)) if r.get(key, default) not in (None, "") else default for r in rows], dtype=np.float64)
-            return a
+            return np.array([default if r.get(key) in (None, "") else float(r[key]) for r in rows], dtype=np.float64)
 
         err = arr("centre_m", np.nan)
         rot = (arr("heading_range_deg", 0.0) > 0).astype(np.float64)
@@ -129,9 +128,9 @@ class Evidence:
 
 
 def _best_claim(claims: np.ndarray, err: np.ndarray, good_m: float, bad_m: float, max_false: float) -> tuple[int, tuple[int, int] | None]:
-    """Index of the best claim vector (rows of ``claims``, each a candidate decider, in
-    order from loosest to strictest is not assumed): most good, fewest false, then the
-    later (stricter) one; and its (good, false). (-1, None) when none keeps false claims low."""
+    """Index of the best claim vector (each row of ``claims`` is one candidate decider,
+    ordered so that a later row is the stricter one): most good, fewest false, then the
+    later; and its (good, false). (-1, None) when none keeps false claims low."""
     n = claims.shape[1]
     good = (claims & (err <= good_m)[None]).sum(1)
     false = (claims & (err > bad_m)[None]).sum(1)
@@ -210,11 +209,12 @@ def fit_confidence(ev: Evidence, good_m: float = 25.0, bad_m: float = 100.0, max
     model = ConfidenceModel(feats, tuple(mean.tolist()), tuple(scale.tolist()),
                             tuple(w.detach().numpy().tolist()), float(b.detach()), 1.0, good_m)
     p = model.probability(e.inliers, e.tiles, e.peak, e.rot())
-    cands = np.unique(np.concatenate([p, [1.0 + 1e-9]]))  # ascending: loosest first, the last claims nothing
+    never = 1.0 + 1e-6  # a threshold no probability reaches (p can round to exactly 1.0)
+    cands = np.unique(np.concatenate([p, [never]]))  # ascending: loosest first, the last claims nothing
     claims = (p[None] >= cands[:, None]) & (e.inliers[None] >= min_inliers)
     i, _ = _best_claim(claims, e.err, good_m, bad_m, max_false)
-    thr = float(cands[i]) if i >= 0 else 1.0 + 1e-9
-    return ConfidenceModel(model.features, model.mean, model.scale, model.coef, model.intercept, round(min(thr, 1.0 + 1e-9), 6), good_m)
+    thr = float(cands[i]) if i >= 0 else never
+    return ConfidenceModel(model.features, model.mean, model.scale, model.coef, model.intercept, thr, good_m)
 
 
 def confidence_claims(model: ConfidenceModel, ev: Evidence, min_inliers: int = 2) -> np.ndarray:
