@@ -261,6 +261,14 @@ def cmd_model_seal(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_fuse(args: argparse.Namespace) -> int:
+    from cmpc.models.checkpoint import checkpoint_hash, fuse_checkpoints
+
+    out = fuse_checkpoints(args.out, args.checkpoints, args.weights)
+    print(json.dumps({"checkpoint": str(out), "sha256": checkpoint_hash(out), "members": [str(p) for p in args.checkpoints]}))
+    return 0
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     from cmpc.evaluate.run import evaluate
     from cmpc.index.build import ensure_index
@@ -676,6 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = s_model.add_parser("seal", help="record the files' sha256 and sizes (and the embedder's model config) in card.json")
     p.add_argument("model", help="registered name, model folder or card.json path")
     p.set_defaults(func=cmd_model_seal)
+    p = s_model.add_parser("fuse", help="fuse embedder checkpoints (e.g. seeds of one recipe) into one by score fusion; it embeds, indexes and localizes like any embedder")
+    p.add_argument("out", help="the fused checkpoint to write (e.g. runs/NAME/emb_best.pt)")
+    p.add_argument("checkpoints", nargs="+", help="member embedder checkpoints (same bands and input size)")
+    p.add_argument("--weights", nargs="+", type=float, help="fusion weights, one per member (default equal; normalised to sum 1)")
+    p.set_defaults(func=cmd_model_fuse)
 
     # localize
     p = sub.add_parser("localize", help="localize SAR queries against an index")

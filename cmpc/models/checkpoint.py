@@ -16,8 +16,10 @@ checkpoint lists the files it was built from under ``"inputs"`` (``{"<role>": {"
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import torch
 from cmpc.config import ModelConfig, _build_section
 from cmpc.errors import CheckpointError, ConfigError
 from cmpc.models.embedder import Embedder, build_embedder
+from cmpc.models.fusion import FusedEmbedder
 from cmpc.utils.io import atomic_path, file_sha256
 
 
@@ -89,32 +92,111 @@ def embedder_payload(model: Embedder, img_size: int, **extra: Any) -> dict[str, 
     }
 
 
-def load_embedder(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Embedder, dict[str, Any]]:
-    """Rebuild an embedder from a checkpoint; returns (model in eval mode, checkpoint meta).
-
-    ``meta`` holds every checkpoint key except the weights, plus ``hash`` and ``path``.
-    """
-    ckpt = load_checkpoint(path)
+def embedder_from_payload(ckpt: dict[str, Any], where: str | os.PathLike[str]) -> Embedder:
+    """Rebuild an :class:`Embedder` (eval mode, CPU) from a checkpoint's plain data; ``where``
+    names it in errors."""
     if ckpt.get("kind") != "embedder" or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not an embedder checkpoint (kind={ckpt.get('kind')!r})")
+        raise CheckpointError(f"{where} is not an embedder checkpoint (kind={ckpt.get('kind')!r})")
     try:
         cfg = _build_section(ModelConfig, dict(ckpt["model_cfg"]), "model")
     except ConfigError as e:
-        raise CheckpointError(f"{path}: stored model config is invalid: {e}") from None
+        raise CheckpointError(f"{where}: stored model config is invalid: {e}") from None
     cfg.pretrained = False  # weights come from the checkpoint; never reach for a hub
     cfg.weights = None
     model = build_embedder(cfg, int(ckpt["sar_channels"]), int(ckpt["optical_channels"]))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the stored model config: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{where}: weights do not fit the stored model config: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_embedder(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Embedder, dict[str, Any]]:
+    """Rebuild an embedder from a checkpoint; returns (model in eval mode, checkpoint meta).
+
+    A fused checkpoint (:mod:`cmpc.models.fusion`) gives a
+    :class:`~cmpc.models.fusion.FusedEmbedder`, which embeds like any embedder.
+    ``meta`` holds every checkpoint key except the weights, plus ``hash`` and ``path``.
+    """
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") == "embedder" and "fusion" in ckpt:
+        model = build_fused(ckpt, path)
+    else:
+        model = embedder_from_payload(ckpt, path)
     model.to(device).eval()
     if torch.device(device).type == "cuda":
         model.to(memory_format=torch.channels_last)  # convolutions run faster in NHWC on GPUs (inputs follow)
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "critic", "critic_optimizer", "rng")}
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "fusion", "optimizer", "scheduler", "critic", "critic_optimizer", "rng")}
+    if "fusion" in ckpt:
+        meta["fusion"] = {"weights": ckpt["fusion"].get("weights"), "members": [m.get("sha256") for m in ckpt["fusion"]["members"]]}
     meta["hash"] = checkpoint_hash(path)
     meta["path"] = str(path)
     return model, meta
+
+
+#: keys of a member checkpoint kept in a fused file (training state is dropped)
+_MEMBER_KEYS = ("kind", "model", "model_cfg", "sar_channels", "optical_channels", "img_size", "embed_dim", "epoch", "metrics")
+
+
+def fused_payload(paths: Sequence[str | os.PathLike[str]], weights: Sequence[float] | None = None) -> dict[str, Any]:
+    """The plain-data checkpoint of the fusion of the embedder checkpoints ``paths`` (module doc).
+
+    Every member is loaded (``weights_only=True``) and rebuilt once, so a member that does
+    not load, is itself fused, or takes other bands or another input size is refused here.
+    """
+    if len(paths) < 2:
+        raise ConfigError(f"fusing needs at least two embedder checkpoints, got {len(paths)}")
+    members, models, inputs = [], [], {}
+    for k, p in enumerate(paths):
+        ckpt = load_checkpoint(p)
+        if ckpt.get("kind") == "embedder" and "fusion" in ckpt:
+            raise CheckpointError(f"{p} is already a fused embedder; fuse the member checkpoints themselves")
+        if ckpt.get("kind") != "embedder" or "model" not in ckpt:
+            raise CheckpointError(f"{p} is not an embedder checkpoint (kind={ckpt.get('kind')!r})")
+        model, meta = load_embedder(p)
+        models.append(model)
+        members.append({**{key: ckpt[key] for key in _MEMBER_KEYS if key in ckpt}, "sha256": meta["hash"]})
+        inputs[f"member{k}"] = {"path": str(p), "sha256": checkpoint_hash(p)}
+    sizes = {int(m["img_size"]) for m in members}
+    if len(sizes) > 1:
+        raise ConfigError(f"fused members take different input sizes {sorted(sizes)} px; fuse models of one recipe")
+    fused = FusedEmbedder(models, weights)
+    first = members[0]
+    return {
+        "kind": "embedder",
+        "fusion": {"weights": fused.weights, "members": members},
+        "model_cfg": first["model_cfg"],
+        "sar_channels": fused.sar_channels,
+        "optical_channels": fused.optical_channels,
+        "img_size": int(first["img_size"]),
+        "embed_dim": fused.embed_dim,
+        "inputs": inputs,
+    }
+
+
+def fuse_checkpoints(out: str | os.PathLike[str], paths: Sequence[str | os.PathLike[str]], weights: Sequence[float] | None = None) -> Path:
+    """Write the fused checkpoint of ``paths`` to ``out`` (atomically); returns ``out``."""
+    out = Path(out)
+    if any(Path(p).resolve() == out.resolve() for p in paths):
+        raise ConfigError(f"the fused checkpoint {out} would overwrite one of its members; write it elsewhere")
+    return save_checkpoint(out, fused_payload(paths, weights))
+
+
+def build_fused(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> FusedEmbedder:
+    """Rebuild a :class:`FusedEmbedder` from a fused checkpoint's plain data (eval mode, CPU)."""
+    fusion = ckpt.get("fusion")
+    if not isinstance(fusion, dict) or not isinstance(fusion.get("members"), list) or not fusion["members"]:
+        raise CheckpointError(f"{path}: 'fusion' must hold a non-empty list of members")
+    models = [embedder_from_payload(m, f"{path} member {k}") for k, m in enumerate(fusion["members"])]
+    try:
+        fused = FusedEmbedder(models, fusion.get("weights"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if fused.embed_dim != int(ckpt.get("embed_dim", fused.embed_dim)):
+        raise CheckpointError(f"{path}: members embed to {fused.embed_dim} dimensions but the file says {ckpt['embed_dim']}")
+    if not math.isclose(sum(fused.weights), 1.0, rel_tol=1e-6):
+        raise CheckpointError(f"{path}: fusion weights do not sum to 1")
+    return fused.eval()
 
 
 @torch.no_grad()

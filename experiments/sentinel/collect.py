@@ -23,7 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-RUNS = {"sentinel": 0, "sentinel_s1": 1, "sentinel_s2": 2}
+#: run -> seed; the fused model (three seeds fused by score, `cmpc model fuse`) has seed "0+1+2"
+RUNS: dict[str, int | str] = {"sentinel": 0, "sentinel_s1": 1, "sentinel_s2": 2, "sentinel_fused": "0+1+2"}
 
 
 def _within(err: dict[str, Any], t: float) -> float | None:
@@ -34,7 +35,7 @@ def _within(err: dict[str, Any], t: float) -> float | None:
     return None
 
 
-def metric_rows(path: Path, dataset: str, split: str, seed: int, run: str) -> list[dict[str, Any]]:
+def metric_rows(path: Path, dataset: str, split: str, seed: int | str, run: str) -> list[dict[str, Any]]:
     """Rows of one ``metrics.json`` (cmpc test / cmpc localize with ground truth)."""
     m = json.loads(path.read_text())
     meta = m.get("meta") or {}
@@ -60,7 +61,7 @@ def metric_rows(path: Path, dataset: str, split: str, seed: int, run: str) -> li
     return out
 
 
-def pair_rows(path: Path, seed: int, run: str) -> list[dict[str, Any]]:
+def pair_rows(path: Path, seed: int | str, run: str) -> list[dict[str, Any]]:
     """The row of one ``cmpc eval pairs`` report (BigEarthNet: no positions)."""
     r = json.loads(path.read_text())
     rec, st = r.get("recall") or {}, r.get("settings") or {}
@@ -84,7 +85,13 @@ def collect(reports: Path) -> list[dict[str, Any]]:
             rows += pair_rows(p, seed, run)
     # the shipped model (weights/sentinel: the seed its card names) on the cross-sensor pairs
     card = json.loads(Path("weights/sentinel/card.json").read_text()) if Path("weights/sentinel/card.json").is_file() else {}
-    shipped = next((r for r in RUNS if f"runs/{r}/" in str(card.get("recipe", ""))), None)
+    sha = ((card.get("files") or {}).get("embedder") or {}).get("sha256")
+
+    def tested_with(run: str) -> str | None:
+        m = reports / run / "metrics.json"
+        return (json.loads(m.read_text()).get("meta") or {}).get("checkpoint_hash") if m.is_file() else None
+
+    shipped = next((r for r in RUNS if sha and tested_with(r) == sha), None)  # the run whose checkpoint the card ships
     for dataset, split in (("s1s2", "whole scene, aligned tiles (never trained on)"), ("uavsar", "whole pair, aligned tiles (L-band HV, warped to 8.3 m)")):
         m = reports / f"sentinel-{dataset}" / "metrics.json"
         if m.is_file():
@@ -105,14 +112,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         out.append("| " + " | ".join(_f(r.get(c), 1 if c == "median_m" else 4 if c == "chance_r1" else 3) for c in cols) + " |")
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["split"], r["queries"], r["stage"]), []).append(r)
-    out += ["", "| dataset | split | queries | stage | seeds | R@1 mean (min-max) | R@10 mean | median m mean | within 25 m mean | within 640 m mean |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (d, sp, q, st), g in groups.items():
+        model = "fused" if isinstance(r["seed"], str) else "single"
+        groups.setdefault((r["dataset"], r["split"], r["queries"], r["stage"], model), []).append(r)
+    out += ["", "| dataset | split | queries | stage | model | runs | R@1 mean (min-max) | R@10 mean | median m mean | within 25 m mean | within 640 m mean |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (d, sp, q, st, model), g in groups.items():
         def mean(k: str) -> str:
             v = [x[k] for x in g if x.get(k) is not None]
             return _f(sum(v) / len(v), 1 if k == "median_m" else 3) if v else "-"
         r1 = [x["r1"] for x in g if x.get("r1") is not None]
-        out.append(f"| {d} | {sp} | {q} | {st} | {len(g)} | {mean('r1')} ({_f(min(r1))}-{_f(max(r1))}) | {mean('r10')} | {mean('median_m')} | {mean('within_25m')} | {mean('within_640m')} |")
+        out.append(f"| {d} | {sp} | {q} | {st} | {model} | {len(g)} | {mean('r1')} ({_f(min(r1))}-{_f(max(r1))}) | {mean('r10')} | {mean('median_m')} | {mean('within_25m')} | {mean('within_640m')} |")
     return "\n".join(out)
 
 

@@ -3,7 +3,11 @@
 # Tiles sentinel-la into its blocks, trains three seeds of experiments/sentinel.json (embedder
 # + refiner), evaluates each on the test blocks (reported once) and on BigEarthNet 60-way, and
 # writes docs/real.json. About 40-50 min per seed on the 2-core machine; every step resumes or
-# skips when already done. The shipped weights are seed 2's (best validation R@1; weights/sentinel/, see its card).
+# skips when already done. Then the three seeds are fused by score into one embedder
+# (runs/sentinel_fused/emb_best.pt, `cmpc model fuse`; chosen on the validation block:
+# experiments/sentinel/screen_fusion.py), tested once and checked on BigEarthNet. That fused
+# checkpoint is what weights/sentinel/ ships; to ship a retrained one:
+#   cp runs/sentinel_fused/emb_best.pt weights/sentinel/embedder.pt && .venv/bin/cmpc model seal sentinel
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CMPC=".venv/bin/cmpc"
@@ -20,5 +24,12 @@ for seed in ${SEEDS:-0 1 2}; do
   for fit in resize native; do
     $CMPC eval pairs $EXP --set name=$name --pairs bigearthnet --sar-bands VH --sar-scale amplitude --fit $fit
   done
+done
+mkdir -p runs/sentinel_fused
+[ -f runs/sentinel_fused/emb_best.pt ] || $CMPC model fuse runs/sentinel_fused/emb_best.pt runs/sentinel/emb_best.pt runs/sentinel_s1/emb_best.pt runs/sentinel_s2/emb_best.pt
+.venv/bin/python experiments/sentinel/screen_fusion.py runs/sentinel/emb_best.pt runs/sentinel_s1/emb_best.pt runs/sentinel_s2/emb_best.pt > runs/sentinel_fused/validation_screen.json
+$CMPC test $EXP --set name=sentinel_fused --set refine.enabled=false
+for fit in resize native; do
+  $CMPC eval pairs $EXP --set name=sentinel_fused --pairs bigearthnet --sar-bands VH --sar-scale amplitude --fit $fit
 done
 .venv/bin/python experiments/sentinel/collect.py --out docs/real.json
