@@ -167,6 +167,7 @@ class TrainConfig:
     weight_decay: float = param(1e-4, lo=0.0, hi=1.0, doc="AdamW weight decay")
     warmup_epochs: float = param(1.0, lo=0.0, doc="linear warm-up, epochs; then cosine decay")
     seed: int = param(0, lo=0, doc="random seed")
+    members: int = param(1, lo=1, hi=16, doc="embedders trained from seeds seed, seed+1, ... (runs/<name>/members/seed<N>/) and fused by score into runs/<name>/emb_best.pt (cmpc.models.fusion); 1 = one embedder")
     device: str = param("auto", pattern=DEVICE_PATTERN, doc="auto | cpu | cuda | cuda:N")
     amp: bool = param(True, doc="mixed precision on CUDA (ignored on CPU)")
     channels_last: bool = param(True, doc="channels_last memory format on CUDA")

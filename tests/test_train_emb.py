@@ -244,3 +244,49 @@ def test_same_weights_with_or_without_loader_workers(tiny_root: Path, tmp_path: 
     b = fit_embedder(_exp(tiny_root, tmp_path, "w2", *args, "data.num_workers=2"))
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_members_are_trained_from_consecutive_seeds_and_fused(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """train.members = 2: two ordinary runs (seeds 3, 4) under runs/<name>/members/, their best
+    checkpoints fused into runs/<name>/emb_best.pt, the fused validation recall logged; a second
+    call trains nothing and keeps the fusion."""
+    from cmpc.models.checkpoint import checkpoint_hash
+    from cmpc.models.fusion import FusedEmbedder
+    from cmpc.train.emb import member_experiments, train_embedder, validate_checkpoint
+
+    exp = _exp(tiny_root, tmp_path, "duo", "train.epochs=2", "train.members=2", "train.seed=3")
+    (tmp_path / "duo").mkdir()
+    (tmp_path / "duo" / "emb_last.pt").write_bytes(b"a one-embedder run's state")  # replaced by the fusion: removed
+    subs = member_experiments(exp)
+    assert [s.run_dir for s in subs] == [tmp_path / "duo" / "members" / "seed3", tmp_path / "duo" / "members" / "seed4"]
+    assert [(s.train.seed, s.train.members) for s in subs] == [(3, 1), (4, 1)]
+    best = train_embedder(exp)
+    assert best == tmp_path / "duo" / "emb_best.pt" and not (tmp_path / "duo" / "emb_last.pt").exists()
+    member_best = [s.run_dir / "emb_best.pt" for s in subs]
+    ck = load_checkpoint(best)
+    assert [m["sha256"] for m in ck["fusion"]["members"]] == [checkpoint_hash(p) for p in member_best]
+    assert load_checkpoint(member_best[0])["model"]["proj.0.weight"].ne(load_checkpoint(member_best[1])["model"]["proj.0.weight"]).any()  # two seeds, two models
+    model, meta = load_embedder(best)
+    assert isinstance(model, FusedEmbedder) and model.embed_dim == 128
+    fused = [r for r in read_jsonl(tmp_path / "duo" / "log.jsonl") if r["kind"] == "fused"]
+    assert len(fused) == 1 and fused[0]["recall"] == pytest.approx(validate_checkpoint(model, exp))
+    assert 0.0 <= fused[0]["recall"]["1"] <= 1.0 and len(fused[0]["member_recall"]) == 2
+    # the members alone are what training validated: the same numbers from their own logs
+    for s, rec in zip(subs, fused[0]["member_recall"]):
+        vals = [r["recall"] for r in read_jsonl(s.run_dir / "log.jsonl") if r["kind"] == "val"]
+        assert rec == max(vals, key=lambda r: (r["1"], r["5"]))
+    before = checkpoint_hash(best)
+    capsys.readouterr()
+    assert train_embedder(exp) == best and checkpoint_hash(best) == before  # nothing retrained, fusion kept
+    assert "fusion of 2 members up to date" in capsys.readouterr().err
+
+
+def test_a_second_training_of_the_same_run_is_refused_at_once(tiny_root: Path, tmp_path: Path) -> None:
+    """Two trainings of one run folder would resume from and overwrite the same files."""
+    from cmpc.utils.locks import BusyError, exclusive, lock_path
+
+    exp = _exp(tiny_root, tmp_path, "busy", "train.epochs=1")
+    with exclusive(lock_path(exp.run_dir), what="embedder training"):  # as another process holding it
+        with pytest.raises(BusyError, match="another embedder training of .*busy is running"):
+            fit_embedder(exp)
+    assert not (tmp_path / "busy" / "emb_last.pt").exists()

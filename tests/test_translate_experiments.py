@@ -62,7 +62,7 @@ def test_embedder_settings_do_not_follow_the_main_experiments(tmp_path):
         d = json.loads(p.read_text())
         d["model"] = {**d.get("model", {}), "backbone": "resnet18", "pool": "gem", "embed_dim": 128}
         d["loss"] = {**d.get("loss", {}), "triplet": 0.5, "infonce": 2.0, "critic": 0.5}
-        d["train"] = {**d.get("train", {}), "epochs": 99, "batch_size": 8, "lr": 0.1, "non_aligned": True, "val_fraction": 0.3, "seed": 7}
+        d["train"] = {**d.get("train", {}), "epochs": 99, "batch_size": 8, "lr": 0.1, "non_aligned": True, "val_fraction": 0.3, "seed": 7, "members": 3}
         d.setdefault("data", {})["img_size"] = 256
         p.write_text(json.dumps(d))
     for world, img, epochs in (("demo", 96, 6), ("uavsar", 64, 12)):
@@ -71,7 +71,7 @@ def test_embedder_settings_do_not_follow_the_main_experiments(tmp_path):
         assert (exp.model.backbone, exp.model.pool, exp.model.embed_dim) == ("cmpc_cnn_s", "grid", 256)
         assert (exp.loss.triplet, exp.loss.infonce, exp.loss.critic) == (1.0, 1.0, 0.0)
         assert (exp.train.epochs, exp.train.batch_size, exp.train.lr, exp.train.non_aligned) == (epochs, 32, 0.001, False)
-        assert (exp.train.val_fraction, exp.train.seed, exp.data.img_size) == (0.1, 0, img)
+        assert (exp.train.val_fraction, exp.train.seed, exp.train.members, exp.data.img_size) == (0.1, 0, 1, img)
         assert _differences(exp, ref) == set()
 
 

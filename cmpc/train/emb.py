@@ -18,6 +18,12 @@ with the weighted metric losses and the Wasserstein critic; writes to ``runs/<na
   resumes from it, mid-epoch included, and ends with the same weights as an uninterrupted
   run (CPU). A finished run is not retrained.
 
+With ``train.members = K > 1``, :func:`train_embedder` trains K embedders of the same recipe
+from seeds ``train.seed + k``, each an ordinary run in ``runs/<name>/members/seed<N>/``
+(resumed or skipped like any run), then fuses their best checkpoints by score into
+``runs/<name>/emb_best.pt`` (:mod:`cmpc.models.fusion`; redone only when a member changed)
+and logs the fused model's validation recall (``kind: "fused"``) in ``runs/<name>/log.jsonl``.
+
 Translated views (``translate.views``) reach the trainer as an argument, ``views`` (a
 :class:`PairViews`, built by the caller: ``cmpc.translate.augment.training_views``); this
 module does not import :mod:`cmpc.translate`. Both checkpoints record ``inputs``
@@ -44,6 +50,7 @@ entry points call :func:`cmpc.utils.runtime.configure_embedder_training` first.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -67,11 +74,12 @@ from cmpc.data.pairs import PairDataset, queries_by_location, validation_holdout
 from cmpc.data.patches import PatchDataset, dataset_channels
 from cmpc.data.sampler import LocationBatchSampler, embedding_neighbours
 from cmpc.errors import CheckpointError, ConfigError, DataError
-from cmpc.models.checkpoint import embedder_payload, load_checkpoint, load_embedder, save_checkpoint
+from cmpc.models.checkpoint import checkpoint_hash, embedder_payload, fuse_checkpoints, load_checkpoint, load_embedder, save_checkpoint
 from cmpc.models.embedder import Embedder, build_embedder
 from cmpc.models.losses import CombinedLoss, WassersteinCritic, build_critic, build_critic_optimizer, build_losses
 from cmpc.utils import provenance
 from cmpc.utils.io import append_jsonl, atomic_write_text, read_jsonl
+from cmpc.utils.locks import exclusive, lock_path
 from cmpc.utils.runtime import resolve_device, seed_everything
 
 # Config keys that do not change the trained weights: a run may resume with them changed.
@@ -89,6 +97,7 @@ _RESUME_IGNORED = {
     "train.threads",
     "train.device",
     "train.save_every_steps",
+    "train.members",  # a member run is always one embedder; the fusion lives one folder up
 }
 # Of the translator section only these change embedding training (the auxiliary views).
 _RESUME_TRANSLATE_KEYS = {"translate.views", "translate.view_prob"}
@@ -844,7 +853,44 @@ def train_embedder(exp: Experiment, *, views: PairViews | None = None, stop_afte
     ``stop_after_steps`` is a test hook: raise :class:`TrainingInterrupted` after that many
     global steps without saving, as if the process had been killed.
     """
+    if exp.train.members > 1:
+        return _train_members(exp, views, stop_after_steps)
     return fit_embedder(exp, views=views, stop_after_steps=stop_after_steps).best_path
+
+
+def member_experiments(exp: Experiment) -> list[Experiment]:
+    """The runs of ``train.members``: member k trains with seed ``train.seed + k`` in
+    ``runs/<name>/members/seed<N>/`` (one embedder each)."""
+    folder = str(exp.run_dir / "members")
+    return [
+        dataclasses.replace(exp, runs_dir=folder, name=f"seed{exp.train.seed + k}",
+                            train=dataclasses.replace(exp.train, seed=exp.train.seed + k, members=1))
+        for k in range(exp.train.members)
+    ]
+
+
+def _train_members(exp: Experiment, views: PairViews | None, stop_after_steps: int | None) -> Path:
+    """Train (resume, skip) every member, then fuse them into ``runs/<name>/emb_best.pt``."""
+    bests = [fit_embedder(m, views=views, stop_after_steps=stop_after_steps).best_path for m in member_experiments(exp)]
+    files = _RunFiles(exp.run_dir)
+    hashes = [checkpoint_hash(p) for p in bests]
+    if files.best.is_file():
+        old = load_checkpoint(files.best).get("fusion") or {}
+        if [m.get("sha256") for m in old.get("members") or []] == hashes:
+            tqdm.write(f"[train emb] {files.best}: fusion of {len(bests)} members up to date", file=sys.stderr)
+            return files.best
+    fuse_checkpoints(files.best, bests)
+    if files.last.exists():  # a one-embedder run's state: its best was just replaced by the fusion
+        files.last.unlink()
+    exp.save(files.config)
+    model, _ = load_embedder(files.best)
+    recall = validate_checkpoint(model, exp)
+    members = [(load_checkpoint(p).get("metrics") or {}) for p in bests]
+    append_jsonl(files.log, {"kind": "fused", "members": [str(p) for p in bests], "member_recall": members, "recall": recall})
+    shown = f"val R@1 {recall['1']:.3f} R@5 {recall['5']:.3f}" if recall else "no validation data"
+    alone = ", ".join(f"{m['1']:.3f}" if "1" in m else "-" for m in members)
+    tqdm.write(f"[train emb] fused {len(bests)} members into {files.best}: {shown} (members alone R@1 {alone})", file=sys.stderr)
+    return files.best
 
 
 def fit_embedder(exp: Experiment, *, views: PairViews | None = None, stop_after_steps: int | None = None) -> TrainResult:
@@ -858,7 +904,11 @@ def fit_embedder(exp: Experiment, *, views: PairViews | None = None, stop_after_
         raise ValueError("views were passed to the trainer but translate.views is empty (the checkpoints would not record them)")
     ddp = _init_distributed(exp.train.device)
     try:
-        return _fit(exp, ddp, views, stop_after_steps)
+        if not ddp.main:
+            return _fit(exp, ddp, views, stop_after_steps)
+        # one training per run folder at a time: two would resume from and overwrite the same files
+        with exclusive(lock_path(exp.run_dir), what="embedder training", target=exp.run_dir):
+            return _fit(exp, ddp, views, stop_after_steps)
     finally:
         if ddp.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -921,12 +971,31 @@ def _best_payload(
     )
 
 
+def validate_checkpoint(model: nn.Module, exp: Experiment) -> dict[str, float]:
+    """R@1 / R@5 of ``model`` on the validation hold-out of ``exp`` (the one training
+    validates on), reading only the validation patches; {} when there is none."""
+    root = exp.data.root
+    refs, queries = read_annotations(root, "train", "opt"), read_annotations(root, "train", "sar")
+    split = validation_holdout(read_dataset_meta(root), refs, exp.train.val_fraction)
+    aligned_of = queries_by_location(refs, queries, non_aligned=False)
+    val_queries = np.array(sorted(q for i in split.val for q in aligned_of[int(i)]), dtype=np.int64)
+    if not len(val_queries):
+        return {}
+    optical = PatchDataset(root, "train", "opt", exp.data.img_size, annotations=refs)
+    sar = PatchDataset(root, "train", "sar", exp.data.img_size, annotations=queries)
+    return _recall(model, sar, val_queries, optical, np.asarray(split.val, np.int64), torch.device("cpu"))
+
+
 def validate(model: Embedder, data: _Data, device: torch.device) -> dict[str, float]:
     """R@1 / R@5 of the validation SAR queries against the validation optical references."""
-    q = embed_patches(model, data.sar, data.val_queries, "sar", device)
-    r = embed_patches(model, data.optical, data.val_locs, "opt", device)
-    q_ids = np.array([data.sar.annotations[int(i)].id for i in data.val_queries], dtype=np.int64)
-    r_ids = np.array([data.optical.annotations[int(i)].id for i in data.val_locs], dtype=np.int64)
+    return _recall(model, data.sar, data.val_queries, data.optical, data.val_locs, device)
+
+
+def _recall(model: nn.Module, sar: PatchDataset, queries: np.ndarray, optical: PatchDataset, refs: np.ndarray, device: torch.device) -> dict[str, float]:
+    q = embed_patches(model, sar, queries, "sar", device)
+    r = embed_patches(model, optical, refs, "opt", device)
+    q_ids = np.array([sar.annotations[int(i)].id for i in queries], dtype=np.int64)
+    r_ids = np.array([optical.annotations[int(i)].id for i in refs], dtype=np.int64)
     return recall_at_k(q, q_ids, r, r_ids, ks=(1, 5))
 
 
