@@ -269,6 +269,15 @@ def cmd_model_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_aligner(args: argparse.Namespace) -> int:
+    from cmpc.localize.refine import aligner_payload, save_refiner
+    from cmpc.models.checkpoint import checkpoint_hash
+
+    out = save_refiner(args.out, aligner_payload(args.refiner))
+    print(json.dumps({"checkpoint": str(out), "sha256": checkpoint_hash(out), "from": str(args.refiner)}))
+    return 0
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     from cmpc.evaluate.run import evaluate
     from cmpc.index.build import ensure_index
@@ -319,8 +328,15 @@ def _georeferencer(args: argparse.Namespace, command: str):  # noqa: ANN202 - (E
         if index_dir is None:
             raise ConfigError(f"cmpc {command} --model needs --index NAME (an index built with `cmpc index build --model {args.model} --raster MAP.tif --name NAME`)")
         exp, card = _card_exp(args, [], name=index_dir.name)
+        if scene_dir is None and card.scene_decision is not None:  # the card's calibrated decision (sha256 checked with the card)
+            scene_dir = card.scene_decision.path.parent
+        refiner = card.refiner
+        if refiner is None and card.aligner is not None:  # a dense descriptor alone: fine alignment for scenes, nothing else
+            refiner = card.aligner
+            exp = dataclasses.replace(exp, refine=dataclasses.replace(exp.refine, enabled=True, rerank=False, gnn_position=False,
+                                                                      fine_align=False, gate="config", align_min_peak=None))
         geo = georeferencer_from_experiment(exp, settings, checkpoint=str(card.embedder.path), index_dir=index_dir,
-                                            refiner_path=card.refiner.path if card.refiner else None, use_refiner=card.refiner is not None,
+                                            refiner_path=refiner.path if refiner else None, use_refiner=refiner is not None,
                                             scene_dir=scene_dir, use_scene_top_k=args.top_k is None)
         return exp, geo
     _need_experiment(args, command)
@@ -689,6 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="+", help="member embedder checkpoints (same bands and input size)")
     p.add_argument("--weights", nargs="+", type=float, help="fusion weights, one per member (default equal; normalised to sum 1)")
     p.set_defaults(func=cmd_model_fuse)
+    p = s_model.add_parser("aligner", help="keep only the dense descriptor of a refiner checkpoint (scene georeferencing's fine alignment; loads beside any embedder)")
+    p.add_argument("refiner", help="refiner checkpoint trained with fine alignment (runs/NAME/refiner.pt)")
+    p.add_argument("out", help="the aligner checkpoint to write (e.g. weights/NAME/aligner.pt)")
+    p.set_defaults(func=cmd_model_aligner)
 
     # localize
     p = sub.add_parser("localize", help="localize SAR queries against an index")

@@ -364,3 +364,36 @@ def test_places_unseen_by_the_embedder_follow_the_validation_boxes(tmp_path: Pat
     assert 0 < len(inside) < len(touching) < len(refs) / 2
     # validation (inside) and the references the trainer held back around it (touching the box)
     assert {a.id for a, u in zip(anns, unseen) if u} == touching
+
+
+def test_an_aligner_alone_loads_beside_any_embedder(tmp_path: Path):
+    """`cmpc model aligner`: the dense descriptor of a refiner without its GNN and gate; no
+    embedder check (it never sees embeddings) and no embedding-width check at query time,
+    while the full refiner keeps refusing another embedder."""
+    from cmpc.cli import main
+    from cmpc.localize.refine import aligner_payload
+    from cmpc.models.descriptor import DenseDescriptor
+
+    cfg = RefineConfig(k=4, hidden=16, layers=1, heads=2)
+    al = DenseDescriptor(1, 3, dim=8, width=16)
+    with torch.no_grad():
+        al.branches["sar"][0].weight.fill_(0.5)
+    emb = {"path": "emb.pt", "sha256": "1" * 64}
+    full = save_refiner(tmp_path / "r.pt", refiner_payload(SceneGraphRefiner(D, 16, 1, 2), al, cfg, 4, D, {"align": {"query_px": 32}},
+                                                           inputs={"embedder": emb}))
+    other = {"path": "fused.pt", "sha256": "2" * 64}
+    with pytest.raises(CheckpointError, match="embedder"):
+        refiner_from_checkpoint(full, cfg, embedder=other)
+    assert main(["model", "aligner", str(full), str(tmp_path / "a.pt")]) == 0
+    ck = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert ck["gnn"] is None and ck["stats"]["align"] == {"query_px": 32} and ck["inputs"]["aligner_from"]["path"] == str(full)
+    gr = refiner_from_checkpoint(tmp_path / "a.pt", dataclasses.replace(cfg, fine_align=False), embedder=other)
+    assert gr.gnn is None and torch.equal(gr.aligner.branches["sar"][0].weight, al.branches["sar"][0].weight)
+    m = _Map(dim=24)  # 24-d embeddings: not the refiner's D, fine without a GNN
+    q = m.features[:2] + 0.01
+    rows, scores = _search(m, q, 4)
+    out_rows, pos = gr.refine(q, rows, scores, m, None)
+    assert np.array_equal(out_rows, rows) and np.allclose(pos, m.positions[rows[:, 0]])  # the coarse answer, untouched
+    bare = save_refiner(tmp_path / "b.pt", refiner_payload(SceneGraphRefiner(D, 16, 1, 2), None, cfg, 4, D, {}))
+    with pytest.raises(CheckpointError, match="dense descriptor"):
+        aligner_payload(bare)

@@ -167,3 +167,26 @@ def test_rotation_feature_when_rotated_scenes_correlate_less() -> None:
 
     assert decide(SceneSettings(rotation_range_deg=15.0, confidence=m), 5, 64, 0.28)[0]
     assert not decide(SceneSettings(rotation_range_deg=0.0, confidence=m), 5, 64, 0.28)[0]
+
+
+def test_a_decision_calibrated_with_another_embedder_is_not_used(tmp_path, capsys) -> None:
+    """The answers a decision was calibrated on are one embedder's: another embedder gets the
+    uncalibrated defaults and one warning line saying why; files without the record are used."""
+    from cmpc.localize.georef import DECISION_FILE, load_decision
+    from cmpc.localize.scene import SceneSettings
+
+    rec = {"min_inliers": 9, "min_inlier_frac": 0.5, "min_fine_peak": 0.7, "embedder_sha256": "a" * 64}
+    (tmp_path / DECISION_FILE).write_text(json.dumps(rec))
+    s, src = load_decision(tmp_path, SceneSettings(), embedder_sha256="a" * 64)
+    assert (s.min_inliers, s.min_inlier_frac, s.min_fine_peak) == (9, 0.5, 0.7)
+    assert capsys.readouterr().err == ""
+    s, src = load_decision(tmp_path, SceneSettings(), embedder_sha256="b" * 64)
+    d = SceneSettings()
+    assert (s.min_inliers, s.min_inlier_frac, s.min_fine_peak) == (d.min_inliers, d.min_inlier_frac, d.min_fine_peak)
+    assert src["source"].startswith("default (uncalibrated)") and "aaaaaaaaaaaa" in src["source"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "cmpc train scene" in err[0]
+    del rec["embedder_sha256"]  # a file from before the record: cannot tell, used
+    (tmp_path / DECISION_FILE).write_text(json.dumps(rec))
+    s, _ = load_decision(tmp_path, SceneSettings(), embedder_sha256="b" * 64)
+    assert s.min_inliers == 9

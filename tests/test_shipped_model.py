@@ -140,6 +140,70 @@ def test_index_build_and_localize_with_a_registered_model(shipped, tmp_path, mon
     assert set(np.round((x - X0 - half) / STRIDE_PX, 6)) <= set(range(7))
 
 
+def test_a_card_carries_its_scene_decision(shipped, tmp_path, monkeypatch, capsys):
+    """files.scene_decision: sealed and hash-checked with the card, refused when calibrated with
+    another embedder or named otherwise, and what `cmpc georef --model` decides with."""
+    from cmpc.errors import CheckpointError, ConfigError
+    from cmpc.localize.georef import DECISION_FILE
+    from cmpc.models.card import SCENE_DECISION_NAME, load_card, seal_card
+
+    assert SCENE_DECISION_NAME == DECISION_FILE
+    root, _ = shipped
+    folder = tmp_path / "weights" / "tiny"
+    shutil.copytree(root / "weights" / "tiny", folder)
+    card = json.loads((folder / "card.json").read_text())
+    sha = card["files"]["embedder"]["sha256"]
+    decision = {"min_inliers": 7, "min_inlier_frac": 0.25, "min_fine_peak": 0.5, "embedder_sha256": "0" * 64}
+    (folder / DECISION_FILE).write_text(json.dumps(decision))
+    card["files"]["scene_decision"] = {"path": DECISION_FILE, "sha256": None, "bytes": None}
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="calibrated with embedder 000000000000, not this card's"):
+        seal_card(folder)  # another embedder's decision
+    (folder / DECISION_FILE).write_text(json.dumps({**decision, "embedder_sha256": sha}))
+    seal_card(folder)
+    loaded = load_card(folder)
+    assert loaded.scene_decision is not None and loaded.scene_decision.sha256 and [f.role for f in loaded.files] == ["embedder", "scene_decision"]
+    (folder / DECISION_FILE).write_text(json.dumps({**decision, "embedder_sha256": sha, "min_inliers": 1}))  # edited after sealing
+    with pytest.raises(CheckpointError, match="scene_decision"):
+        load_card(folder)
+    (folder / DECISION_FILE).write_text(json.dumps({**decision, "embedder_sha256": sha}))
+    load_card(folder)  # restored
+    bad = {**card, "files": {**card["files"], "scene_decision": {"path": "rules.json", "sha256": None, "bytes": None}}}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="must name a file called scene_decision.json"):
+        load_card(tmp_path / "bad.json", verify=False)
+    # `cmpc georef --model` decides with the card's rule (reported in result.json)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CMPC_WEIGHTS", str(tmp_path / "weights"))
+    rc, out, err = _run(capsys, "index", "build", "--model", "tiny", "--raster", str(root / "map.tif"), "--name", "mymap")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "georef", "--model", "tiny", "--index", "mymap", "--scene", str(root / "s1.tif"), "--out", "ans")
+    assert rc == 0, err
+    res = json.loads((tmp_path / "ans" / "result.json").read_text())
+    rule = json.dumps(res)
+    assert str(folder / DECISION_FILE) in rule, rule[:2000]
+    assert res["fine"]["used"] is False and "no dense alignment" in res["fine"]["why"]  # no refiner, no aligner: coarse placements
+    # files.aligner: a dense descriptor alone gives georef its fine alignment (per-patch localize unchanged)
+    from cmpc.config import RefineConfig
+    from cmpc.localize.refine import aligner_payload, refiner_payload, save_refiner
+    from cmpc.models.descriptor import DenseDescriptor
+
+    full = save_refiner(tmp_path / "refiner_full.pt", refiner_payload(None, DenseDescriptor(1, 3, dim=8, width=16), RefineConfig(), 10, 16,
+                                                                      {"align": {"query_px": 16}}))
+    save_refiner(folder / "aligner.pt", aligner_payload(full))
+    card = json.loads((folder / "card.json").read_text())
+    card["files"]["aligner"] = {"path": "aligner.pt", "sha256": None, "bytes": None}
+    (folder / "card.json").write_text(json.dumps(card))
+    seal_card(folder)
+    assert [f.role for f in load_card(folder).files] == ["embedder", "aligner", "scene_decision"]
+    rc, out, err = _run(capsys, "georef", "--model", "tiny", "--index", "mymap", "--scene", str(root / "s1.tif"), "--out", "ans2")
+    assert rc == 0, err
+    res = json.loads((tmp_path / "ans2" / "result.json").read_text())
+    assert res["fine"]["used"] is True and -1.0 <= res["fine"]["peak"] <= 1.0, res["fine"]
+    rc, out, err = _run(capsys, "localize", "--model", "tiny", "--index", "mymap", "--queries", str(root / "s1.tif"))
+    assert rc == 0 and json.loads(out)["refined"] is False  # the aligner is for scenes only
+
+
 def test_localize_a_dataset_split_with_a_card_path(shipped, tmp_path, monkeypatch, capsys):
     """`--queries ROOT --split test` of a CMPC dataset tiled from the pair; the card named by path."""
     root, _ = shipped

@@ -30,6 +30,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -80,7 +81,10 @@ def _rule_of(d: dict[str, Any], settings: SceneSettings) -> dict[str, Any]:
     return rule
 
 
-def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings, method: str = "verify", use_top_k: bool = True) -> tuple[SceneSettings, dict[str, Any]]:
+def load_decision(
+    run_dir: str | os.PathLike[str], settings: SceneSettings, method: str = "verify", use_top_k: bool = True,
+    embedder_sha256: str | None = None,
+) -> tuple[SceneSettings, dict[str, Any]]:
     """``settings`` with the calibrated decision of ``run_dir/scene_decision.json`` when
     present (else the defaults), and a record of where it came from. The decision is the
     three thresholds or, when the calibration chose it (``"decider": "confidence"``), the
@@ -88,11 +92,22 @@ def load_decision(run_dir: str | os.PathLike[str], settings: SceneSettings, meth
     reads the file's ``methods["gnn+verify"]`` record (the top-level one when absent).
     The candidates per tile the rule was calibrated with (``top_k``) come along unless
     ``use_top_k`` is false (the user chose ``--top-k``), and so does the tiling
-    (``min_scene_tiles``, ``max_dense_tiles``; 0 for files that do not record them)."""
+    (``min_scene_tiles``, ``max_dense_tiles``; 0 for files that do not record them).
+
+    A decision is calibrated on one embedder's answers: when the file records the embedder it
+    was calibrated with (``embedder_sha256``) and ``embedder_sha256`` names another, it is not
+    used (one line on stderr; the uncalibrated defaults, and the record says why)."""
     p = Path(run_dir) / DECISION_FILE
     if p.is_file():
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
+            calibrated_with = d.get("embedder_sha256")
+            if embedder_sha256 and calibrated_with and calibrated_with != embedder_sha256:
+                why = (f"{p} was calibrated with embedder {str(calibrated_with)[:12]}, not this one ({embedder_sha256[:12]}): "
+                       f"the uncalibrated decision is used; recalibrate with `cmpc train scene`")
+                print(f"warning: {why}", file=sys.stderr)
+                return settings, {"source": f"default (uncalibrated): {why}", "min_inliers": settings.min_inliers,
+                                  "min_inlier_frac": settings.min_inlier_frac, "min_fine_peak": settings.min_fine_peak}
             top = d.get("top_k")  # candidates per tile the rules were calibrated with (file level)
             # the tiling the rules were calibrated with (files from before dense tiling: none)
             min_tiles = int(d.get("min_scene_tiles", 0))
@@ -602,8 +617,8 @@ def georeferencer_from_experiment(
     settings.check()
     base = settings
     scene_dir = Path(scene_dir) if scene_dir is not None else Path(exp.run_dir)
-    settings, source = load_decision(scene_dir, settings, use_top_k=use_scene_top_k)
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=index_dir, refiner_path=refiner_path, use_refiner=use_refiner)
+    settings, source = load_decision(scene_dir, settings, use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256)
     gnn, gnn_settings, gnn_error = None, None, None
     gpath = scene_dir / SCENE_GRAPH_FILE
     if gpath.is_file():
@@ -616,7 +631,7 @@ def georeferencer_from_experiment(
             gnn = SceneGraphRescorer.load(gpath, default_checkpoint(exp.run_dir, checkpoint))
         except CheckpointError as e:  # e.g. trained with another embedder: verify still works, gnn+verify says why not
             gnn_error = str(e)
-        gnn_settings, gsrc = load_decision(scene_dir, base, method="gnn+verify", use_top_k=use_scene_top_k)
+        gnn_settings, gsrc = load_decision(scene_dir, base, method="gnn+verify", use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256)
         source = {**source, "gnn+verify": gsrc}
     geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings)
     geo.gnn_error = gnn_error

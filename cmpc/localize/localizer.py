@@ -146,6 +146,11 @@ class Localizer:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self._checkpoint_sha256 = checkpoint_sha256
 
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        """SHA-256 of the embedder checkpoint (None for a model built in memory)."""
+        return self._checkpoint_sha256
+
     @classmethod
     def load(
         cls,

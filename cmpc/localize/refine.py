@@ -218,7 +218,7 @@ class GraphRefiner:
         B, kq = rows.shape
         if B == 0:
             return rows.copy(), np.zeros((0, 2))
-        if q.shape != (B, self.embed_dim):
+        if self.gnn is not None and q.shape != (B, self.embed_dim):  # an aligner alone takes any embedder's answers
             raise IndexMismatchError(f"the refiner was trained on {self.embed_dim}-dimensional embeddings but got {q.shape[1]}-dimensional ones; retrain it with `cmpc train refine EXPERIMENT.json`")
         if not np.isfinite(q).all():
             raise DataError("query embeddings contain NaN or inf (a corrupt query patch or a diverged embedder); check the inputs")
@@ -345,6 +345,24 @@ def refiner_payload(
     }
 
 
+def aligner_payload(refiner_path: str | Path, k: int = RefineConfig.k) -> dict[str, Any]:
+    """A refiner checkpoint that keeps only the dense descriptor of ``refiner_path`` (no GNN,
+    no calibrated gate): what scene georeferencing needs for its fine alignment. The
+    descriptor learned SAR/optical patterns, not the embedder's space, so the result loads
+    beside any embedder of the same bands (``cmpc model aligner``; a model card's
+    ``aligner``). ``k`` is the graph size recorded for the config check (unused without a GNN)."""
+    ck = load_checkpoint(refiner_path)
+    if ck.get("kind") != "refiner" or ck.get("aligner") is None:
+        raise CheckpointError(f"{refiner_path} is not a refiner checkpoint with a dense descriptor (trained with refine.fine_align)")
+    stats = {"aligner_from": provenance.record(refiner_path), "align_min_peak": 0.0,
+             **{key: v for key, v in (ck.get("stats") or {}).items() if key.startswith("align") and key != "align_min_peak"}}
+    return {
+        "kind": "refiner", provenance.INPUTS: {"aligner_from": provenance.record(refiner_path)}, "k": int(k), "embed_dim": int(ck["embed_dim"]),
+        "refine_cfg": ck.get("refine_cfg") or {}, "gnn": None, "gnn_arch": None, "aligner": ck["aligner"], "aligner_arch": ck["aligner_arch"],
+        "stats": stats,
+    }
+
+
 def save_refiner(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write a refiner checkpoint atomically."""
     return save_checkpoint(path, payload)
@@ -414,12 +432,13 @@ def refiner_from_checkpoint(
     ``embedder``: the embedder checkpoint the queries are embedded with (a path or a
     ``{"path", "sha256"}`` record); given, the refiner must have been trained on exactly that
     file (same SHA-256), else a one-line :class:`CheckpointError` naming both hashes. None
-    skips the check (tools that use only the aligner, which does not depend on the embedder).
+    skips the check (tools that use only the aligner, which does not depend on the embedder),
+    and so does a checkpoint without a GNN (:func:`aligner_payload`: a dense descriptor alone).
     """
     ck = load_checkpoint(path)
     if ck.get("kind") != "refiner":
         raise CheckpointError(f"{path} is not a refiner checkpoint (kind={ck.get('kind')!r})")
-    if embedder is not None:
+    if embedder is not None and ck.get("gnn") is not None:
         provenance.check(
             refiner_embedder_record(ck),
             embedder,
@@ -427,7 +446,7 @@ def refiner_from_checkpoint(
             role="embedder",
             fix="retrain the refiner on this embedder with `cmpc train refine EXPERIMENT.json` (or set refine.enabled=false)",
         )
-    k = int(ck["k"])
+    k = int(ck["k"]) if ck.get("gnn") is not None else cfg.k  # the graph size matters only to a GNN
     if cfg.k != k:
         raise CheckpointError(f"{path} was trained for k={k} candidates but refine.k is {cfg.k}; set refine.k={k} or retrain with `cmpc train refine EXPERIMENT.json`")
     D = int(ck["embed_dim"])

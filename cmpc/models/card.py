@@ -10,13 +10,19 @@ Layout (``weights/<model>/``, tracked in git; ``.gitignore`` re-includes ``weigh
     MODEL_CARD.md   human-readable: data, recipe, numbers, conventions, licence
     embedder.pt     the embedder checkpoint (cmpc.models.checkpoint format)
     refiner.pt      optional: the refiner checkpoint
+    aligner.pt      optional: a dense descriptor alone (``cmpc model aligner``), for the
+                    fine alignment of scene georeferencing when no refiner is shipped
+    scene_decision.json  optional: the calibrated scene decision of ``cmpc georef`` for this
+                    embedder (``cmpc train scene --out``); ``cmpc georef --model`` uses it
 
 ``card.json``::
 
     {"card_version": 1,
      "name": "sentinel", "description": "...",
      "files": {"embedder": {"path": "embedder.pt", "sha256": hex, "bytes": int},
-               "refiner":  {"path": "refiner.pt",  "sha256": hex, "bytes": int}},   # refiner optional
+               "refiner":  {"path": "refiner.pt",  "sha256": hex, "bytes": int},    # optional
+               "aligner":  {"path": "aligner.pt",  "sha256": hex, "bytes": int},    # optional
+               "scene_decision": {"path": "scene_decision.json", ...}},          # optional
      "experiment": {"model": {...}, "data": {"img_size": 128}, "index": {...},
                     "localize": {...}, "refine": {...}, ...},    # cmpc.config sections, validated as a file's
      "inputs": {"sar": {"bands": 1, "band_names": ["VH"], "polarisation": "VH", "dtype": "uint8",
@@ -58,7 +64,9 @@ CARD_FILE = "card.json"
 #: environment variable naming another weights root (registered models = its folders)
 WEIGHTS_ENV = "CMPC_WEIGHTS"
 CARD_VERSION = 1
-_ROLES = ("embedder", "refiner")
+_ROLES = ("embedder", "refiner", "aligner", "scene_decision")
+#: the file name a scene decision must have (cmpc.localize.georef.DECISION_FILE: georef reads it from its folder)
+SCENE_DECISION_NAME = "scene_decision.json"
 _TOP_KEYS = ("card_version", "name", "description", "files", "experiment", "inputs", "metrics", "licence", "credit",
              "data", "recipe", "created")
 
@@ -129,6 +137,13 @@ class ModelCard:
     experiment: dict[str, Any]
     inputs: InputConventions
     raw: dict[str, Any]
+    scene_decision: CardFile | None = None
+    aligner: CardFile | None = None
+
+    @property
+    def files(self) -> list[CardFile]:
+        """The card's files (embedder first; the optional ones when listed)."""
+        return [f for f in (self.embedder, self.refiner, self.aligner, self.scene_decision) if f is not None]
 
     @property
     def folder(self) -> Path:
@@ -148,9 +163,8 @@ class ModelCard:
 
     def verify(self) -> None:
         """Check every file against the card: present, same size, same SHA-256 (one line otherwise)."""
-        for f in (self.embedder, self.refiner):
-            if f is not None:
-                _verify_file(self, f)
+        for f in self.files:
+            _verify_file(self, f)
 
 
 def _verify_file(card: ModelCard, f: CardFile) -> None:
@@ -227,7 +241,11 @@ def parse_card(raw: dict[str, Any], path: Path) -> ModelCard:
         embedder=_card_file(files["embedder"], "embedder", folder, path),
         refiner=_card_file(files["refiner"], "refiner", folder, path) if files.get("refiner") is not None else None,
         experiment=exp, inputs=InputConventions.from_dict(raw.get("inputs"), f"model card {path}"), raw=raw,
+        scene_decision=_card_file(files["scene_decision"], "scene_decision", folder, path) if files.get("scene_decision") is not None else None,
+        aligner=_card_file(files["aligner"], "aligner", folder, path) if files.get("aligner") is not None else None,
     )
+    if card.scene_decision is not None and card.scene_decision.path.name != SCENE_DECISION_NAME:
+        raise ConfigError(f"model card {path}: files.scene_decision.path must name a file called {SCENE_DECISION_NAME} (georef reads it from its folder)")
     card.to_experiment()  # an unknown or invalid key is refused here, before any file is read
     return card
 
@@ -253,9 +271,7 @@ def seal_card(folder_or_card: str | os.PathLike[str]) -> dict[str, Any]:
     path = card_path(folder_or_card)
     raw = _read_card_json(path)
     card = parse_card(raw, path)
-    for f in (card.embedder, card.refiner):
-        if f is None:
-            continue
+    for f in card.files:
         if not f.path.is_file():
             raise CheckpointError(f"cannot seal {path}: its {f.role} {f.path} is missing")
         raw["files"][f.role]["sha256"] = file_sha256(f.path)
@@ -267,6 +283,16 @@ def seal_card(folder_or_card: str | os.PathLike[str]) -> dict[str, Any]:
     model.update(sar_channels=int(ckpt["sar_channels"]), optical_channels=int(ckpt["optical_channels"]))
     raw["experiment"]["model"] = model
     raw["experiment"].setdefault("data", {})["img_size"] = int(ckpt["img_size"])
+    if card.scene_decision is not None:  # calibrated on this embedder's answers, or it would be ignored at query time
+        try:
+            with_ = json.loads(card.scene_decision.path.read_text(encoding="utf-8")).get("embedder_sha256")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot seal {path}: {card.scene_decision.path} is not readable JSON ({e})") from None
+        if with_ != raw["files"]["embedder"]["sha256"]:
+            raise CheckpointError(
+                f"cannot seal {path}: {card.scene_decision.path} was calibrated with embedder {str(with_)[:12]}, not this card's "
+                f"({raw['files']['embedder']['sha256'][:12]}); recalibrate it with `cmpc train scene ... --checkpoint {card.embedder.path}`"
+            )
     parse_card(raw, path)  # still valid
     atomic_write_json(path, raw)
     return raw
@@ -274,8 +300,7 @@ def seal_card(folder_or_card: str | os.PathLike[str]) -> dict[str, Any]:
 
 def card_summary(card: ModelCard) -> dict[str, Any]:
     """JSON-ready facts of a card for ``cmpc model info``: name, files, inputs, metrics."""
-    files = {f.role: {"path": str(f.path), "sha256": f.sha256, "bytes": f.bytes, "present": f.path.is_file()}
-             for f in (card.embedder, card.refiner) if f is not None}
+    files = {f.role: {"path": str(f.path), "sha256": f.sha256, "bytes": f.bytes, "present": f.path.is_file()} for f in card.files}
     return {
         "name": card.name, "card": str(card.path), "description": card.description, "files": files,
         "inputs": dataclasses.asdict(card.inputs), "metrics": card.raw.get("metrics"),

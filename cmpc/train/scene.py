@@ -156,6 +156,7 @@ def calibrate(
     record = {
         **{k: rule[k] for k in ("min_inliers", "min_inlier_frac", "min_fine_peak", "decider", "chosen", "confidence", "cv")},
         "top_k": int(top_k),
+        "embedder_sha256": loc.checkpoint_sha256,  # the answers (and so the decision) are this embedder's
         "min_scene_tiles": int(min_scene_tiles),
         "max_dense_tiles": int(max_dense_tiles),
         "chosen_on": {
