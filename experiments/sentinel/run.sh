@@ -6,8 +6,12 @@
 # skips when already done. Then the three seeds are fused by score into one embedder
 # (runs/sentinel_fused/emb_best.pt, `cmpc model fuse`; chosen on the validation block:
 # experiments/sentinel/screen_fusion.py), tested once and checked on BigEarthNet. That fused
-# checkpoint is what weights/sentinel/ ships; to ship a retrained one:
-#   cp runs/sentinel_fused/emb_best.pt weights/sentinel/embedder.pt && .venv/bin/cmpc model seal sentinel
+# checkpoint is what weights/sentinel/ ships, with seed 0's dense descriptor alone as the
+# scene aligner (`cmpc model aligner`) and a scene decision calibrated for the fused embedder
+# (`cmpc train scene`, verify only, reference stride). To ship a retrained one:
+#   cp runs/sentinel_fused/emb_best.pt weights/sentinel/embedder.pt
+#   cp runs/sentinel_fused/refiner.pt weights/sentinel/aligner.pt
+#   cp runs/sentinel_fused/scene_decision.json weights/sentinel/ && .venv/bin/cmpc model seal sentinel
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CMPC=".venv/bin/cmpc"
@@ -32,4 +36,8 @@ $CMPC test $EXP --set name=sentinel_fused --set refine.enabled=false
 for fit in resize native; do
   $CMPC eval pairs $EXP --set name=sentinel_fused --pairs bigearthnet --sar-bands VH --sar-scale amplitude --fit $fit
 done
+[ -f runs/sentinel_fused/refiner.pt ] || $CMPC model aligner runs/sentinel/refiner.pt runs/sentinel_fused/refiner.pt
+[ -f runs/sentinel_fused/scene_decision.json ] || $CMPC train scene $EXP --set name=sentinel_fused --set refine.rerank=false \
+  --set refine.gnn_position=false --set refine.fine_align=false --set refine.gate=config \
+  --tiles 4 8 --count 30 --heading-ranges 0 15 --no-gnn --min-tiles 0 --max-dense-tiles 0
 .venv/bin/python experiments/sentinel/collect.py --out docs/real.json
