@@ -153,10 +153,10 @@ def fused_payload(paths: Sequence[str | os.PathLike[str]], weights: Sequence[flo
             raise CheckpointError(f"{p} is already a fused embedder; fuse the member checkpoints themselves")
         if ckpt.get("kind") != "embedder" or "model" not in ckpt:
             raise CheckpointError(f"{p} is not an embedder checkpoint (kind={ckpt.get('kind')!r})")
-        model, meta = load_embedder(p)
-        models.append(model)
-        members.append({**{key: ckpt[key] for key in _MEMBER_KEYS if key in ckpt}, "sha256": meta["hash"]})
-        inputs[f"member{k}"] = {"path": str(p), "sha256": checkpoint_hash(p)}
+        models.append(embedder_from_payload(ckpt, p))
+        sha = checkpoint_hash(p)
+        members.append({**{key: ckpt[key] for key in _MEMBER_KEYS if key in ckpt}, "sha256": sha})
+        inputs[f"member{k}"] = {"path": str(p), "sha256": sha}
     sizes = {int(m["img_size"]) for m in members}
     if len(sizes) > 1:
         raise ConfigError(f"fused members take different input sizes {sorted(sizes)} px; fuse models of one recipe")

@@ -294,9 +294,7 @@ def _load_data(exp: Experiment, views: PairViews | None, progress: bool) -> _Dat
     val_locs = split.val
     if len(train_locs) < 2:
         raise DataError(f"{root}: fewer than 2 training locations with SAR queries; the dataset is too small to train on")
-    # Validation mimics the test: aligned queries of validation locations vs validation references.
-    aligned_of = queries_by_location(refs, queries, non_aligned=False)
-    val_queries = np.array(sorted(q for i in val_locs for q in aligned_of[int(i)]), dtype=np.int64)
+    val_queries = _validation_queries(refs, queries, val_locs)
     pairs = PairDataset(optical, sar, sar_of, seed=exp.train.seed, augment=exp.data.augment, rotate=exp.train.rotate)
     if exp.data.cache:
         pairs.preload(train_locs, progress=progress)
@@ -871,7 +869,8 @@ def member_experiments(exp: Experiment) -> list[Experiment]:
 
 def _train_members(exp: Experiment, views: PairViews | None, stop_after_steps: int | None) -> Path:
     """Train (resume, skip) every member, then fuse them into ``runs/<name>/emb_best.pt``."""
-    bests = [fit_embedder(m, views=views, stop_after_steps=stop_after_steps).best_path for m in member_experiments(exp)]
+    results = [fit_embedder(m, views=views, stop_after_steps=stop_after_steps) for m in member_experiments(exp)]
+    bests = [r.best_path for r in results]
     files = _RunFiles(exp.run_dir)
     hashes = [checkpoint_hash(p) for p in bests]
     if files.best.is_file():
@@ -885,7 +884,7 @@ def _train_members(exp: Experiment, views: PairViews | None, stop_after_steps: i
     exp.save(files.config)
     model, _ = load_embedder(files.best)
     recall = validate_checkpoint(model, exp)
-    members = [(load_checkpoint(p).get("metrics") or {}) for p in bests]
+    members = [dict(r.metrics or {}) for r in results]  # each member's best validation recall
     append_jsonl(files.log, {"kind": "fused", "members": [str(p) for p in bests], "member_recall": members, "recall": recall})
     shown = f"val R@1 {recall['1']:.3f} R@5 {recall['5']:.3f}" if recall else "no validation data"
     alone = ", ".join(f"{m['1']:.3f}" if "1" in m else "-" for m in members)
@@ -971,14 +970,20 @@ def _best_payload(
     )
 
 
+def _validation_queries(refs: list, queries: list, val_locs: np.ndarray) -> np.ndarray:
+    """Rows of the SAR queries validation uses: the aligned ones of the validation locations
+    (validation mimics the test: aligned queries vs validation references)."""
+    aligned_of = queries_by_location(refs, queries, non_aligned=False)
+    return np.array(sorted(q for i in val_locs for q in aligned_of[int(i)]), dtype=np.int64)
+
+
 def validate_checkpoint(model: nn.Module, exp: Experiment) -> dict[str, float]:
     """R@1 / R@5 of ``model`` on the validation hold-out of ``exp`` (the one training
     validates on), reading only the validation patches; {} when there is none."""
     root = exp.data.root
     refs, queries = read_annotations(root, "train", "opt"), read_annotations(root, "train", "sar")
     split = validation_holdout(read_dataset_meta(root), refs, exp.train.val_fraction)
-    aligned_of = queries_by_location(refs, queries, non_aligned=False)
-    val_queries = np.array(sorted(q for i in split.val for q in aligned_of[int(i)]), dtype=np.int64)
+    val_queries = _validation_queries(refs, queries, split.val)
     if not len(val_queries):
         return {}
     optical = PatchDataset(root, "train", "opt", exp.data.img_size, annotations=refs)
