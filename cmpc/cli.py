@@ -308,6 +308,8 @@ def _scene_settings(args: argparse.Namespace):
         kw["rotation_range_deg"] = float(args.rotation_range)
     if getattr(args, "top_k", None) is not None:
         kw["top_k"] = int(args.top_k)
+    if getattr(args, "dense_search", None) is not None:
+        kw["dense_search"] = int(args.dense_search)
     s = SceneSettings(**kw)
     s.check()
     return s
@@ -337,12 +339,14 @@ def _georeferencer(args: argparse.Namespace, command: str):  # noqa: ANN202 - (E
                                                                       fine_align=False, gate="config", align_min_peak=None))
         geo = georeferencer_from_experiment(exp, settings, checkpoint=str(card.embedder.path), index_dir=index_dir,
                                             refiner_path=refiner.path if refiner else None, use_refiner=refiner is not None,
-                                            scene_dir=scene_dir, use_scene_top_k=args.top_k is None)
+                                            scene_dir=scene_dir, use_scene_top_k=args.top_k is None,
+                                            use_scene_dense=getattr(args, "dense_search", None) is None)
+        geo.conventions = card.inputs  # scenes are checked against what the model was trained on
         return exp, geo
     _need_experiment(args, command)
     exp = _exp(args)
     return exp, georeferencer_from_experiment(exp, settings, checkpoint=args.checkpoint, index_dir=index_dir, scene_dir=scene_dir,
-                                              use_scene_top_k=args.top_k is None)
+                                              use_scene_top_k=args.top_k is None, use_scene_dense=getattr(args, "dense_search", None) is None)
 
 
 def cmd_georef(args: argparse.Namespace) -> int:
@@ -359,6 +363,10 @@ def cmd_georef(args: argparse.Namespace) -> int:
         if geo.gnn_settings is not None:
             geo.gnn_settings = dataclasses.replace(geo.gnn_settings, own_prior_radius_m=float(args.radius))
     scene = read_scene(args.scene, gsd_m=args.gsd, bands=exp.localize.raster_bands, map_crs=geo.localizer.index.crs)
+    if geo.conventions is not None:
+        from cmpc.data.conventions import check_sar_scene
+
+        check_sar_scene(args.scene, geo.conventions, gsd_m=args.gsd, bands=exp.localize.raster_bands)
     method = args.method or geo.default_method
     ans = geo.locate(scene, center=args.center, radius_m=args.radius, methods=(method,))[method]
     out = Path(args.out) if args.out else exp.report_dir / "georef" / Path(args.scene).stem
@@ -403,6 +411,12 @@ def cmd_eval_scenes(args: argparse.Namespace) -> int:
         rec = redecide_scenes(geo, args.redecide, Path(args.out))
         print(json.dumps(rec["rows"], indent=2))
         return 0
+    if geo.conventions is not None:  # the folder's scenes are cut alike: its first one is checked
+        from cmpc.data.conventions import check_sar_scene
+        from cmpc.evaluate.scenes import list_scenes
+
+        first, truth = list_scenes(args.scenes)[0]
+        check_sar_scene(first, geo.conventions, gsd_m=float(truth["gsd_m"]) * args.gsd_factor, bands=exp.localize.raster_bands)
     out = Path(args.out) if args.out else exp.report_dir / "scenes" / Path(args.scenes).name
     rec = evaluate_scenes(geo, args.scenes, out, methods=tuple(args.methods), meta={"experiment": exp.name}, gsd_factor=args.gsd_factor)
     print(json.dumps(rec["rows"], indent=2))
@@ -738,6 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--radius", type=float, help="prior radius, metres (alone: around the file's own georeferencing, default 2000 m)")
     p.add_argument("--rotation-range", dest="rotation_range", type=float, help="search headings within +-DEG (default 0: north-up)")
     p.add_argument("--top-k", dest="top_k", type=int, help="candidates per tile (default 20)")
+    p.add_argument("--dense-search", dest="dense_search", type=int, metavar="N",
+                   help="placements per heading from the whole-map dense search (0 = off; default: what the decision was calibrated with, 3 when uncalibrated)")
     p.add_argument("--method", choices=("verify", "gnn+verify"),
                    help="default: the one `cmpc train scene` chose on training-area validation scenes (verify when untrained)")
     p.add_argument("--checkpoint")
@@ -776,6 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["independent", "verify"], choices=("independent", "verify", "gnn+verify"))
     p.add_argument("--rotation-range", dest="rotation_range", type=float, help="search headings within +-DEG (default 0)")
     p.add_argument("--top-k", dest="top_k", type=int)
+    p.add_argument("--dense-search", dest="dense_search", type=int, metavar="N",
+                   help="placements per heading from the whole-map dense search (0 = off; default: the decision's)")
     p.add_argument("--checkpoint")
     p.add_argument("--gsd-factor", dest="gsd_factor", type=float, default=1.0,
                    help="hand georef the true GSD times this (a misstated pixel size; default 1)")

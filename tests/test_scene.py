@@ -285,7 +285,10 @@ def test_georef_end_to_end_on_smoke_world(smoke_demo) -> None:
     (tmp_path / "dec" / "scene_decision.json").write_text(json.dumps(lenient))  # no min_scene_tiles: reference-stride tiling
     r = run("eval", "scenes", exp, "--redecide", "table", "--scene-model", "dec", "--out", "re")
     assert r.returncode == 2 and "spacing" in r.stderr and not (tmp_path / "re").exists()  # the table tiled 2x2 scenes densely
-    (tmp_path / "dec" / "scene_decision.json").write_text(json.dumps({**lenient, "min_scene_tiles": 64}))
+    (tmp_path / "dec" / "scene_decision.json").write_text(json.dumps({**lenient, "min_scene_tiles": 64}))  # a file from before the dense search
+    r = run("eval", "scenes", exp, "--redecide", "table", "--scene-model", "dec", "--out", "re")
+    assert r.returncode == 2 and "dense_search" in r.stderr and not (tmp_path / "re").exists()  # the table searched the whole map densely
+    (tmp_path / "dec" / "scene_decision.json").write_text(json.dumps({**lenient, "min_scene_tiles": 64, "dense_search": 3}))
     r = run("eval", "scenes", exp, "--redecide", "table", "--scene-model", "dec", "--rotation-range", "10", "--out", "re")
     assert r.returncode == 2 and "--rotation-range" in r.stderr and not (tmp_path / "re").exists()  # other hypotheses, other evidence
     r = run("eval", "scenes", exp, "--redecide", "table", "--scene-model", "dec", "--out", "re")

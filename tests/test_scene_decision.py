@@ -190,3 +190,45 @@ def test_a_decision_calibrated_with_another_embedder_is_not_used(tmp_path, capsy
     (tmp_path / DECISION_FILE).write_text(json.dumps(rec))
     s, _ = load_decision(tmp_path, SceneSettings(), embedder_sha256="b" * 64)
     assert s.min_inliers == 9
+
+
+def test_peak_margin_feature_claims_scenes_few_tiles_agree_on(tmp_path) -> None:
+    """Small scenes found by the whole-map dense search: right ones stand far above the next
+    place (large margin) though 0-2 tiles agree; wrong ones have as few tiles, peaks as high
+    and small margins. Only a margin model claims them; it records that it needs no tiles,
+    survives the decision file, and decide() passes the margin."""
+    rng = np.random.default_rng(5)
+    n = 300
+    right = rng.random(n) < 0.6
+    inl = rng.integers(0, 3, n).astype(np.float64)
+    peak = rng.uniform(0.35, 0.7, n)
+    margin = np.where(right, rng.uniform(0.12, 0.45, n), rng.uniform(-0.05, 0.06, n))
+    ev = Evidence(inl, np.full(n, 9.0), peak, np.where(right, 1.0, 3000.0), np.zeros(n), margin)
+    d = choose_decider(ev)
+    assert d["chosen"] == "confidence+margin" and d["confidence"].uses_margin and d["confidence"].min_inliers == 0
+    cv = d["cv"]
+    assert cv["confidence+margin"]["good"] >= 0.9 * right.sum() and cv["confidence+margin"]["false"] <= 0.02 * n
+    assert cv["confidence"]["good"] < 0.5 * right.sum()  # without the margin, 2 agreeing tiles are needed and peaks overlap
+    m = d["confidence"]
+    again = ConfidenceModel.from_json(json.loads(json.dumps(m.to_json())))
+    assert again == m and again.min_inliers == 0
+    # a calibration file without margins (answered before the dense search): no margin model
+    assert fit_confidence(Evidence(inl, np.full(n, 9.0), peak, ev.err, np.zeros(n), np.full(n, np.nan)), margin=True) is None
+    from cmpc.localize.georef import decide
+    from cmpc.localize.scene import SceneSettings
+
+    s = SceneSettings(confidence=m)
+    assert decide(s, 0, 9, 0.5, 0.3)[0]
+    ok, why, _ = decide(s, 0, 9, 0.5, 0.0)
+    assert not ok and "margin 0.000" in why
+    assert not decide(s, 0, 9, 0.5, None)[0]  # no search ran: a margin of 0
+    # the calibration answers keep the margin column (older files without it still load)
+    from cmpc.train.scene import CALIBRATION_FILE, read_calibration_rows, write_calibration_rows
+
+    rows = [{"method": "verify", "tiles_per_side": 2, "heading_range_deg": 0.0, "scene": "s.tif", "inliers": 1, "tiles": 9,
+             "fine_peak": 0.5, "centre_m": 1.0, "peak_margin": 0.25}]
+    write_calibration_rows(tmp_path / CALIBRATION_FILE, rows)
+    assert read_calibration_rows(tmp_path / CALIBRATION_FILE)[0]["peak_margin"] == 0.25
+    text = (tmp_path / CALIBRATION_FILE).read_text().splitlines()
+    (tmp_path / CALIBRATION_FILE).write_text("\n".join(line.rsplit(",", 1)[0] for line in text) + "\n")
+    assert np.isnan(read_calibration_rows(tmp_path / CALIBRATION_FILE)[0]["peak_margin"])

@@ -19,7 +19,7 @@ from affine import Affine
 
 from cmpc.cli import main
 from index_fixtures import make_world, write_checkpoint
-from tiny_rasters import X0, Y0, write_tif
+from tiny_rasters import CRS, X0, Y0, write_tif
 
 REPO = Path(__file__).resolve().parents[1]
 MAP_PX = 64  # optical map side, pixels (1 m/px)
@@ -312,11 +312,14 @@ def test_model_and_experiment_file_exclude_each_other(shipped, tmp_path, monkeyp
 # --------------------------------------------------------------------------- input conventions (issue 11 item 3)
 
 
-def _refused(capsys, tmp_path, root, command: str, path: Path) -> str:
+def _refused(capsys, tmp_path, root, command: str, path: Path, gsd: tuple[str, ...] = ()) -> str:
     card = str(root / "weights" / "tiny")
     if command == "index":
         rc, _, err = _run(capsys, "index", "build", "--model", card, "--raster", str(path), "--name", "x")
         assert not (tmp_path / "index" / "x").exists()
+    elif command == "georef":
+        rc, _, err = _run(capsys, "georef", "--model", card, "--index", "mymap", "--scene", str(path), "--out", "out", *gsd)
+        assert not (tmp_path / "out").exists()
     else:
         rc, _, err = _run(capsys, "localize", "--model", card, "--index", "mymap", "--queries", str(path), "--out", "out")
         assert not (tmp_path / "out").exists()
@@ -468,3 +471,48 @@ def test_the_shipped_model_localizes_a_real_sentinel_la_patch(real_data, tmp_pat
     # (three seeds fused, sha256 865e0aa0...) puts 23 of the 25 there (seed 2 alone: 22; file
     # 175 is in the test block, never trained on); a random embedder 0 of 25.
     assert np.mean(err_m < 100) >= 0.8, np.round(err_m)
+
+
+def test_georef_scenes_are_checked_like_queries(with_index, tmp_path, capsys):
+    """`cmpc georef --model`: a scene in dB, with two bands, at 30 m, or a plain image whose
+    --gsd is 30 m is refused in one line before anything runs; a uint8 scene cut by `cmpc data
+    scenes` from a uint8 raster keeps its type (and its masked border) and is answered."""
+    root, world = with_index
+    amp = _sar_u8(world).astype(np.float32) + 1.0
+    db = (20 * np.log10(amp / 255.0) - 12).astype(np.float32)
+    line = _refused(capsys, tmp_path, root, "georef", _tif(tmp_path / "scene_db.tif", db[:, :40, :40], descriptions=["VH"]))
+    assert "the SAR scene scene_db.tif" in line and "dB" in line and "convert-s1" in line
+    two = np.concatenate([_sar_u8(world)] * 2)[:, :40, :40]
+    assert "has 2 band(s)" in _refused(capsys, tmp_path, root, "georef", _tif(tmp_path / "scene2.tif", two))
+    assert "30.00 m/px" in _refused(capsys, tmp_path, root, "georef", _tif(tmp_path / "scene30.tif", _sar_u8(world)[:, :40, :40], res=30.0))
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    plain = tmp_path / "plain.tif"
+    with pytest.warns(NotGeoreferencedWarning):
+        with rasterio.open(plain, "w", driver="GTiff", width=40, height=40, count=1, dtype="uint8") as f:
+            f.write(_sar_u8(world)[:, :40, :40])
+    assert "30.00 m/px" in _refused(capsys, tmp_path, root, "georef", plain, gsd=("--gsd", "30"))
+    # scenes cut from the uint8 SAR raster stay uint8, the pixels outside it masked
+    from cmpc.data.scenes import cut_scenes
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"patch_m": 16.0, "crs": CRS}))
+    holed = _sar_u8(world)
+    holed[:, 30:32, 30:32] = 0  # a few nodata pixels inside: the scenes mask them
+    write_tif(tmp_path / "s1_holed.tif", holed, transform=Affine(1.0, 0.0, X0, 0.0, -1.0, Y0), nodata=0)
+    box = [X0 + 4.0, Y0 - MAP_PX + 4.0, X0 + MAP_PX - 4.0, Y0 - 4.0]
+    cut_scenes(tmp_path / "s1_holed.tif", tmp_path / "ds", tmp_path / "scenes", "test", 2, 2, 20.0, seed=3, boxes=[box])
+    first = tmp_path / "scenes" / "scene_0000.tif"
+    with rasterio.open(first) as f:
+        assert f.dtypes[0] == "uint8" and f.crs is None
+        a, m = f.read(1), f.read_masks(1)
+    assert 0 < (m == 0).sum() < 0.05 * m.size and (a[m > 0] > 0).all()  # the hole masked, the rest the raster's values
+    from cmpc.localize.scene import read_scene
+
+    sc = read_scene(first, gsd_m=1.0)
+    assert (sc.valid == (m > 0)).all()
+    rc, out, err = _run(capsys, "georef", "--model", str(root / "weights" / "tiny"), "--index", "mymap", "--scene", str(first), "--gsd", "1",
+                        "--out", "ans")
+    assert rc == 0, err
+    assert json.loads(out)["status"] in ("found", "not_found")

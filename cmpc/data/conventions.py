@@ -2,8 +2,8 @@
 
 A model card (:mod:`cmpc.models.card`) states under ``inputs`` what its embedder was trained
 on; :class:`InputConventions` is that statement, validated. Before ``cmpc index build
---model`` embeds an optical map or ``cmpc localize --model`` embeds SAR queries, the
-``check_*`` functions compare the files with it. Nothing is silently fed:
+--model`` embeds an optical map, ``cmpc localize --model`` embeds SAR queries or ``cmpc
+georef --model`` a SAR scene, the ``check_*`` functions compare the files with it. Nothing is silently fed:
 
 - **refused** (one-line :class:`~cmpc.errors.DataError`, exit 2), with the numbers and the fix:
   another band count than the model's; SAR that looks like dB (mostly negative, or a
@@ -345,6 +345,27 @@ def check_patch_files(
         _check_polarisation(pol, spec, f"SAR patches in {sample[0].parent}")
     _check_gsd(facts.get("gsd_m"), conv, f"the patches in {sample[0].parent}")
     return facts
+
+
+def check_sar_scene(
+    path: str | os.PathLike[str], conv: InputConventions, gsd_m: float | None = None, bands: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Check a SAR scene (``cmpc georef --model --scene S1.tif``) against ``conv.sar``: band
+    count (of ``bands`` when given), values, polarisation, and the GSD (``gsd_m``, the user's
+    ``--gsd``, else the file's georeferencing; a plain image without either is refused by
+    the scene reader). Returns the facts. Refusals and warnings: module doc."""
+    p = Path(path)
+    count, dtype, values, _, pol, own_gsd = _patch_facts(p)
+    what = f"the SAR scene {p.name}"
+    spec = conv.sar
+    n = len(bands) if bands else count
+    _check_count(n, spec, what, f"cmpc data convert-s1 IN OUT --pol {spec.polarisation or 'VH'}", "localize.raster_bands")
+    _sar_values(values, dtype, spec, what)
+    _check_polarisation(pol, spec, what)
+    gsd = float(gsd_m) if gsd_m is not None else own_gsd
+    if gsd is not None:
+        _check_gsd(gsd, conv, what)
+    return {"bands": n, "dtype": dtype, "gsd_m": gsd, "polarisation": pol}
 
 
 def check_map_sources(

@@ -10,7 +10,9 @@ on a rotated grid.
 Written WITHOUT georeferencing (plain GeoTIFF: no CRS, no transform), beside a truth file:
 
     OUT/scenes.json             what was cut (experiment, split, tiles, headings, seed, raster)
-    OUT/scene_0000.tif          float32 (C, side_px, side_px), NaN outside the raster
+    OUT/scene_0000.tif          (C, side_px, side_px) in the SAR raster's data type: float32
+                                with NaN outside the raster, or integer (e.g. uint8) with an
+                                internal mask there
     OUT/scene_0000.truth.json   gsd_m, heading_deg, transform (scene pixel -> map, rasterio
                                 order a..f), center_xy, corners_xy, crs
 
@@ -153,7 +155,7 @@ def cut_scenes(
                         "the SAR raster has little data there (check --areas / the split boxes)"
                     )
                 name = f"scene_{i:04d}"
-                _write_plain_tiff(tmp / f"{name}.tif", scene)
+                _write_plain_tiff(tmp / f"{name}.tif", scene, src.source_dtype)
                 corners = np.array([[0, 0], [side_px, 0], [side_px, side_px], [0, side_px]], dtype=np.float64)
                 tt, tcx, tcy = t, cx, cy
                 if shift is not None:  # the content of SAR pixel P shows the ground at P - shift
@@ -218,15 +220,29 @@ def load_boxes(path: str | os.PathLike[str], split: str = "test") -> list[list[f
     return [list(map(float, b)) for b in boxes]
 
 
-def _write_plain_tiff(path: Path, arr: np.ndarray) -> None:
-    """A GeoTIFF without CRS or transform (what an image of unknown position looks like)."""
+def _write_plain_tiff(path: Path, arr: np.ndarray, dtype: str = "float32") -> None:
+    """A GeoTIFF without CRS or transform (what an image of unknown position looks like).
+    ``arr``: float32 with NaN outside the source raster. Written in the source's ``dtype``:
+    float as is (NaN nodata); integer rounded and clipped to the type's range, the pixels
+    outside in an internal mask (every value stays a valid datum: a uint8 SAR scene is what
+    a shipped model's user brings, and ``georef --model`` checks the type)."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
+    dt = np.dtype(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0], dtype="float32", nodata=np.nan) as f:
-            f.write(arr)
+        if not np.issubdtype(dt, np.integer):
+            with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0], dtype="float32", nodata=np.nan) as f:
+                f.write(arr.astype(np.float32))
+            return
+        ok = np.isfinite(arr).all(axis=0)
+        info = np.iinfo(dt)
+        out = np.clip(np.rint(np.nan_to_num(arr, nan=0.0)), info.min, info.max).astype(dt)
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+            with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0], dtype=dt.name) as f:
+                f.write(out)
+                f.write_mask(np.where(ok, 255, 0).astype(np.uint8))
 
 
 def read_truth(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -51,12 +51,17 @@ def list_scenes(folder: str | os.PathLike[str]) -> list[tuple[Path, dict[str, An
     return out
 
 
+def _nan_if_none(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def score_answer(ans: SceneAnswer, truth: dict[str, Any], width: int, height: int) -> dict[str, Any]:
     """Errors of one answer against a truth record (metres, degrees)."""
     t = SceneTransform.from_affine(truth["transform"])
     row: dict[str, Any] = {"method": ans.method, "status": ans.status, "inliers": ans.inlier_tiles, "tiles": ans.n_tiles,
                            "confidence": ans.confidence, "seconds": round(ans.seconds, 3),
-                           "fine_peak": float((ans.stats.get("fine") or {}).get("peak", float("nan")))}
+                           "fine_peak": float((ans.stats.get("fine") or {}).get("peak", float("nan"))),
+                           "peak_margin": _nan_if_none(((ans.stats.get("fine") or {}).get("dense") or {}).get("margin"))}
     if ans.transform is None:
         row.update({"centre_m": float("nan"), "dx_m": float("nan"), "dy_m": float("nan"), "corner_m": float("nan"), "heading_err_deg": float("nan"),
                     "scale": float("nan")})
@@ -137,7 +142,7 @@ def _answering(geo: Georeferencer) -> dict[str, Any]:
     """The settings that shape a report's answers (not the decision): candidates per tile and tiling."""
     s = geo.settings
     return {"top_k": s.top_k, "min_scene_tiles": s.min_scene_tiles, "max_dense_tiles": s.max_dense_tiles, "tile_stride_frac": s.tile_stride_frac,
-            "gnn_top_k": (geo.gnn_settings or s).top_k}
+            "gnn_top_k": (geo.gnn_settings or s).top_k, "dense_search": s.dense_search}
 
 
 def _report_answering(meta: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +153,7 @@ def _report_answering(meta: dict[str, Any]) -> dict[str, Any]:
     rule = meta.get("decision_rule") or {}
     top = int(rule.get("top_k", 20))
     return {"top_k": top, "min_scene_tiles": int(rule.get("min_scene_tiles", 0)), "max_dense_tiles": int(rule.get("max_dense_tiles", 0)), "tile_stride_frac": 1.0,
-            "gnn_top_k": int((rule.get("gnn+verify") or {}).get("top_k", top))}
+            "gnn_top_k": int((rule.get("gnn+verify") or {}).get("top_k", top)), "dense_search": 0}
 
 
 def redecide_scenes(geo: Georeferencer, report: str | os.PathLike[str], out: str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -185,13 +190,16 @@ def redecide_scenes(geo: Georeferencer, report: str | os.PathLike[str], out: str
         w_m, h_m = float(np.linalg.norm(c[1] - c[0])), float(np.linalg.norm(c[3] - c[0]))
         if abs(tiling_was.tile_stride_m(w_m, h_m, geo.tile_m, geo.stride_m) - geo.settings.tile_stride_m(w_m, h_m, geo.tile_m, geo.stride_m)) > 1e-6:
             raise DataError(f"{rep} tiled {name} at another spacing than this decision's tiling (min_scene_tiles): run `cmpc eval scenes` again")
+    if int(was.get("dense_search", 0)) != int(now["dense_search"]):
+        raise DataError(f"{rep} was answered with dense_search {was.get('dense_search', 0)}, this decision uses {now['dense_search']}: run `cmpc eval scenes` again")
     per_scene = []
     for r in per_old:
         r = dict(r)
         s = geo.settings if r["method"] == "verify" else (geo.gnn_settings or geo.settings) if r["method"] == "gnn+verify" else None
         if s is not None and np.isfinite(float(r["centre_m"])) and r.get("tiles"):
             peak = float(r.get("fine_peak", float("nan")))
-            ok, _, conf = decide(s, int(r["inliers"]), int(r["tiles"]), peak if np.isfinite(peak) else None)
+            margin = float(r.get("peak_margin", float("nan")))
+            ok, _, conf = decide(s, int(r["inliers"]), int(r["tiles"]), peak if np.isfinite(peak) else None, margin if np.isfinite(margin) else None)
             r["status"], r["confidence"] = ("found" if ok else "not_found"), conf
         per_scene.append(r)
     methods = list(dict.fromkeys(r["method"] for r in per_scene))

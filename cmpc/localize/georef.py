@@ -11,7 +11,9 @@ answers one scene at a time (:meth:`Georeferencer.locate`):
      placed by that tile's known offset in the scene (north-up at its heading hypothesis,
      nominal GSD). Always claims a position (the baseline that verification must beat).
    - ``verify``: RANSAC over all candidates (:func:`cmpc.localize.verify.estimate_scene_transform`),
-     then dense fine alignment and a per-tile similarity refit
+     the offset vote and the whole-map dense search (:mod:`cmpc.localize.dense_search`: the
+     scene's dense descriptor correlated against the whole map's, per heading) propose
+     placements; the dense alignment ranks them, then fine alignment and a per-tile similarity refit
      (:func:`cmpc.localize.verify.fine_align_scene`); "found" only when the decision rule
      holds (inlier tiles >= ``min_inliers`` and inlier fraction >= ``min_inlier_frac``,
      calibrated by ``cmpc train scene`` into ``runs/<name>/scene_decision.json``);
@@ -40,6 +42,7 @@ import numpy as np
 
 from cmpc.errors import DataError
 from cmpc.localize.decision import ConfidenceModel
+from cmpc.localize.dense_search import DensePeak, MapSpectra, peak_margin, search_map
 from cmpc.localize.prior import prior_rows
 from cmpc.localize.scene import (
     GSD_RATIO_RANGE,
@@ -71,6 +74,10 @@ METHODS = ("independent", "verify", "gnn+verify")
 SCENE_GRAPH_FILE = "scene_graph.pt"
 
 
+def _round_or_none(v: float, nd: int = 4) -> float | None:
+    return round(float(v), nd) if math.isfinite(v) else None
+
+
 def _rule_of(d: dict[str, Any], settings: SceneSettings) -> dict[str, Any]:
     """The decision fields of one method's record: the thresholds, and the confidence model
     when the calibration chose it (``decider``)."""
@@ -83,7 +90,7 @@ def _rule_of(d: dict[str, Any], settings: SceneSettings) -> dict[str, Any]:
 
 def load_decision(
     run_dir: str | os.PathLike[str], settings: SceneSettings, method: str = "verify", use_top_k: bool = True,
-    embedder_sha256: str | None = None,
+    embedder_sha256: str | None = None, use_dense: bool = True,
 ) -> tuple[SceneSettings, dict[str, Any]]:
     """``settings`` with the calibrated decision of ``run_dir/scene_decision.json`` when
     present (else the defaults), and a record of where it came from. The decision is the
@@ -92,7 +99,9 @@ def load_decision(
     reads the file's ``methods["gnn+verify"]`` record (the top-level one when absent).
     The candidates per tile the rule was calibrated with (``top_k``) come along unless
     ``use_top_k`` is false (the user chose ``--top-k``), and so does the tiling
-    (``min_scene_tiles``, ``max_dense_tiles``; 0 for files that do not record them).
+    (``min_scene_tiles``, ``max_dense_tiles``; 0 for files that do not record them), and
+    the whole-map dense search (``dense_search``; 0, off, for files from before it) unless
+    ``use_dense`` is false (the user chose ``--dense-search``).
 
     A decision is calibrated on one embedder's answers: when the file records the embedder it
     was calibrated with (``embedder_sha256``) and ``embedder_sha256`` names another, it is not
@@ -112,12 +121,15 @@ def load_decision(
             # the tiling the rules were calibrated with (files from before dense tiling: none)
             min_tiles = int(d.get("min_scene_tiles", 0))
             max_dense = int(d.get("max_dense_tiles", 0))
+            dense = int(d.get("dense_search", 0))
             default_method = (d.get("default_method") or {}).get("method") if isinstance(d.get("default_method"), dict) else None
             if method != "verify" and isinstance(d.get("methods"), dict) and method in d["methods"]:
                 d = d["methods"][method]
             rule = _rule_of(d, settings)
             rule["min_scene_tiles"] = min_tiles
             rule["max_dense_tiles"] = max_dense
+            if use_dense:
+                rule["dense_search"] = dense
             if use_top_k and top is not None:
                 rule["top_k"] = int(top)
             shown = {k: (v.to_json() if isinstance(v, ConfidenceModel) else v) for k, v in rule.items()}
@@ -180,6 +192,11 @@ class Georeferencer:
         self.map_gsd_m = self._map_gsd()
         self._fm = None
         self._map = None
+        self._spectra: MapSpectra | None = None
+        #: the input conventions of a shipped model (``cmpc georef --model``): scenes are checked against them
+        self.conventions = None
+        self._dense_key: tuple[Any, ...] | None = None
+        self._dense: list[DensePeak] = []
 
     def _map_gsd(self) -> float:
         """Metres per pixel of the reference images (the map's own GSD)."""
@@ -271,9 +288,9 @@ class Georeferencer:
             if m == "independent":
                 ans = self._independent(scene, tiles, cand)
             elif m == "verify":
-                ans = self._verify(scene, tiles, cand)
+                ans = self._verify(scene, tiles, cand, prior=prior)
             else:  # the GNN reorders every tile's candidates; RANSAC's rank stages follow its order
-                ans = self._verify(scene, tiles, rescored(self.localizer, tiles, cand, self.gnn), self.gnn_settings or self.settings, m)
+                ans = self._verify(scene, tiles, rescored(self.localizer, tiles, cand, self.gnn), self.gnn_settings or self.settings, m, prior=prior)
             ans.seconds = t_common + time.perf_counter() - t1
             ans.stats.update({"prior": prior, "timings_s": {**{k: round(v, 3) for k, v in cand.timings.items()}, "total": round(ans.seconds, 3)}})
             out[m] = ans
@@ -312,7 +329,25 @@ class Georeferencer:
             self._tile_rows(tiles, cand, {t}, tf), {"best_tile": t, "top1_score": float(cand.scores[t, 0])},
         )
 
-    def _verify(self, scene: SceneImage, tiles: SceneTiles, cand: SceneCandidates, s: SceneSettings | None = None, method: str = "verify") -> SceneAnswer:
+    def dense_peaks(self, scene: SceneImage, prior: dict[str, Any] | None, s: SceneSettings | None = None) -> list[DensePeak]:
+        """The scene's best placements by whole-map dense correlation (``dense_search`` of
+        them; :mod:`cmpc.localize.dense_search`), within the prior disc when there is one;
+        cached per scene (verify and gnn+verify share it)."""
+        s = s or self.settings
+        key = (id(scene), s.dense_search, tuple(s.headings()), repr(prior))
+        if self._dense_key != key:
+            if self._spectra is None:
+                self._spectra = MapSpectra(self.feature_mosaic())
+            disc = None
+            if prior and prior.get("center") is not None and prior.get("radius_m"):
+                disc = (float(prior["center"][0]), float(prior["center"][1]), float(prior["radius_m"]))
+            peaks = search_map(self.aligner, self._spectra, scene.image, scene.valid, scene.gsd_m, s.headings(), top_n=s.dense_search,
+                               min_sep_m=self.stride_m, prior=disc, device=self.localizer.device)
+            self._dense_key, self._dense = key, peaks
+        return self._dense
+
+    def _verify(self, scene: SceneImage, tiles: SceneTiles, cand: SceneCandidates, s: SceneSettings | None = None, method: str = "verify",
+                prior: dict[str, Any] | None = None) -> SceneAnswer:
         s = s or self.settings
         residual = s.residual_frac * self.stride_m
         slack = s.rotation_step_deg / 2.0 + 1.0 if s.rotation_range_deg > 0 else 3.0
@@ -352,7 +387,11 @@ class Georeferencer:
                 off = cand.positions_m[t, 0] - tf.apply(tiles.centre_px[t][None])[0]
                 alone.append(tf.shifted(float(off[0]), float(off[1])))
             voted = [t for _, _, t in vote_placements(cand.corr, scene.gsd_m, self.stride_m, top_n=s.vote_placements)] if s.vote_placements else []
-            hyps = distinct_transforms([*res.hypotheses, *voted, *alone], 0.5 * residual, probe=(scene.width / 2.0, scene.height / 2.0))
+            t_dense = time.perf_counter()
+            dense = self.dense_peaks(scene, prior, s) if s.dense_search else []
+            t_dense = time.perf_counter() - t_dense
+            probe = (scene.width / 2.0, scene.height / 2.0)
+            hyps = distinct_transforms([*res.hypotheses, *voted, *alone, *(p.transform for p in dense)], 0.5 * residual, probe=probe)
             n_hyps = len(hyps)
             if s.fine_top and len(hyps) > s.fine_top:
                 # rank every placement by one cheap dense correlation, refine the best few exactly
@@ -373,10 +412,13 @@ class Georeferencer:
             res = score_transform(cand.corr, transform, rs, tiles.per_heading)
             fine_stats = {
                 "used": True, "seconds": round(time.perf_counter() - t0, 3), "hypotheses": n_hyps, "voted": len(voted), "refined": len(hyps), "shift_m": [round(v, 2) for v in best_fr.shift_m],
+                "dense": {"peaks": len(dense), "seconds": round(t_dense, 3), "best": round(dense[0].peak, 4) if dense else None,
+                          "margin": _round_or_none(peak_margin(transform, best_fr.peak, dense, 2.0 * self.stride_m, probe)) if dense else None},
                 "peak": round(best_fr.peak, 4), "tiles_aligned": int(best_fr.tile_inlier.sum()), "tiles": int(len(best_fr.tile_px)), "refit": best_fr.refit,
             }
         stats["fine"] = fine_stats
-        ok, reason, confidence = decide(s, res.inlier_tiles, res.n_tiles, fine_stats["peak"] if fine_stats["used"] else None)
+        margin = (fine_stats.get("dense") or {}).get("margin")
+        ok, reason, confidence = decide(s, res.inlier_tiles, res.n_tiles, fine_stats["peak"] if fine_stats["used"] else None, margin)
         heading_tiles = {int(t) for t in res.tile_ids}
         return SceneAnswer(
             method, "found" if ok else "not_found", reason, transform, res.inlier_tiles, res.n_tiles,
@@ -396,20 +438,24 @@ def describe_decision(src: dict[str, Any]) -> str:
             f"dense peak >= {src.get('min_fine_peak')} ({where})")
 
 
-def decide(s: SceneSettings, inliers: int, tiles: int, peak: float | None) -> tuple[bool, str | None, float]:
+def decide(s: SceneSettings, inliers: int, tiles: int, peak: float | None, margin: float | None = None) -> tuple[bool, str | None, float]:
     """(found, reason when not, confidence) of one verified placement: the calibrated
     confidence model when ``s`` has one (and the evidence it needs: the fine peak),
-    else the three thresholds. Confidence: the model's P(centre within its good_m); for the
+    else the three thresholds. ``margin``: the whole-map dense search's peak margin (None:
+    no search). Confidence: the model's P(centre within its good_m); for the
     thresholds the inlier fraction scaled down by a peak below the threshold (a score, not a
     probability)."""
     frac = inliers / tiles if tiles else 0.0
     m = s.confidence
     if m is not None and (peak is not None or not m.needs_peak):
-        p = float(m.probability(inliers, tiles, peak, float(s.rotation_range_deg > 0))[0])
-        if inliers >= 2 and p >= m.threshold:
+        p = float(m.probability(inliers, tiles, peak, float(s.rotation_range_deg > 0), float("nan") if margin is None else margin)[0])
+        if inliers >= m.min_inliers and p >= m.threshold:
             return True, None, round(p, 4)
+        if inliers < m.min_inliers:
+            return False, f"weak evidence: {inliers} of {tiles} tiles agree (at least {m.min_inliers} needed)", round(p, 4)
         why = (f"weak evidence: calibrated confidence {p:.3f} < {m.threshold:.3f} ({inliers} of {tiles} tiles agree"
-               + (f", alignment peak {peak:.3f})" if peak is not None else ")")) if inliers >= 2 else f"weak evidence: {inliers} of {tiles} tiles agree (at least 2 needed)"
+               + (f", alignment peak {peak:.3f}" if peak is not None else "")
+               + (f", dense search margin {margin:.3f}" if m.uses_margin and margin is not None and math.isfinite(margin) else "") + ")")
         return False, why, round(p, 4)
     conf = round(frac * min(1.0, max(0.0, peak) / max(s.min_fine_peak, 1e-6)) if peak is not None else frac, 4)
     if not (inliers >= s.min_inliers and frac >= s.min_inlier_frac):
@@ -606,6 +652,7 @@ def georeferencer_from_experiment(
     use_refiner: bool = True,
     scene_dir: str | os.PathLike[str] | None = None,
     use_scene_top_k: bool = True,
+    use_scene_dense: bool = True,
 ) -> Georeferencer:
     """A :class:`Georeferencer` on the experiment's embedder, index (default the serving
     one, or ``index_dir``) and refiner, with the calibrated decision rule and scene-graph
@@ -618,7 +665,7 @@ def georeferencer_from_experiment(
     base = settings
     scene_dir = Path(scene_dir) if scene_dir is not None else Path(exp.run_dir)
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=index_dir, refiner_path=refiner_path, use_refiner=use_refiner)
-    settings, source = load_decision(scene_dir, settings, use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256)
+    settings, source = load_decision(scene_dir, settings, use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256, use_dense=use_scene_dense)
     gnn, gnn_settings, gnn_error = None, None, None
     gpath = scene_dir / SCENE_GRAPH_FILE
     if gpath.is_file():
@@ -631,7 +678,8 @@ def georeferencer_from_experiment(
             gnn = SceneGraphRescorer.load(gpath, default_checkpoint(exp.run_dir, checkpoint))
         except CheckpointError as e:  # e.g. trained with another embedder: verify still works, gnn+verify says why not
             gnn_error = str(e)
-        gnn_settings, gsrc = load_decision(scene_dir, base, method="gnn+verify", use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256)
+        gnn_settings, gsrc = load_decision(scene_dir, base, method="gnn+verify", use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256,
+                                           use_dense=use_scene_dense)
         source = {**source, "gnn+verify": gsrc}
     geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings)
     geo.gnn_error = gnn_error

@@ -85,6 +85,10 @@ class SceneSettings:
     tile_hypotheses: int = 3
     vote_placements: int = 8
     fine_top: int = 2
+    #: best placements of the whole-map dense search (:mod:`cmpc.localize.dense_search`) per
+    #: heading that join RANSAC's and the vote's as placements to align; 0 = off (the coarse
+    #: candidates alone). Needs the dense descriptor (a refiner or aligner)
+    dense_search: int = 3
     min_inliers: int = 3
     min_inlier_frac: float = 0.3
     min_fine_peak: float = 0.15
@@ -107,6 +111,8 @@ class SceneSettings:
             raise ConfigError(f"--tile-stride must be within 0.25..1 (a fraction of the reference stride), got {self.tile_stride_frac:g}")
         if self.min_scene_tiles < 0 or self.max_dense_tiles < 0:
             raise ConfigError(f"min_scene_tiles / max_dense_tiles must be >= 0, got {self.min_scene_tiles} / {self.max_dense_tiles}")
+        if self.dense_search < 0:
+            raise ConfigError(f"dense_search must be >= 0 (placements per heading; 0 = off), got {self.dense_search}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be at least 1, got {self.top_k}")
 
@@ -192,7 +198,7 @@ def read_scene(
                 crs, transform = src.crs, src.transform
     except RasterioError as e:
         raise DataError(f"cannot read the scene {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__} (corrupt or not an image?)") from None
-    data = np.asarray(arr.filled(np.nan), dtype=np.float32)
+    data = np.asarray(arr.astype(np.float32).filled(np.nan))  # integer scenes with nodata / a mask: NaN there
     mask = np.ma.getmaskarray(arr)
     valid = ~mask.any(axis=0) & np.isfinite(data).all(axis=0)
     if not valid.any():

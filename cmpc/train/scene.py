@@ -40,7 +40,9 @@ from cmpc.utils.io import atomic_write_json, atomic_write_text
 
 #: the calibration scenes' answers (rule off), one row per scene and method, beside the decision file
 CALIBRATION_FILE = "scene_calibration.csv"
-_CAL_COLUMNS = ("method", "tiles_per_side", "heading_range_deg", "scene", "inliers", "tiles", "fine_peak", "centre_m")
+_CAL_COLUMNS = ("method", "tiles_per_side", "heading_range_deg", "scene", "inliers", "tiles", "fine_peak", "centre_m", "peak_margin")
+#: columns a calibration file must have (files from before the dense search lack peak_margin)
+_CAL_REQUIRED = _CAL_COLUMNS[:-1]
 
 
 def decision_record(per_scene: list[dict[str, Any]], method: str, max_false: float = 0.02) -> dict[str, Any]:
@@ -80,10 +82,10 @@ def read_calibration_rows(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path} not found: the calibration answers are saved by `cmpc train scene` (run it without --rechoose first)")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    if not rows or any(c not in rows[0] for c in _CAL_COLUMNS):
-        raise DataError(f"{path} is not a scene calibration file (columns {', '.join(_CAL_COLUMNS)})")
+    if not rows or any(c not in rows[0] for c in _CAL_REQUIRED):
+        raise DataError(f"{path} is not a scene calibration file (columns {', '.join(_CAL_REQUIRED)})")
     return [{**r, "inliers": int(r["inliers"]), "tiles": int(r["tiles"]), "fine_peak": float(r["fine_peak"] or "nan"),
-             "centre_m": float(r["centre_m"] or "nan")} for r in rows]
+             "centre_m": float(r["centre_m"] or "nan"), "peak_margin": float(r.get("peak_margin") or "nan")} for r in rows]
 
 
 def rechoose(out_dir: str | Path, methods: tuple[str, ...] = ("verify", "gnn+verify")) -> dict[str, Any]:
@@ -120,6 +122,7 @@ def calibrate(
     top_k: int = SceneSettings.top_k,
     min_scene_tiles: int = SceneSettings.min_scene_tiles,
     max_dense_tiles: int = SceneSettings.max_dense_tiles,
+    dense_search: int = SceneSettings.dense_search,
 ) -> dict[str, Any]:
     """Cut validation scenes from the training area (each size in ``tiles``, each heading
     range in ``heading_ranges``; rotated ones answered with that rotation range), answer
@@ -139,7 +142,7 @@ def calibrate(
         i = 0
         for hr in heading_ranges:
             settings = SceneSettings(rotation_range_deg=float(hr), min_inliers=0, min_inlier_frac=0.0, min_fine_peak=-1.0, top_k=top_k,
-                                     min_scene_tiles=min_scene_tiles, max_dense_tiles=max_dense_tiles)
+                                     min_scene_tiles=min_scene_tiles, max_dense_tiles=max_dense_tiles, dense_search=dense_search)
             geo = Georeferencer(loc, settings, off, gnn=gnn)
             for n in tiles:
                 folder = work / f"train_{n}x{n}_h{hr:g}"
@@ -159,6 +162,7 @@ def calibrate(
         "embedder_sha256": loc.checkpoint_sha256,  # the answers (and so the decision) are this embedder's
         "min_scene_tiles": int(min_scene_tiles),
         "max_dense_tiles": int(max_dense_tiles),
+        "dense_search": int(dense_search),  # the whole-map dense search the evidence came with
         "chosen_on": {
             "split": "train", "source": source.label, "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
             "heading_ranges_deg": list(heading_ranges), "seed": seed, "n_scenes": rule["n_scenes"],
