@@ -25,6 +25,8 @@ from cmpc.localize.verify import SceneTransform
 from cmpc.models.descriptor import DenseDescriptor
 
 GSD = 2.0  # metres per map pixel
+#: the default search averages 2 x 2 cells: a placement is then within one cell (4 px) per axis
+POOLED_TOL_M = math.hypot(4.0, 4.0) * GSD + 1e-6
 ORIGIN = (500_000.0, 4_200_000.0)
 
 
@@ -61,7 +63,7 @@ def _err(t: SceneTransform, truth: SceneTransform, w: int, h: int) -> float:
 
 def test_finds_the_crop_through_several_blocks(world):
     net, img, fm = world
-    spectra = MapSpectra(fm, block_cells=64)  # 160 x 180 cells: several blocks per axis
+    spectra = MapSpectra(fm, block_cells=64, pool=1)  # 160 x 180 cells: several blocks per axis
     (bh, bw), _, blocks = spectra.layout(32, 32)
     assert len(blocks) >= 9 and bh <= 64 and bw <= 64
     for row, col in ((332, 216), (40, 600), (500, 28)):
@@ -74,6 +76,17 @@ def test_finds_the_crop_through_several_blocks(world):
         assert m == pytest.approx(peaks[0].peak - peaks[1].peak)
 
 
+def test_pooled_search_is_within_a_cell(world):
+    net, img, fm = world
+    sp = MapSpectra(fm, pool=2)
+    assert sp.desc.shape[1:] == (80, 90) and torch.allclose(sp.desc.norm(dim=0), torch.ones(80, 90), atol=1e-4)
+    for row, col in ((332, 216), (44, 604), (500, 28)):  # on the pooled grid or one cell off it
+        crop = img[:, row : row + 128, col : col + 128]
+        peaks = search_map(net, sp, crop, np.ones(crop.shape[1:], bool), GSD, [0.0], top_n=2)
+        assert _err(peaks[0].transform, _truth(row, col), 128, 128) <= POOLED_TOL_M
+        assert peaks[0].peak - peaks[1].peak > 0.1  # random descriptors are not shift-smooth: one cell off the grid costs peak
+
+
 def test_a_scene_hanging_over_the_map_edge(world):
     net, img, fm = world
     # the scene's first 40 rows / 24 columns lie north-west of the map (no data there)
@@ -81,7 +94,7 @@ def test_a_scene_hanging_over_the_map_edge(world):
     crop[:, 40:, 24:] = img[:, :88, :104]
     valid = np.zeros((128, 128), bool)
     valid[40:, 24:] = True
-    peaks = search_map(net, MapSpectra(fm, block_cells=64), crop, valid, GSD, [0.0], top_n=2)
+    peaks = search_map(net, MapSpectra(fm, block_cells=64, pool=1), crop, valid, GSD, [0.0], top_n=2)
     assert _err(peaks[0].transform, _truth(-40, -24), 128, 128) < 1e-6
 
 
@@ -92,7 +105,7 @@ def test_prior_disc_limits_the_search(world):
     ok = np.ones((128, 128), bool)
     truth = _truth(row, col)
     cx, cy = truth.centre(128, 128)
-    sp = MapSpectra(fm, block_cells=96)
+    sp = MapSpectra(fm, block_cells=96, pool=1)
     inside = search_map(net, sp, crop, ok, GSD, [0.0], top_n=2, prior=(cx + 150.0, cy - 90.0, 300.0))
     assert _err(inside[0].transform, truth, 128, 128) < 1e-6
     outside = search_map(net, sp, crop, ok, GSD, [0.0], top_n=2, prior=(cx + 600.0, cy, 200.0))
@@ -113,7 +126,7 @@ def test_heading_hypotheses(world):
     scene = map_coordinates(img[0], [mr, mc], order=1).reshape(1, 128, 128).astype(np.float32)
     peaks = search_map(net, MapSpectra(fm), scene, np.ones((128, 128), bool), GSD, [-10.0, 0.0, 10.0], top_n=1)
     assert peaks[0].heading_deg == 10.0
-    assert _err(peaks[0].transform, truth, 128, 128) <= 8.0 + 1e-6
+    assert _err(peaks[0].transform, truth, 128, 128) <= POOLED_TOL_M
 
 
 def test_local_maxima_are_separated():

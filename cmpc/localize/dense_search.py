@@ -10,9 +10,13 @@ map is correlated against the *whole* map's (one FFT product per heading hypothe
 map's spectra are computed once per map and kept), and the best distinct peaks become
 placements for :func:`cmpc.localize.verify.fine_align_scene`, beside RANSAC's.
 
+The search runs on descriptors averaged over 2 x 2 cells (8 map pixels; ``pool``): a
+quarter of the frequencies, and the cost is one complex product over 16 channels per
+frequency, block and heading. Its placements are then ranked and refined at full resolution
+(:func:`cmpc.localize.verify.screen_placements`, :func:`~cmpc.localize.verify.fine_align_scene`).
 The map is cut into equal blocks of at most ``block_cells`` cells a side (contexts
 overlapping by the template), so memory stays bounded on large maps: a block's spectrum is
-``C x n x (n/2+1)`` complex64 (16 x 768 x 385 x 8 B = 38 MB for the 704-cell blocks of an
+``C x n x (n/2+1)`` complex64 (16 x 1125 x 563 x 8 B = 81 MB for the 1,024-cell blocks of an
 8 km map at 1 m); spectra are kept while they fit ``cache_bytes`` and recomputed otherwise.
 
 Cost on the 2-core machine (8 km x 8 km map at 1 m, 2,048 x 2,048 cells): about 0.6 s per
@@ -47,10 +51,15 @@ class MapSpectra:
     blocks whose FFTs are cached (module doc). Templates up to ``room`` cells (grown by 64s
     when a larger one comes, which drops the cache) fit every block's context."""
 
-    def __init__(self, mosaic, block_cells: int = 1024, cache_bytes: int = 1 << 30) -> None:  # noqa: ANN001 - FeatureMosaic
+    def __init__(self, mosaic, block_cells: int = 1024, cache_bytes: int = 1 << 30, pool: int = 2) -> None:  # noqa: ANN001 - FeatureMosaic
         if block_cells < 64:
             raise ValueError(f"block_cells must be at least 64, got {block_cells}")
+        if pool < 1:
+            raise ValueError(f"pool must be at least 1, got {pool}")
         self.mosaic = mosaic
+        self.pool = int(pool)
+        #: the map's descriptors at the search resolution (``pool`` x ``pool`` cells averaged, unit length)
+        self.desc = pool_cells(mosaic.desc, self.pool)
         self.block_cells = int(block_cells)
         self.cache_bytes = int(cache_bytes)
         self.room = 0
@@ -72,7 +81,7 @@ class MapSpectra:
         if need > self.room or self._layout is None:
             self.room = max(self.room, -(-need // 64) * 64)
             self._cache.clear()
-            _, Hc, Wc = self.mosaic.desc.shape
+            _, Hc, Wc = self.desc.shape
             (bh, nh), (bw, nw) = self._axis(Hc), self._axis(Wc)
             tops = range(-self.room, Hc, bh)
             lefts = range(-self.room, Wc, bw)
@@ -81,7 +90,7 @@ class MapSpectra:
 
     def _context(self, r: int, c: int, hh: int, ww: int) -> torch.Tensor:
         """Cells ``[r, r + hh) x [c, c + ww)`` of the descriptor map, zero outside it."""
-        d = self.mosaic.desc
+        d = self.desc
         _, Hc, Wc = d.shape
         r0, r1, c0, c1 = max(r, 0), min(r + hh, Hc), max(c, 0), min(c + ww, Wc)
         out = torch.zeros((d.shape[0], hh, ww), dtype=d.dtype)
@@ -99,6 +108,14 @@ class MapSpectra:
             if (len(self._cache) + 1) * spec.numel() * 8 <= self.cache_bytes:
                 self._cache[key] = spec
         return spec
+
+
+def pool_cells(desc: torch.Tensor, pool: int) -> torch.Tensor:
+    """(C, H, W) unit descriptors averaged over ``pool`` x ``pool`` cells and made unit
+    length again (all-zero cells, outside the data, stay zero): (C, ceil(H/pool), ceil(W/pool))."""
+    if pool == 1:
+        return desc
+    return F.normalize(F.avg_pool2d(desc[None], pool, ceil_mode=True)[0], dim=0)
 
 
 def _local_maxima(score: torch.Tensor, top_n: int, sep: int) -> list[tuple[float, int, int]]:
@@ -139,18 +156,27 @@ def search_map(
     """The ``top_n`` best placements of the scene ``image`` (C, H, W; ``valid`` (H, W)) of
     GSD ``gsd_m`` (m/px) anywhere on the map, over the heading hypotheses (degrees), at
     least ``min_sep_m`` apart per heading. ``prior``: ``(x, y, radius_m)``: only placements
-    whose scene centre lies within the disc. Best first."""
+    whose scene centre lies within the disc. Best first.
+
+    The search runs at ``spectra.pool`` cells (8 px for the default 2): placements are
+    within about half that of the best one, which the fine alignment then finds."""
     mosaic = spectra.mosaic
+    p = spectra.pool
     s, w = mosaic.stride, float(mosaic.gsd_m)
     H, W = image.shape[-2:]
-    sep = max(1, int(round(min_sep_m / w / s)))
+    sep = max(1, int(round(min_sep_m / w / s / p)))
     found: list[DensePeak] = []
     for hd in headings_deg:
         # the scene placed with its pixel (0, 0) at the map's NW corner; a template cell
         # offset (u, v) moves it by (v s w, -u s w) metres
         t0 = SceneTransform.from_params(gsd_m, float(hd), mosaic.origin_x, mosaic.origin_y)
         desc, cell_valid, (rmin, cmin) = _scene_descriptors(aligner, mosaic, image, valid, t0, device)
-        nvalid = float(cell_valid.float().sum())
+        # start the template on the pooled grid: pad it to an even (for pool 2) map cell
+        r0, c0 = rmin // s, cmin // s
+        pr, pc = r0 % p, c0 % p
+        r0, c0 = r0 - pr, c0 - pc
+        desc = pool_cells(F.pad(desc, (pc, 0, pr, 0)), p)
+        nvalid = float((desc.abs().sum(0) > 0).sum())
         if nvalid < 4:
             continue
         h, wc = desc.shape[-2:]
@@ -164,9 +190,9 @@ def search_map(
                 px, py, rad = prior
                 u = torch.arange(bh, dtype=torch.float64)[:, None] + r
                 v = torch.arange(bw, dtype=torch.float64)[None, :] + c
-                # cell (u, v) holds the template's first cell: the shift is from the window's start
-                dx = (v - cmin // s) * s * w
-                dy = -(u - rmin // s) * s * w
+                # pooled cell (u, v) holds the template's first one: the shift is from the window's start
+                dx = (p * v - c0) * s * w
+                dy = -(p * u - r0) * s * w
                 inside = (cx0 + dx - px) ** 2 + (cy0 + dy - py) ** 2 <= rad * rad
                 score = score.masked_fill(~inside, float("-inf"))
             for val, u, v in _local_maxima(score, top_n, sep):
@@ -179,7 +205,7 @@ def search_map(
             if len(kept) >= top_n:
                 break
         for val, u, v in kept:
-            dr, dc = (u - rmin // s) * s, (v - cmin // s) * s
+            dr, dc = (p * u - r0) * s, (p * v - c0) * s
             found.append(DensePeak(t0.shifted(dc * w, -dr * w), val, float(hd)))
     found.sort(key=lambda p: p.peak, reverse=True)
     return found[: max(top_n, 1) * max(1, min(len(headings_deg), 3))]
