@@ -325,4 +325,4 @@ def test_maps_source_composites_pairs_by_footprint(tmp_path, tiled):
 
     for s in rec["scenes"]:
         with rio.open(tmp_path / "scenes" / f"{s['name']}.tif") as f:
-            assert np.allclose(f.read(), 2.0)  # inside file 002
+            assert np.allclose(f.read(), 2.0) and f.dtypes[0] == maps.source_dtype  # inside file 002, in the files' type

@@ -347,6 +347,7 @@ class MapsSource:
         self.grid = sources[0].grid
         self.crs = self.grid.crs
         self.count = sources[0].count
+        self.source_dtype = sources[0].source_dtype
 
     def read_bounds(self, bounds: Bounds, out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Footprint ``bounds`` (metres, working CRS) at ``out_shape`` (h, w): float32 (C, h, w)
