@@ -129,6 +129,7 @@ def evaluate_scenes(
             per_scene.append(r)
     rows = [summarise(per_scene, m) for m in methods]
     record = {"meta": {**(meta or {}), "scenes": str(scenes_dir), "n_refs": int(geo.localizer.index.ntotal),
+                       "embedder_sha256": geo.localizer.checkpoint_sha256,
                        "decision_rule": geo.decision_source, "rotation_range_deg": geo.settings.rotation_range_deg,
                        "answering": _answering(geo),
                        "gsd_factor": gsd_factor},

@@ -19,6 +19,15 @@ COLS = ("dataset", "tiles", "heading_deg", "method", "n_scenes", "n_refs", "succ
         "median_m", "corner_m", "heading_err_deg", "s_per_scene")
 
 
+def _calibrated_with(meta: dict) -> str | None:
+    """The embedder a report's decision was calibrated with (reports from before the report
+    recorded its embedder: georef uses a decision only with the embedder it records)."""
+    src = Path(str((meta.get("decision_rule") or {}).get("source", "")))
+    if src.suffix == ".json" and src.is_file():
+        return json.loads(src.read_text()).get("embedder_sha256")
+    return None
+
+
 def load(reports: Path = REPORTS) -> tuple[list[dict], dict[tuple, list[dict]]]:
     rows, per_scene = [], {}
     for f in sorted(reports.glob("*/rows.json")):
@@ -38,8 +47,10 @@ def load(reports: Path = REPORTS) -> tuple[list[dict], dict[tuple, list[dict]]]:
                 "1 thread beside another job: an upper bound"
             row = {"dataset": ds, "tiles": n, "heading_deg": h, **{k: r[k] for k in r if k != "method"}, "method": r["method"],
                    "n_refs": meta["n_refs"], "decision_rule": meta.get("decision_rule"), "experiment": meta.get("experiment"),
-                   "report": str(f.parent)}
-            rows.append({k: row[k] for k in COLS} | {k: row[k] for k in ("s_per_scene_busy_1thread", "timing", "decision_rule", "experiment", "report")})
+                   "report": str(f.parent), "dense_search": int((meta.get("answering") or {}).get("dense_search", 0)),
+                   "embedder_sha256": meta.get("embedder_sha256") or _calibrated_with(meta)}
+            rows.append({k: row[k] for k in COLS} | {k: row[k] for k in ("s_per_scene_busy_1thread", "timing", "dense_search", "embedder_sha256",
+                                                                        "decision_rule", "experiment", "report")})
         for p in rec["per_scene"]:
             per_scene.setdefault((ds, n, h, p["method"]), []).append(p)
     order = {"synthetic": 0, "uavsar": 1, "sentinel-la": 2, "demo strip (synthetic)": 3}

@@ -10,19 +10,29 @@
 # block (experiments/sentinel.json seed 0, 8x8 tiles), each calibrated on its training area.
 # Needs the demo run (make demo), and ../shared/data/real for the real rows (skipped without).
 # Every step skips what is already there; about 1.5 h on the 2-core machine.
+# The whole-map dense search (cmpc/localize/dense_search.py) is on by default: the decisions
+# record it (`dense_search` in scene_decision.json).
+# Overrides (defaults in brackets): MAP / CAL [demo-map8k / demo-map8k-cal] index names of the
+# test / calibration maps, SCENE_MODEL [runs/demo/scene_map8k], METHODS [independent verify
+# gnn+verify] of the synthetic rows, GNN [1] (0: calibrate verify only, `--no-gnn`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
 CMPC=.venv/bin/cmpc
 export CMPC_THREADS=${CMPC_THREADS:-1}
 N=${SCENES:-200}
+MAP=${MAP:-demo-map8k}
+CAL=${CAL:-demo-map8k-cal}
+SCENE_MODEL=${SCENE_MODEL:-runs/demo/scene_map8k}
+METHODS=${METHODS:-independent verify gnn+verify}
+GNN_FLAGS=$([ "${GNN:-1}" = 0 ] && echo --no-gnn || echo --gnn-count 30)
 [ -f runs/demo/emb_best.pt ] || { echo "error: runs/demo/emb_best.pt is missing: run make demo first" >&2; exit 2; }
 
 # maps and their indexes (the auto factory)
 $PY -m benchmarks.mosaic --tiles 4 --seed0 7000 --out data/scenes/map8k > /dev/null
 $PY -m benchmarks.mosaic --tiles 4 --seed0 7100 --out data/scenes/map8k_cal > /dev/null
-[ -f index/demo-map8k/manifest.json ] || $CMPC index build experiments/demo.json --raster data/scenes/map8k/optical.tif --name demo-map8k > /dev/null
-[ -f index/demo-map8k-cal/manifest.json ] || $CMPC index build experiments/demo.json --raster data/scenes/map8k_cal/optical.tif --name demo-map8k-cal > /dev/null
+[ -f index/$MAP/manifest.json ] || $CMPC index build experiments/demo.json --raster data/scenes/map8k/optical.tif --name $MAP > /dev/null
+[ -f index/$CAL/manifest.json ] || $CMPC index build experiments/demo.json --raster data/scenes/map8k_cal/optical.tif --name $CAL > /dev/null
 
 # Scenes under 64 tiles, or whose half-stride tiles over all headings fit 1,000, are tiled at half
 # the reference stride (SceneSettings.min_scene_tiles / max_dense_tiles; half vs reference vs
@@ -32,8 +42,8 @@ $PY -m benchmarks.mosaic --tiles 4 --seed0 7100 --out data/scenes/map8k_cal > /d
 # scene GNN + decision rule on the calibration map. 100 candidates per tile were chosen there
 # (60 8x8-tile calibration scenes, seed 4242: found within 5 m 0.82 / 0.92 / 0.95 with 20 / 50 / 100,
 # docs/RESULTS.md); the test map never chose anything
-[ -f runs/demo/scene_map8k/scene_decision.json ] || $CMPC train scene experiments/demo.json --sar data/scenes/map8k_cal/sar.tif \
-  --areas data/scenes/map8k_cal/mosaic.json --index demo-map8k-cal --out runs/demo/scene_map8k --tiles 2 4 8 --count 30 --gnn-count 30 --top-k 100
+[ -f $SCENE_MODEL/scene_decision.json ] || $CMPC train scene experiments/demo.json --sar data/scenes/map8k_cal/sar.tif \
+  --areas data/scenes/map8k_cal/mosaic.json --index $CAL --out $SCENE_MODEL --tiles 2 4 8 --count 30 $GNN_FLAGS --top-k 100
 
 # test scenes (no georeferencing; truth = where the content lies, the world's SAR misregistration removed)
 for n in 2 4 8; do for h in 0 15; do
@@ -41,8 +51,8 @@ for n in 2 4 8; do for h in 0 15; do
   [ -f $d/scenes.json ] || $CMPC data scenes experiments/demo.json --sar data/scenes/map8k/sar.tif --areas data/scenes/map8k/mosaic.json \
     --tiles $n --count $N --heading-range $h --seed $((9000 + 10 * n + h)) --out $d > /dev/null
   o=reports/scenes/synthetic_${n}x${n}_h$h
-  [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes $d --index demo-map8k --scene-model runs/demo/scene_map8k \
-    --methods independent verify gnn+verify --rotation-range $h --out $o > /dev/null
+  [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes $d --index $MAP --scene-model $SCENE_MODEL \
+    --methods $METHODS --rotation-range $h --out $o > /dev/null
 done; done
 
 # real scenes
@@ -69,5 +79,5 @@ for n in 2 3 4; do for h in 0 15; do
   o=reports/scenes/demo_${n}x${n}_h$h
   [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes $d --methods independent verify gnn+verify --rotation-range $h --out $o > /dev/null
 done; done
-bash experiments/scenes/timing.sh
+MAP=$MAP SCENE_MODEL=$SCENE_MODEL METHODS="$METHODS" bash experiments/scenes/timing.sh
 $PY experiments/scenes/collect.py

@@ -3,9 +3,13 @@
 # two at a time, so their times are upper bounds): the first 20 scenes of each synthetic setting,
 # all three methods (they share the tiling and search), after models, index and map descriptors
 # are loaded. collect.py reports these medians as s_per_scene.
+# MAP / SCENE_MODEL / METHODS as in run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CMPC_THREADS=2
+MAP=${MAP:-demo-map8k}
+SCENE_MODEL=${SCENE_MODEL:-runs/demo/scene_map8k}
+METHODS=${METHODS:-independent verify gnn+verify}
 for n in 2 4 8; do for h in 0 15; do
   src=data/scenes/map8k_${n}x${n}_h$h
   sub=data/scenes/timing_${n}x${n}_h$h
@@ -14,6 +18,6 @@ for n in 2 4 8; do for h in 0 15; do
   rm -rf $sub && mkdir -p $sub
   for t in $(ls $src/*.truth.json | head -20); do s=${t%.truth.json}; ln -s "$PWD/$s.tif" $sub/; ln -s "$PWD/$t" $sub/; done
   rm -rf $o
-  .venv/bin/cmpc eval scenes experiments/demo.json --scenes $sub --index demo-map8k --scene-model runs/demo/scene_map8k \
-    --methods independent verify gnn+verify --rotation-range $h --out $o > /dev/null
+  .venv/bin/cmpc eval scenes experiments/demo.json --scenes $sub --index $MAP --scene-model $SCENE_MODEL \
+    --methods $METHODS --rotation-range $h --out $o > /dev/null
 done; done

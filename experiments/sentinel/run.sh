@@ -8,7 +8,7 @@
 # experiments/sentinel/screen_fusion.py), tested once and checked on BigEarthNet. That fused
 # checkpoint is what weights/sentinel/ ships, with seed 0's dense descriptor alone as the
 # scene aligner (`cmpc model aligner`) and a scene decision calibrated for the fused embedder
-# (`cmpc train scene`, verify only, reference stride). To ship a retrained one:
+# (`cmpc train scene`, verify only, reference stride, whole-map dense search). To ship a retrained one:
 #   cp runs/sentinel_fused/emb_best.pt weights/sentinel/embedder.pt
 #   cp runs/sentinel_fused/refiner.pt weights/sentinel/aligner.pt
 #   cp runs/sentinel_fused/scene_decision.json weights/sentinel/ && .venv/bin/cmpc model seal sentinel
