@@ -165,29 +165,32 @@ def search_map(
     s, w = mosaic.stride, float(mosaic.gsd_m)
     H, W = image.shape[-2:]
     sep = max(1, int(round(min_sep_m / w / s / p)))
-    found: list[DensePeak] = []
+    # every heading's template first (the scene placed with its pixel (0, 0) at the map's NW
+    # corner), then one pass over the map's blocks: a block's spectrum is read (or, on a map
+    # too large for the cache, computed) once per scene, not once per heading
+    temps = []
     for hd in headings_deg:
-        # the scene placed with its pixel (0, 0) at the map's NW corner; a template cell
-        # offset (u, v) moves it by (v s w, -u s w) metres
         t0 = SceneTransform.from_params(gsd_m, float(hd), mosaic.origin_x, mosaic.origin_y)
-        desc, cell_valid, (rmin, cmin) = _scene_descriptors(aligner, mosaic, image, valid, t0, device)
+        desc, _, (rmin, cmin) = _scene_descriptors(aligner, mosaic, image, valid, t0, device)
         # start the template on the pooled grid: pad it to an even (for pool 2) map cell
         r0, c0 = rmin // s, cmin // s
         pr, pc = r0 % p, c0 % p
-        r0, c0 = r0 - pr, c0 - pc
         desc = pool_cells(F.pad(desc, (pc, 0, pr, 0)), p)
         nvalid = float((desc.abs().sum(0) > 0).sum())
-        if nvalid < 4:
-            continue
-        h, wc = desc.shape[-2:]
-        (bh, bw), (nh, nw), blocks = spectra.layout(h, wc)
-        ft = torch.fft.rfft2(desc, s=(nh, nw)).conj()
-        cx0, cy0 = t0.centre(W, H)
-        cands: list[tuple[float, int, int]] = []
-        for i, (r, c) in enumerate(blocks):
-            score = torch.fft.irfft2((spectra.spectrum(i) * ft).sum(0), s=(nh, nw))[:bh, :bw] / nvalid
+        if nvalid >= 4:
+            temps.append((float(hd), t0, desc, nvalid, r0 - pr, c0 - pc))
+    if not temps:
+        return []
+    (bh, bw), (nh, nw), blocks = spectra.layout(max(t[2].shape[1] for t in temps), max(t[2].shape[2] for t in temps))
+    fts = [torch.fft.rfft2(t[2], s=(nh, nw)).conj() for t in temps]
+    cands: list[list[tuple[float, int, int]]] = [[] for _ in temps]
+    for i, (r, c) in enumerate(blocks):
+        spec = spectra.spectrum(i)
+        for k, (_, t0, _, nvalid, r0, c0) in enumerate(temps):
+            score = torch.fft.irfft2((spec * fts[k]).sum(0), s=(nh, nw))[:bh, :bw] / nvalid
             if prior is not None:
                 px, py, rad = prior
+                cx0, cy0 = t0.centre(W, H)
                 u = torch.arange(bh, dtype=torch.float64)[:, None] + r
                 v = torch.arange(bw, dtype=torch.float64)[None, :] + c
                 # pooled cell (u, v) holds the template's first one: the shift is from the window's start
@@ -196,17 +199,18 @@ def search_map(
                 inside = (cx0 + dx - px) ** 2 + (cy0 + dy - py) ** 2 <= rad * rad
                 score = score.masked_fill(~inside, float("-inf"))
             for val, u, v in _local_maxima(score, top_n, sep):
-                cands.append((val, u + r, v + c))
-        cands.sort(reverse=True)
+                cands[k].append((val, u + r, v + c))
+    found: list[DensePeak] = []
+    for k, (hd, t0, _, _, r0, c0) in enumerate(temps):
         kept: list[tuple[float, int, int]] = []
-        for val, u, v in cands:
+        for val, u, v in sorted(cands[k], reverse=True):
             if all(abs(u - a) > sep or abs(v - b) > sep for _, a, b in kept):
                 kept.append((val, u, v))
             if len(kept) >= top_n:
                 break
         for val, u, v in kept:
             dr, dc = (p * u - r0) * s, (p * v - c0) * s
-            found.append(DensePeak(t0.shifted(dc * w, -dr * w), val, float(hd)))
+            found.append(DensePeak(t0.shifted(dc * w, -dr * w), val, hd))
     found.sort(key=lambda p: p.peak, reverse=True)
     return found[: max(top_n, 1) * max(1, min(len(headings_deg), 3))]
 
