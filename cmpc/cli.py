@@ -457,18 +457,18 @@ def cmd_train_scene(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if args.no_gnn:
         rec = calibrate(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges), checkpoint=args.checkpoint,
-                        source=source, out_dir=out, top_k=args.top_k, **tiling)
+                        source=source, out_dir=out, top_k=args.top_k, negatives=args.negatives, **tiling)
     elif args.keep_gnn:
         from cmpc.train.scene import calibrate_keeping_gnn
 
         rec = calibrate_keeping_gnn(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges),
-                                    checkpoint=args.checkpoint, source=source, out_dir=out, top_k=args.top_k, **tiling)
+                                    checkpoint=args.checkpoint, source=source, out_dir=out, top_k=args.top_k, negatives=args.negatives, **tiling)
     else:
         from cmpc.train.scene import train_and_calibrate
 
         rec = train_and_calibrate(exp, index_dir, tiles=tuple(args.tiles), count=args.count, heading_ranges=tuple(args.heading_ranges),
                                   checkpoint=args.checkpoint, gnn_count=args.gnn_count, gnn_epochs=args.gnn_epochs, source=source, out_dir=out,
-                                  top_k=args.top_k)
+                                  top_k=args.top_k, negatives=args.negatives)
     print(json.dumps(rec, indent=2))
     return 0
 
@@ -659,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="embedder checkpoint (default: runs/<name>/emb_best.pt)")
     p.add_argument("--tiles", type=int, nargs="+", default=[2, 3], help="scene sizes (N x N tiles) to calibrate on")
     p.add_argument("--count", type=int, default=30, help="scenes per size and heading range")
+    p.add_argument("--negatives", type=int, help="off-map scenes (mirrored copies) per size and heading range, every claim of one false (default: half of --count; 0 = none)")
     p.add_argument("--heading-ranges", dest="heading_ranges", type=float, nargs="+", default=[0.0, 15.0],
                    help="heading ranges (+-DEG) of the validation scenes; rotated ones are searched with that rotation range")
     p.add_argument("--no-gnn", dest="no_gnn", action="store_true", help="only calibrate the verify rule (no scene-graph GNN)")

@@ -230,5 +230,49 @@ def test_peak_margin_feature_claims_scenes_few_tiles_agree_on(tmp_path) -> None:
     write_calibration_rows(tmp_path / CALIBRATION_FILE, rows)
     assert read_calibration_rows(tmp_path / CALIBRATION_FILE)[0]["peak_margin"] == 0.25
     text = (tmp_path / CALIBRATION_FILE).read_text().splitlines()
-    (tmp_path / CALIBRATION_FILE).write_text("\n".join(line.rsplit(",", 1)[0] for line in text) + "\n")
+    (tmp_path / CALIBRATION_FILE).write_text("\n".join(line.rsplit(",", 2)[0] for line in text) + "\n")  # a file from before margins and off-map scenes
     assert np.isnan(read_calibration_rows(tmp_path / CALIBRATION_FILE)[0]["peak_margin"])
+
+
+def test_off_map_scenes_give_the_decision_something_wrong_to_learn_from(tmp_path) -> None:
+    """Calibration scenes whose best placements are all right leave no logistic model to fit;
+    mirrored copies (off-map scenes, every claim false) do: with them the margin model claims
+    the right placements few tiles agree on and refuses the off-map ones."""
+    import rasterio
+
+    from cmpc.train.scene import mirror_scenes, read_calibration_rows, write_calibration_rows
+
+    # mirror_scenes: values flipped left-right, mask and type kept, truth marked off-map
+    src, dst = tmp_path / "cut", tmp_path / "off"
+    src.mkdir()
+    a = np.arange(4 * 6, dtype=np.uint8).reshape(1, 4, 6)
+    for k in range(3):
+        with rasterio.open(src / f"scene_{k:04d}.tif", "w", driver="GTiff", width=6, height=4, count=1, dtype="uint8") as f:
+            f.write(a + k)
+            f.write_mask(np.where(np.arange(6)[None, :] < 2, 0, 255).repeat(4, 0).astype(np.uint8))
+        (src / f"scene_{k:04d}.truth.json").write_text(json.dumps({"scene": f"scene_{k:04d}.tif", "gsd_m": 1.0}))
+    assert mirror_scenes(src, dst, 2) == 2 and sorted(p.name for p in dst.glob("*.tif")) == ["scene_0000.tif", "scene_0001.tif"]
+    with rasterio.open(dst / "scene_0001.tif") as f:
+        assert f.dtypes[0] == "uint8" and (f.read() == (a + 1)[:, :, ::-1]).all()
+        assert (f.dataset_mask()[:, 4:] == 0).all() and (f.dataset_mask()[:, :4] == 255).all()
+    assert json.loads((dst / "scene_0000.truth.json").read_text())["off_map"] is True
+    # evidence: 150 right placements (few agreeing tiles, margins 0.1-0.5), 75 off-map (inf error)
+    rng = np.random.default_rng(7)
+    n_pos, n_neg = 150, 75
+    inl = np.concatenate([rng.integers(0, 10, n_pos), rng.integers(0, 3, n_neg)]).astype(np.float64)
+    peak = np.concatenate([rng.uniform(0.4, 0.75, n_pos), rng.uniform(0.15, 0.45, n_neg)])
+    margin = np.concatenate([rng.uniform(0.1, 0.5, n_pos), rng.uniform(-0.05, 0.05, n_neg)])
+    err = np.concatenate([rng.uniform(0.2, 3.0, n_pos), np.full(n_neg, np.inf)])
+    rows = [{"method": "verify", "tiles_per_side": 2, "heading_range_deg": 0.0, "scene": f"s{i}", "inliers": int(inl[i]), "tiles": 64,
+             "fine_peak": float(peak[i]), "centre_m": float(err[i]), "peak_margin": float(margin[i]), "off_map": int(i >= n_pos)}
+            for i in range(n_pos + n_neg)]
+    write_calibration_rows(tmp_path / "cal.csv", rows)
+    back = read_calibration_rows(tmp_path / "cal.csv")
+    ev = Evidence.of_rows(back)
+    assert (ev.err[n_pos:] == 1e9).all() and np.isinf(back[-1]["centre_m"])
+    assert fit_confidence(ev.subset(np.arange(n_pos))) is None  # positives only: nothing to learn
+    d = choose_decider(ev)
+    assert d["chosen"].startswith("confidence+margin")
+    claims = confidence_claims(d["confidence"], ev)
+    assert claims[:n_pos].mean() >= 0.95 and not claims[n_pos:].any()
+    assert choose_rule(ev)["found_good"] < claims[:n_pos].sum()  # thresholds need 2 agreeing tiles

@@ -7,7 +7,10 @@ georeferenced against the training map with the decision switched off, and eithe
 thresholds (inlier tiles, inlier fraction, peak) or a logistic confidence model fit
 (:mod:`cmpc.localize.decision`), whichever finds more scenes (centre within ``good_m``) in
 cross-validation while false claims (centre error > ``bad_m``) stay at most ``max_false``
-of the scenes. Written to ``runs/<name>/scene_decision.json`` (read by
+of the scenes. The scenes include **off-map scenes** (negatives): mirrored copies of some of
+the cut scenes, content that lies nowhere on the map with the statistics of the real thing;
+any placement claimed for one is a false claim. Without them a calibration whose placements
+are all right has nothing to learn "wrong" from. Written to ``runs/<name>/scene_decision.json`` (read by
 :func:`cmpc.localize.georef.load_decision`), the answers beside it in
 ``scene_calibration.csv`` (``cmpc train scene --rechoose`` chooses again from them).
 
@@ -40,9 +43,36 @@ from cmpc.utils.io import atomic_write_json, atomic_write_text
 
 #: the calibration scenes' answers (rule off), one row per scene and method, beside the decision file
 CALIBRATION_FILE = "scene_calibration.csv"
-_CAL_COLUMNS = ("method", "tiles_per_side", "heading_range_deg", "scene", "inliers", "tiles", "fine_peak", "centre_m", "peak_margin")
-#: columns a calibration file must have (files from before the dense search lack peak_margin)
-_CAL_REQUIRED = _CAL_COLUMNS[:-1]
+_CAL_COLUMNS = ("method", "tiles_per_side", "heading_range_deg", "scene", "inliers", "tiles", "fine_peak", "centre_m", "peak_margin", "off_map")
+#: columns a calibration file must have (files from before the dense search lack peak_margin and off_map)
+_CAL_REQUIRED = _CAL_COLUMNS[:-2]
+
+
+def mirror_scenes(src: Path, dst: Path, k: int) -> int:
+    """Off-map scenes: the first ``k`` scenes of the cut folder ``src`` mirrored left-right
+    (values, mask and type kept) into ``dst`` with their truth files (the truth is not used:
+    an off-map scene has no right place). Returns how many were written."""
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from cmpc.evaluate.scenes import list_scenes
+
+    dst.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for path, truth in list_scenes(src)[: max(0, k)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as f:
+                data, mask, profile = f.read()[:, :, ::-1], f.dataset_mask()[:, ::-1], f.profile
+            with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(dst / path.name, "w", **profile) as f:
+                f.write(data)
+                if profile.get("nodata") is None:
+                    f.write_mask(mask)
+        (dst / path.name.replace(".tif", ".truth.json")).write_text(json.dumps({**truth, "off_map": True}), encoding="utf-8")
+        n += 1
+    return n
 
 
 def decision_record(per_scene: list[dict[str, Any]], method: str, max_false: float = 0.02) -> dict[str, Any]:
@@ -123,6 +153,7 @@ def calibrate(
     min_scene_tiles: int = SceneSettings.min_scene_tiles,
     max_dense_tiles: int = SceneSettings.max_dense_tiles,
     dense_search: int = SceneSettings.dense_search,
+    negatives: int | None = None,
 ) -> dict[str, Any]:
     """Cut validation scenes from the training area (each size in ``tiles``, each heading
     range in ``heading_ranges``; rotated ones answered with that rotation range), answer
@@ -131,12 +162,15 @@ def calibrate(
     rule is chosen the same way and written under ``methods["gnn+verify"]``; the top-level
     rule stays the verify one. ``source``: where the scenes are cut (default the experiment's
     training area); ``out_dir``: where scene_decision.json goes (default ``runs/<name>``);
-    ``top_k``: candidates per tile, recorded with the rule (georef uses it unless told otherwise)."""
+    ``top_k``: candidates per tile, recorded with the rule (georef uses it unless told otherwise);
+    ``negatives``: off-map scenes per size and heading range (:func:`mirror_scenes`; default
+    half of ``count``), answered like the others, every claim of one counted false."""
     out_dir = Path(out_dir) if out_dir is not None else Path(exp.run_dir)
     work = out_dir / "scene_val"
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
     source = source or SceneSource.of_experiment(exp)
     per_scene: list[dict[str, Any]] = []
+    n_neg = count // 2 if negatives is None else int(negatives)
     off = {"source": "calibration (rule off)", "min_inliers": 0, "min_inlier_frac": 0.0, "min_fine_peak": -1.0}
     try:
         i = 0
@@ -148,7 +182,10 @@ def calibrate(
                 folder = work / f"train_{n}x{n}_h{hr:g}"
                 source.cut(exp.data.root, folder, "train", n, count, float(hr), seed + i)
                 rows = evaluate_scenes(geo, folder, None, methods=methods)["per_scene"]
-                per_scene += [{**r, "tiles_per_side": n, "heading_range_deg": float(hr)} for r in rows]
+                per_scene += [{**r, "tiles_per_side": n, "heading_range_deg": float(hr), "off_map": 0} for r in rows]
+                if n_neg > 0 and mirror_scenes(folder, work / f"off_{n}x{n}_h{hr:g}", n_neg):
+                    rows = evaluate_scenes(geo, work / f"off_{n}x{n}_h{hr:g}", None, methods=methods)["per_scene"]
+                    per_scene += [{**r, "tiles_per_side": n, "heading_range_deg": float(hr), "off_map": 1, "centre_m": float("inf")} for r in rows]
                 i += 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -166,9 +203,11 @@ def calibrate(
         "chosen_on": {
             "split": "train", "source": source.label, "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
             "heading_ranges_deg": list(heading_ranges), "seed": seed, "n_scenes": rule["n_scenes"],
+            "off_map_scenes": sum(1 for r in per_scene if r.get("off_map") and r["method"] == "verify"),
             "found_within_25m": rule["found_within_25m"], "false_claims_over_100m": rule["false_claims_over_100m"],
-            "criterion": ("most scenes found within 25 m with false claims (> 100 m) at most 2 % of the scenes; thresholds or the "
-                          "logistic confidence model, whichever finds more in 5-fold cross-validation (cmpc.localize.decision)"),
+            "criterion": ("most scenes found within 25 m with false claims (> 100 m, or any claim for an off-map scene) at most 2 % "
+                          "of the scenes; thresholds or the logistic confidence models, whichever finds more in 5-fold "
+                          "cross-validation (cmpc.localize.decision)"),
         },
         "default_when_uncalibrated": {"min_inliers": SceneSettings.min_inliers, "min_inlier_frac": SceneSettings.min_inlier_frac,
                                       "min_fine_peak": SceneSettings.min_fine_peak},
@@ -191,6 +230,7 @@ def calibrate_keeping_gnn(
     top_k: int = SceneSettings.top_k,
     min_scene_tiles: int = SceneSettings.min_scene_tiles,
     max_dense_tiles: int = SceneSettings.max_dense_tiles,
+    negatives: int | None = None,
 ) -> dict[str, Any]:
     """``cmpc train scene --keep-gnn``: :func:`calibrate` verify and gnn+verify with the
     scene-graph GNN already in ``out_dir`` (not retrained); the earlier file's
@@ -208,7 +248,8 @@ def calibrate_keeping_gnn(
     old = json.loads(dpath.read_text(encoding="utf-8")) if dpath.is_file() else {}
     gnn = SceneGraphRescorer.load(gpath, default_checkpoint(exp.run_dir, checkpoint))
     record = calibrate(exp, train_index_dir, tiles, count, heading_ranges, checkpoint=checkpoint, methods=("verify", "gnn+verify"), gnn=gnn,
-                       source=source, out_dir=out_dir, top_k=top_k, min_scene_tiles=min_scene_tiles, max_dense_tiles=max_dense_tiles)
+                       source=source, out_dir=out_dir, top_k=top_k, min_scene_tiles=min_scene_tiles, max_dense_tiles=max_dense_tiles,
+                       negatives=negatives)
     for k in ("default_method", "scene_graph"):
         if k in old:
             record[k] = old[k]
@@ -239,6 +280,7 @@ def train_and_calibrate(
     source: SceneSource | None = None,
     out_dir: str | Path | None = None,
     top_k: int = SceneSettings.top_k,
+    negatives: int | None = None,
 ) -> dict[str, Any]:
     """``cmpc train scene``: train the scene-graph GNN (:func:`cmpc.train.scene_graph.train_scene_graph`,
     its validation scenes = the southern part of the training area), calibrate the decision
@@ -259,7 +301,7 @@ def train_and_calibrate(
                                 checkpoint=checkpoint, keep_val=val_dir, source=source, out_dir=out_dir, top_k=top_k)
         gnn = SceneGraphRescorer.load(out_dir / SCENE_GRAPH_FILE, default_checkpoint(exp.run_dir, checkpoint))
         record = calibrate(exp, train_index_dir, tiles, count, heading_ranges, checkpoint=checkpoint, methods=("verify", "gnn+verify"), gnn=gnn,
-                           source=source, out_dir=out_dir, top_k=top_k)
+                           source=source, out_dir=out_dir, top_k=top_k, negatives=negatives)
         loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=train_index_dir)
         per_scene: list[dict[str, Any]] = []
         for hr in heading_ranges:
