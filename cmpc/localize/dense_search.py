@@ -183,14 +183,15 @@ def search_map(
         return []
     (bh, bw), (nh, nw), blocks = spectra.layout(max(t[2].shape[1] for t in temps), max(t[2].shape[2] for t in temps))
     fts = [torch.fft.rfft2(t[2], s=(nh, nw)).conj() for t in temps]
+    centres = [t[1].centre(W, H) for t in temps]  # each template's scene centre at offset 0
     cands: list[list[tuple[float, int, int]]] = [[] for _ in temps]
     for i, (r, c) in enumerate(blocks):
         spec = spectra.spectrum(i)
-        for k, (_, t0, _, nvalid, r0, c0) in enumerate(temps):
+        for k, (_, _, _, nvalid, r0, c0) in enumerate(temps):
             score = torch.fft.irfft2((spec * fts[k]).sum(0), s=(nh, nw))[:bh, :bw] / nvalid
             if prior is not None:
                 px, py, rad = prior
-                cx0, cy0 = t0.centre(W, H)
+                cx0, cy0 = centres[k]
                 u = torch.arange(bh, dtype=torch.float64)[:, None] + r
                 v = torch.arange(bw, dtype=torch.float64)[None, :] + c
                 # pooled cell (u, v) holds the template's first one: the shift is from the window's start

@@ -195,6 +195,7 @@ class Georeferencer:
         self._spectra: MapSpectra | None = None
         #: the input conventions of a shipped model (``cmpc georef --model``): scenes are checked against them
         self.conventions = None
+        self._dense_scene: SceneImage | None = None  # the scene the cached peaks are of (held, so never another one at its address)
         self._dense_key: tuple[Any, ...] | None = None
         self._dense: list[DensePeak] = []
 
@@ -334,8 +335,8 @@ class Georeferencer:
         them; :mod:`cmpc.localize.dense_search`), within the prior disc when there is one;
         cached per scene (verify and gnn+verify share it)."""
         s = s or self.settings
-        key = (id(scene), s.dense_search, tuple(s.headings()), repr(prior))
-        if self._dense_key != key:
+        key = (s.dense_search, tuple(s.headings()), repr(prior))
+        if self._dense_scene is not scene or self._dense_key != key:
             if self._spectra is None:
                 self._spectra = MapSpectra(self.feature_mosaic())
             disc = None
@@ -343,7 +344,7 @@ class Georeferencer:
                 disc = (float(prior["center"][0]), float(prior["center"][1]), float(prior["radius_m"]))
             peaks = search_map(self.aligner, self._spectra, scene.image, scene.valid, scene.gsd_m, s.headings(), top_n=s.dense_search,
                                min_sep_m=self.stride_m, prior=disc, device=self.localizer.device)
-            self._dense_key, self._dense = key, peaks
+            self._dense_scene, self._dense_key, self._dense = scene, key, peaks
         return self._dense
 
     def _verify(self, scene: SceneImage, tiles: SceneTiles, cand: SceneCandidates, s: SceneSettings | None = None, method: str = "verify",
