@@ -89,7 +89,9 @@ class MapSpectra:
         return self._layout
 
     def _context(self, r: int, c: int, hh: int, ww: int) -> torch.Tensor:
-        """Cells ``[r, r + hh) x [c, c + ww)`` of the descriptor map, zero outside it."""
+        """Cells ``[r, r + hh) x [c, c + ww)`` of the descriptor map, zero outside it (not
+        ``FeatureMosaic.crops``: its zero-bordered copy of the whole map would be padded by a
+        whole block on every side)."""
         d = self.desc
         _, Hc, Wc = d.shape
         r0, r1, c0, c1 = max(r, 0), min(r + hh, Hc), max(c, 0), min(c + ww, Wc)
@@ -130,13 +132,18 @@ def _local_maxima(score: torch.Tensor, top_n: int, sep: int) -> list[tuple[float
     ok = torch.isfinite(vals)
     vals, idx = vals[ok], idx[ok]
     order = torch.argsort(vals, descending=True)[: 8 * top_n]
+    return _separated([(float(vals[k]), *divmod(int(idx[k]), W + pw)) for k in order.tolist()], top_n, sep)
+
+
+def _separated(peaks: list[tuple[float, int, int]], top_n: int, sep: int) -> list[tuple[float, int, int]]:
+    """Greedily, from the highest: the first ``top_n`` of ``(value, row, col)`` peaks more
+    than ``sep`` cells from every one kept."""
     out: list[tuple[float, int, int]] = []
-    for k in order.tolist():
-        u, v = divmod(int(idx[k]), W + pw)
+    for val, u, v in sorted(peaks, reverse=True):
         if all(abs(u - a) > sep or abs(v - b) > sep for _, a, b in out):
-            out.append((float(vals[k]), u, v))
-        if len(out) >= top_n:
-            break
+            out.append((val, u, v))
+            if len(out) >= top_n:
+                break
     return out
 
 
@@ -203,13 +210,7 @@ def search_map(
                 cands[k].append((val, u + r, v + c))
     found: list[DensePeak] = []
     for k, (hd, t0, _, _, r0, c0) in enumerate(temps):
-        kept: list[tuple[float, int, int]] = []
-        for val, u, v in sorted(cands[k], reverse=True):
-            if all(abs(u - a) > sep or abs(v - b) > sep for _, a, b in kept):
-                kept.append((val, u, v))
-            if len(kept) >= top_n:
-                break
-        for val, u, v in kept:
+        for val, u, v in _separated(cands[k], top_n, sep):
             dr, dc = (p * u - r0) * s, (p * v - c0) * s
             found.append(DensePeak(t0.shifted(dc * w, -dr * w), val, hd))
     found.sort(key=lambda p: p.peak, reverse=True)
