@@ -3,6 +3,7 @@ index/exact benchmarks' numbers, and run_all's discovery and contract checks."""
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import types
@@ -36,6 +37,9 @@ def test_time_runs_counts_and_median():
 
 
 def test_peak_rss_sees_an_allocation():
+    # earlier tests' cyclic garbage, collected inside the block, would lower the RSS by as much as
+    # the block raises it (seen in long runs): collect it first
+    gc.collect()
     with harness.PeakRss(interval=0.005) as mem:
         block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
         block[::512] = 2.0
