@@ -1,7 +1,10 @@
 """Collect the scene-localization study (experiments/scenes/run.sh) into docs/scenes.json,
 the curves docs/img/scenes_success.png / scenes_cdf.png, and a markdown table on stdout.
 
-Reads ``reports/scenes/<dataset>_<n>x<n>_h<deg>/rows.json`` (written by ``cmpc eval scenes``).
+Reads ``reports/scenes/<dataset>_<n>x<n>_h<deg>/rows.json`` (written by ``cmpc eval scenes``);
+``--more ROOT`` (repeatable) adds the methods of ``ROOT/<same names>/rows.json`` that the main
+reports lack (e.g. gnn+verify answered later for the same scenes with another scene model);
+every row keeps the report it came from.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ def _calibrated_with(meta: dict) -> str | None:
     return None
 
 
-def load(reports: Path = REPORTS) -> tuple[list[dict], dict[tuple, list[dict]]]:
+def load(reports: Path = REPORTS, more: tuple[Path, ...] = ()) -> tuple[list[dict], dict[tuple, list[dict]]]:
     rows, per_scene = [], {}
-    for f in sorted(reports.glob("*/rows.json")):
+    owner: dict[tuple, Path] = {}  # (dataset, tiles, heading, method) -> the report its row comes from
+    for f in [f for root in (reports, *more) for f in sorted(Path(root).glob("*/rows.json"))]:
         m = re.fullmatch(r"(synthetic|uavsar|sentinel|demo)_(\d+)x\d+_h(\d+)", f.parent.name)
         if not m:
             continue
@@ -40,6 +44,8 @@ def load(reports: Path = REPORTS) -> tuple[list[dict], dict[tuple, list[dict]]]:
         timing = reports.parent / "scenes_timing" / f.parent.name / "rows.json"
         quiet = {r["method"]: r["s_per_scene"] for r in json.loads(timing.read_text())["rows"]} if timing.is_file() else {}
         for r in rec["rows"]:
+            if owner.setdefault((ds, n, h, r["method"]), f) != f:  # the main reports (then earlier --more roots) win
+                continue
             r = dict(r)
             r["s_per_scene_busy_1thread"] = r["s_per_scene"]
             r["s_per_scene"] = quiet.get(r["method"], r["s_per_scene"])
@@ -52,7 +58,8 @@ def load(reports: Path = REPORTS) -> tuple[list[dict], dict[tuple, list[dict]]]:
             rows.append({k: row[k] for k in COLS} | {k: row[k] for k in ("s_per_scene_busy_1thread", "timing", "dense_search", "embedder_sha256",
                                                                         "decision_rule", "experiment", "report")})
         for p in rec["per_scene"]:
-            per_scene.setdefault((ds, n, h, p["method"]), []).append(p)
+            if owner.get((ds, n, h, p["method"])) == f:
+                per_scene.setdefault((ds, n, h, p["method"]), []).append(p)
     order = {"synthetic": 0, "uavsar": 1, "sentinel-la": 2, "demo strip (synthetic)": 3}
     rows.sort(key=lambda r: (order[r["dataset"]], r["heading_deg"], r["tiles"], ("independent", "verify", "gnn+verify").index(r["method"])))
     return rows, per_scene
@@ -131,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/scenes.json")
     ap.add_argument("--img", default="docs/img")
+    ap.add_argument("--more", action="append", default=[], metavar="ROOT",
+                    help="another reports root whose methods join rows the main reports lack (repeatable)")
     a = ap.parse_args(argv)
-    rows, per_scene = load()
+    rows, per_scene = load(more=tuple(Path(m) for m in a.more))
     if not rows:
         raise SystemExit("no reports/scenes/*/rows.json: run experiments/scenes/run.sh first")
     # docs/scenes.json: one row per (dataset, tiles, heading_deg, method) of the study's three

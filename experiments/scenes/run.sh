@@ -7,8 +7,9 @@
 # GNN and the decision rule are fit on the calibration map only (runs/demo/scene_map8k); the
 # test map answers 200 scenes per (tiles 2/4/8, heading 0 / +-15 deg), reported once.
 # Real: UAVSAR test strip (experiments/uavsar.json, 2x2 / 3x3 tiles) and the sentinel-la test
-# block (experiments/sentinel.json seed 0, 8x8 tiles), each calibrated on its training area.
-# Needs the demo run (make demo), and ../shared/data/real for the real rows (skipped without).
+# block (the shipped model weights/sentinel, 8x8 tiles), each calibrated on its training area.
+# Needs the demo run (make demo), and ../shared/data/real for the real rows (skipped without; the
+# UAVSAR rows need runs/uavsar (experiments/uavsar.json), the sentinel-la rows `make sentinel`).
 # Every step skips what is already there; about 1.5 h on the 2-core machine.
 # The whole-map dense search (cmpc/localize/dense_search.py) is on by default: the decisions
 # record it (`dense_search` in scene_decision.json).
@@ -65,12 +66,22 @@ if [ -d ../shared/data/real/uavsar-nc ] && [ -f runs/uavsar/emb_best.pt ]; then
     [ -f $o/rows.json ] || $CMPC eval scenes experiments/uavsar.json --scenes $d --methods independent verify gnn+verify --out $o > /dev/null
   done
 fi
-if [ -d ../shared/data/real/sentinel-la ] && [ -f runs/sentinel/emb_best.pt ]; then
-  [ -f runs/sentinel/scene_decision.json ] || $CMPC train scene experiments/sentinel.json --tiles 4 8 --count 30
-  d=data/scenes/sentinel_8x8_h0
+# sentinel-la: the shipped model (weights/sentinel: the fused embedder, its aligner and decision) on
+# the test block's index that `make sentinel` builds with that embedder (index/sentinel_fused);
+# gnn+verify with a scene-graph GNN trained for it on the training area (trained with the default
+# tiling, then the decisions calibrated again at the shipped model's reference-stride tiling)
+if [ -d ../shared/data/real/sentinel-la ] && [ -f index/sentinel_fused/manifest.json ]; then
+  S=runs/sentinel_fused/scene_gnn
+  SFLAGS=(--set name=sentinel_fused --set refine.rerank=false --set refine.gnn_position=false --set refine.fine_align=false
+          --set refine.gate=config --tiles 4 8 --heading-ranges 0 15 --out $S)
+  [ -f $S/scene_graph.pt ] || $CMPC train scene experiments/sentinel.json "${SFLAGS[@]}" --count 5 --gnn-count 30
+  grep -q '"min_scene_tiles": 0' $S/scene_decision.json || \
+    $CMPC train scene experiments/sentinel.json "${SFLAGS[@]}" --count 30 --keep-gnn --min-tiles 0 --max-dense-tiles 0
+  d=data/scenes/sentinel_8x8_h0_u8
   [ -f $d/scenes.json ] || $CMPC data scenes experiments/sentinel.json --tiles 8 --count $N --seed 9208 --out $d > /dev/null
   o=reports/scenes/sentinel_8x8_h0
-  [ -f $o/rows.json ] || $CMPC eval scenes experiments/sentinel.json --scenes $d --methods independent verify gnn+verify --out $o > /dev/null
+  [ -f $o/rows.json ] || $CMPC eval scenes --model sentinel --index sentinel_fused --scene-model $S --scenes $d \
+    --methods independent verify gnn+verify --out $o > /dev/null
 fi
 # the demo's own test strip (217 references), its rule calibrated on the demo training area
 for n in 2 3 4; do for h in 0 15; do
