@@ -59,6 +59,26 @@ def test_mercator_raster_is_viewed_in_utm_with_ground_gsd(tmp_path):
     assert all(abs(p.bounds[2] - p.bounds[0] - 16 * d["gsd_m"]) < 1e-6 for p in patches)
 
 
+def test_a_mercator_scene_is_read_at_ground_gsd_in_the_map_crs(tmp_path):
+    """`cmpc georef --scene` on a World Mercator GeoTIFF (as sentinel-la ships): its GSD is
+    ground metres (8.27 m, not 10 CRS units) and, given the map's UTM CRS, its pixels are
+    viewed on a north-up UTM grid, as the tiler and the query reader do."""
+    from cmpc.localize.scene import read_scene
+
+    _, opt = _merc_pair(tmp_path)
+    s = read_scene(opt)  # no map CRS: the pixels as stored, the GSD in ground metres
+    assert s.gsd_m / 10.0 == pytest.approx(0.827, abs=0.005) and (s.width, s.height) == (96, 64)
+    assert s.georef["crs"] == "EPSG:3395"
+    u = read_scene(opt, map_crs="EPSG:32611")
+    assert u.georef["crs"] == "EPSG:32611" and u.gsd_m == pytest.approx(s.gsd_m, rel=0.01)
+    ex, ny = Transformer.from_crs("EPSG:4326", "EPSG:32611", always_xy=True).transform(LON, LAT)
+    t = u.georef["transform"]
+    assert t[1] == 0 and t[3] == 0 and abs(t[2] - ex) < 20 and abs(t[5] - ny) < 20  # north-up, same north-west corner
+    assert u.width * u.gsd_m == pytest.approx(96 * 8.27, rel=0.03) and u.valid.mean() > 0.9
+    # a scene already in the map CRS is read as stored
+    assert read_scene(opt, map_crs="EPSG:3395").georef["transform"] == s.georef["transform"]
+
+
 def test_utm_is_used_as_is_and_us_feet_are_not_metres(tmp_path):
     crs, why = working_crs(open_raster(make_pair(tmp_path)[1]).source_crs, (X0, Y0 - 64, X0 + 96, Y0))
     assert crs.to_epsg() == 32631 and "used as is" in why

@@ -166,6 +166,22 @@ def working_crs(src_crs: CRS, bounds: Bounds) -> tuple[CRS, str]:
     return utm, f"{crs_name(src_crs)} viewed in the local UTM zone {crs_name(utm)}: {problem}"
 
 
+def ground_gsd(crs: CRS, transform: Affine, width: int, height: int) -> float:
+    """Ground metres per pixel of a raster of ``width`` x ``height`` px on ``transform`` in
+    ``crs``: the mean of its two pixel-edge lengths measured in its working CRS
+    (:func:`working_crs`: the CRS itself when metric and true to scale at the data, else the
+    local UTM zone; e.g. World Mercator at 34 N: 10.0 CRS units are 8.3 m)."""
+    from rasterio.warp import transform as warp_transform
+
+    corners = [transform * (0, 0), transform * (width, 0), transform * (0, height), transform * (width, height)]
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    wc, _ = working_crs(crs, (min(xs), min(ys), max(xs), max(ys)))
+    if wc != crs:
+        xs, ys = warp_transform(crs, wc, xs, ys)
+    (x0, y0), (x1, y1), (x2, y2) = zip(xs[:3], ys[:3])
+    return float((math.hypot(x1 - x0, y1 - y0) / width + math.hypot(x2 - x0, y2 - y0) / height) / 2.0)
+
+
 # --------------------------------------------------------------------------- grids
 
 

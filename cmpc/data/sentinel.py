@@ -74,20 +74,11 @@ def _open(path: str | os.PathLike[str], role: str) -> Any:
 def ground_gsd_m(src: Any) -> float | None:
     """Ground metres per pixel of an open raster (in its local UTM zone when its CRS is not
     metric at the data, e.g. Mercator or degrees); None without CRS."""
-    from cmpc.data.raster import normalized_bounds, working_crs
+    from cmpc.data.raster import ground_gsd
 
     if src.crs is None:
         return None
-    from rasterio.warp import transform as warp_transform
-
-    t, w, h = src.transform, src.width, src.height
-    wc, _ = working_crs(src.crs, normalized_bounds(src.bounds))
-    corners = [t * (0, 0), t * (w, 0), t * (0, h)]
-    if wc != src.crs:
-        xs, ys = warp_transform(src.crs, wc, [c[0] for c in corners], [c[1] for c in corners])
-        corners = list(zip(xs, ys))
-    (x0, y0), (x1, y1), (x2, y2) = corners
-    return float((math.hypot(x1 - x0, y1 - y0) / w + math.hypot(x2 - x0, y2 - y0) / h) / 2.0)
+    return ground_gsd(src.crs, src.transform, src.width, src.height)
 
 
 def check_gsd(gsd: float | None, force: bool, what: str) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cmpc.data.patches import to_model_input
+from cmpc.data.raster import ground_gsd
 from cmpc.errors import ConfigError, DataError
 from cmpc.localize.decision import ConfidenceModel
 from cmpc.localize.verify import Correspondences, SceneTransform, warp_to_grid
@@ -211,6 +212,21 @@ def read_scene(
     from affine import Affine
 
     has_georef = crs is not None and transform is not None and transform != Affine.identity()
+    if has_georef and _needs_view(crs, map_crs, data.shape[1:], transform):
+        # another CRS than the map's (e.g. World Mercator, whose unit is 0.83 m on the ground at
+        # 34 N, rotated against UTM grid north): its pixels are viewed in the map CRS, as the
+        # tiler and the query reader do, so the scene's GSD is ground metres and its rows run
+        # along the map's grid. Only the CRS's geometry is used; the position stays a prior.
+        from cmpc.data.raster import open_raster
+
+        with open_raster(p, bands=sel, crs=map_crs, role="scene") as view:
+            g = view.grid
+            data, valid = view.read_on(g, 0, 0, g.height, g.width)
+            crs, transform = g.crs, g.transform
+        if not valid.any():
+            raise DataError(f"the scene {p} has no valid pixel in the map CRS {map_crs}")
+        data[:, ~valid] = 0.0
+        data = np.nan_to_num(data, nan=0.0)
     if has_georef:
         own_gsd = _own_gsd(crs, transform, data.shape[1:])
         centre = _centre_in(crs, transform, data.shape[1:], map_crs)
@@ -224,22 +240,25 @@ def read_scene(
     return SceneImage(image=data, valid=valid, gsd_m=float(gsd_m), path=p, georef=georef)
 
 
-def _own_gsd(crs: Any, transform: Any, shape: tuple[int, int]) -> float | None:
-    """Metres per pixel of a georeferenced scene (None when it cannot be told)."""
+def _needs_view(crs: Any, map_crs: str | None, shape: tuple[int, int], transform: Any) -> bool:
+    """Whether a georeferenced scene must be viewed in the map CRS: it has another CRS, or it
+    has the map's but that is not true to scale here (never for a metric UTM map)."""
+    if map_crs is None:
+        return False
+    from cmpc.data.crs import crs_equal
+
     try:
-        if crs.is_projected:
-            factor = float(crs.linear_units_factor[1])
-            return float(math.sqrt(abs(transform.a * transform.e - transform.b * transform.d))) * factor
-        from rasterio.warp import calculate_default_transform
+        return not crs_equal(crs, map_crs)
+    except Exception:  # an exotic CRS: read as stored, the user gives --gsd
+        return False
 
-        from cmpc.data.raster import local_utm_crs
 
-        h, w = shape
-        left, top = transform * (0, 0)
-        right, bottom = transform * (w, h)
-        utm = local_utm_crs(crs, (min(left, right), min(top, bottom), max(left, right), max(top, bottom)))
-        t, _, _ = calculate_default_transform(crs, utm, w, h, left=min(left, right), bottom=min(top, bottom), right=max(left, right), top=max(top, bottom))
-        return float(abs(t.a))
+def _own_gsd(crs: Any, transform: Any, shape: tuple[int, int]) -> float | None:
+    """Ground metres per pixel of a georeferenced scene (None when it cannot be told): measured
+    in its working CRS (:func:`cmpc.data.raster.working_crs`: its own when metric and true to
+    scale, else the local UTM zone), so a World Mercator scene at 34 N gives 8.3 m, not 10.0."""
+    try:
+        return ground_gsd(crs, transform, shape[1], shape[0])
     except Exception:  # an exotic CRS: the user gives --gsd
         return None
 
