@@ -330,7 +330,8 @@ def _georeferencer(args: argparse.Namespace, command: str):  # noqa: ANN202 - (E
         if index_dir is None:
             raise ConfigError(f"cmpc {command} --model needs --index NAME (an index built with `cmpc index build --model {args.model} --raster MAP.tif --name NAME`)")
         exp, card = _card_exp(args, [], name=index_dir.name)
-        if scene_dir is None and card.scene_decision is not None:  # the card's calibrated decision (sha256 checked with the card)
+        from_card = scene_dir is None and card.scene_decision is not None
+        if from_card:  # the card's calibrated decision and, when it lists one, its GNN (sha256 checked with the card)
             scene_dir = card.scene_decision.path.parent
         refiner = card.refiner
         if refiner is None and card.aligner is not None:  # a dense descriptor alone: fine alignment for scenes, nothing else
@@ -340,7 +341,8 @@ def _georeferencer(args: argparse.Namespace, command: str):  # noqa: ANN202 - (E
         geo = georeferencer_from_experiment(exp, settings, checkpoint=str(card.embedder.path), index_dir=index_dir,
                                             refiner_path=refiner.path if refiner else None, use_refiner=refiner is not None,
                                             scene_dir=scene_dir, use_scene_top_k=args.top_k is None,
-                                            use_scene_dense=getattr(args, "dense_search", None) is None)
+                                            use_scene_dense=getattr(args, "dense_search", None) is None,
+                                            use_scene_graph=not from_card or card.scene_graph is not None)
         geo.conventions = card.inputs  # scenes are checked against what the model was trained on
         return exp, geo
     _need_experiment(args, command)

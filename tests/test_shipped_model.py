@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from affine import Affine
 
 from cmpc.cli import main
@@ -202,6 +203,55 @@ def test_a_card_carries_its_scene_decision(shipped, tmp_path, monkeypatch, capsy
     assert res["fine"]["used"] is True and -1.0 <= res["fine"]["peak"] <= 1.0, res["fine"]
     rc, out, err = _run(capsys, "localize", "--model", "tiny", "--index", "mymap", "--queries", str(root / "s1.tif"))
     assert rc == 0 and json.loads(out)["refined"] is False  # the aligner is for scenes only
+
+
+def test_a_card_carries_its_scene_graph_gnn(shipped, tmp_path, monkeypatch, capsys):
+    """files.scene_graph: beside the decision, sealed only when trained on the card's embedder,
+    hash-checked; `cmpc georef --model --method gnn+verify` uses it, and a scene_graph.pt the
+    card does not list is never loaded."""
+    from cmpc.errors import CheckpointError, ConfigError
+    from cmpc.localize.georef import DECISION_FILE, SCENE_GRAPH_FILE
+    from cmpc.models.card import SCENE_GRAPH_NAME, load_card, seal_card
+    from cmpc.models.scene_graph import SceneGraphNet, save_scene_graph
+
+    assert SCENE_GRAPH_NAME == SCENE_GRAPH_FILE
+    root, _ = shipped
+    folder = tmp_path / "weights" / "tiny"
+    shutil.copytree(root / "weights" / "tiny", folder)
+    card = json.loads((folder / "card.json").read_text())
+    sha = card["files"]["embedder"]["sha256"]
+    (folder / DECISION_FILE).write_text(json.dumps({"min_inliers": 1, "min_inlier_frac": 0.0, "min_fine_peak": -1.0, "embedder_sha256": sha}))
+    torch.manual_seed(0)
+    save_scene_graph(folder / SCENE_GRAPH_FILE, SceneGraphNet(8, 1), {"path": "elsewhere.pt", "sha256": "0" * 64})
+    card["files"]["scene_decision"] = {"path": DECISION_FILE, "sha256": None, "bytes": None}
+    (folder / "card.json").write_text(json.dumps(card))
+    seal_card(folder)  # the GNN is in the folder but not on the card
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CMPC_WEIGHTS", str(tmp_path / "weights"))
+    rc, out, err = _run(capsys, "index", "build", "--model", "tiny", "--raster", str(root / "map.tif"), "--name", "mymap")
+    assert rc == 0, err
+    scene = ("georef", "--model", "tiny", "--index", "mymap", "--scene", str(root / "s1.tif"), "--method", "gnn+verify")
+    rc, out, err = _run(capsys, *scene, "--out", "a0")
+    assert "scene-graph model" in _one_line_error(rc, err) and not (tmp_path / "a0").exists()  # unlisted: not loaded
+    with_gnn = {**card, "files": {**card["files"], "scene_graph": {"path": SCENE_GRAPH_FILE, "sha256": None, "bytes": None}}}
+    (folder / "card.json").write_text(json.dumps(with_gnn))
+    with pytest.raises(CheckpointError, match="cannot seal .* was built from embedder 000000000000"):
+        seal_card(folder)  # trained on another embedder's answers
+    save_scene_graph(folder / SCENE_GRAPH_FILE, SceneGraphNet(8, 1), {"path": "embedder.pt", "sha256": sha})
+    seal_card(folder)
+    assert [f.role for f in load_card(folder).files] == ["embedder", "scene_decision", "scene_graph"]
+    rc, out, err = _run(capsys, *scene, "--out", "a1")
+    assert rc == 0, err
+    res = json.loads((tmp_path / "a1" / "result.json").read_text())
+    assert res["method"] == "gnn+verify", res.get("method")
+    save_scene_graph(folder / SCENE_GRAPH_FILE, SceneGraphNet(8, 2), {"path": "embedder.pt", "sha256": sha})  # replaced after sealing
+    rc, out, err = _run(capsys, *scene, "--out", "a2")
+    assert "scene_graph" in _one_line_error(rc, err) and not (tmp_path / "a2").exists()
+    for files, words in (({k: v for k, v in with_gnn["files"].items() if k != "scene_decision"}, "needs files.scene_decision"),
+                         ({**with_gnn["files"], "scene_graph": {"path": "gnn.pt", "sha256": None, "bytes": None}}, "must name a file called scene_graph.pt")):
+        (tmp_path / "bad.json").write_text(json.dumps({**with_gnn, "files": files}))
+        with pytest.raises(ConfigError, match=words):
+            load_card(tmp_path / "bad.json", verify=False)
 
 
 def test_localize_a_dataset_split_with_a_card_path(shipped, tmp_path, monkeypatch, capsys):
@@ -471,6 +521,20 @@ def test_the_shipped_model_localizes_a_real_sentinel_la_patch(real_data, tmp_pat
     # (three seeds fused, sha256 865e0aa0...) puts 23 of the 25 there (seed 2 alone: 22; file
     # 175 is in the test block, never trained on); a random embedder 0 of 25.
     assert np.mean(err_m < 100) >= 0.8, np.round(err_m)
+    # the same 384 px (3.2 km) as one scene, in the file's own World Mercator: read at its ground
+    # GSD on the map's UTM grid, placed with the card's GNN, aligner and decision. Measured:
+    # found, 15 m from the centre its own georeferencing gives, fitted 8.31 m/px (read as 10.0
+    # Mercator units per pixel before, it came back not_found, 2.7 km off)
+    rc, out, err = _run(capsys, "georef", "--model", "sentinel", "--index", "la175", "--scene", str(tmp_path / "s1.tif"), "--out", "scene")
+    assert rc == 0, err
+    res = json.loads((tmp_path / "scene" / "result.json").read_text())
+    from rasterio.warp import transform as warp_transform
+
+    with rasterio.open(tmp_path / "s1.tif") as s1:
+        cx, cy = s1.xy(192, 192, offset="ul")
+        (tx,), (ty,) = warp_transform(s1.crs, "EPSG:32611", [cx], [cy])
+    assert res["method"] == "gnn+verify" and res["status"] == "found", res.get("reason")
+    assert np.hypot(res["center_x"] - tx, res["center_y"] - ty) < 40 and abs(res["scale"] / 8.3 - 1) < 0.03, (res["center_x"], res["scale"])
 
 
 def test_georef_scenes_are_checked_like_queries(with_index, tmp_path, capsys):

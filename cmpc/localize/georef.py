@@ -654,11 +654,13 @@ def georeferencer_from_experiment(
     scene_dir: str | os.PathLike[str] | None = None,
     use_scene_top_k: bool = True,
     use_scene_dense: bool = True,
+    use_scene_graph: bool = True,
 ) -> Georeferencer:
     """A :class:`Georeferencer` on the experiment's embedder, index (default the serving
     one, or ``index_dir``) and refiner, with the calibrated decision rule and scene-graph
     GNN of ``scene_dir`` (default ``runs/<name>``: ``scene_decision.json``,
-    ``scene_graph.pt``) when present."""
+    ``scene_graph.pt``) when present (the GNN only with ``use_scene_graph``: a model card's
+    folder lends its GNN only when the card lists it, hash-checked)."""
     from cmpc.localize.localizer import Localizer
 
     settings = settings or SceneSettings()
@@ -669,7 +671,7 @@ def georeferencer_from_experiment(
     settings, source = load_decision(scene_dir, settings, use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256, use_dense=use_scene_dense)
     gnn, gnn_settings, gnn_error = None, None, None
     gpath = scene_dir / SCENE_GRAPH_FILE
-    if gpath.is_file():
+    if use_scene_graph and gpath.is_file():
         from cmpc.localize.scene_graph import SceneGraphRescorer
         from cmpc.models.checkpoint import default_checkpoint
 

@@ -14,6 +14,9 @@ Layout (``weights/<model>/``, tracked in git; ``.gitignore`` re-includes ``weigh
                     fine alignment of scene georeferencing when no refiner is shipped
     scene_decision.json  optional: the calibrated scene decision of ``cmpc georef`` for this
                     embedder (``cmpc train scene --out``); ``cmpc georef --model`` uses it
+    scene_graph.pt  optional, beside scene_decision.json: the scene-graph GNN of ``gnn+verify``
+                    (``cmpc train scene``), trained on this embedder's answers; a
+                    ``scene_graph.pt`` the card does not list is never loaded
 
 ``card.json``::
 
@@ -22,7 +25,8 @@ Layout (``weights/<model>/``, tracked in git; ``.gitignore`` re-includes ``weigh
      "files": {"embedder": {"path": "embedder.pt", "sha256": hex, "bytes": int},
                "refiner":  {"path": "refiner.pt",  "sha256": hex, "bytes": int},    # optional
                "aligner":  {"path": "aligner.pt",  "sha256": hex, "bytes": int},    # optional
-               "scene_decision": {"path": "scene_decision.json", ...}},          # optional
+               "scene_decision": {"path": "scene_decision.json", ...},           # optional
+               "scene_graph": {"path": "scene_graph.pt", ...}},                  # optional, needs scene_decision
      "experiment": {"model": {...}, "data": {"img_size": 128}, "index": {...},
                     "localize": {...}, "refine": {...}, ...},    # cmpc.config sections, validated as a file's
      "inputs": {"sar": {"bands": 1, "band_names": ["VH"], "polarisation": "VH", "dtype": "uint8",
@@ -64,9 +68,11 @@ CARD_FILE = "card.json"
 #: environment variable naming another weights root (registered models = its folders)
 WEIGHTS_ENV = "CMPC_WEIGHTS"
 CARD_VERSION = 1
-_ROLES = ("embedder", "refiner", "aligner", "scene_decision")
+_ROLES = ("embedder", "refiner", "aligner", "scene_decision", "scene_graph")
 #: the file name a scene decision must have (cmpc.localize.georef.DECISION_FILE: georef reads it from its folder)
 SCENE_DECISION_NAME = "scene_decision.json"
+#: the file name of a scene-graph GNN (cmpc.localize.georef.SCENE_GRAPH_FILE), in the decision's folder
+SCENE_GRAPH_NAME = "scene_graph.pt"
 _TOP_KEYS = ("card_version", "name", "description", "files", "experiment", "inputs", "metrics", "licence", "credit",
              "data", "recipe", "created")
 
@@ -139,11 +145,12 @@ class ModelCard:
     raw: dict[str, Any]
     scene_decision: CardFile | None = None
     aligner: CardFile | None = None
+    scene_graph: CardFile | None = None
 
     @property
     def files(self) -> list[CardFile]:
         """The card's files (embedder first; the optional ones when listed)."""
-        return [f for f in (self.embedder, self.refiner, self.aligner, self.scene_decision) if f is not None]
+        return [f for f in (self.embedder, self.refiner, self.aligner, self.scene_decision, self.scene_graph) if f is not None]
 
     @property
     def folder(self) -> Path:
@@ -243,9 +250,16 @@ def parse_card(raw: dict[str, Any], path: Path) -> ModelCard:
         experiment=exp, inputs=InputConventions.from_dict(raw.get("inputs"), f"model card {path}"), raw=raw,
         scene_decision=_card_file(files["scene_decision"], "scene_decision", folder, path) if files.get("scene_decision") is not None else None,
         aligner=_card_file(files["aligner"], "aligner", folder, path) if files.get("aligner") is not None else None,
+        scene_graph=_card_file(files["scene_graph"], "scene_graph", folder, path) if files.get("scene_graph") is not None else None,
     )
     if card.scene_decision is not None and card.scene_decision.path.name != SCENE_DECISION_NAME:
         raise ConfigError(f"model card {path}: files.scene_decision.path must name a file called {SCENE_DECISION_NAME} (georef reads it from its folder)")
+    if card.scene_graph is not None:
+        if card.scene_decision is None:
+            raise ConfigError(f"model card {path}: files.scene_graph needs files.scene_decision (the gnn+verify decision is calibrated with the GNN)")
+        if card.scene_graph.path.name != SCENE_GRAPH_NAME or card.scene_graph.path.parent != card.scene_decision.path.parent:
+            raise ConfigError(f"model card {path}: files.scene_graph.path must name a file called {SCENE_GRAPH_NAME} beside {card.scene_decision.path.name} "
+                              "(georef reads both from one folder)")
     card.to_experiment()  # an unknown or invalid key is refused here, before any file is read
     return card
 
@@ -293,6 +307,13 @@ def seal_card(folder_or_card: str | os.PathLike[str]) -> dict[str, Any]:
                 f"cannot seal {path}: {card.scene_decision.path} was calibrated with embedder {str(with_)[:12]}, not this card's "
                 f"({raw['files']['embedder']['sha256'][:12]}); recalibrate it with `cmpc train scene ... --checkpoint {card.embedder.path}`"
             )
+    if card.scene_graph is not None:  # trained on this embedder's answers (load_scene_graph refuses another's)
+        from cmpc.models.scene_graph import load_scene_graph
+
+        try:
+            load_scene_graph(card.scene_graph.path, {"path": str(card.embedder.path), "sha256": raw["files"]["embedder"]["sha256"]})
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot seal {path}: {e}") from None
     parse_card(raw, path)  # still valid
     atomic_write_json(path, raw)
     return raw
