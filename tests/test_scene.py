@@ -277,8 +277,10 @@ def test_georef_end_to_end_on_smoke_world(smoke_demo) -> None:
     # the evaluation over the cut folder writes its table
     r = run("eval", "scenes", exp, "--scenes", "scenes", "--out", "table")
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads((tmp_path / "table" / "rows.json").read_text())["rows"]
+    table = json.loads((tmp_path / "table" / "rows.json").read_text())
+    rows = table["rows"]
     assert [row["method"] for row in rows] == ["independent", "verify"] and rows[0]["n_scenes"] == 3
+    assert table["meta"]["torch_threads"] >= 1  # its seconds per scene are read with it
     # deciding the same answers again under another decision equals answering them again under it
     (tmp_path / "dec").mkdir()
     lenient = {"min_inliers": 1, "min_inlier_frac": 0.0, "min_fine_peak": -1.0}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from cmpc.errors import DataError
@@ -132,7 +133,9 @@ def evaluate_scenes(
                        "embedder_sha256": geo.localizer.checkpoint_sha256,
                        "decision_rule": geo.decision_source, "rotation_range_deg": geo.settings.rotation_range_deg,
                        "answering": _answering(geo),
-                       "gsd_factor": gsd_factor},
+                       "gsd_factor": gsd_factor,
+                       # s_per_scene depends on these; whether another job shared the cores is not known here
+                       "torch_threads": torch.get_num_threads()},
               "rows": rows, "per_scene": per_scene}
     if out is not None:
         _write_report(Path(out), record)

@@ -41,21 +41,25 @@ def load(reports: Path = REPORTS, more: tuple[Path, ...] = ()) -> tuple[list[dic
         rec = json.loads(f.read_text())
         ds, n, h = NAMES[m.group(1)], int(m.group(2)), int(m.group(3))
         meta = rec["meta"]
-        timing = reports.parent / "scenes_timing" / f.parent.name / "rows.json"
-        quiet = {r["method"]: r["s_per_scene"] for r in json.loads(timing.read_text())["rows"]} if timing.is_file() else {}
+        quiet: dict[str, float] = {}  # quiet 2-thread timings (timing.sh); scenes_timing first, then scenes_timing_* (e.g. _gnn)
+        for timing in sorted(reports.parent.glob(f"scenes_timing*/{f.parent.name}/rows.json"), key=lambda p: (p.parent.parent.name != "scenes_timing", str(p))):
+            for r in json.loads(timing.read_text())["rows"]:
+                quiet.setdefault(r["method"], r["s_per_scene"])
         for r in rec["rows"]:
             if owner.setdefault((ds, n, h, r["method"]), f) != f:  # the main reports (then earlier --more roots) win
                 continue
             r = dict(r)
-            r["s_per_scene_busy_1thread"] = r["s_per_scene"]
+            r["s_per_scene_study"] = r["s_per_scene"]
             r["s_per_scene"] = quiet.get(r["method"], r["s_per_scene"])
+            threads = meta.get("torch_threads")  # recorded since 2026-11-30; earlier reports ran at 1 thread
             r["timing"] = "2 threads, quiet machine, median of 20 scenes (experiments/scenes/timing.sh)" if r["method"] in quiet else \
+                f"median over the study's scenes at {threads} thread(s), possibly beside another job: an upper bound" if threads else \
                 "1 thread beside another job: an upper bound"
             row = {"dataset": ds, "tiles": n, "heading_deg": h, **{k: r[k] for k in r if k != "method"}, "method": r["method"],
                    "n_refs": meta["n_refs"], "decision_rule": meta.get("decision_rule"), "experiment": meta.get("experiment"),
                    "report": str(f.parent), "dense_search": int((meta.get("answering") or {}).get("dense_search", 0)),
                    "embedder_sha256": meta.get("embedder_sha256") or _calibrated_with(meta)}
-            rows.append({k: row[k] for k in COLS} | {k: row[k] for k in ("s_per_scene_busy_1thread", "timing", "dense_search", "embedder_sha256",
+            rows.append({k: row[k] for k in COLS} | {k: row[k] for k in ("s_per_scene_study", "timing", "dense_search", "embedder_sha256",
                                                                         "decision_rule", "experiment", "report")})
         for p in rec["per_scene"]:
             if owner.get((ds, n, h, p["method"])) == f:

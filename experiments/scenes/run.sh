@@ -15,7 +15,10 @@
 # record it (`dense_search` in scene_decision.json).
 # Overrides (defaults in brackets): MAP / CAL [demo-map8k / demo-map8k-cal] index names of the
 # test / calibration maps, SCENE_MODEL [runs/demo/scene_map8k], METHODS [independent verify
-# gnn+verify] of the synthetic rows, GNN [1] (0: calibrate verify only, `--no-gnn`).
+# gnn+verify] of the synthetic rows, GNN [1] (0: calibrate verify only, `--no-gnn`), GNN_MODEL
+# [none] a second scene model whose gnn+verify rows are added (reports/scenes_gnn).
+# docs/scenes.json today: MAP=demo-map8k-fused SCENE_MODEL=runs/demo/scene_map8k_neg
+# METHODS="independent verify" GNN=0 GNN_MODEL=runs/demo/scene_map8k_gnn (docs/RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -90,5 +93,17 @@ for n in 2 3 4; do for h in 0 15; do
   o=reports/scenes/demo_${n}x${n}_h$h
   [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes $d --methods independent verify gnn+verify --rotation-range $h --out $o > /dev/null
 done; done
-MAP=$MAP SCENE_MODEL=$SCENE_MODEL METHODS="$METHODS" bash experiments/scenes/timing.sh
-$PY experiments/scenes/collect.py
+MAP=$MAP SCENE_MODEL=$SCENE_MODEL METHODS="$METHODS" SENTINEL=1 bash experiments/scenes/timing.sh
+# GNN_MODEL (e.g. runs/demo/scene_map8k_gnn, trained with --gnn-count 30 as above): its
+# gnn+verify rows on the same test scenes into reports/scenes_gnn, joined by collect.py --more
+MORE=()
+if [ -n "${GNN_MODEL:-}" ]; then
+  for n in 2 4 8; do for h in 0 15; do
+    o=reports/scenes_gnn/synthetic_${n}x${n}_h$h
+    [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes data/scenes/map8k_${n}x${n}_h$h --index $MAP \
+      --scene-model $GNN_MODEL --methods gnn+verify --rotation-range $h --out $o > /dev/null
+  done; done
+  MAP=$MAP SCENE_MODEL=$GNN_MODEL METHODS=gnn+verify TROOT=reports/scenes_timing_gnn bash experiments/scenes/timing.sh
+  MORE=(--more reports/scenes_gnn)
+fi
+$PY experiments/scenes/collect.py "${MORE[@]}"
