@@ -344,6 +344,8 @@ def _georeferencer(args: argparse.Namespace, command: str):  # noqa: ANN202 - (E
                                             use_scene_dense=getattr(args, "dense_search", None) is None,
                                             use_scene_graph=not from_card or card.scene_graph is not None)
         geo.conventions = card.inputs  # scenes are checked against what the model was trained on
+        if from_card and card.scene_graph is None:
+            geo.gnn_error = f"model card {card.path} ships no scene-graph GNN (files.scene_graph); use --method verify, or --scene-model DIR with one"
         return exp, geo
     _need_experiment(args, command)
     exp = _exp(args)

@@ -232,7 +232,7 @@ def test_a_card_carries_its_scene_graph_gnn(shipped, tmp_path, monkeypatch, caps
     assert rc == 0, err
     scene = ("georef", "--model", "tiny", "--index", "mymap", "--scene", str(root / "s1.tif"), "--method", "gnn+verify")
     rc, out, err = _run(capsys, *scene, "--out", "a0")
-    assert "scene-graph model" in _one_line_error(rc, err) and not (tmp_path / "a0").exists()  # unlisted: not loaded
+    assert "ships no scene-graph GNN" in _one_line_error(rc, err) and not (tmp_path / "a0").exists()  # unlisted: not loaded
     with_gnn = {**card, "files": {**card["files"], "scene_graph": {"path": SCENE_GRAPH_FILE, "sha256": None, "bytes": None}}}
     (folder / "card.json").write_text(json.dumps(with_gnn))
     with pytest.raises(CheckpointError, match="cannot seal .* was built from embedder 000000000000"):
