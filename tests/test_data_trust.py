@@ -79,6 +79,19 @@ def test_a_mercator_scene_is_read_at_ground_gsd_in_the_map_crs(tmp_path):
     assert read_scene(opt, map_crs="EPSG:3395").georef["transform"] == s.georef["transform"]
 
 
+def test_a_scene_far_from_the_maps_utm_zone_is_read_as_stored_with_a_warning(tmp_path, capsys):
+    """A scene whose own georeferencing puts it two UTM zones east of the map's (where the
+    map's CRS is 1.5 % off scale): no refusal (its position is only a prior), one warning
+    line, its pixels as stored at their ground GSD."""
+    from cmpc.localize.scene import read_scene
+
+    path = write_tif(tmp_path / "far.tif", optical_u8(40, 50)[:1], crs="EPSG:32613", transform=Affine(10.0, 0, 500000.0, 0, -10.0, 3750000.0))
+    s = read_scene(path, map_crs="EPSG:32611")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the scene far.tif") and "1.01" in err[0]
+    assert s.georef["crs"] == "EPSG:32613" and (s.width, s.height) == (50, 40) and s.gsd_m == pytest.approx(10.0, rel=0.002)
+
+
 def test_utm_is_used_as_is_and_us_feet_are_not_metres(tmp_path):
     crs, why = working_crs(open_raster(make_pair(tmp_path)[1]).source_crs, (X0, Y0 - 64, X0 + 96, Y0))
     assert crs.to_epsg() == 32631 and "used as is" in why

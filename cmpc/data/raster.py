@@ -598,15 +598,25 @@ def open_raster(
         raise
 
 
+def scale_problem(target: CRS, src_crs: CRS, src_bounds: Bounds) -> str | None:
+    """Why ``target`` cannot hold data of ``src_crs`` covering ``src_bounds`` (given in
+    ``src_crs``) in ground metres (geographic, another unit, or a point scale factor beyond
+    :data:`SCALE_TOLERANCE` there, e.g. a UTM zone far from its own), or None when it can.
+    Raises RasterioError / ValueError when the bounds cannot be expressed in ``target``."""
+    if target.is_geographic:
+        return "it is geographic (degrees)"
+    b = src_bounds if target == src_crs else normalized_bounds(transform_bounds(src_crs, target, *src_bounds, densify_pts=21))
+    return _metric_problem(target, b)[0]
+
+
 def _check_requested_crs(target: CRS, src_crs: CRS, src_bounds: Bounds, path: Path, role: str) -> None:
     """An explicitly requested working CRS must be metric and true to scale at the data."""
     if target.is_geographic:
         return  # refused by the caller with its own message
     try:
-        b = src_bounds if target == src_crs else normalized_bounds(transform_bounds(src_crs, target, *src_bounds, densify_pts=21))
+        problem = scale_problem(target, src_crs, src_bounds)
     except (RasterioError, ValueError) as e:
         raise DataError(f"cannot express the {role} raster {path} in the working CRS {crs_name(target)}: {_first_line(e)}") from None
-    problem, _ = _metric_problem(target, b)
     if problem is not None:
         raise DataError(
             f"the working CRS {crs_name(target)} cannot hold positions in metres for the {role} raster {path}: {problem}; "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,7 +213,7 @@ def read_scene(
     from affine import Affine
 
     has_georef = crs is not None and transform is not None and transform != Affine.identity()
-    if has_georef and _needs_view(crs, map_crs, data.shape[1:], transform):
+    if has_georef and _needs_view(crs, map_crs, data.shape[1:], transform, p.name):
         # another CRS than the map's (e.g. World Mercator, whose unit is 0.83 m on the ground at
         # 34 N, rotated against UTM grid north): its pixels are viewed in the map CRS, as the
         # tiler and the query reader do, so the scene's GSD is ground metres and its rows run
@@ -240,17 +241,32 @@ def read_scene(
     return SceneImage(image=data, valid=valid, gsd_m=float(gsd_m), path=p, georef=georef)
 
 
-def _needs_view(crs: Any, map_crs: str | None, shape: tuple[int, int], transform: Any) -> bool:
-    """Whether a georeferenced scene must be viewed in the map CRS: it has another CRS, or it
-    has the map's but that is not true to scale here (never for a metric UTM map)."""
+def _needs_view(crs: Any, map_crs: str | None, shape: tuple[int, int], transform: Any, name: str = "") -> bool:
+    """Whether a georeferenced scene is viewed in the map CRS: it has another CRS, and the map
+    CRS is true to scale where the scene says it lies. A scene whose own georeferencing puts
+    it where the map CRS is not (e.g. two UTM zones away, far off any map in it) is read as
+    stored, with one warning line: its position is only a prior, and its GSD is still ground
+    metres (:func:`_own_gsd`)."""
     if map_crs is None:
         return False
+    from rasterio.crs import CRS
+
     from cmpc.data.crs import crs_equal
+    from cmpc.data.raster import scale_problem
 
     try:
-        return not crs_equal(crs, map_crs)
+        if crs_equal(crs, map_crs):
+            return False
+        h, w = shape
+        xs, ys = zip(*(transform * c for c in ((0, 0), (w, 0), (0, h), (w, h))))
+        problem = scale_problem(CRS.from_user_input(map_crs), crs, (min(xs), min(ys), max(xs), max(ys)))
     except Exception:  # an exotic CRS: read as stored, the user gives --gsd
         return False
+    if problem is not None:
+        print(f"warning: the scene {name} lies, by its own georeferencing, where the map's CRS {map_crs} is not true to scale "
+              f"({problem}): far from the map; read as stored", file=sys.stderr)
+        return False
+    return True
 
 
 def _own_gsd(crs: Any, transform: Any, shape: tuple[int, int]) -> float | None:
