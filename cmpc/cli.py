@@ -382,7 +382,12 @@ def cmd_georef(args: argparse.Namespace) -> int:
                         "scale": round(ans.transform.scale, 5)})
     print(json.dumps(summary, indent=2))
     if not ans.found:
-        print(f"not found: {ans.reason} (best guess and details in {out}/result.json)", file=sys.stderr)
+        prior = ans.stats.get("prior") or {}
+        hint = ""
+        if prior.get("radius_m"):  # the search was held to a disc: the scene may lie outside it
+            whose = "the given --center" if args.center is not None else "the file's own georeferencing"
+            hint = f"; searched only within {float(prior['radius_m']):.0f} m of {whose} (--radius M widens it)"
+        print(f"not found: {ans.reason}{hint} (best guess and details in {out}/result.json)", file=sys.stderr)
     return 0
 
 

@@ -535,6 +535,19 @@ def test_the_shipped_model_localizes_a_real_sentinel_la_patch(real_data, tmp_pat
         (tx,), (ty,) = warp_transform(s1.crs, "EPSG:32611", [cx], [cy])
     assert res["method"] == "gnn+verify" and res["status"] == "found", res.get("reason")
     assert np.hypot(res["center_x"] - tx, res["center_y"] - ty) < 40 and abs(res["scale"] / 8.3 - 1) < 0.03, (res["center_x"], res["scale"])
+    # its georeferencing 3 km east (Mercator units: x 1.206 at 34 N) is outside the default 2 km
+    # prior disc: not found, saying so; --radius 5000 finds it (measured 18.5 m)
+    with rasterio.open(tmp_path / "s1.tif") as s1:
+        prof, arr, t = s1.profile, s1.read(), s1.transform
+    with rasterio.open(tmp_path / "s1_off.tif", "w", **{**prof, "transform": Affine(t.a, t.b, t.c + 3000 * 1.206, t.d, t.e, t.f)}) as d:
+        d.write(arr)
+    rc, out, err = _run(capsys, "georef", "--model", "sentinel", "--index", "la175", "--scene", str(tmp_path / "s1_off.tif"), "--out", "off")
+    assert rc == 0 and json.loads(out)["status"] == "not_found", out
+    assert "searched only within 2000 m of the file's own georeferencing (--radius M widens it)" in err
+    rc, out, err = _run(capsys, "georef", "--model", "sentinel", "--index", "la175", "--scene", str(tmp_path / "s1_off.tif"), "--radius", "5000",
+                        "--out", "off5")
+    res = json.loads(out)
+    assert rc == 0 and res["status"] == "found" and np.hypot(res["center_x"] - tx, res["center_y"] - ty) < 40, out
 
 
 def test_georef_scenes_are_checked_like_queries(with_index, tmp_path, capsys):
