@@ -183,6 +183,7 @@ def read_scene(
     unreadable file, a bad band, no valid pixel, or a constant image.
     """
     import rasterio
+    from affine import Affine
     from rasterio.errors import RasterioError
 
     p = Path(path)
@@ -196,13 +197,28 @@ def read_scene(
                 bad = [b for b in sel if b < 1 or b > src.count]
                 if bad:
                     raise DataError(f"band {bad[0]} is beyond the scene {p.name}, which has {src.count} band(s)")
-                arr = src.read(sel, masked=True)
                 crs, transform = src.crs, src.transform
+                has_georef = crs is not None and transform is not None and transform != Affine.identity()
+                # another CRS than the map's (e.g. World Mercator, whose unit is 0.83 m on the
+                # ground at 34 N, rotated against UTM grid north): viewed in the map CRS, as the
+                # tiler and the query reader view rasters, so the scene's GSD is ground metres
+                # and its rows run along the map's grid; only the CRS's geometry is used, the
+                # position stays a prior
+                view = has_georef and _needs_view(crs, map_crs, (src.height, src.width), transform, p.name)
+                if not view:
+                    arr = src.read(sel, masked=True)
     except RasterioError as e:
         raise DataError(f"cannot read the scene {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__} (corrupt or not an image?)") from None
-    data = np.asarray(arr.astype(np.float32).filled(np.nan))  # integer scenes with nodata / a mask: NaN there
-    mask = np.ma.getmaskarray(arr)
-    valid = ~mask.any(axis=0) & np.isfinite(data).all(axis=0)
+    if view:
+        from cmpc.data.raster import open_raster
+
+        with open_raster(p, bands=sel, crs=map_crs, role="scene") as v:
+            data, valid = v.read_on(v.grid, 0, 0, v.grid.height, v.grid.width)  # NaN at nodata and outside the warped footprint
+            crs, transform = v.grid.crs, v.grid.transform
+    else:
+        data = np.asarray(arr.astype(np.float32).filled(np.nan))  # integer scenes with nodata / a mask: NaN there
+        valid = ~np.ma.getmaskarray(arr).any(axis=0)
+    valid &= np.isfinite(data).all(axis=0)
     if not valid.any():
         raise DataError(f"the scene {p} has no valid pixel (all nodata)")
     vals = data[:, valid]
@@ -210,24 +226,6 @@ def read_scene(
         raise DataError(f"the scene {p} is constant (every valid pixel is {float(vals.flat[0]):g}); nothing to match")
     data[:, ~valid] = 0.0
     georef = None
-    from affine import Affine
-
-    has_georef = crs is not None and transform is not None and transform != Affine.identity()
-    if has_georef and _needs_view(crs, map_crs, data.shape[1:], transform, p.name):
-        # another CRS than the map's (e.g. World Mercator, whose unit is 0.83 m on the ground at
-        # 34 N, rotated against UTM grid north): its pixels are viewed in the map CRS, as the
-        # tiler and the query reader do, so the scene's GSD is ground metres and its rows run
-        # along the map's grid. Only the CRS's geometry is used; the position stays a prior.
-        from cmpc.data.raster import open_raster
-
-        with open_raster(p, bands=sel, crs=map_crs, role="scene") as view:
-            g = view.grid
-            data, valid = view.read_on(g, 0, 0, g.height, g.width)
-            crs, transform = g.crs, g.transform
-        if not valid.any():
-            raise DataError(f"the scene {p} has no valid pixel in the map CRS {map_crs}")
-        data[:, ~valid] = 0.0
-        data = np.nan_to_num(data, nan=0.0)
     if has_georef:
         own_gsd = _own_gsd(crs, transform, data.shape[1:])
         centre = _centre_in(crs, transform, data.shape[1:], map_crs)
