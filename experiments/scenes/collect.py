@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img", default="docs/img")
     ap.add_argument("--more", action="append", default=[], metavar="ROOT",
                     help="another reports root whose methods join rows the main reports lack (repeatable)")
+    ap.add_argument("--results", default=None, metavar="MD",
+                    help="also rewrite the table between <!-- scenes:start --> and <!-- scenes:end --> in this markdown file")
     a = ap.parse_args(argv)
     rows, per_scene = load(more=tuple(Path(m) for m in a.more))
     if not rows:
@@ -156,7 +158,29 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(a.out)
     plots(rows, per_scene, Path(a.img))
     print(markdown(rows))
+    if a.results:
+        write_results_block(Path(a.results), study)
     return 0
+
+
+def write_results_block(md: Path, study: list[dict]) -> None:
+    """The study's rows as a table between the scenes markers of ``md`` (atomic rewrite)."""
+    start, end = "<!-- scenes:start -->", "<!-- scenes:end -->"
+    text = md.read_text(encoding="utf-8")
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise SystemExit(f"{md} must hold exactly one {start} ... {end} block")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    timings: dict[str, list[str]] = {}  # timing label -> datasets it applies to (in row order)
+    for r in study:
+        ds = timings.setdefault(r["timing"], [])
+        if r["dataset"] not in ds:
+            ds.append(r["dataset"])
+    how = "; ".join(f"{', '.join(ds)}: {label}" for label, ds in timings.items())
+    block = f"{start}\n{markdown(study)}\n\n(docs/scenes.json, written by experiments/scenes/collect.py. Seconds per scene: {how}.)\n{end}"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(head + block + tail, encoding="utf-8")
+    tmp.replace(md)
 
 
 if __name__ == "__main__":

@@ -106,4 +106,4 @@ if [ -n "${GNN_MODEL:-}" ]; then
   MAP=$MAP SCENE_MODEL=$GNN_MODEL METHODS=gnn+verify TROOT=reports/scenes_timing_gnn bash experiments/scenes/timing.sh
   MORE=(--more reports/scenes_gnn)
 fi
-$PY experiments/scenes/collect.py "${MORE[@]}"
+$PY experiments/scenes/collect.py "${MORE[@]}" --results docs/RESULTS.md
