@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import warnings
@@ -102,6 +103,36 @@ def cmd_data_convert_s2(args: argparse.Namespace) -> int:
 
     facts = convert_s2(args.input, args.output, bands=args.bands, level=args.level, dn_offset=args.dn_offset, saturation=args.saturation, force=args.force)
     print(json.dumps(facts, indent=2))
+    return 0
+
+
+def cmd_data_coregistration(args: argparse.Namespace) -> int:
+    from cmpc.data.coregister import measure_pair, summarise
+    from cmpc.data.mosaic import find_pairs
+    from cmpc.utils.io import atomic_write_json
+
+    if args.search < 1 or args.search > 64:
+        raise ConfigError(f"--search must be 1-64 px, got {args.search}")
+    if args.cells < 1 or args.cells > 16:
+        raise ConfigError(f"--cells must be 1-16, got {args.cells}")
+    if args.optical is not None:
+        jobs = [(Path(args.source).stem, Path(args.source), Path(args.optical))]
+    else:
+        jobs = [(p.name, p.sar, p.optical) for p in find_pairs(args.source)]
+    pairs = []
+    for name, sar, opt in jobs:
+        r = measure_pair(sar, opt, search=args.search, cells=args.cells, name=name)
+        pairs.append(r)
+        e, n = r["content_offset_m"]
+        spread = f", cells within {r['cell_spread_px']:.1f} px of it" if r["cell_spread_px"] is not None else ""
+        edge = " (at the search edge: may be larger, raise --search)" if r["at_search_edge"] else ""
+        print(f"{name}: SAR content {r['offset_m']:.1f} m from its grid place (east {e:+.1f}, north {n:+.1f}; "
+              f"{math.hypot(*r['shift_px']):.2f} px at {r['gsd_m']:.2f} m/px){spread}{edge}", file=sys.stderr)
+    record = {"method": f"mutual information ({args.search} px search, sub-pixel) of the SAR on the optical grid (cmpc.data.coregister)",
+              "summary": summarise(pairs), "pairs": pairs}
+    if args.out:
+        atomic_write_json(Path(args.out), record)
+    print(json.dumps(record["summary"], indent=2))
     return 0
 
 
@@ -644,6 +675,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saturation", type=float, default=0.2, help="reflectance written as 255 (sentinel-la: 0.2)")
     p.add_argument("--force", action="store_true", help="turn refusals (8-bit input, GSD far from 8.3 m, not digital numbers) into warnings")
     p.set_defaults(func=cmd_data_convert_s2)
+
+    p = s_data.add_parser("coregistration", help="measure how far SAR / optical pairs are off each other (mutual information), before training on them")
+    p.add_argument("source", help="a folder (or JSON/CSV list) of NAME_sar.tif / NAME_optical.tif pairs, or one SAR raster with OPTICAL")
+    p.add_argument("optical", nargs="?", help="the optical raster when SOURCE is one SAR raster")
+    p.add_argument("--search", type=int, default=6, help="shifts searched, +-px of the optical grid (default 6)")
+    p.add_argument("--cells", type=int, default=2, help="also measure each of CELLS x CELLS blocks (their spread says how far to trust the number; default 2)")
+    p.add_argument("--out", help="JSON file for every pair's numbers (written atomically)")
+    p.set_defaults(func=cmd_data_coregistration)
 
     p = s_data.add_parser("info", help="summarise a CMPC dataset")
     p.add_argument("root")

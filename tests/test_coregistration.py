@@ -1,28 +1,24 @@
-"""experiments/sentinel/coregistration.py: mutual-information shift between a SAR and an
-optical raster, on a hand-made pair with a known shift and a non-linear intensity relation."""
+"""Mutual-information registration of SAR against optical (cmpc.data.coregister, `cmpc data
+coregistration`): a hand-made pair with a known shift and a non-linear intensity relation,
+through the function and the CLI; and experiments/sentinel/scene_truth.py built on it."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter, shift as nd_shift
 
+from cmpc.data import coregister as co
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("coregistration", ROOT / "experiments/sentinel/coregistration.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("dx,dy", [(2.0, -1.0), (-3.5, 2.5)])
 def test_mi_shift_recovers_a_known_shift(dx: float, dy: float) -> None:
-    co = _module()
     rng = np.random.default_rng(0)
     opt = gaussian_filter(rng.normal(size=(256, 256)), 3.0)
     opt = (opt - opt.min()) / (opt.max() - opt.min()) * 250 + 1
@@ -44,19 +40,13 @@ def test_scene_truth_finds_a_scenes_content_offset_and_scores_against_it(tmp_pat
     with the right signs, and an answer placed on the content scores within 25 m of it (and
     not of the grid)."""
     import csv
-    import json
-    import sys
 
     import rasterio
     from rasterio.transform import from_origin
 
-    sys.path.insert(0, str(ROOT / "experiments/sentinel"))
-    try:
-        spec = importlib.util.spec_from_file_location("scene_truth", ROOT / "experiments/sentinel/scene_truth.py")
-        st = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(st)
-    finally:
-        sys.path.remove(str(ROOT / "experiments/sentinel"))
+    spec = importlib.util.spec_from_file_location("scene_truth", ROOT / "experiments/sentinel/scene_truth.py")
+    st = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(st)
     rng = np.random.default_rng(1)
     gsd, x0, y0, n = 10.0, 400000.0, 3750000.0, 200
     opt = gaussian_filter(rng.normal(size=(n, n)), 2.5)
@@ -91,3 +81,56 @@ def test_scene_truth_finds_a_scenes_content_offset_and_scores_against_it(tmp_pat
     assert rows["on_content"]["within_25m_vs_content"] == 1.0 and rows["on_content"]["within_25m_vs_grid"] == 0.0
     assert rows["on_grid"]["within_25m_vs_content"] == 0.0 and rows["on_grid"]["within_25m_vs_grid"] == 1.0
     json.dumps(rows)  # plain values, as the summary file holds
+
+
+def _pair(tmp: Path, name: str, dx: float, dy: float, crs: str = "EPSG:32611", x0: float = 400000.0) -> None:
+    """NAME_sar.tif / NAME_optical.tif at 10 m whose SAR content lies dx px east, dy px north
+    of where its grid puts it (the SAR pixel p shows the optical content at p + (dx, -dy))."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(abs(hash(name)) % 1000)
+    opt = gaussian_filter(rng.normal(size=(160, 160)), 2.5)
+    opt = (opt - opt.min()) / (opt.max() - opt.min()) * 250 + 1
+    sar = nd_shift(opt, (dy, -dx), order=3, mode="nearest")  # sar[r, c] = opt[r - dy, c + dx]
+    sar = np.abs(np.sin(sar / 40.0)) * 254 + 1
+    t = from_origin(x0, 3750000.0, 10.0, 10.0)
+    for suffix, arr, bands in (("optical", opt, 3), ("sar", sar, 1)):
+        with rasterio.open(tmp / f"{name}_{suffix}.tif", "w", driver="GTiff", width=160, height=160, count=bands, dtype="uint8",
+                           crs=crs, transform=t) as f:
+            f.write(np.repeat(np.clip(np.round(arr), 1, 255)[None].astype(np.uint8), bands, axis=0))
+
+
+def test_cmpc_data_coregistration_measures_each_pair(tmp_path, capsys):
+    """A folder of two pairs, content 3 px east / 2 px north and 0 px: the right offsets in
+    metres with their signs, one line per pair, the JSON summary; bad input is one line."""
+    from cmpc.cli import main
+
+    _pair(tmp_path, "001", 3.0, 2.0)
+    _pair(tmp_path, "002", 0.0, 0.0)
+    rc = main(["data", "coregistration", str(tmp_path), "--search", "5", "--out", str(tmp_path / "co.json")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rec = json.loads((tmp_path / "co.json").read_text())
+    by = {p["name"]: p for p in rec["pairs"]}
+    assert by["001"]["content_offset_m"] == [pytest.approx(30.0, abs=4.0), pytest.approx(20.0, abs=4.0)]
+    assert by["002"]["offset_m"] < 4.0 and by["001"]["cell_spread_px"] < 0.5 and len(by["001"]["cells"]) == 4
+    assert json.loads(out) == rec["summary"] and rec["summary"]["pairs"] == 2 and rec["summary"]["pairs_over_25m"] == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("001: SAR content 3") and "east +3" in lines[0]
+    # one SAR raster with its optical raster, content 2 px west
+    _pair(tmp_path, "003", -2.0, 0.0)
+    rc = main(["data", "coregistration", str(tmp_path / "003_sar.tif"), str(tmp_path / "003_optical.tif"), "--cells", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and json.loads(out)["median_offset_m"] == pytest.approx(20.0, abs=4.0)
+    # bad input: a pair without its partner, rasters that do not overlap, a silly search
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "009_sar.tif").write_bytes((tmp_path / "001_sar.tif").read_bytes())
+    _pair(tmp_path, "far", 0.0, 0.0, x0=500000.0)
+    for argv, words in ((["data", "coregistration", str(tmp_path / "lone")], "no 009_optical.tif partner"),
+                        (["data", "coregistration", str(tmp_path / "001_sar.tif"), str(tmp_path / "far_optical.tif")], "do not overlap"),
+                        (["data", "coregistration", str(tmp_path), "--search", "0"], "--search")):
+        rc = main(argv)
+        _, err = capsys.readouterr()
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert rc == 2 and len(lines) == 1 and words in lines[0], (argv, err)

@@ -31,41 +31,10 @@ import numpy as np
 import rasterio
 from rasterio.warp import transform as warp_points
 
+from cmpc.data.coregister import mi_shift  # the measurement itself lives in the package (cmpc data coregistration)
+
 ROOT = Path(__file__).resolve().parents[2]
 UTM = "EPSG:32611"  # how cmpc views sentinel-la (docs/SENTINEL.md)
-
-
-def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 48) -> float:
-    """MI (nats) of two equally long value arrays, from their joint histogram."""
-    h, _, _ = np.histogram2d(a, b, bins=bins)
-    p = h / h.sum()
-    pxy = p.sum(1, keepdims=True) @ p.sum(0, keepdims=True)
-    nz = p > 0
-    return float((p[nz] * np.log(p[nz] / pxy[nz])).sum())
-
-
-def _subpixel(c: float, lo: float, hi: float) -> float:
-    d = lo - 2.0 * c + hi
-    return 0.0 if d >= 0 else float(np.clip(0.5 * (lo - hi) / d, -0.5, 0.5))
-
-
-def mi_shift(sar: np.ndarray, opt: np.ndarray, search: int = 6, step: int = 3) -> dict[str, float]:
-    """The (col, row) shift s in pixels maximising MI(sar[p + s], opt[p]): SAR content that
-    the optical file shows at pixel p lies at p + s in the SAR file. 0 = nodata."""
-    m = search
-    h, w = opt.shape
-    ob = opt[m:h - m, m:w - m]
-    grid = np.full((2 * m + 1, 2 * m + 1), np.nan)
-    for dy in range(-m, m + 1):
-        for dx in range(-m, m + 1):
-            sb = sar[m + dy:h - m + dy, m + dx:w - m + dx]
-            v = (sb > 0) & (ob > 0)
-            grid[dy + m, dx + m] = mutual_information(sb[v][::step], ob[v][::step])
-    iy, ix = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
-    fy = iy - m + (_subpixel(grid[iy, ix], grid[iy - 1, ix], grid[iy + 1, ix]) if 0 < iy < 2 * m else 0.0)
-    fx = ix - m + (_subpixel(grid[iy, ix], grid[iy, ix - 1], grid[iy, ix + 1]) if 0 < ix < 2 * m else 0.0)
-    return {"col": float(fx), "row": float(fy), "mi": float(grid.max()), "contrast": float(grid.max() - np.median(grid)),
-            "at_edge": bool(iy in (0, 2 * m) or ix in (0, 2 * m))}
 
 
 def file_shift(folder: Path, fid: str, search: int) -> dict:

@@ -6,7 +6,7 @@ Sentinel-1 and Sentinel-2 files are offset from each other by a median 23 m
 every scene of a scenes folder and independently of every cmpc model, the shift of the
 scene's own SAR pixels against the optical files at the scene's true footprint (the optical
 pairs reprojected onto the scene's grid, mutual information over integer shifts within +-S px
-with a parabolic sub-pixel peak: `coregistration.mi_shift`), on the whole scene and on its
+with a parabolic sub-pixel peak: `cmpc.data.coregister.mi_shift`), on the whole scene and on its
 northern and southern halves (their disagreement is the estimate's own uncertainty).
 
 With a report's scenes.csv it then scores each method's answers against both truths: the grid
@@ -32,8 +32,7 @@ import numpy as np
 import rasterio
 from rasterio.warp import Resampling, reproject, transform_bounds
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coregistration import mi_shift  # noqa: E402  (sibling script)
+from cmpc.data.coregister import mi_shift
 
 ROOT = Path(__file__).resolve().parents[2]
 
