@@ -75,11 +75,7 @@ fi
 # tiling, then the decisions calibrated again at the shipped model's reference-stride tiling)
 if [ -d ../shared/data/real/sentinel-la ] && [ -f index/sentinel_fused/manifest.json ]; then
   S=runs/sentinel_fused/scene_gnn
-  SFLAGS=(--set name=sentinel_fused --set refine.rerank=false --set refine.gnn_position=false --set refine.fine_align=false
-          --set refine.gate=config --tiles 4 8 --heading-ranges 0 15 --out $S)
-  [ -f $S/scene_graph.pt ] || $CMPC train scene experiments/sentinel.json "${SFLAGS[@]}" --count 5 --gnn-count 30
-  $PY -c "import json, sys; sys.exit(json.load(open('$S/scene_decision.json')).get('min_scene_tiles') != 0)" || \
-    $CMPC train scene experiments/sentinel.json "${SFLAGS[@]}" --count 30 --keep-gnn --min-tiles 0 --max-dense-tiles 0
+  bash experiments/sentinel/scene_model.sh  # skips what make sentinel already did
   d=data/scenes/sentinel_8x8_h0_u8
   [ -f $d/scenes.json ] || $CMPC data scenes experiments/sentinel.json --tiles 8 --count $N --seed 9208 --out $d > /dev/null
   o=reports/scenes/sentinel_8x8_h0

@@ -9,7 +9,7 @@
 # checkpoint is what weights/sentinel/ ships, with seed 0's dense descriptor alone as the
 # scene aligner (`cmpc model aligner`), a scene-graph GNN trained for the fused embedder on the
 # training blocks and the scene decisions (verify, gnn+verify) calibrated with it at the reference
-# stride with the whole-map dense search (`cmpc train scene`, two steps below). To ship a retrained one:
+# stride with the whole-map dense search (experiments/sentinel/scene_model.sh). To ship a retrained one:
 #   cp runs/sentinel_fused/emb_best.pt weights/sentinel/embedder.pt
 #   cp runs/sentinel_fused/refiner.pt weights/sentinel/aligner.pt
 #   cp runs/sentinel_fused/scene_gnn/{scene_decision.json,scene_graph.pt} weights/sentinel/ && .venv/bin/cmpc model seal sentinel
@@ -38,12 +38,5 @@ for fit in resize native; do
   $CMPC eval pairs $EXP --set name=sentinel_fused --pairs bigearthnet --sar-bands VH --sar-scale amplitude --fit $fit
 done
 [ -f runs/sentinel_fused/refiner.pt ] || $CMPC model aligner runs/sentinel/refiner.pt runs/sentinel_fused/refiner.pt
-# the GNN is trained with the default tiling (5 calibration scenes per setting), then both decisions
-# are calibrated again with it at the reference stride on 30 per setting (+ off-map copies)
-S=runs/sentinel_fused/scene_gnn
-SFLAGS=(--set name=sentinel_fused --set refine.rerank=false --set refine.gnn_position=false --set refine.fine_align=false
-        --set refine.gate=config --tiles 4 8 --heading-ranges 0 15 --out $S)
-[ -f $S/scene_graph.pt ] || $CMPC train scene $EXP "${SFLAGS[@]}" --count 5 --gnn-count 30
-.venv/bin/python -c "import json, sys; sys.exit(json.load(open('$S/scene_decision.json')).get('min_scene_tiles') != 0)" || \
-  $CMPC train scene $EXP "${SFLAGS[@]}" --count 30 --keep-gnn --min-tiles 0 --max-dense-tiles 0
+bash experiments/sentinel/scene_model.sh  # scene-graph GNN + both scene decisions -> runs/sentinel_fused/scene_gnn
 .venv/bin/python experiments/sentinel/collect.py --out docs/real.json
