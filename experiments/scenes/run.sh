@@ -10,7 +10,10 @@
 # block (the shipped model weights/sentinel, 8x8 tiles), each calibrated on its training area.
 # Needs the demo run (make demo), and ../shared/data/real for the real rows (skipped without; the
 # UAVSAR rows need runs/uavsar (experiments/uavsar.json), the sentinel-la rows `make sentinel`).
-# Every step skips what is already there; about 1.5 h on the 2-core machine.
+# Every step skips what is already there. Independent steps run JOBS [2] at a time, each at
+# CMPC_THREADS [1] thread(s); the steps nothing runs beside (calibration, timing) at 2 threads.
+# Smaller smoke runs: SCENES [200] test scenes per synthetic / real row, CAL_SCENES [30]
+# calibration scenes per setting, DEMO_SCENES [50] per demo-strip row.
 # The whole-map dense search (cmpc/localize/dense_search.py) is on by default: the decisions
 # record it (`dense_search` in scene_decision.json).
 # Overrides (defaults in brackets): MAP / CAL [demo-map8k / demo-map8k-cal] index names of the
@@ -24,7 +27,10 @@ cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
 CMPC=.venv/bin/cmpc
 export CMPC_THREADS=${CMPC_THREADS:-1}
+JOBS=${JOBS:-2}
 N=${SCENES:-200}
+NCAL=${CAL_SCENES:-30}
+NDEMO=${DEMO_SCENES:-50}
 MAP=${MAP:-demo-map8k}
 CAL=${CAL:-demo-map8k-cal}
 SCENE_MODEL=${SCENE_MODEL:-runs/demo/scene_map8k}
@@ -32,11 +38,23 @@ METHODS=${METHODS:-independent verify gnn+verify}
 GNN_FLAGS=$([ "${GNN:-1}" = 0 ] && echo --no-gnn || echo --gnn-count 30)
 [ -f runs/demo/emb_best.pt ] || { echo "error: runs/demo/emb_best.pt is missing: run make demo first" >&2; exit 2; }
 
+# A small job pool: `spawn CMD...` starts CMD in the background and waits while JOBS are running;
+# `drain` waits for all. A failing job stops the script (set -e on wait -n); the others are killed.
+running=0
+spawn() { "$@" & running=$((running + 1)); if [ $running -ge $JOBS ]; then wait -n; running=$((running - 1)); fi; }
+drain() { while [ $running -gt 0 ]; do wait -n; running=$((running - 1)); done; }
+trap 'kill $(jobs -p) 2> /dev/null || true' EXIT
+alone() { CMPC_THREADS=2 "$@"; }  # a step nothing runs beside
+
 # maps and their indexes (the auto factory)
-$PY -m benchmarks.mosaic --tiles 4 --seed0 7000 --out data/scenes/map8k > /dev/null
-$PY -m benchmarks.mosaic --tiles 4 --seed0 7100 --out data/scenes/map8k_cal > /dev/null
-[ -f index/$MAP/manifest.json ] || $CMPC index build experiments/demo.json --raster data/scenes/map8k/optical.tif --name $MAP > /dev/null
-[ -f index/$CAL/manifest.json ] || $CMPC index build experiments/demo.json --raster data/scenes/map8k_cal/optical.tif --name $CAL > /dev/null
+mosaic() { $PY -m benchmarks.mosaic --tiles 4 --seed0 $1 --out $2 > /dev/null; }
+spawn mosaic 7000 data/scenes/map8k
+spawn mosaic 7100 data/scenes/map8k_cal
+drain
+index() { [ -f index/$1/manifest.json ] || $CMPC index build experiments/demo.json --raster $2 --name $1 > /dev/null; }
+spawn index $MAP data/scenes/map8k/optical.tif
+spawn index $CAL data/scenes/map8k_cal/optical.tif
+drain
 
 # Scenes under 64 tiles, or whose half-stride tiles over all headings fit 1,000, are tiled at half
 # the reference stride (SceneSettings.min_scene_tiles / max_dense_tiles; half vs reference vs
@@ -46,60 +64,65 @@ $PY -m benchmarks.mosaic --tiles 4 --seed0 7100 --out data/scenes/map8k_cal > /d
 # scene GNN + decision rule on the calibration map. 100 candidates per tile were chosen there
 # (60 8x8-tile calibration scenes, seed 4242: found within 5 m 0.82 / 0.92 / 0.95 with 20 / 50 / 100,
 # docs/RESULTS.md); the test map never chose anything
-[ -f $SCENE_MODEL/scene_decision.json ] || $CMPC train scene experiments/demo.json --sar data/scenes/map8k_cal/sar.tif \
-  --areas data/scenes/map8k_cal/mosaic.json --index $CAL --out $SCENE_MODEL --tiles 2 4 8 --count 30 $GNN_FLAGS --top-k 100
+[ -f $SCENE_MODEL/scene_decision.json ] || alone $CMPC train scene experiments/demo.json --sar data/scenes/map8k_cal/sar.tif \
+  --areas data/scenes/map8k_cal/mosaic.json --index $CAL --out $SCENE_MODEL --tiles 2 4 8 --count $NCAL $GNN_FLAGS --top-k 100
 
-# test scenes (no georeferencing; truth = where the content lies, the world's SAR misregistration removed)
-for n in 2 4 8; do for h in 0 15; do
-  d=data/scenes/map8k_${n}x${n}_h$h
+# test scenes (no georeferencing; truth = where the content lies, the world's SAR misregistration removed),
+# the costliest rows first so that the two lanes finish together
+synthetic() {  # tiles per side, heading half-range (deg)
+  local n=$1 h=$2 d=data/scenes/map8k_$1x$1_h$2 o=reports/scenes/synthetic_$1x$1_h$2
   [ -f $d/scenes.json ] || $CMPC data scenes experiments/demo.json --sar data/scenes/map8k/sar.tif --areas data/scenes/map8k/mosaic.json \
     --tiles $n --count $N --heading-range $h --seed $((9000 + 10 * n + h)) --out $d > /dev/null
-  o=reports/scenes/synthetic_${n}x${n}_h$h
   [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes $d --index $MAP --scene-model $SCENE_MODEL \
     --methods $METHODS --rotation-range $h --out $o > /dev/null
-done; done
+}
+for nh in "8 15" "4 15" "8 0" "2 15" "4 0" "2 0"; do spawn synthetic $nh; done
 
 # real scenes
-if [ -d ../shared/data/real/uavsar-nc ] && [ -f runs/uavsar/emb_best.pt ]; then
-  [ -f runs/uavsar/scene_decision.json ] || $CMPC train scene experiments/uavsar.json --tiles 2 3 --count 30
+uavsar() {  # its rule calibrated on the strip's training area, then 2x2 and 3x3 test scenes
+  [ -f runs/uavsar/scene_decision.json ] || $CMPC train scene experiments/uavsar.json --tiles 2 3 --count $NCAL
   for n in 2 3; do
-    d=data/scenes/uavsar_${n}x${n}_h0
+    local d=data/scenes/uavsar_${n}x${n}_h0 o=reports/scenes/uavsar_${n}x${n}_h0
     [ -f $d/scenes.json ] || $CMPC data scenes experiments/uavsar.json --tiles $n --count $N --seed $((9100 + n)) --out $d > /dev/null
-    o=reports/scenes/uavsar_${n}x${n}_h0
     [ -f $o/rows.json ] || $CMPC eval scenes experiments/uavsar.json --scenes $d --methods independent verify gnn+verify --out $o > /dev/null
   done
-fi
+}
+if [ -d ../shared/data/real/uavsar-nc ] && [ -f runs/uavsar/emb_best.pt ]; then spawn uavsar; fi
 # sentinel-la: the shipped model (weights/sentinel: the fused embedder, its aligner and decision) on
 # the test block's index that `make sentinel` builds with that embedder (index/sentinel_fused);
 # gnn+verify with a scene-graph GNN trained for it on the training area (trained with the default
 # tiling, then the decisions calibrated again at the shipped model's reference-stride tiling)
-if [ -d ../shared/data/real/sentinel-la ] && [ -f index/sentinel_fused/manifest.json ]; then
-  S=runs/sentinel_fused/scene_gnn
+sentinel() {
+  local S=runs/sentinel_fused/scene_gnn d=data/scenes/sentinel_8x8_h0_u8 o=reports/scenes/sentinel_8x8_h0
   bash experiments/sentinel/scene_model.sh  # skips what make sentinel already did
-  d=data/scenes/sentinel_8x8_h0_u8
   [ -f $d/scenes.json ] || $CMPC data scenes experiments/sentinel.json --tiles 8 --count $N --seed 9208 --out $d > /dev/null
-  o=reports/scenes/sentinel_8x8_h0
   [ -f $o/rows.json ] || $CMPC eval scenes --model sentinel --index sentinel_fused --scene-model $S --scenes $d \
     --methods independent verify gnn+verify --out $o > /dev/null
-fi
+}
+if [ -d ../shared/data/real/sentinel-la ] && [ -f index/sentinel_fused/manifest.json ]; then spawn sentinel; fi
 # the demo's own test strip (217 references), its rule calibrated on the demo training area
-for n in 2 3 4; do for h in 0 15; do
-  d=data/demo/scenes/test_${n}x${n}_h$h
-  [ -f $d/scenes.json ] || $CMPC data scenes experiments/demo.json --split test --tiles $n --count 50 --heading-range $h --seed $((100 * n + h)) --out $d > /dev/null
-  o=reports/scenes/demo_${n}x${n}_h$h
+demo() {
+  local n=$1 h=$2 d=data/demo/scenes/test_$1x$1_h$2 o=reports/scenes/demo_$1x$1_h$2
+  [ -f $d/scenes.json ] || $CMPC data scenes experiments/demo.json --split test --tiles $n --count $NDEMO --heading-range $h --seed $((100 * n + h)) --out $d > /dev/null
   [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes $d --methods independent verify gnn+verify --rotation-range $h --out $o > /dev/null
-done; done
-MAP=$MAP SCENE_MODEL=$SCENE_MODEL METHODS="$METHODS" SENTINEL=1 bash experiments/scenes/timing.sh
+}
+for n in 2 3 4; do for h in 0 15; do spawn demo $n $h; done; done
 # GNN_MODEL (e.g. runs/demo/scene_map8k_gnn, trained with --gnn-count 30 as above): its
 # gnn+verify rows on the same test scenes into reports/scenes_gnn, joined by collect.py --more
+gnn_rows() {
+  local n=$1 h=$2 o=reports/scenes_gnn/synthetic_$1x$1_h$2
+  [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes data/scenes/map8k_${n}x${n}_h$h --index $MAP \
+    --scene-model $GNN_MODEL --methods gnn+verify --rotation-range $h --out $o > /dev/null
+}
 MORE=()
 if [ -n "${GNN_MODEL:-}" ]; then
-  for n in 2 4 8; do for h in 0 15; do
-    o=reports/scenes_gnn/synthetic_${n}x${n}_h$h
-    [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes data/scenes/map8k_${n}x${n}_h$h --index $MAP \
-      --scene-model $GNN_MODEL --methods gnn+verify --rotation-range $h --out $o > /dev/null
-  done; done
-  MAP=$MAP SCENE_MODEL=$GNN_MODEL METHODS=gnn+verify TROOT=reports/scenes_timing_gnn bash experiments/scenes/timing.sh
+  drain  # the scenes are cut
+  for nh in "8 15" "4 15" "8 0" "2 15" "4 0" "2 0"; do spawn gnn_rows $nh; done
   MORE=(--more reports/scenes_gnn)
 fi
+drain
+
+# seconds per scene on the quiet machine (2 threads, nothing beside)
+MAP=$MAP SCENE_MODEL=$SCENE_MODEL METHODS="$METHODS" SENTINEL=1 bash experiments/scenes/timing.sh
+[ -z "${GNN_MODEL:-}" ] || MAP=$MAP SCENE_MODEL=$GNN_MODEL METHODS=gnn+verify TROOT=reports/scenes_timing_gnn bash experiments/scenes/timing.sh
 $PY experiments/scenes/collect.py "${MORE[@]}" --results docs/RESULTS.md
