@@ -9,7 +9,7 @@
 # Real: UAVSAR test strip (experiments/uavsar.json, 2x2 / 3x3 tiles) and the sentinel-la test
 # block (the shipped model weights/sentinel, 8x8 tiles), each calibrated on its training area.
 # Needs the demo run (make demo), and ../shared/data/real for the real rows (skipped without; the
-# UAVSAR rows need runs/uavsar (experiments/uavsar.json), the sentinel-la rows `make sentinel`).
+# UAVSAR models are trained here when missing (runs/uavsar, about 3 min), the sentinel-la rows need `make sentinel`).
 # Every step skips what is already there. Independent steps run JOBS [2] at a time, each at
 # CMPC_THREADS [1] thread(s); the steps nothing runs beside (calibration, timing) at 2 threads.
 # Smaller smoke runs: SCENES [200] test scenes per synthetic / real row, CAL_SCENES [30]
@@ -79,7 +79,10 @@ synthetic() {  # tiles per side, heading half-range (deg)
 for nh in "8 15" "4 15" "8 0" "2 15" "4 0" "2 0"; do spawn synthetic $nh; done
 
 # real scenes
-uavsar() {  # its rule calibrated on the strip's training area, then 2x2 and 3x3 test scenes
+uavsar() {  # its models trained when missing (about 3 min), its rule calibrated on the strip's training area, then the scenes
+  [ -f data/uavsar/dataset/dataset.json ] || $CMPC data tile experiments/uavsar.json > /dev/null
+  [ -f runs/uavsar/refiner.pt ] || $PY train.py experiments/uavsar.json > /dev/null
+  [ -f index/uavsar/manifest.json ] || $CMPC index build experiments/uavsar.json > /dev/null
   [ -f runs/uavsar/scene_decision.json ] || $CMPC train scene experiments/uavsar.json --tiles 2 3 --count $NCAL
   for n in 2 3; do
     local d=data/scenes/uavsar_${n}x${n}_h0 o=reports/scenes/uavsar_${n}x${n}_h0
@@ -87,7 +90,7 @@ uavsar() {  # its rule calibrated on the strip's training area, then 2x2 and 3x3
     [ -f $o/rows.json ] || $CMPC eval scenes experiments/uavsar.json --scenes $d --methods independent verify gnn+verify --out $o > /dev/null
   done
 }
-if [ -d ../shared/data/real/uavsar-nc ] && [ -f runs/uavsar/emb_best.pt ]; then spawn uavsar; fi
+if [ -d ../shared/data/real/uavsar-nc ]; then spawn uavsar; else echo "skip the UAVSAR rows: ../shared/data/real/uavsar-nc is absent" >&2; fi
 # sentinel-la: the shipped model (weights/sentinel: the fused embedder, its aligner and decision) on
 # the test block's index that `make sentinel` builds with that embedder (index/sentinel_fused);
 # gnn+verify with a scene-graph GNN trained for it on the training area (trained with the default
@@ -99,7 +102,9 @@ sentinel() {
   [ -f $o/rows.json ] || $CMPC eval scenes --model sentinel --index sentinel_fused --scene-model $S --scenes $d \
     --methods independent verify gnn+verify --out $o > /dev/null
 }
-if [ -d ../shared/data/real/sentinel-la ] && [ -f index/sentinel_fused/manifest.json ]; then spawn sentinel; fi
+if [ ! -d ../shared/data/real/sentinel-la ]; then echo "skip the sentinel-la rows: ../shared/data/real/sentinel-la is absent" >&2
+elif [ ! -f index/sentinel_fused/manifest.json ]; then echo "skip the sentinel-la rows: index/sentinel_fused is missing (make sentinel builds it)" >&2
+else spawn sentinel; fi
 # the demo's own test strip (217 references), its rule calibrated on the demo training area
 demo() {
   local n=$1 h=$2 d=data/demo/scenes/test_$1x$1_h$2 o=reports/scenes/demo_$1x$1_h$2
