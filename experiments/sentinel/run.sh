@@ -13,19 +13,23 @@
 #   cp runs/sentinel_fused/emb_best.pt weights/sentinel/embedder.pt
 #   cp runs/sentinel_fused/refiner.pt weights/sentinel/aligner.pt
 #   cp runs/sentinel_fused/scene_gnn/{scene_decision.json,scene_graph.pt} weights/sentinel/ && .venv/bin/cmpc model seal sentinel
+# A smoke run of the whole chain (minutes, numbers meaningless): SET="--set train.epochs=1
+# --set refine.epochs=1 --set refine.align_steps=20" GNN_SCENES=3 CAL_SCENES=4 make sentinel
+# (SET is added to every training and test step; the scene counts go to scene_model.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CMPC=".venv/bin/cmpc"
 EXP=experiments/sentinel.json
+read -r -a SET <<< "${SET:-}"
 [ -d ../shared/data/real/sentinel-la ] || { echo "error: ../shared/data/real/sentinel-la is missing" >&2; exit 2; }
 [ -f data/sentinel-la/dataset/dataset.json ] || $CMPC data tile $EXP
 for seed in ${SEEDS:-0 1 2}; do
   name=sentinel; [ "$seed" -gt 0 ] && name=sentinel_s$seed
-  $CMPC train emb $EXP --set name=$name --set train.seed=$seed
+  $CMPC train emb $EXP --set name=$name --set train.seed=$seed "${SET[@]}"
   # seeds > 0 reuse seed 0's fine-alignment descriptor (it depends on the data, not on the embedder)
   align=(); [ "$seed" -gt 0 ] && align=(--set refine.align_from=runs/sentinel/refiner.pt)
-  $CMPC train refine $EXP --set name=$name "${align[@]}"
-  $CMPC test $EXP --set name=$name "${align[@]}"
+  $CMPC train refine $EXP --set name=$name "${align[@]}" "${SET[@]}"
+  $CMPC test $EXP --set name=$name "${align[@]}" "${SET[@]}"
   for fit in resize native; do
     $CMPC eval pairs $EXP --set name=$name --pairs bigearthnet --sar-bands VH --sar-scale amplitude --fit $fit
   done
@@ -33,7 +37,7 @@ done
 mkdir -p runs/sentinel_fused
 [ -f runs/sentinel_fused/emb_best.pt ] || $CMPC model fuse runs/sentinel_fused/emb_best.pt runs/sentinel/emb_best.pt runs/sentinel_s1/emb_best.pt runs/sentinel_s2/emb_best.pt
 .venv/bin/python experiments/sentinel/screen_fusion.py runs/sentinel/emb_best.pt runs/sentinel_s1/emb_best.pt runs/sentinel_s2/emb_best.pt > runs/sentinel_fused/validation_screen.json
-$CMPC test $EXP --set name=sentinel_fused --set refine.enabled=false
+$CMPC test $EXP --set name=sentinel_fused --set refine.enabled=false "${SET[@]}"
 for fit in resize native; do
   $CMPC eval pairs $EXP --set name=sentinel_fused --pairs bigearthnet --sar-bands VH --sar-scale amplitude --fit $fit
 done
