@@ -13,7 +13,8 @@
 # Every step skips what is already there. Independent steps run JOBS [2] at a time, each at
 # CMPC_THREADS [1] thread(s); the steps nothing runs beside (calibration, timing) at 2 threads.
 # Smaller smoke runs: SCENES [200] test scenes per synthetic / real row, CAL_SCENES [30]
-# calibration scenes per setting, DEMO_SCENES [50] per demo-strip row.
+# calibration scenes per setting, GNN_SCENES [30] GNN training scenes per setting, DEMO_SCENES [50]
+# per demo-strip row.
 # The whole-map dense search (cmpc/localize/dense_search.py) is on by default: the decisions
 # record it (`dense_search` in scene_decision.json).
 # Overrides (defaults in brackets): MAP / CAL [demo-map8k / demo-map8k-cal] index names of the
@@ -35,7 +36,7 @@ MAP=${MAP:-demo-map8k}
 CAL=${CAL:-demo-map8k-cal}
 SCENE_MODEL=${SCENE_MODEL:-runs/demo/scene_map8k}
 METHODS=${METHODS:-independent verify gnn+verify}
-GNN_FLAGS=$([ "${GNN:-1}" = 0 ] && echo --no-gnn || echo --gnn-count 30)
+GNN_FLAGS=$([ "${GNN:-1}" = 0 ] && echo --no-gnn || echo --gnn-count ${GNN_SCENES:-30})
 [ -f runs/demo/emb_best.pt ] || { echo "error: runs/demo/emb_best.pt is missing: run make demo first" >&2; exit 2; }
 
 # A small job pool: `spawn CMD...` starts CMD in the background and waits while JOBS are running;
