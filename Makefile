@@ -36,7 +36,8 @@ sentinel: $(STAMP)
 	bash experiments/sentinel/run.sh
 
 ## Scene localization study: 8 km unseen synthetic map (200 scenes per size and heading), UAVSAR and
-## sentinel-la scenes; docs/scenes.json and docs/img/scenes_*.png (needs make demo; about 1.5 h).
+## sentinel-la scenes; docs/scenes.json and docs/img/scenes_*.png (needs make demo; about 2-2.5 h, estimated
+## from its parts; SCENES=10 CAL_SCENES=6 GNN_SCENES=6 DEMO_SCENES=6 make scenes is a smoke run).
 scenes: $(STAMP)
 	bash experiments/scenes/run.sh
 

@@ -106,13 +106,17 @@ sentinel() {
 if [ ! -d ../shared/data/real/sentinel-la ]; then echo "skip the sentinel-la rows: ../shared/data/real/sentinel-la is absent" >&2
 elif [ ! -f index/sentinel_fused/manifest.json ]; then echo "skip the sentinel-la rows: index/sentinel_fused is missing (make sentinel builds it)" >&2
 else spawn sentinel; fi
-# the demo's own test strip (217 references), its rule calibrated on the demo training area
-demo() {
+# the demo's own test strip (217 references), its rule (and GNN) calibrated on the demo training area
+demo_row() {
   local n=$1 h=$2 d=data/demo/scenes/test_$1x$1_h$2 o=reports/scenes/demo_$1x$1_h$2
   [ -f $d/scenes.json ] || $CMPC data scenes experiments/demo.json --split test --tiles $n --count $NDEMO --heading-range $h --seed $((100 * n + h)) --out $d > /dev/null
-  [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes $d --methods independent verify gnn+verify --rotation-range $h --out $o > /dev/null
+  [ -f $o/rows.json ] || $CMPC eval scenes experiments/demo.json --scenes $d --methods $METHODS --rotation-range $h --out $o > /dev/null
 }
-for n in 2 3 4; do for h in 0 15; do spawn demo $n $h; done; done
+demo_rows() {
+  [ -f runs/demo/scene_decision.json ] || $CMPC train scene experiments/demo.json --count $NCAL $GNN_FLAGS > /dev/null
+  for n in 2 3 4; do for h in 0 15; do demo_row $n $h; done; done
+}
+spawn demo_rows
 # GNN_MODEL (e.g. runs/demo/scene_map8k_gnn, trained with --gnn-count 30 as above): its
 # gnn+verify rows on the same test scenes into reports/scenes_gnn, joined by collect.py --more
 gnn_rows() {
