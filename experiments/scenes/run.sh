@@ -40,7 +40,8 @@ GNN_FLAGS=$([ "${GNN:-1}" = 0 ] && echo --no-gnn || echo --gnn-count ${GNN_SCENE
 [ -f runs/demo/emb_best.pt ] || { echo "error: runs/demo/emb_best.pt is missing: run make demo first" >&2; exit 2; }
 
 # A small job pool: `spawn CMD...` starts CMD in the background and waits while JOBS are running;
-# `drain` waits for all. A failing job stops the script (set -e on wait -n); the others are killed.
+# `drain` waits for all. A failing job stops the script (set -e on wait -n) and the other jobs' shells
+# (a cmpc command already running in one finishes its row first).
 running=0
 spawn() { "$@" & running=$((running + 1)); if [ $running -ge $JOBS ]; then wait -n; running=$((running - 1)); fi; }
 drain() { while [ $running -gt 0 ]; do wait -n; running=$((running - 1)); done; }
