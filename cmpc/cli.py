@@ -249,6 +249,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 def cmd_localize(args: argparse.Namespace) -> int:
     from cmpc.evaluate.ranks import GroundTruthScorer
+    from cmpc.localize.localizer import NO_REFINER_FILE
     from cmpc.localize.run import localize
 
     overrides = _flag_overrides(args, {"top_k": "localize.top_k", "prior": "localize.prior", "center": "localize.prior_center",
@@ -260,7 +261,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
         result = localize(exp, queries=args.queries, out=args.out, checkpoint=str(card.embedder.path), split=args.split,
                           index_dir=index_dir if index_dir is not None else exp.index_dir,
                           scorer=GroundTruthScorer(exp.eval, exp.localize.top_k),
-                          refiner_path=card.refiner.path if card.refiner else None, use_refiner=card.refiner is not None,
+                          refiner_path=card.refiner.path if card.refiner else NO_REFINER_FILE,
+                          use_refiner=card.refiner is not None or (exp.refine.enabled and exp.refine.aligner == "cfog"),
                           conventions=card.inputs)
     else:
         _need_experiment(args, "localize")
@@ -368,7 +370,8 @@ def _georeferencer(args: argparse.Namespace, command: str):  # noqa: ANN202 - (E
         if refiner is None and card.aligner is not None:  # a dense descriptor alone: fine alignment for scenes, nothing else
             refiner = card.aligner
             exp = dataclasses.replace(exp, refine=dataclasses.replace(exp.refine, enabled=True, rerank=False, gnn_position=False,
-                                                                      fine_align=False, gate="config", align_min_peak=None))
+                                                                      fine_align=False, gate="config", align_min_peak=None,
+                                                                      aligner="learned"))
         geo = georeferencer_from_experiment(exp, settings, checkpoint=str(card.embedder.path), index_dir=index_dir,
                                             refiner_path=refiner.path if refiner else None, use_refiner=refiner is not None,
                                             scene_dir=scene_dir, use_scene_top_k=args.top_k is None,

@@ -154,6 +154,45 @@ class FeatureMosaic:
         return out.reshape(*top.shape, P * Q, C, h, w)
 
 
+#: largest whole-map descriptor array (float32 bytes) a lazy-capable descriptor stores; above
+#: it the map is described window by window (:class:`LazyFeatureMosaic`)
+LAZY_BYTES = 512 * 2**20
+
+
+@dataclass
+class LazyFeatureMosaic(FeatureMosaic):
+    """A feature mosaic whose descriptors are computed window by window when asked for.
+
+    For a descriptor with a cell per pixel (stride 1: :class:`~cmpc.models.cfog.CfogDescriptor`),
+    a whole-map descriptor array would hold ``dim`` floats per map pixel (9 x 4 bytes: 8.6 GB
+    for the 238-megapixel sentinel-la training map), so only the map itself is kept:
+    ``desc`` is (2, H, W) float16, the band-mean image and its valid mask. :meth:`crops` cuts
+    each window with ``margin`` extra pixels, runs ``model`` on it and returns the
+    descriptors of the window (zero outside the valid area), so alignment code sees the same
+    (..., C, h, w) windows as from a stored mosaic. ``dim``: the descriptor's channels."""
+
+    model: torch.nn.Module | None = None
+    margin: int = 8
+    dim: int = 0
+
+    @torch.no_grad()
+    def crops(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        assert self.model is not None
+        m = self.margin
+        _, H, W = self.desc.shape
+        win = _crops_padded(*self._pad("desc", h + 2 * m, w + 2 * m), H, W, top - m, left - m, h + 2 * m, w + 2 * m)
+        lead = top.shape
+        win = win.reshape(-1, 2, h + 2 * m, w + 2 * m).float()
+        out = []
+        for i in range(0, win.shape[0], 64):  # bounded memory: (64, dim, h, w) at a time
+            d = self.model(win[i : i + 64, :1], "opt")[..., m : m + h, m : m + w]
+            out.append(d * win[i : i + 64, 1:2, m : m + h, m : m + w])
+        return torch.cat(out).reshape(*lead, -1, h, w)
+
+    def phase_crops(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        raise ValueError("a lazy (stride-1) feature mosaic has no phase maps")
+
+
 def _crops_padded(ph: int, pw: int, pad: torch.Tensor, Hc: int, Wc: int, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Windows of a map (C, Hc, Wc) given as ``pad``: the map with ``ph`` >= ``h`` rows /
     ``pw`` >= ``w`` columns of zeros around it, channels last (Hc + 2ph, Wc + 2pw, C). (...,)
@@ -173,10 +212,16 @@ def _pad_channels_last(desc: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.pad(desc, (w, w, h, h)).permute(1, 2, 0).contiguous()
 
 
+def descriptor_stride(model: torch.nn.Module) -> int:
+    """Pixels per descriptor cell of a dense descriptor (its ``stride``; 4 for the learned one)."""
+    return int(getattr(model, "stride", STRIDE))
+
+
 @torch.no_grad()
 def _descriptor_map(model: DenseDescriptor, img: torch.Tensor, tile_px: int, margin_px: int, device: torch.device | str) -> torch.Tensor:
-    """Optical descriptors (dim, ceil(H/4), ceil(W/4)) of an image (C, H, W), in overlapping tiles."""
-    s = STRIDE
+    """Optical descriptors (dim, ceil(H/s), ceil(W/s)) of an image (C, H, W), in overlapping
+    tiles (``s``: the descriptor's output stride)."""
+    s = descriptor_stride(model)
     C, H, W = img.shape
     Hc, Wc = -(-H // s), -(-W // s)
     out = torch.zeros((model.dim, Hc, Wc), dtype=torch.float32)
@@ -204,15 +249,33 @@ def build_feature_mosaic(
     margin_px: int = 64,
     phases: bool = False,
     device: torch.device | str = "cpu",
+    lazy_bytes: int = LAZY_BYTES,
 ) -> FeatureMosaic:
     """Optical descriptors of a standardised map image (C, H, W), computed in overlapping
     tiles (``tile_px`` core, ``margin_px`` context on each side, both multiples of 4) so
     memory stays bounded and tile seams do not show. Cells outside ``valid`` are zeroed.
     ``phases``: also compute the 16 pixel-phase maps (16x the work and memory) that make
-    pixel-level peak refinement possible."""
-    s = STRIDE
+    pixel-level peak refinement possible (a stride-1 descriptor such as CFOG has none to add).
+    Any descriptor with the :class:`~cmpc.models.descriptor.DenseDescriptor` contract works;
+    its ``stride`` attribute (default 4) sets the mosaic's cell size. A descriptor marked
+    ``lazy`` (CFOG: one cell per pixel) is computed on the band mean; when its whole-map array
+    would exceed ``lazy_bytes`` (float32) a :class:`LazyFeatureMosaic` is returned instead,
+    which describes windows on request (measured on sentinel-la: describing 20 windows per
+    query costs about 1.2 s per query on one core; a stored map's crops cost a few ms)."""
+    s = descriptor_stride(model)
+    if getattr(model, "lazy", False):
+        # a band-mean descriptor (CFOG): nodata filled as flat ground (no edges at its border)
+        g = np.nan_to_num(np.asarray(image, dtype=np.float32).mean(axis=0))
+        v = np.asarray(valid, dtype=bool)
+        g = np.where(v, g, float(g[v].mean()) if v.any() else 0.0).astype(np.float32)
+        if g.size * int(model.dim) * 4 > lazy_bytes:
+            # too large to hold as descriptors: keep the image and its mask, describe on request
+            stack = torch.from_numpy(np.stack([g, v.astype(np.float32)])).half()
+            return LazyFeatureMosaic(desc=stack, origin_x=float(origin_x), origin_y=float(origin_y), gsd_m=float(gsd_m), stride=s,
+                                     model=model.eval(), margin=int(getattr(model, "context_px", 8)), dim=int(model.dim))
+        image = g[None]
     if tile_px % s or margin_px % s:
-        raise ValueError("tile_px and margin_px must be multiples of 4")
+        raise ValueError(f"tile_px and margin_px must be multiples of the descriptor stride ({s})")
     model.eval()
     C, H, W = image.shape
     Hc, Wc = -(-H // s), -(-W // s)
@@ -220,7 +283,7 @@ def build_feature_mosaic(
     vmask = torch.from_numpy(np.ascontiguousarray(valid))
     desc = _descriptor_map(model, img, tile_px, margin_px, device) * vmask[::s, ::s][None].float()
     ph = None
-    if phases:
+    if phases and s > 1:
         ph = torch.zeros((s, s, model.dim, Hc, Wc), dtype=torch.float32)
         for p in range(s):
             for q in range(s):
@@ -231,7 +294,7 @@ def build_feature_mosaic(
                 d = _descriptor_map(model, img[:, p:, q:], tile_px, margin_px, device)
                 d = d * vmask[p::s, q::s][None].float()
                 ph[p, q, :, : d.shape[1], : d.shape[2]] = d
-    return FeatureMosaic(desc=desc, origin_x=float(origin_x), origin_y=float(origin_y), gsd_m=float(gsd_m), phases=ph)
+    return FeatureMosaic(desc=desc, origin_x=float(origin_x), origin_y=float(origin_y), gsd_m=float(gsd_m), stride=s, phases=ph)
 
 
 # --------------------------------------------------------------------------- alignment

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from cmpc.errors import DataError
+from cmpc.errors import ConfigError, DataError
 from cmpc.localize.decision import ConfidenceModel
 from cmpc.localize.dense_search import DensePeak, MapSpectra, peak_margin, search_map
 from cmpc.localize.prior import prior_rows
@@ -663,6 +663,8 @@ def georeferencer_from_experiment(
     folder lends its GNN only when the card lists it, hash-checked)."""
     from cmpc.localize.localizer import Localizer
 
+    if exp.refine.enabled and exp.refine.aligner == "cfog":
+        raise ConfigError("refine.aligner=cfog is for patch queries (cmpc localize / test); scene georeferencing searches, screens and fits with the learned dense descriptor its decision was calibrated with: set refine.aligner=learned")
     settings = settings or SceneSettings()
     settings.check()
     base = settings

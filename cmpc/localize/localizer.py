@@ -62,6 +62,11 @@ class Refiner(Protocol):
     ) -> tuple[Any, Any]: ...
 
 
+#: a refiner path that names no file: a model card without a refiner (CFOG fine alignment,
+#: ``refine.aligner = "cfog"``, still applies; nothing is looked up in ``runs/``)
+NO_REFINER_FILE = Path(os.devnull)
+
+
 def load_refiner(
     path: str | os.PathLike[str] | None,
     cfg: RefineConfig | None,
@@ -70,18 +75,24 @@ def load_refiner(
 ) -> Refiner | None:
     """The refiner stored at ``path`` (``runs/<name>/refiner.pt``) with the query-time
     switches of ``cfg``, or None when there is no ``cfg``, ``refine.enabled`` is false or
-    ``path`` is absent. The loading itself is the refiner module's.
+    ``path`` is absent (with ``refine.aligner = "cfog"`` an absent file gives a refiner of
+    CFOG fine alignment alone: nothing to train). The loading itself is the refiner module's.
 
     ``embedder``: the embedder checkpoint in use (path or ``{"path", "sha256"}``): a refiner
     trained on another one is a one-line :class:`CheckpointError` naming both hashes."""
-    if cfg is None or not cfg.enabled or path is None or not Path(path).is_file():
+    if cfg is None or not cfg.enabled:
+        return None
+    have = path is not None and Path(path).is_file()
+    if not have and cfg.aligner != "cfog":
         return None
     try:
-        from cmpc.localize.refine import refiner_from_checkpoint
+        from cmpc.localize.refine import cfog_refiner, refiner_from_checkpoint
     except ModuleNotFoundError as e:
         if e.name != "cmpc.localize.refine":
             raise
         raise CheckpointError(f"{path} exists but this cmpc has no refiner (cmpc.localize.refine); set refine.enabled=false") from None
+    if not have:  # refine.aligner=cfog needs no trained file: fine alignment alone
+        return cfog_refiner(cfg, device)
     return refiner_from_checkpoint(path, cfg, device, embedder=embedder)
 
 

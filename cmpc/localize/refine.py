@@ -42,17 +42,17 @@ import torch
 
 from cmpc.config import RefineConfig
 from cmpc.errors import CheckpointError, DataError, IndexMismatchError
-from cmpc.localize.align import FeatureMosaic, align_to_mosaic, build_feature_mosaic
+from cmpc.localize.align import FeatureMosaic, LazyFeatureMosaic, align_to_mosaic, build_feature_mosaic
 from cmpc.localize.mosaic import mosaic_from_index, resample
+from cmpc.models.cfog import CfogDescriptor
 from cmpc.models.checkpoint import load_checkpoint, save_checkpoint
-from cmpc.models.descriptor import DenseDescriptor
+from cmpc.models.descriptor import STRIDE, DenseDescriptor
 from cmpc.models.graph import build_graphs, grid_spacing_m
 from cmpc.models.refiner import SceneGraphRefiner
 from cmpc.utils import provenance
 from cmpc.utils.io import atomic_path
 
 REFINER_FILE = "refiner.pt"
-ALIGN_CACHE_FILE = "align_features.pt"
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -71,7 +71,8 @@ class GraphRefiner:
 
     Args:
         gnn: the trained :class:`SceneGraphRefiner`, or None (coarse order and top-1 centre).
-        aligner: the trained :class:`DenseDescriptor`, or None (no fine alignment).
+        aligner: the trained :class:`DenseDescriptor` (or a :class:`CfogDescriptor`: the same
+            contract, nothing trained), or None (no fine alignment).
         cfg: the refine section in use (k, kNN sizes, switches, fine_top, fine_max_shift_px).
         k: candidates per graph the GNN was trained with.
         embed_dim: D of the embeddings the GNN was trained on.
@@ -140,7 +141,8 @@ class GraphRefiner:
         manifest = json.dumps(getattr(index, "manifest", {}), sort_keys=True, default=str)
         phases = bool(self.cfg.fine_phases)
         ident = hashlib.sha256(f"{self._aligner_hash}|phases={phases}|gsd={gsd_m}|{manifest}".encode()).hexdigest()
-        cache = Path(directory) / (ALIGN_CACHE_FILE if gsd_m is None else f"align_features_{gsd_m:.4g}m.pt") if directory is not None else None
+        tag = getattr(self.aligner, "cache_tag", "")  # another descriptor, another file: they never evict each other
+        cache = Path(directory) / (f"align_features{tag}.pt" if gsd_m is None else f"align_features{tag}_{gsd_m:.4g}m.pt") if directory is not None else None
         fm = None
         if cache is not None and cache.is_file():
             try:
@@ -152,6 +154,7 @@ class GraphRefiner:
                         origin_x=float(obj["origin_x"]),
                         origin_y=float(obj["origin_y"]),
                         gsd_m=float(obj["gsd_m"]),
+                        stride=int(obj.get("stride", STRIDE)),
                         phases=ph.float() if ph is not None else None,
                     )
             except Exception:  # a stale or torn cache is rebuilt, never trusted
@@ -163,7 +166,7 @@ class GraphRefiner:
             fm = build_feature_mosaic(
                 self.aligner, img.standardized(), img.valid, img.origin_x, img.origin_y, img.gsd_m, phases=phases, device=self.device
             )
-            if cache is not None:
+            if cache is not None and not isinstance(fm, LazyFeatureMosaic):  # a lazy one holds the map, not descriptors
                 try:
                     with atomic_path(cache) as tmp:
                         torch.save(
@@ -174,6 +177,7 @@ class GraphRefiner:
                                 "origin_x": fm.origin_x,
                                 "origin_y": fm.origin_y,
                                 "gsd_m": fm.gsd_m,
+                                "stride": fm.stride,
                             },
                             tmp,
                         )
@@ -279,7 +283,7 @@ class GraphRefiner:
         t0 = time.perf_counter()
         B, kq = order.shape
         x = x.float()
-        if x.shape[1] != self.aligner.sar_channels:
+        if self.aligner.sar_channels is not None and x.shape[1] != self.aligner.sar_channels:
             raise DataError(f"queries have {x.shape[1]} band(s) but the fine aligner was trained on {self.aligner.sar_channels}")
         dq = self.aligner(x.to(self.device), "sar").float().cpu()
         self.timings["align_desc_s"] += time.perf_counter() - t0
@@ -419,6 +423,22 @@ def gated_settings(ck: dict[str, Any], cfg: RefineConfig, path: str | Path) -> t
     return cfg, float(cfg.align_min_peak if cfg.align_min_peak is not None else t)
 
 
+def cfog_aligner(cfg: RefineConfig) -> CfogDescriptor:
+    """The CFOG descriptor of ``cfg`` (``refine.cfog_sigma`` / ``cfog_sar_sigma``; any band count)."""
+    return CfogDescriptor(None, None, sigma=cfg.cfog_sigma, sar_sigma=cfg.cfog_sar_sigma)
+
+
+def cfog_refiner(cfg: RefineConfig, device: torch.device | str = "cpu") -> GraphRefiner:
+    """A refiner without a checkpoint: no GNN (coarse order and position as the fallback), fine
+    alignment with the CFOG descriptor around the first ``refine.fine_top`` candidates, a
+    position taken when its peak reaches ``refine.align_min_peak`` (null: always). With
+    ``refine.rerank`` the candidate nearest the aligned position moves to the front."""
+    if cfg.gate == "calibrated":
+        raise CheckpointError("refine.gate=calibrated needs a trained refiner.pt; with refine.aligner=cfog and no refiner set refine.gate=config and refine.align_min_peak")
+    t = cfg.align_min_peak if cfg.align_min_peak is not None else -1.0
+    return GraphRefiner(None, cfog_aligner(cfg), cfg, cfg.k, 0, align_min_peak=t, device=device)
+
+
 def refiner_from_checkpoint(
     path: str | Path,
     cfg: RefineConfig,
@@ -466,7 +486,13 @@ def refiner_from_checkpoint(
             aligner.load_state_dict(ck["aligner"])
         except RuntimeError as e:
             raise CheckpointError(f"{path}: aligner weights do not fit their stored architecture: {str(e).splitlines()[0]}") from None
+    if cfg.aligner == "cfog":
+        if cfg.gate == "calibrated":
+            raise CheckpointError(f"{path}'s calibrated gate was calibrated for its learned aligner, not for refine.aligner=cfog; set refine.gate=config and refine.align_min_peak")
+        aligner = cfog_aligner(cfg)
     cfg, min_peak = gated_settings(ck, cfg, path)
+    if cfg.aligner == "cfog":
+        min_peak = cfg.align_min_peak if cfg.align_min_peak is not None else -1.0
     gr = GraphRefiner(gnn, aligner, cfg, k, D, align_min_peak=min_peak, device=device)
     gr.source = provenance.record(path)
     gr.inputs = dict(ck.get(provenance.INPUTS) or {})

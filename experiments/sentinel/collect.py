@@ -25,6 +25,9 @@ from typing import Any
 
 #: run -> seed; the fused model (three seeds fused by score, `cmpc model fuse`) has seed "0+1+2"
 RUNS: dict[str, int | str] = {"sentinel": 0, "sentinel_s1": 1, "sentinel_s2": 2, "sentinel_fused": "0+1+2"}
+#: reports that add a refined stage to a run above (same checkpoint, same coarse answers):
+#: report folder -> (seed, split label); only their refined rows are collected
+REFINED: dict[str, tuple[int | str, str]] = {"sentinel_fused_cfog": ("0+1+2", "test blocks, CFOG fine alignment (no GNN)")}
 
 
 def _within(err: dict[str, Any], t: float) -> float | None:
@@ -83,6 +86,10 @@ def collect(reports: Path) -> list[dict[str, Any]]:
             rows += metric_rows(m, "sentinel-la", "test blocks", seed, run)
         for p in sorted((reports / run).glob("pairs_bigearthnet_*.json")):
             rows += pair_rows(p, seed, run)
+    for run, (seed, split) in REFINED.items():
+        m = reports / run / "metrics.json"
+        if m.is_file():
+            rows += [r for r in metric_rows(m, "sentinel-la", split, seed, run) if r["stage"] == "refined"]
     # the shipped model (weights/sentinel: the seed its card names) on the cross-sensor pairs
     card = json.loads(Path("weights/sentinel/card.json").read_text()) if Path("weights/sentinel/card.json").is_file() else {}
     sha = ((card.get("files") or {}).get("embedder") or {}).get("sha256")

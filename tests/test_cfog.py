@@ -1,0 +1,123 @@
+"""CFOG fine alignment: the hand-made descriptor finds a SAR-like patch on an optical map, and
+the refiner uses it without a trained checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from cmpc.config import RefineConfig
+from cmpc.errors import CheckpointError
+from cmpc.localize.align import LazyFeatureMosaic, align_to_mosaic, build_feature_mosaic
+from cmpc.localize.localizer import load_refiner
+from cmpc.localize.refine import cfog_refiner
+from cmpc.models.cfog import CfogDescriptor
+from cmpc.models.descriptor import DenseDescriptor
+
+
+def _blocks(seed: int, size: int) -> np.ndarray:
+    """A (3, size, size) optical-like map of flat blocks (fields, roofs) with soft edges."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((size, size), np.float32)
+    for _ in range(260):
+        r, c = rng.integers(0, size, 2)
+        h, w = rng.integers(4, 30, 2)
+        img[r : r + h, c : c + w] = rng.uniform(0, 1)
+    img = ndi.gaussian_filter(img, 0.7)
+    rgb = np.stack([img, 0.8 * img + 0.1, 0.6 * img + 0.2])
+    return ((rgb - rgb.mean((1, 2), keepdims=True)) / rgb.std((1, 2), keepdims=True)).astype(np.float32)
+
+
+def _sar_like(opt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One band: brightness inverted and squared (no linear relation to the optical), times
+    4-look gamma speckle."""
+    g = opt.mean(0)
+    g = (g - g.min()) / (g.max() - g.min())
+    amp = (1.05 - g) ** 2 * rng.gamma(4.0, 0.25, size=g.shape)
+    return ((amp - amp.mean()) / amp.std())[None].astype(np.float32)
+
+
+@torch.no_grad()
+def test_cfog_finds_a_speckled_contrast_inverted_patch_where_intensities_fail():
+    img = _blocks(0, 320)
+    ox, oy, gsd, S = 1000.0, 5000.0, 8.0, 96
+    cfog = CfogDescriptor(1, 3, sigma=0.8, sar_sigma=1.0)
+    fm = build_feature_mosaic(cfog, img, np.ones(img.shape[1:], bool), ox, oy, gsd, tile_px=128, margin_px=32, lazy_bytes=0)
+    assert isinstance(fm, LazyFeatureMosaic) and fm.stride == 1 and fm.dim == 9
+    # small maps are described once and stored: the same windows
+    stored = build_feature_mosaic(cfog, img, np.ones(img.shape[1:], bool), ox, oy, gsd, tile_px=128, margin_px=32)
+    assert not isinstance(stored, LazyFeatureMosaic) and stored.desc.shape == (9, 320, 320)
+    t, lf = torch.tensor([[50, 200]]), torch.tensor([[70, 10]])
+    d = (stored.crops(t, lf, 40, 60) - fm.crops(t, lf, 40, 60)).abs()  # (the lazy map is float16)
+    assert d.mean() < 2e-3 and d.max() < 0.05
+    # a lazy window holds exactly the descriptors of the whole map at that place (interior)
+    # (the map is kept in float16: compare with the descriptors of the rounded band mean)
+    whole = cfog(torch.from_numpy(img.mean(0)).half().float()[None, None], "opt")[0]
+    win = fm.crops(torch.tensor([[50, 200]]), torch.tensor([[70, 10]]), 40, 60)
+    assert win.shape == (1, 2, 9, 40, 60)
+    assert torch.allclose(win[0, 0], whole[:, 50:90, 70:130], atol=5e-3)
+    assert torch.allclose(win[0, 1], whole[:, 200:240, 10:70], atol=5e-3)
+    rng = np.random.default_rng(1)
+    tl = rng.integers(40, 320 - S - 40, size=(12, 2))
+    q = torch.stack([torch.from_numpy(_sar_like(img[:, r : r + S, c : c + S], rng)) for r, c in tl])
+    true = np.stack([ox + (tl[:, 1] + S / 2) * gsd, oy - (tl[:, 0] + S / 2) * gsd], 1)
+    centres = true + rng.uniform(-30, 30, size=true.shape) * gsd
+    for m in (fm, stored):
+        res = align_to_mosaic(cfog(q, "sar"), m, torch.from_numpy(centres)[:, None], S, max_shift_px=36)
+        err_px = np.linalg.norm(res.position_m[:, 0].numpy() - true, axis=1) / gsd
+        assert err_px.max() <= 1.5, err_px
+    # the template is zero-mean per orientation; the map's descriptors are unit vectors
+    # where there is an edge and zero in flat blocks
+    dq = cfog(q, "sar")
+    assert dq.mean(dim=(2, 3)).abs().max() < 1e-5
+    n = whole.norm(dim=0)
+    assert n.max() <= 1 + 1e-4 and 0.2 < float((n > 0.95).float().mean()) < 0.95
+    # the same search on raw intensities (an identity "descriptor"): inverted, speckled
+    # brightness does not correlate with the optical, so most patches are lost
+    raw = build_feature_mosaic(_Identity(), img[:1], np.ones(img.shape[1:], bool), ox, oy, gsd, tile_px=128, margin_px=32)
+    res_raw = align_to_mosaic(q - q.mean(dim=(2, 3), keepdim=True), raw, torch.from_numpy(centres)[:, None], S, max_shift_px=36)
+    err_raw = np.linalg.norm(res_raw.position_m[:, 0].numpy() - true, axis=1) / gsd
+    assert np.mean(err_raw <= 1.5) <= 0.5, err_raw
+
+
+class _Identity(torch.nn.Module):
+    stride = 1
+    dim = 1
+
+    def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        return x
+
+
+def test_cfog_settings_change_its_identity_and_band_counts_are_free():
+    a, b = CfogDescriptor(None, None), CfogDescriptor(None, None, sar_sigma=2.0)
+    from cmpc.localize.refine import state_hash
+
+    assert state_hash(a.state_dict()) != state_hash(b.state_dict())
+    assert a(torch.rand(1, 4, 32, 32), "sar").shape == (1, 9, 32, 32)
+    with pytest.raises(ValueError, match="modality"):
+        a(torch.rand(1, 1, 8, 8), "optical")
+
+
+def test_a_cfog_refiner_needs_no_checkpoint_and_refuses_a_calibrated_gate(tmp_path):
+    cfg = RefineConfig(aligner="cfog", gate="config", align_min_peak=0.05, fine_top=3)
+    r = load_refiner(tmp_path / "absent.pt", cfg, "unused")
+    assert r is not None and r.gnn is None and isinstance(r.aligner, CfogDescriptor)
+    assert r.align_min_peak == pytest.approx(0.05)
+    # without aligner=cfog an absent refiner.pt still means no refiner
+    assert load_refiner(tmp_path / "absent.pt", RefineConfig(), "unused") is None
+    with pytest.raises(CheckpointError, match="align_min_peak"):
+        cfog_refiner(RefineConfig(aligner="cfog", gate="calibrated"))
+    # the learned descriptor is untouched by the default
+    assert RefineConfig().aligner == "learned" and isinstance(DenseDescriptor(1, 3), torch.nn.Module)
+
+
+def test_scene_georeferencing_refuses_cfog_before_loading_anything():
+    from cmpc.config import load_experiment
+    from cmpc.errors import ConfigError
+    from cmpc.localize.georef import georeferencer_from_experiment
+
+    exp = load_experiment("experiments/demo.json", ["refine.aligner=cfog", "name=no_such_run"])
+    with pytest.raises(ConfigError, match="set refine.aligner=learned"):
+        georeferencer_from_experiment(exp)
