@@ -233,7 +233,7 @@ class RefineConfig:
     fine_phases: bool = param(False, doc="refine the alignment peak to the pixel with 16 phase-shifted descriptor maps of the map (16x their memory and build time)")
     rerank: bool = param(True, doc="use the GNN's candidate order (false: keep the coarse order; ablations)")
     gnn_position: bool = param(True, doc="use the GNN's regressed position (false: centre of the refined top-1; ablations)")
-    align_min_peak: float | None = param(None, lo=-1.0, hi=1.0, doc="alignment peaks (mean cosine) below this keep the fallback position (GNN or coarse, see gate); null = calibrated in training")
+    align_min_peak: float | None = param(None, lo=-1.0, hi=1.0, doc="alignment peaks (mean cosine for the learned descriptor; CFOG's are on their own, smaller scale) below this keep the fallback position (GNN or coarse, see gate); null = calibrated in training")
     gate: str = param("config", choices=("config", "calibrated"), doc="config: rerank / gnn_position as set here; calibrated: the policy (coarse order and position, GNN order, GNN position) and peak threshold that did best on the validation queries the refiner never trained on (a policy that lowers R@1 there is never chosen)")
     align_steps: int = param(400, lo=0, hi=1_000_000, doc="training steps of the dense alignment descriptor (0 = no fine alignment)")
     align_batch_size: int = param(16, lo=1, hi=4096, doc="SAR crops per alignment training step")
