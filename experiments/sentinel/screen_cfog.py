@@ -36,6 +36,8 @@ from cmpc.data.pairs import validation_holdout
 from cmpc.data.patches import PatchDataset
 from cmpc.models.checkpoint import load_embedder
 
+from calibrate_cfog import content_truth  # this folder: the one definition of the content truth
+
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     r = max(1, int(round(3 * sigma)))
@@ -153,13 +155,7 @@ def main() -> int:
     maps.close()
     # the content truth: the SAR file's pixel grid moved by its measured content offset
     # (docs/sentinel_coregistration.json; the validation files 100/101 sit 43-47 m off)
-    files = json.load(open(a.coregistration))["per_file"]
-    cxy = qxy.copy()
-    for i, (x, y) in enumerate(qxy):
-        inside = [f for f in files if f["bounds_utm"][0] <= x <= f["bounds_utm"][2] and f["bounds_utm"][1] <= y <= f["bounds_utm"][3]]
-        if inside:
-            f = min(inside, key=lambda f: np.hypot(x - (f["bounds_utm"][0] + f["bounds_utm"][2]) / 2, y - (f["bounds_utm"][1] + f["bounds_utm"][3]) / 2))
-            cxy[i] += np.asarray(f["content_offset_m"])
+    cxy = content_truth(qxy, a.coregistration)
 
     def within(xy: np.ndarray, truth: np.ndarray | None = None) -> dict[str, float]:
         e = np.linalg.norm(np.asarray(xy, dtype=float) - (qxy if truth is None else truth), axis=1)
