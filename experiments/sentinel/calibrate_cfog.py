@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from cmpc.config import load_experiment
-from cmpc.data.layout import read_annotations, read_dataset_meta
-from cmpc.data.pairs import validation_holdout
 from cmpc.data.patches import PatchDataset
 from cmpc.index.build import ensure_train_index
 from cmpc.localize.localizer import Localizer
 from cmpc.train.refine import calibrate_min_peak
 from cmpc.utils.io import atomic_write_text
+
+from screen_offsets import validation_block  # this folder: the one definition of the validation block
 
 
 def content_truth(xy: np.ndarray, coregistration: str | Path) -> np.ndarray:
@@ -71,10 +71,7 @@ def main() -> int:
     index_dir = a.index or ensure_train_index(exp, a.checkpoint).directory
     loc = Localizer.load(a.checkpoint, index_dir, exp.localize, exp.index, exp.refine, None)
     root = exp.data.root
-    dmeta = read_dataset_meta(root)
-    refs, queries = read_annotations(root, "train", "opt"), read_annotations(root, "train", "sar")
-    val_ids = {refs[int(i)].id for i in validation_holdout(dmeta, refs, 0.1).val}
-    q_idx = [i for i, q in enumerate(queries) if q.id in val_ids]
+    _, _, queries, _, q_idx = validation_block(root)
     q_idx = q_idx[:: a.every]
     if a.limit:
         q_idx = q_idx[: a.limit]

@@ -30,13 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmpc.data.layout import read_annotations, read_dataset_meta
 from cmpc.data.mosaic import open_maps
-from cmpc.data.pairs import validation_holdout
 from cmpc.data.patches import PatchDataset
 from cmpc.models.checkpoint import load_embedder
 
 from calibrate_cfog import content_truth  # this folder: the one definition of the content truth
+from screen_offsets import embed, validation_block  # and of the validation block and embedding
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -103,20 +102,15 @@ def main() -> int:
     t0 = time.time()
     model, meta = load_embedder(a.checkpoint)
     size = int(meta["img_size"])
-    dmeta = read_dataset_meta(a.root)
+    dmeta, refs, queries, r_idx, val_q = validation_block(a.root)
     p, gsd = int(dmeta["patch_px"]), float(dmeta["gsd_m"])
-    refs, queries = read_annotations(a.root, "train", "opt"), read_annotations(a.root, "train", "sar")
-    split = validation_holdout(dmeta, refs, 0.1)
-    r_idx = np.asarray(split.val, dtype=np.int64)
-    val_ids = {refs[int(i)].id for i in r_idx}
-    q_idx = np.array([i for i, q in enumerate(queries) if q.id in val_ids and q.aligned is False])
+    q_idx = np.array([i for i in val_q if queries[i].aligned is False])
     if a.limit:
         q_idx = q_idx[: a.limit]
     opt = PatchDataset(a.root, "train", "opt", size, annotations=refs)
     sar = PatchDataset(a.root, "train", "sar", size, annotations=queries)
-    with torch.no_grad():
-        R = torch.nn.functional.normalize(torch.cat([model(torch.stack([opt.load(int(i)) for i in r_idx[s : s + 128]]), "opt").float() for s in range(0, len(r_idx), 128)]), dim=1)
-        Q = torch.nn.functional.normalize(torch.cat([model(torch.stack([sar.load(int(i)) for i in q_idx[s : s + 128]]), "sar").float() for s in range(0, len(q_idx), 128)]), dim=1)
+    R = embed(model, [opt.load(int(i)) for i in r_idx], "opt")
+    Q = embed(model, [sar.load(int(i)) for i in q_idx], "sar")
     rxy = np.array([[refs[int(i)].x, refs[int(i)].y] for i in r_idx])
     qxy = np.array([[queries[int(i)].x, queries[int(i)].y] for i in q_idx])
     top = (Q @ R.T).topk(a.top, dim=1).indices.numpy()

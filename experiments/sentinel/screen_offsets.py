@@ -36,6 +36,16 @@ def embed(model, xs: list[torch.Tensor], modality: str, bs: int = 128) -> torch.
     return torch.nn.functional.normalize(torch.cat(out), dim=1)
 
 
+def validation_block(root: str) -> tuple[dict, list, list, np.ndarray, list[int]]:
+    """The validation block of a tiled dataset's train split (``validation_holdout``: never the
+    test split): (dataset meta, references, queries, reference rows, query rows of its places)."""
+    dmeta = read_dataset_meta(root)
+    refs, queries = read_annotations(root, "train", "opt"), read_annotations(root, "train", "sar")
+    r_idx = np.asarray(validation_holdout(dmeta, refs, 0.1).val, dtype=np.int64)
+    val_ids = {refs[int(i)].id for i in r_idx}
+    return dmeta, refs, queries, r_idx, [i for i, q in enumerate(queries) if q.id in val_ids]
+
+
 def windows(region: np.ndarray, centre_rc: tuple[int, int], offsets: list[tuple[int, int]], p: int, size: int) -> list[torch.Tensor]:
     """p x p windows of ``region`` (C, H, W) centred at centre + offset (row, col px)."""
     out = []
@@ -59,13 +69,9 @@ def main() -> int:
     t0 = time.time()
     model, meta = load_embedder(a.checkpoint)
     size = int(meta["img_size"])
-    dmeta = read_dataset_meta(a.root)
+    dmeta, refs, queries, r_idx, val_q = validation_block(a.root)
     p, gsd = int(dmeta["patch_px"]), float(dmeta["gsd_m"])
-    refs, queries = read_annotations(a.root, "train", "opt"), read_annotations(a.root, "train", "sar")
-    split = validation_holdout(dmeta, refs, 0.1)
-    r_idx = np.asarray(split.val, dtype=np.int64)
-    val_ids = {refs[int(i)].id for i in r_idx}
-    q_idx = np.array([i for i, q in enumerate(queries) if q.id in val_ids and q.aligned is False])
+    q_idx = np.array([i for i in val_q if queries[i].aligned is False])
     if a.limit:
         q_idx = q_idx[: a.limit]
     opt = PatchDataset(a.root, "train", "opt", size, annotations=refs)
