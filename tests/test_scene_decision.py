@@ -192,6 +192,31 @@ def test_a_decision_calibrated_with_another_embedder_is_not_used(tmp_path, capsy
     assert s.min_inliers == 9
 
 
+def test_a_decision_calibrated_on_another_reference_spacing_is_refused(tmp_path) -> None:
+    """Inlier counts scale with how densely the map is indexed: a decision calibrated at one
+    reference spacing is refused on a map indexed at another (a 531 m decision on a 266 m map,
+    e.g. built with --stride-px 32), with the spacing to build at; within 10 % it is used, and
+    so is a file from before the record."""
+    from cmpc.localize.georef import DECISION_FILE, load_decision
+    from cmpc.localize.scene import SceneSettings
+
+    rec = {"min_inliers": 9, "min_inlier_frac": 0.5, "min_fine_peak": 0.7, "ref_stride_m": 531.0}
+    (tmp_path / DECISION_FILE).write_text(json.dumps(rec))
+    with pytest.raises(DataError, match=r"266 m apart .* every 531 m.*--stride-px = 531 m / the map's GSD") as e:
+        load_decision(tmp_path, SceneSettings(), ref_stride_m=265.9)
+    assert "\n" not in str(e.value)
+    s, _ = load_decision(tmp_path, SceneSettings(), ref_stride_m=531.0 * 1.09)
+    assert s.min_inliers == 9
+    with pytest.raises(DataError):
+        load_decision(tmp_path, SceneSettings(), ref_stride_m=531.0 * 1.11)
+    s, _ = load_decision(tmp_path, SceneSettings())  # spacing unknown (a one-reference map): used
+    assert s.min_inliers == 9
+    del rec["ref_stride_m"]
+    (tmp_path / DECISION_FILE).write_text(json.dumps(rec))
+    s, _ = load_decision(tmp_path, SceneSettings(), ref_stride_m=265.9)
+    assert s.min_inliers == 9
+
+
 def test_peak_margin_feature_claims_scenes_few_tiles_agree_on(tmp_path) -> None:
     """Small scenes found by the whole-map dense search: right ones stand far above the next
     place (large margin) though 0-2 tiles agree; wrong ones have as few tiles, peaks as high

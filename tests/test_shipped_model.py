@@ -154,7 +154,8 @@ def test_a_card_carries_its_scene_decision(shipped, tmp_path, monkeypatch, capsy
     shutil.copytree(root / "weights" / "tiny", folder)
     card = json.loads((folder / "card.json").read_text())
     sha = card["files"]["embedder"]["sha256"]
-    decision = {"min_inliers": 7, "min_inlier_frac": 0.25, "min_fine_peak": 0.5, "embedder_sha256": "0" * 64}
+    # calibrated on a map with references every 8 m (the card's 16 m patches at half a patch)
+    decision = {"min_inliers": 7, "min_inlier_frac": 0.25, "min_fine_peak": 0.5, "embedder_sha256": "0" * 64, "ref_stride_m": 8.0}
     (folder / DECISION_FILE).write_text(json.dumps(decision))
     card["files"]["scene_decision"] = {"path": DECISION_FILE, "sha256": None, "bytes": None}
     (folder / "card.json").write_text(json.dumps(card))
@@ -203,6 +204,12 @@ def test_a_card_carries_its_scene_decision(shipped, tmp_path, monkeypatch, capsy
     assert res["fine"]["used"] is True and -1.0 <= res["fine"]["peak"] <= 1.0, res["fine"]
     rc, out, err = _run(capsys, "localize", "--model", "tiny", "--index", "mymap", "--queries", str(root / "s1.tif"))
     assert rc == 0 and json.loads(out)["refined"] is False  # the aligner is for scenes only
+    # a map indexed twice as densely (per-patch queries off the grid gain from it) is refused for
+    # scenes: the decision's inlier counts were calibrated at 8 m; nothing is written
+    rc, out, err = _run(capsys, "index", "build", "--model", "tiny", "--raster", str(root / "map.tif"), "--name", "dense", "--stride-px", "4")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "georef", "--model", "tiny", "--index", "dense", "--scene", str(root / "s1.tif"), "--out", "ans3")
+    assert "4 m apart" in _one_line_error(rc, err) and "every 8 m" in err and not (tmp_path / "ans3").exists()
 
 
 def test_a_card_carries_its_scene_graph_gnn(shipped, tmp_path, monkeypatch, capsys):

@@ -88,9 +88,14 @@ def _rule_of(d: dict[str, Any], settings: SceneSettings) -> dict[str, Any]:
     return rule
 
 
+#: relative difference between a map's reference spacing and the one a scene decision was
+#: calibrated on beyond which the decision is refused (:func:`load_decision`)
+STRIDE_TOLERANCE = 0.1
+
+
 def load_decision(
     run_dir: str | os.PathLike[str], settings: SceneSettings, method: str = "verify", use_top_k: bool = True,
-    embedder_sha256: str | None = None, use_dense: bool = True,
+    embedder_sha256: str | None = None, use_dense: bool = True, ref_stride_m: float | None = None,
 ) -> tuple[SceneSettings, dict[str, Any]]:
     """``settings`` with the calibrated decision of ``run_dir/scene_decision.json`` when
     present (else the defaults), and a record of where it came from. The decision is the
@@ -105,7 +110,13 @@ def load_decision(
 
     A decision is calibrated on one embedder's answers: when the file records the embedder it
     was calibrated with (``embedder_sha256``) and ``embedder_sha256`` names another, it is not
-    used (one line on stderr; the uncalibrated defaults, and the record says why)."""
+    used (one line on stderr; the uncalibrated defaults, and the record says why).
+
+    The decision's evidence (inlier counts, fractions) depends on how densely the map is
+    indexed: when the file records the reference spacing it was calibrated on
+    (file key ``ref_stride_m``) and the map's spacing (argument ``ref_stride_m``) differs by more than
+    :data:`STRIDE_TOLERANCE`, the decision is refused (``DataError``) naming the stride to build
+    the index at; files from before the record are used as they are."""
     p = Path(run_dir) / DECISION_FILE
     if p.is_file():
         try:
@@ -117,6 +128,12 @@ def load_decision(
                 print(f"warning: {why}", file=sys.stderr)
                 return settings, {"source": f"default (uncalibrated): {why}", "min_inliers": settings.min_inliers,
                                   "min_inlier_frac": settings.min_inlier_frac, "min_fine_peak": settings.min_fine_peak}
+            calibrated_stride = d.get("ref_stride_m")
+            if ref_stride_m and calibrated_stride and abs(float(ref_stride_m) / float(calibrated_stride) - 1.0) > STRIDE_TOLERANCE:
+                raise DataError(
+                    f"this map's references are {float(ref_stride_m):.0f} m apart but the scene decision {p} was calibrated on a map "
+                    f"with references every {float(calibrated_stride):.0f} m: index the map for scenes at that spacing "
+                    f"(--stride-px = {float(calibrated_stride):.0f} m / the map's GSD; the default, half a patch, for the shipped models)")
             top = d.get("top_k")  # candidates per tile the rules were calibrated with (file level)
             # the tiling the rules were calibrated with (files from before dense tiling: none)
             min_tiles = int(d.get("min_scene_tiles", 0))
@@ -670,7 +687,11 @@ def georeferencer_from_experiment(
     base = settings
     scene_dir = Path(scene_dir) if scene_dir is not None else Path(exp.run_dir)
     loc = Localizer.from_experiment(exp, checkpoint=checkpoint, index_dir=index_dir, refiner_path=refiner_path, use_refiner=use_refiner)
-    settings, source = load_decision(scene_dir, settings, use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256, use_dense=use_scene_dense)
+    from cmpc.models.graph import grid_spacing_m
+
+    stride_m = float(grid_spacing_m(loc.index.positions)) if loc.index.ntotal > 1 else None
+    settings, source = load_decision(scene_dir, settings, use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256, use_dense=use_scene_dense,
+                                     ref_stride_m=stride_m)
     gnn, gnn_settings, gnn_error = None, None, None
     gpath = scene_dir / SCENE_GRAPH_FILE
     if use_scene_graph and gpath.is_file():
@@ -684,7 +705,7 @@ def georeferencer_from_experiment(
         except CheckpointError as e:  # e.g. trained with another embedder: verify still works, gnn+verify says why not
             gnn_error = str(e)
         gnn_settings, gsrc = load_decision(scene_dir, base, method="gnn+verify", use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256,
-                                           use_dense=use_scene_dense)
+                                           use_dense=use_scene_dense, ref_stride_m=stride_m)
         source = {**source, "gnn+verify": gsrc}
     geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings)
     geo.gnn_error = gnn_error

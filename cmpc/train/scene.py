@@ -37,6 +37,7 @@ from cmpc.evaluate.scenes import evaluate_scenes
 from cmpc.localize.decision import Evidence, choose_decider, confidence_claims, rule_claims
 from cmpc.localize.georef import DECISION_FILE, Georeferencer
 from cmpc.localize.localizer import Localizer
+from cmpc.models.graph import grid_spacing_m
 from cmpc.localize.scene import SceneSettings
 from cmpc.utils.io import atomic_write_json, atomic_write_text
 
@@ -200,6 +201,8 @@ def calibrate(
         "min_scene_tiles": int(min_scene_tiles),
         "max_dense_tiles": int(max_dense_tiles),
         "dense_search": int(dense_search),  # the whole-map dense search the evidence came with
+        # the reference spacing of the map the evidence came from: inlier counts scale with it
+        "ref_stride_m": round(float(grid_spacing_m(loc.index.positions)), 2),
         "chosen_on": {
             "split": "train", "source": source.label, "index": str(train_index_dir), "tiles": list(tiles), "scenes_per_size": count,
             "heading_ranges_deg": list(heading_ranges), "seed": seed, "n_scenes": rule["n_scenes"],
