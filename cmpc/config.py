@@ -244,6 +244,7 @@ class RefineConfig:
     align_shift_px: int = param(32, lo=4, hi=4096, doc="largest random offset between SAR crop and optical window in training, pixels")
     align_from: str | None = param(None, doc="take the fine-alignment descriptor from this refiner.pt instead of training one (it depends on the data, not the embedder)")
     aligner: str = param("learned", choices=("learned", "cfog"), doc="fine-alignment descriptor at query time: learned (the refiner's trained dense descriptor) or cfog (hand-made orientated-gradient channels, cmpc.models.cfog: nothing to train, no refiner.pt needed; its peaks are on their own scale, so set align_min_peak)")
+    align_score: str = param("corr", choices=("corr", "zncc"), doc="alignment score: corr (mean dot product of the descriptors) or zncc (zero-mean normalised cross-correlation in [-1, 1]: windows full of strong structure are not favoured; stride-1 descriptors such as cfog only; align_min_peak is on its scale)")
     cfog_sigma: float = param(0.8, lo=0.0, hi=16.0, doc="CFOG: Gaussian smoothing of the orientated gradients, pixels")
     cfog_sar_sigma: float = param(1.0, lo=0.0, hi=16.0, doc="CFOG: Gaussian pre-smoothing of the SAR against speckle, pixels")
     train_noise: float | None = param(None, lo=0.0, hi=4.0, doc="noise (norm, relative to the unit embeddings) added to training query embeddings each epoch so their top-k lists are as hard as unseen places; null = matched to the R@1 of the places the embedder did not train on (its validation block); 0 = off")

@@ -65,9 +65,12 @@ def test_cfog_finds_a_speckled_contrast_inverted_patch_where_intensities_fail():
     true = np.stack([ox + (tl[:, 1] + S / 2) * gsd, oy - (tl[:, 0] + S / 2) * gsd], 1)
     centres = true + rng.uniform(-30, 30, size=true.shape) * gsd
     for m in (fm, stored):
-        res = align_to_mosaic(cfog(q, "sar"), m, torch.from_numpy(centres)[:, None], S, max_shift_px=36)
-        err_px = np.linalg.norm(res.position_m[:, 0].numpy() - true, axis=1) / gsd
-        assert err_px.max() <= 1.5, err_px
+        for score in ("corr", "zncc"):
+            res = align_to_mosaic(cfog(q, "sar"), m, torch.from_numpy(centres)[:, None], S, max_shift_px=36, score=score)
+            err_px = np.linalg.norm(res.position_m[:, 0].numpy() - true, axis=1) / gsd
+            assert err_px.max() <= 1.5, (score, err_px)
+            if score == "zncc":  # normalised: a true match of speckled, inverted SAR scores well below 1
+                assert ((res.peak > 0.1) & (res.peak < 0.9)).all(), res.peak
     # the template is zero-mean per orientation; the map's descriptors are unit vectors
     # where there is an edge and zero in flat blocks
     dq = cfog(q, "sar")
@@ -80,6 +83,49 @@ def test_cfog_finds_a_speckled_contrast_inverted_patch_where_intensities_fail():
     res_raw = align_to_mosaic(q - q.mean(dim=(2, 3), keepdim=True), raw, torch.from_numpy(centres)[:, None], S, max_shift_px=36)
     err_raw = np.linalg.norm(res_raw.position_m[:, 0].numpy() - true, axis=1) / gsd
     assert np.mean(err_raw <= 1.5) <= 0.5, err_raw
+
+
+def test_zncc_scores_the_match_not_the_busiest_window():
+    """correlate_zncc is the zero-mean normalised correlation at every offset (checked against
+    a direct computation), blind to the context's gain and offset; where a window holds the
+    template three times as strong under heavy clutter, raw correlation picks it and ZNCC picks
+    the clean match."""
+    from cmpc.localize.align import correlate, correlate_zncc
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(1, 4, 16, 16, generator=g)
+    ctx = 0.1 * torch.randn(1, 2, 4, 30, 30, generator=g)
+    ctx[0, 0, :, 3:19, 5:21] += t[0]  # candidate 0: the match, light noise
+    ctx[0, 1, :, 7:23, 2:18] += 3 * t[0] + 4 * torch.randn(4, 16, 16, generator=g)  # candidate 1: strong but cluttered
+    z = correlate_zncc(t, ctx)
+    assert z.shape == (1, 2, 15, 15) and float(z.abs().max()) <= 1 + 1e-5
+    tz = t[0] - t[0].mean(dim=(1, 2), keepdim=True)
+    for m, r, c in ((0, 3, 5), (1, 7, 2), (1, 0, 0)):
+        w = ctx[0, m, :, r : r + 16, c : c + 16]
+        w = w - w.mean(dim=(1, 2), keepdim=True)
+        assert float(z[0, m, r, c]) == pytest.approx(float((tz * w).sum() / (tz.norm() * w.norm())), abs=1e-5)
+    assert float(z[0, 0, 3, 5]) > 0.99 and 0.4 < float(z[0, 1, 7, 2]) < 0.8
+    raw = correlate(t, ctx)
+    assert int(raw.flatten(1).argmax()) // (15 * 15) == 1  # raw correlation: the cluttered window wins
+    assert int(z.flatten(1).argmax()) // (15 * 15) == 0
+    assert torch.allclose(correlate_zncc(t, 5 * ctx + 2), z, atol=1e-4)
+    # a flat window (no structure) scores 0, not a division by zero
+    assert float(correlate_zncc(t, torch.ones(1, 1, 4, 16, 16)).abs().max()) == 0.0
+
+
+def test_zncc_is_for_stride_one_descriptors(tmp_path):
+    from cmpc.errors import ConfigError
+    from cmpc.localize.refine import aligner_payload, refiner_from_checkpoint, refiner_payload, save_refiner
+
+    img = _blocks(2, 64)
+    learned = DenseDescriptor(1, 3, dim=8, width=16)
+    fm = build_feature_mosaic(learned, img, np.ones(img.shape[1:], bool), 0.0, 640.0, 10.0, tile_px=64, margin_px=16, phases=True)
+    with pytest.raises(ValueError, match="phase"):
+        align_to_mosaic(learned(torch.zeros(1, 1, 32, 32), "sar"), fm, torch.tensor([[[320.0, 320.0]]]), 32, 8, score="zncc")
+    path = save_refiner(tmp_path / "r.pt", aligner_payload(save_refiner(tmp_path / "full.pt", refiner_payload(None, learned, RefineConfig(), 10, 16, {"align": {"query_px": 32}}))))
+    with pytest.raises(ConfigError, match="align_score=zncc is for refine.aligner=cfog"):
+        refiner_from_checkpoint(path, RefineConfig(align_score="zncc"))
+    assert refiner_from_checkpoint(path, RefineConfig(align_score="zncc", aligner="cfog", gate="config")).aligner.settings
 
 
 class _Identity(torch.nn.Module):

@@ -18,6 +18,7 @@ alignment measures where the query lies inside the optical map around a candidat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,41 @@ def correlate(template: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     fc = torch.fft.rfft2(context.float(), s=s)  # (B, M, C, N, N/2+1)
     corr = torch.fft.irfft2(torch.einsum("bmcuv,bcuv->bmuv", fc, ft.conj()), s=s)
     return corr[..., : H - h + 1, : W - w + 1] / float(h * w)
+
+
+def window_deviation(context: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Norm of each ``h`` x ``w`` window's descriptors minus the window's mean per channel,
+    over every window of ``context`` (B, M, C, H, W) -> (B, M, H - h + 1, W - w + 1).
+
+    Box sums of integral images, in float32 on the context centred by its own mean (measured
+    against float64: 2.5e-5 absolute on norms of about 100, 3x faster)."""
+    c = context.float()
+    c = c - c.mean(dim=(-2, -1), keepdim=True)
+    n = float(h * w)
+
+    def box(x: torch.Tensor) -> torch.Tensor:
+        ii = F.pad(x.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        return ii[..., h:, w:] - ii[..., :-h, w:] - ii[..., h:, :-w] + ii[..., :-h, :-w]
+
+    energy = box((c * c).sum(dim=-3, keepdim=True)).squeeze(-3)
+    return (energy - (box(c) ** 2).sum(dim=-3) / n).clamp_min(0.0).sqrt()
+
+
+def correlate_zncc(template: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Zero-mean normalised cross-correlation of descriptor maps, in [-1, 1]: like
+    :func:`correlate` (same shapes, same offsets) with the template made zero-mean per
+    channel and each window's score divided by the norms of both zero-mean descriptor blocks.
+    Raw correlation favours windows full of strong structure wherever they are; this does not
+    (a window with no structure, RMS deviation under 0.01 per cell, scores 0)."""
+    t = template.float() - template.float().mean(dim=(-2, -1), keepdim=True)
+    h, w = t.shape[-2:]
+    num = correlate(t, context) * float(h * w)  # sum of t . w = sum of t . (w - window mean)
+    dev = window_deviation(context, h, w)
+    den = t.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * dev
+    z = (num / den.clamp_min(1e-12)).clamp(-1.0, 1.0)
+    # windows without structure (RMS deviation under 0.01 per cell: flat land, nodata, round-off)
+    # and empty templates score 0
+    return torch.where((dev > 0.01 * math.sqrt(h * w)) & (den > 1e-9), z, torch.zeros_like(z))
 
 
 def fft_size(n: int) -> int:
@@ -316,6 +352,7 @@ def align_to_mosaic(
     query_px: int,
     max_shift_px: int,
     border: int = 1,
+    score: str = "corr",
 ) -> AlignResult:
     """Find each query in the map around each of its candidates.
 
@@ -327,9 +364,16 @@ def align_to_mosaic(
         query_px: query side, pixels.
         max_shift_px: the query centre is searched within +-``max_shift_px`` of each centre.
         border: template cells dropped at each edge (zero padding makes them unreliable).
+        score: ``corr`` (:func:`correlate`, the mean dot product) or ``zncc``
+            (:func:`correlate_zncc`; not with phase maps).
 
     Returns an :class:`AlignResult`.
     """
+    if score not in ("corr", "zncc"):
+        raise ValueError(f"score must be corr or zncc, got {score!r}")
+    if score == "zncc" and mosaic.phases is not None:
+        raise ValueError("zncc scoring has no phase-map refinement: use it with a stride-1 descriptor (CFOG)")
+    corr_fn = correlate_zncc if score == "zncc" else correlate
     s = mosaic.stride
     B, C, h, w = query_desc.shape
     tmpl = query_desc[:, :, border : h - border, border : w - border]
@@ -344,13 +388,13 @@ def align_to_mosaic(
     # a few queries at a time: the windows' spectra of a whole batch do not fit in cache
     # (measured: 64 queries x 20 windows at once was 2x slower per query than 1 query)
     step = max(1, 32 // max(1, top.shape[1]))
-    score = torch.cat(
+    surface = torch.cat(
         [
-            correlate(tmpl[i : i + step], mosaic.crops(top[i : i + step], left[i : i + step], ht + n_shift - 1, wt + n_shift - 1))
+            corr_fn(tmpl[i : i + step], mosaic.crops(top[i : i + step], left[i : i + step], ht + n_shift - 1, wt + n_shift - 1))
             for i in range(0, B, step)
         ]
     )  # (B, M, n_shift, n_shift)
-    peak, du, dv = subpixel_peak(score)
+    peak, du, dv = subpixel_peak(surface)
     # template's top-left pixel in the mosaic (the template starts at query cell `border`)
     t_row = (top.double() + du.double()) * s
     t_col = (left.double() + dv.double()) * s

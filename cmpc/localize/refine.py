@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from cmpc.config import RefineConfig
-from cmpc.errors import CheckpointError, DataError, IndexMismatchError
+from cmpc.errors import CheckpointError, ConfigError, DataError, IndexMismatchError
 from cmpc.localize.align import FeatureMosaic, LazyFeatureMosaic, align_to_mosaic, build_feature_mosaic
 from cmpc.localize.mosaic import mosaic_from_index, resample
 from cmpc.models.cfog import CfogDescriptor
@@ -291,7 +291,7 @@ class GraphRefiner:
         m = min(self.cfg.fine_top, kq)
         cand = np.take_along_axis(pos_m, order[:, :m, None], axis=1)  # (B, m, 2)
         max_shift = self.cfg.fine_max_shift_px if self.cfg.fine_max_shift_px is not None else S // 2
-        res = align_to_mosaic(dq, fm, torch.from_numpy(cand), S, int(max_shift))
+        res = align_to_mosaic(dq, fm, torch.from_numpy(cand), S, int(max_shift), score=self.cfg.align_score)
         peak = res.peak.numpy()
         best = peak.argmax(axis=1)
         found = res.position_m.numpy()[np.arange(B), best]
@@ -486,6 +486,8 @@ def refiner_from_checkpoint(
             aligner.load_state_dict(ck["aligner"])
         except RuntimeError as e:
             raise CheckpointError(f"{path}: aligner weights do not fit their stored architecture: {str(e).splitlines()[0]}") from None
+    if cfg.align_score == "zncc" and cfg.aligner != "cfog":
+        raise ConfigError("refine.align_score=zncc is for refine.aligner=cfog: the learned aligner's peaks, phase maps and calibrated gate are on the corr score")
     if cfg.aligner == "cfog":
         if cfg.gate == "calibrated":
             raise CheckpointError(f"{path}'s calibrated gate was calibrated for its learned aligner, not for refine.aligner=cfog; set refine.gate=config and refine.align_min_peak")
