@@ -106,6 +106,13 @@ def cmd_data_convert_s2(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_join(args: argparse.Namespace) -> int:
+    from cmpc.data.join import join_rasters
+
+    print(json.dumps(join_rasters(args.inputs, args.output, crs=args.crs, max_empty=args.max_empty), indent=2))
+    return 0
+
+
 def cmd_data_coregistration(args: argparse.Namespace) -> int:
     from cmpc.data.coregister import measure_pair, summarise
     from cmpc.data.mosaic import find_pairs
@@ -678,6 +685,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saturation", type=float, default=0.2, help="reflectance written as 255 (sentinel-la: 0.2)")
     p.add_argument("--force", action="store_true", help="turn refusals (8-bit input, GSD far from 8.3 m, not digital numbers) into warnings")
     p.set_defaults(func=cmd_data_convert_s2)
+
+    p = s_data.add_parser("join", help="several map rasters (e.g. Sentinel-2 tiles) -> one GeoTIFF to index (windowed; the first file wins where they overlap)")
+    p.add_argument("output", help="the GeoTIFF to write (atomically)")
+    p.add_argument("inputs", nargs="+", help="two or more rasters of the same bands and data type")
+    p.add_argument("--crs", help="target CRS (default the first file's; files in others are warped onto it)")
+    p.add_argument("--max-empty", dest="max_empty", type=float, default=0.5, help="refuse when more than this fraction of the joint extent would be empty (default 0.5)")
+    p.set_defaults(func=cmd_data_join)
 
     p = s_data.add_parser("coregistration", help="measure how far SAR / optical pairs are off each other (mutual information), before training on them")
     p.add_argument("source", help="a folder (or JSON/CSV list) of NAME_sar.tif / NAME_optical.tif pairs, or one SAR raster with OPTICAL")

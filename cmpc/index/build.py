@@ -234,7 +234,7 @@ def build_index(exp: Experiment, checkpoint: str | None = None, add: bool = Fals
         raise ConfigError("index.dask (--dask) embeds the blocks of a mosaic: give --raster MAP (index.raster) too")
     if exp.index.raster:
         if add:
-            raise DataError("--add with index.raster is not supported: build one index per mosaic, or join the mosaics into one VRT (gdalbuildvrt) and index that")
+            raise DataError("--add with index.raster is not supported: build one index per map, or join the rasters into one first (cmpc data join MAP.tif A.tif B.tif ...) and index that")
         from cmpc.index.raster_build import build_index_from_raster
 
         return build_index_from_raster(exp, checkpoint=checkpoint)
