@@ -378,7 +378,7 @@ def _georeferencer(args: argparse.Namespace, command: str):  # noqa: ANN202 - (E
             refiner = card.aligner
             exp = dataclasses.replace(exp, refine=dataclasses.replace(exp.refine, enabled=True, rerank=False, gnn_position=False,
                                                                       fine_align=False, gate="config", align_min_peak=None,
-                                                                      aligner="learned"))
+                                                                      aligner="learned", align_score="corr"))
         geo = georeferencer_from_experiment(exp, settings, checkpoint=str(card.embedder.path), index_dir=index_dir,
                                             refiner_path=refiner.path if refiner else None, use_refiner=refiner is not None,
                                             scene_dir=scene_dir, use_scene_top_k=args.top_k is None,

@@ -14,6 +14,7 @@ the file's content offset measured by mutual information, docs/sentinel_coregist
 the grid, to compare with it. Writes ``docs/sentinel_cfog_calibration.json``.
 
     .venv/bin/python experiments/sentinel/calibrate_cfog.py --set refine.fine_top=5
+    .venv/bin/python experiments/sentinel/calibrate_cfog.py --set refine.fine_top=20 --set refine.cfog_sigma=1.5 --set refine.align_score=zncc  # shipped
 """
 
 from __future__ import annotations

@@ -23,11 +23,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cmpc.utils.io import atomic_write_text
+
 #: run -> seed; the fused model (three seeds fused by score, `cmpc model fuse`) has seed "0+1+2"
 RUNS: dict[str, int | str] = {"sentinel": 0, "sentinel_s1": 1, "sentinel_s2": 2, "sentinel_fused": "0+1+2"}
 #: reports that add a refined stage to a run above (same checkpoint, same coarse answers):
 #: report folder -> (seed, split label); only their refined rows are collected
-REFINED: dict[str, tuple[int | str, str]] = {"sentinel_fused_cfog": ("0+1+2", "test blocks, CFOG fine alignment (no GNN)")}
+REFINED: dict[str, tuple[int | str, str]] = {
+    "sentinel_fused_cfog": ("0+1+2", "test blocks, CFOG fine alignment (no GNN)"),  # plain correlation scores, shipped until 2026-12-01
+    "sentinel_fused_zncc": ("0+1+2", "test blocks, CFOG fine alignment, ZNCC scores (shipped)"),
+}
 
 
 def _within(err: dict[str, Any], t: float) -> float | None:
@@ -98,12 +103,18 @@ def collect(reports: Path) -> list[dict[str, Any]]:
         m = reports / run / "metrics.json"
         return (json.loads(m.read_text()).get("meta") or {}).get("checkpoint_hash") if m.is_file() else None
 
-    shipped = next((r for r in RUNS if sha and tested_with(r) == sha), None)  # the run whose checkpoint the card ships
+    seeds = {**RUNS, **{run: seed for run, (seed, _) in REFINED.items()}}
+    shipped = next((r for r in seeds if sha and tested_with(r) == sha), None)  # a run whose checkpoint the card ships
     for dataset, split in (("s1s2", "whole scene, aligned tiles (never trained on)"), ("uavsar", "whole pair, aligned tiles (L-band HV, warped to 8.3 m)")):
         m = reports / f"sentinel-{dataset}" / "metrics.json"
         if m.is_file():
-            rows += metric_rows(m, dataset, split, RUNS.get(shipped, -1), "weights/sentinel")
+            rows += metric_rows(m, dataset, split, seeds.get(shipped, -1), "weights/sentinel")
     return rows
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    """A row's identity in docs/real.json: (dataset, split, stage, queries, seed)."""
+    return (r["dataset"], r["split"], r["stage"], r["queries"], str(r["seed"]))
 
 
 def _f(v: Any, nd: int = 3) -> str:
@@ -136,11 +147,17 @@ def main() -> int:
     ap.add_argument("--reports", default="reports")
     ap.add_argument("--out", default="docs/real.json")
     ap.add_argument("--markdown", action="store_true", help="also print the RESULTS.md tables")
+    ap.add_argument("--merge", action="store_true", help="update --out in place: its rows whose reports are not under --reports stay")
     a = ap.parse_args()
     rows = collect(Path(a.reports))
     if not rows:
         raise SystemExit(f"no reports found under {a.reports}/ (run experiments/sentinel/run.sh first)")
-    Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+    if a.merge and Path(a.out).is_file():  # rows of reports not here are kept; those collected replace theirs in place
+        new = {_key(r): r for r in rows}
+        old = json.loads(Path(a.out).read_text())
+        kept = [new.pop(_key(r), r) for r in old]
+        rows = kept + list(new.values())
+    atomic_write_text(Path(a.out), json.dumps(rows, indent=1) + "\n")
     print(f"{len(rows)} rows -> {a.out}")
     if a.markdown:
         print(markdown(rows))

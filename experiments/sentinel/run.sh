@@ -45,12 +45,13 @@ done
 bash experiments/sentinel/scene_model.sh  # scene-graph GNN + both scene decisions -> runs/sentinel_fused/scene_gnn
 # CFOG fine alignment of the fused model (no GNN, nothing trained; what the card ships): its
 # settings and peak threshold chosen on the validation block against the training map
-# (experiments/sentinel/calibrate_cfog.py), then the test blocks once -> reports/sentinel_fused_cfog
-CFOG=(--set refine.fine_top=20 --set refine.cfog_sigma=1.5)
+# (experiments/sentinel/calibrate_cfog.py; ZNCC scores chosen over plain correlation there by the
+# same criterion), then the test blocks once -> reports/sentinel_fused_zncc
+CFOG=(--set refine.fine_top=20 --set refine.cfog_sigma=1.5 --set refine.align_score=zncc)
 # (docs/sentinel_cfog_calibration.json is the shipped card's copy of runs/sentinel_fused/cfog_calibration.json)
 [ -f runs/sentinel_fused/cfog_calibration.json ] || .venv/bin/python experiments/sentinel/calibrate_cfog.py \
   --checkpoint runs/sentinel_fused/emb_best.pt --out runs/sentinel_fused/cfog_calibration.json "${CFOG[@]}"
 thr=$(.venv/bin/python -c "import json; print(json.load(open('runs/sentinel_fused/cfog_calibration.json'))['align_min_peak'])")
-[ -f reports/sentinel_fused_cfog/metrics.json ] || $CMPC test $EXP --set name=sentinel_fused --set eval.out=reports/sentinel_fused_cfog \
+[ -f reports/sentinel_fused_zncc/metrics.json ] || $CMPC test $EXP --set name=sentinel_fused --set eval.out=reports/sentinel_fused_zncc \
   --set refine.aligner=cfog --set refine.gate=config --set refine.align_min_peak="$thr" "${CFOG[@]}" "${SET[@]}"
 .venv/bin/python experiments/sentinel/collect.py --out docs/real.json
