@@ -182,7 +182,8 @@ class Georeferencer:
     """Scene georeferencing against one reference map (see the module doc)."""
 
     def __init__(self, localizer, settings: SceneSettings, decision_source: dict[str, Any] | None = None, rescorer: CandidateRescorer | None = None,
-                 gnn: CandidateRescorer | None = None, gnn_settings: SceneSettings | None = None) -> None:  # noqa: ANN001
+                 gnn: CandidateRescorer | None = None, gnn_settings: SceneSettings | None = None,
+                 stride_m: float | None = None) -> None:  # noqa: ANN001 - stride_m: the map's reference spacing when already measured
         settings.check()
         #: the scene-graph rescorer of method ``gnn+verify`` and its decision rule (default: ``settings``)
         self.gnn = gnn
@@ -201,7 +202,7 @@ class Georeferencer:
         self.tile_m = float(np.median(index.bounds[:, 2] - index.bounds[:, 0]))
         from cmpc.models.graph import grid_spacing_m
 
-        self.stride_m = float(grid_spacing_m(index.positions)) if index.ntotal > 1 else self.tile_m / 2.0
+        self.stride_m = float(stride_m) if stride_m else (float(grid_spacing_m(index.positions)) if index.ntotal > 1 else self.tile_m / 2.0)
         self.img_size = int(localizer.img_size or 0)
         if not self.img_size:
             raise DataError(f"index {index.directory} does not record the model input size (img_size); rebuild it")
@@ -707,6 +708,6 @@ def georeferencer_from_experiment(
         gnn_settings, gsrc = load_decision(scene_dir, base, method="gnn+verify", use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256,
                                            use_dense=use_scene_dense, ref_stride_m=stride_m)
         source = {**source, "gnn+verify": gsrc}
-    geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings)
+    geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings, stride_m=stride_m)
     geo.gnn_error = gnn_error
     return geo
