@@ -238,6 +238,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         facts = check_map_sources(card.inputs, raster=exp.index.raster, bands=exp.index.bands, root=exp.data.root, split=exp.index.split)
         if exp.index.raster and exp.index.patch_px is None:  # references cover the ground the model was trained on
             exp = dataclasses.replace(exp, index=dataclasses.replace(exp.index, patch_px=card.inputs.patch_px(facts["gsd_m"])))
+            if exp.index.stride_px is None:  # ...at the card's reference spacing on the ground
+                exp = dataclasses.replace(exp, index=dataclasses.replace(exp.index, stride_px=card.inputs.stride_px(facts["gsd_m"])))
         manifest = build_index(exp, checkpoint=str(card.embedder.path), add=args.add)
     else:
         _need_experiment(args, "index build")

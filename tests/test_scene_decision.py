@@ -217,6 +217,34 @@ def test_a_decision_calibrated_on_another_reference_spacing_is_refused(tmp_path)
     assert s.min_inliers == 9
 
 
+def test_a_denser_map_is_searched_on_the_decisions_lattice() -> None:
+    """A map indexed at 32 px (266 m) for patch queries, decision calibrated at 64 px (532 m):
+    scenes search every 2nd column and row of each source map's grid, counted from its west
+    column and north row; ratios that are not an integer 2..4, and irregular maps, get None
+    (load_decision then refuses with the spacing to build at)."""
+    from cmpc.localize.georef import calibrated_stride_m, decision_lattice
+
+    def grid(x0: float, y0: float, nx: int, ny: int, s: float) -> np.ndarray:
+        xs, ys = np.meshgrid(x0 + s * np.arange(nx), y0 - s * np.arange(ny))
+        return np.stack([xs.ravel(), ys.ravel()], 1)
+
+    a, b = grid(1000.0, 9000.0, 7, 5, 266.0), grid(50_000.0, 9133.0, 4, 4, 266.0)  # second map on another phase
+    pos, src = np.concatenate([a, b]), np.repeat([0, 1], [len(a), len(b)])
+    rows, spacing = decision_lattice(pos, src, 266.0, 532.0)
+    # map a: columns 0, 2, 4, 6 x rows 0, 2, 4 = 12; map b: columns 0, 2 x rows 0, 2 = 4
+    assert len(rows) == 16 and spacing == pytest.approx(532.0)
+    ra, rb = pos[rows[rows < len(a)]], pos[rows[rows >= len(a)]]
+    assert set(np.unique(ra[:, 0])) == {1000.0, 1532.0, 2064.0, 2596.0} and set(np.unique(ra[:, 1])) == {9000.0, 8468.0, 7936.0}
+    assert set(np.unique(rb[:, 0])) == {50_000.0, 50_532.0} and set(np.unique(rb[:, 1])) == {9133.0, 8601.0}
+    rows3, spacing3 = decision_lattice(grid(0.0, 0.0, 10, 10, 100.0), None, 100.0, 300.0)
+    assert len(rows3) == 16 and spacing3 == pytest.approx(300.0)
+    assert decision_lattice(pos, src, 266.0, 399.0) is None  # 1.5x: no lattice
+    assert decision_lattice(pos, src, 266.0, 266.0 * 6) is None  # too sparse a lattice
+    jitter = a + np.random.default_rng(0).uniform(-100, 100, a.shape)
+    assert decision_lattice(jitter, None, 266.0, 532.0) is None  # not a regular grid
+    assert calibrated_stride_m("/nonexistent") is None
+
+
 def test_peak_margin_feature_claims_scenes_few_tiles_agree_on(tmp_path) -> None:
     """Small scenes found by the whole-map dense search: right ones stand far above the next
     place (large margin) though 0-2 tiles agree; wrong ones have as few tiles, peaks as high

@@ -141,6 +141,27 @@ def test_index_build_and_localize_with_a_registered_model(shipped, tmp_path, mon
     assert set(np.round((x - X0 - half) / STRIDE_PX, 6)) <= set(range(7))
 
 
+def test_a_card_sets_the_reference_spacing_of_the_maps_it_indexes(shipped, tmp_path, monkeypatch, capsys):
+    """inputs.ref_stride_m: the ground spacing of a new map's references (the Sentinel card:
+    a quarter patch, for patches cut anywhere); an explicit --stride-px wins."""
+    from cmpc.models.card import load_card
+
+    root, _ = shipped
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "weights" / "tiny"
+    shutil.copytree(root / "weights" / "tiny", folder)
+    card = json.loads((folder / "card.json").read_text())
+    (folder / "card.json").write_text(json.dumps({**card, "inputs": {**card["inputs"], "ref_stride_m": 4.0}}))
+    assert load_card(folder).inputs.stride_px(1.0) == 4 and load_card(folder).inputs.stride_px(2.0) == 2
+    rc, out, err = _run(capsys, "index", "build", "--model", str(folder), "--raster", str(root / "map.tif"), "--name", "quarter")
+    assert rc == 0, err
+    src = json.loads(out)["sources"][0]
+    assert (src["patch_px"], src["stride_px"], src["count"]) == (16, 4, 169)  # 13 x 13
+    rc, out, err = _run(capsys, "index", "build", "--model", str(folder), "--raster", str(root / "map.tif"), "--name", "half", "--stride-px", "8")
+    assert rc == 0, err
+    assert json.loads(out)["sources"][0]["count"] == N_GRID
+
+
 def test_a_card_carries_its_scene_decision(shipped, tmp_path, monkeypatch, capsys):
     """files.scene_decision: sealed and hash-checked with the card, refused when calibrated with
     another embedder or named otherwise, and what `cmpc georef --model` decides with."""
@@ -185,6 +206,20 @@ def test_a_card_carries_its_scene_decision(shipped, tmp_path, monkeypatch, capsy
     rule = json.dumps(res)
     assert str(folder / DECISION_FILE) in rule, rule[:2000]
     assert res["fine"]["used"] is False and "no dense alignment" in res["fine"]["why"]  # no refiner, no aligner: coarse placements
+    assert "lattice" not in rule
+    # a map indexed twice as densely (for patch queries): scenes are searched on the decision's
+    # 8 m lattice, every 2nd column and row of the 4 m grid (13 x 13 -> 7 x 7 references)
+    rc, out, err = _run(capsys, "index", "build", "--model", "tiny", "--raster", str(root / "map.tif"), "--name", "dense", "--stride-px", "4")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "georef", "--model", "tiny", "--index", "dense", "--scene", str(root / "s1.tif"), "--out", "ans_dense")
+    assert rc == 0, err
+    dense = json.loads((tmp_path / "ans_dense" / "result.json").read_text())
+    assert '"lattice": {"map_spacing_m": 4.0, "spacing_m": 8.0, "references": 49, "of": 169}' in json.dumps(dense)
+    assert dense["status"] == res["status"] and dense["transform"] == res["transform"]  # the same search as on the 8 m map
+    rc, out, err = _run(capsys, "index", "build", "--model", "tiny", "--raster", str(root / "map.tif"), "--name", "odd", "--stride-px", "6")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "georef", "--model", "tiny", "--index", "odd", "--scene", str(root / "s1.tif"), "--out", "ans_odd")
+    assert rc == 2 and "6 m apart" in _one_line_error(rc, err) and not (tmp_path / "ans_odd").exists()
     # files.aligner: a dense descriptor alone gives georef its fine alignment (per-patch localize unchanged)
     from cmpc.config import RefineConfig
     from cmpc.localize.refine import aligner_payload, refiner_payload, save_refiner
@@ -204,12 +239,13 @@ def test_a_card_carries_its_scene_decision(shipped, tmp_path, monkeypatch, capsy
     assert res["fine"]["used"] is True and -1.0 <= res["fine"]["peak"] <= 1.0, res["fine"]
     rc, out, err = _run(capsys, "localize", "--model", "tiny", "--index", "mymap", "--queries", str(root / "s1.tif"))
     assert rc == 0 and json.loads(out)["refined"] is False  # the aligner is for scenes only
-    # a map indexed twice as densely (per-patch queries off the grid gain from it) is refused for
-    # scenes: the decision's inlier counts were calibrated at 8 m; nothing is written
-    rc, out, err = _run(capsys, "index", "build", "--model", "tiny", "--raster", str(root / "map.tif"), "--name", "dense", "--stride-px", "4")
-    assert rc == 0, err
+    # with the fine alignment too, the dense map's scene answer is the 8 m map's
     rc, out, err = _run(capsys, "georef", "--model", "tiny", "--index", "dense", "--scene", str(root / "s1.tif"), "--out", "ans3")
-    assert "4 m apart" in _one_line_error(rc, err) and "every 8 m" in err and not (tmp_path / "ans3").exists()
+    assert rc == 0, err
+    res3 = json.loads((tmp_path / "ans3" / "result.json").read_text())
+    res2 = json.loads((tmp_path / "ans2" / "result.json").read_text())
+    drop = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
+    assert drop(res3["fine"]) == drop(res2["fine"]) and res3["transform"] == res2["transform"]
 
 
 def test_a_card_carries_its_scene_graph_gnn(shipped, tmp_path, monkeypatch, capsys):
@@ -339,6 +375,9 @@ def test_an_index_of_another_model_is_refused(shipped, tmp_path, monkeypatch, ca
         ({"experiment": {"extends": "x.json"}}, "extends"),
         ({"inputs": {**INPUTS, "gsd_m": [2, 1]}}, "inputs.gsd_m"),
         ({"colour": "red"}, "unknown key 'colour'"),
+        ({"inputs": {**INPUTS, "ref_stride_m": 0}}, "inputs.ref_stride_m"),
+        ({"inputs": {**INPUTS, "ref_stride_m": 17}}, "inputs.ref_stride_m"),  # over the 16 m patch
+        ({"inputs": {**INPUTS, "ref_strde_m": 4}}, "unknown key 'inputs.ref_strde_m'"),
     ],
 )
 def test_a_card_with_unknown_or_bad_keys_is_refused(shipped, tmp_path, monkeypatch, capsys, change, words):
@@ -530,13 +569,15 @@ def test_the_shipped_model_localizes_a_real_sentinel_la_patch(real_data, tmp_pat
     assert np.mean(err_m < 100) >= 0.8, np.round(err_m)
     assert res["refined"] is True  # the card's CFOG fine alignment ran (gated: kept answers say "coarse")
     assert {r["position_from"] for r in rows} <= {"aligned", "coarse"}
-    # patches half a reference stride off the grid (32 px = 265 m each way) are where CFOG
-    # earns its place: with the card as shipped (ZNCC scores, its calibrated gate) measured 18
-    # of 25 aligned, median 35 m, 18 of 25 within 100 m (gate open: median 31 m, 20 of 25),
-    # against the coarse answers' median 3.0 km and none within 100 m. (With plain correlation
-    # scores and their threshold 0.0086, only 1 of 25 passed the gate on this file.)
+    # The card indexes maps every 32 px (266 m, inputs.ref_stride_m): 29 x 29 references here.
+    # Patches half that stride off the grid (16 px = 133 m each way; no reference within 100 m)
+    # are where CFOG earns its place: with the card as shipped (ZNCC scores, its calibrated gate)
+    # measured 23 of 25 aligned, 22 of 25 within 100 m, median 31 m, against the coarse answers'
+    # median 768 m and none within 100 m. (At the card's earlier 64 px grid, 32 px off: 18 of 25
+    # aligned, median 35 m; with plain correlation scores only 1 of 25 passed the gate there.)
+    assert man["sources"][0]["stride_px"] == 32 and man["sources"][0]["count"] == 29 * 29
     with rasterio.open(la / "175_sar.tif") as src:
-        win = Window(352, 352, 384, 384)
+        win = Window(336, 336, 384, 384)
         with rasterio.open(tmp_path / "s1_half.tif", "w", **{**prof, "transform": src.window_transform(win)}) as dst:
             dst.write(src.read(window=win))
     rc, out, err = _run(capsys, "localize", "--model", "sentinel", "--index", "la175", "--queries", str(tmp_path / "s1_half.tif"),
@@ -567,6 +608,8 @@ def test_the_shipped_model_localizes_a_real_sentinel_la_patch(real_data, tmp_pat
         cx, cy = s1.xy(192, 192, offset="ul")
         (tx,), (ty,) = warp_transform(s1.crs, "EPSG:32611", [cx], [cy])
     assert res["method"] == "gnn+verify" and res["status"] == "found", res.get("reason")
+    # searched on the decision's 532 m lattice of the 266 m map: 15 x 15 of the 29 x 29 references
+    assert res["decision_rule"]["lattice"] == {"map_spacing_m": 266.0, "spacing_m": 531.99, "references": 225, "of": 841}
     assert np.hypot(res["center_x"] - tx, res["center_y"] - ty) < 40 and abs(res["scale"] / 8.3 - 1) < 0.03, (res["center_x"], res["scale"])
     # its georeferencing 3 km east (Mercator units: x 1.206 at 34 N) is outside the default 2 km
     # prior disc: not found, saying so; --radius 5000 finds it (measured 18.5 m)

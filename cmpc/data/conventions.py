@@ -76,12 +76,15 @@ class ModalitySpec:
 class InputConventions:
     """A card's ``inputs``: the SAR and optical specs, the accepted ground sampling distance
     ``gsd_m`` = (min, max) metres/pixel, and ``patch_m``, the side of a training patch on the
-    ground in metres (reference patches of a new map are cut to cover the same ground)."""
+    ground in metres (reference patches of a new map are cut to cover the same ground);
+    optional ``ref_stride_m``, the spacing of a new map's reference grid on the ground in metres
+    (default ``patch_m / 2``)."""
 
     sar: ModalitySpec
     optical: ModalitySpec
     gsd_m: tuple[float, float]
     patch_m: float
+    ref_stride_m: float | None = None
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> InputConventions:
@@ -91,23 +94,37 @@ class InputConventions:
         for key in ("sar", "optical", "gsd_m", "patch_m"):
             if key not in raw:
                 raise ConfigError(f"{where}: 'inputs.{key}' is missing")
+        unknown = sorted(set(raw) - _INPUT_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key 'inputs.{unknown[0]}'; valid: {sorted(_INPUT_KEYS)}")
         gsd = raw["gsd_m"]
         if (not isinstance(gsd, list) or len(gsd) != 2 or not all(_is_num(v) and v > 0 for v in gsd) or gsd[0] > gsd[1]):
             raise ConfigError(f"{where}: 'inputs.gsd_m' must be [min, max] metres/pixel with 0 < min <= max, got {gsd!r}")
         if not _is_num(raw["patch_m"]) or raw["patch_m"] <= 0:
             raise ConfigError(f"{where}: 'inputs.patch_m' must be the training patch side in metres (> 0), got {raw['patch_m']!r}")
+        stride = raw.get("ref_stride_m")
+        if stride is not None and (not _is_num(stride) or not 0 < stride <= raw["patch_m"]):
+            raise ConfigError(f"{where}: 'inputs.ref_stride_m' must be the reference spacing in metres (0 < it <= patch_m), got {stride!r}")
         return cls(_spec(raw["sar"], f"{where}: inputs.sar", sar=True), _spec(raw["optical"], f"{where}: inputs.optical", sar=False),
-                   (float(gsd[0]), float(gsd[1])), float(raw["patch_m"]))
+                   (float(gsd[0]), float(gsd[1])), float(raw["patch_m"]), float(stride) if stride is not None else None)
 
     def patch_px(self, gsd_m: float) -> int:
         """Reference patch side in pixels of a map at ``gsd_m`` metres/pixel covering ``patch_m`` metres (at least 8)."""
         return max(8, int(round(self.patch_m / gsd_m)))
+
+    def stride_px(self, gsd_m: float) -> int:
+        """Reference grid stride in pixels of a map at ``gsd_m`` metres/pixel: ``ref_stride_m``
+        on the ground, else half a patch (at least 1)."""
+        if self.ref_stride_m is None:
+            return max(1, self.patch_px(gsd_m) // 2)
+        return max(1, int(round(self.ref_stride_m / gsd_m)))
 
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_INPUT_KEYS = {"sar", "optical", "gsd_m", "patch_m", "ref_stride_m"}
 _SPEC_KEYS = {"bands", "band_names", "dtype", "scaling", "product", "polarisation"}
 
 

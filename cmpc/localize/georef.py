@@ -93,6 +93,60 @@ def _rule_of(d: dict[str, Any], settings: SceneSettings) -> dict[str, Any]:
 STRIDE_TOLERANCE = 0.1
 
 
+def calibrated_stride_m(run_dir: str | os.PathLike[str]) -> float | None:
+    """The reference spacing (metres) the scene decision in ``run_dir`` was calibrated on, or
+    None (no decision file, an unreadable one, or one from before the record)."""
+    p = Path(run_dir) / DECISION_FILE
+    try:
+        v = json.loads(p.read_text(encoding="utf-8")).get("ref_stride_m") if p.is_file() else None
+        return float(v) if v else None
+    except (ValueError, TypeError, AttributeError, OSError):
+        return None  # load_decision says what is wrong with it
+
+
+def decision_lattice(
+    positions_m: np.ndarray, source: np.ndarray | None, spacing_m: float, calibrated_m: float,
+) -> tuple[np.ndarray, float] | None:
+    """The references of a map indexed ``k`` times denser than a scene decision's calibration
+    (``k`` = 2..4; e.g. a Sentinel-2 map at 32 px for patch queries, decision calibrated at
+    64 px) that form the calibrated lattice: every ``k``-th column and row of each source
+    map's grid, counted from its west column and north row. Scene georeferencing then
+    searches only these, so its evidence is what the decision was calibrated on.
+
+    ``positions_m``: (N, 2) reference centres (x east, y north; metres); ``source``: (N,)
+    source map of each row (None = one map); ``spacing_m``: the map's reference spacing;
+    ``calibrated_m``: the decision's. Returns (sorted rows, the lattice's spacing in metres),
+    or None when the ratio is not an integer 2..4 within :data:`STRIDE_TOLERANCE`, when fewer
+    than 90 % of a source's references sit on a regular grid, or when the lattice's measured
+    spacing misses ``calibrated_m`` by more than the tolerance."""
+    from cmpc.models.graph import grid_spacing_m
+
+    if not spacing_m or not calibrated_m or spacing_m <= 0:
+        return None
+    k = int(round(calibrated_m / spacing_m))
+    if not 2 <= k <= 4 or abs(spacing_m * k / calibrated_m - 1.0) > STRIDE_TOLERANCE:
+        return None
+    pos = np.asarray(positions_m, dtype=np.float64)
+    src = np.zeros(len(pos), dtype=np.int64) if source is None else np.asarray(source)
+    keep = np.zeros(len(pos), dtype=bool)
+    for s in np.unique(src):
+        rows = np.flatnonzero(src == s)
+        fx = (pos[rows, 0] - pos[rows, 0].min()) / spacing_m
+        fy = (pos[rows, 1].max() - pos[rows, 1]) / spacing_m
+        i, j = np.rint(fx).astype(np.int64), np.rint(fy).astype(np.int64)
+        on_grid = (np.abs(fx - i) < 0.25) & (np.abs(fy - j) < 0.25)
+        if on_grid.mean() < 0.9:
+            return None
+        keep[rows[on_grid & (i % k == 0) & (j % k == 0)]] = True
+    rows = np.flatnonzero(keep)
+    if len(rows) < 2:
+        return None
+    sub = float(grid_spacing_m(pos[rows]))
+    if abs(sub / calibrated_m - 1.0) > STRIDE_TOLERANCE:
+        return None
+    return rows, sub
+
+
 def load_decision(
     run_dir: str | os.PathLike[str], settings: SceneSettings, method: str = "verify", use_top_k: bool = True,
     embedder_sha256: str | None = None, use_dense: bool = True, ref_stride_m: float | None = None,
@@ -183,8 +237,12 @@ class Georeferencer:
 
     def __init__(self, localizer, settings: SceneSettings, decision_source: dict[str, Any] | None = None, rescorer: CandidateRescorer | None = None,
                  gnn: CandidateRescorer | None = None, gnn_settings: SceneSettings | None = None,
-                 stride_m: float | None = None) -> None:  # noqa: ANN001 - stride_m: the map's reference spacing when already measured
+                 stride_m: float | None = None, base_rows: np.ndarray | None = None) -> None:  # noqa: ANN001
+        """``stride_m``: the map's reference spacing when already measured; ``base_rows``: the
+        only index rows scenes are searched over (:func:`decision_lattice`; None = all)."""
         settings.check()
+        #: the index rows every scene search is limited to (None = the whole index)
+        self.base_rows = None if base_rows is None else np.asarray(base_rows, dtype=np.int64)
         #: the scene-graph rescorer of method ``gnn+verify`` and its decision rule (default: ``settings``)
         self.gnn = gnn
         self.gnn_settings = gnn_settings
@@ -255,9 +313,11 @@ class Georeferencer:
         if center is None and scene.georef and scene.georef.get("centre_xy") is not None and self.settings.own_prior_radius_m > 0:
             center, radius_m = scene.georef["centre_xy"], self.settings.own_prior_radius_m
         if center is None and radius_m is None:
-            return None, None
+            return self.base_rows, None
         cfg = replace(self.localizer_cfg(), prior=None, prior_center=[float(v) for v in center] if center is not None else None, prior_radius_m=radius_m)
         rows = prior_rows(cfg, self.localizer.index)
+        if self.base_rows is not None:
+            rows = self.base_rows if rows is None else np.intersect1d(rows, self.base_rows)
         return rows, {"center": cfg.prior_center, "radius_m": radius_m}
 
     def localizer_cfg(self):  # noqa: ANN201 - LocalizeConfig
@@ -691,6 +751,17 @@ def georeferencer_from_experiment(
     from cmpc.models.graph import grid_spacing_m
 
     stride_m = float(grid_spacing_m(loc.index.positions)) if loc.index.ntotal > 1 else None
+    # a map indexed densely for patch queries (e.g. the Sentinel card's maps at 32 px) is
+    # searched, for scenes, on the lattice the decision was calibrated on
+    base_rows, lattice = None, None
+    cal = calibrated_stride_m(scene_dir)
+    if stride_m and cal and abs(stride_m / cal - 1.0) > STRIDE_TOLERANCE:
+        found = decision_lattice(loc.index.positions, loc.index.source, stride_m, cal)
+        if found is not None:
+            base_rows, sub = found
+            lattice = {"map_spacing_m": round(stride_m, 2), "spacing_m": round(sub, 2), "references": int(len(base_rows)),
+                       "of": int(loc.index.ntotal)}
+            stride_m = sub
     settings, source = load_decision(scene_dir, settings, use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256, use_dense=use_scene_dense,
                                      ref_stride_m=stride_m)
     gnn, gnn_settings, gnn_error = None, None, None
@@ -708,6 +779,8 @@ def georeferencer_from_experiment(
         gnn_settings, gsrc = load_decision(scene_dir, base, method="gnn+verify", use_top_k=use_scene_top_k, embedder_sha256=loc.checkpoint_sha256,
                                            use_dense=use_scene_dense, ref_stride_m=stride_m)
         source = {**source, "gnn+verify": gsrc}
-    geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings, stride_m=stride_m)
+    if lattice is not None:
+        source = {**source, "lattice": lattice}
+    geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings, stride_m=stride_m, base_rows=base_rows)
     geo.gnn_error = gnn_error
     return geo
