@@ -167,3 +167,17 @@ def test_scene_georeferencing_refuses_cfog_before_loading_anything():
     exp = load_experiment("experiments/demo.json", ["refine.aligner=cfog", "name=no_such_run"])
     with pytest.raises(ConfigError, match="set refine.aligner=learned"):
         georeferencer_from_experiment(exp)
+
+
+def test_box_sums_are_every_windows_sum():
+    """box_sums against average pooling at stride 1 (times the window area): rectangular
+    windows, one-row / one-column windows, a window as large as the input, leading dims."""
+    import torch.nn.functional as F
+
+    from cmpc.localize.align import box_sums
+
+    x = torch.randn(2, 3, 4, 17, 23, dtype=torch.float64)
+    for h, w in ((3, 5), (1, 7), (6, 1), (17, 23), (1, 1)):
+        ref = F.avg_pool2d(x.reshape(-1, 1, 17, 23), (h, w), stride=1).reshape(2, 3, 4, 18 - h, 24 - w) * (h * w)
+        got = box_sums(x, h, w)
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-9), (h, w)

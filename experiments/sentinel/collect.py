@@ -105,11 +105,42 @@ def collect(reports: Path) -> list[dict[str, Any]]:
 
     seeds = {**RUNS, **{run: seed for run, (seed, _) in REFINED.items()}}
     shipped = next((r for r in seeds if sha and tested_with(r) == sha), None)  # a run whose checkpoint the card ships
+    seed = seeds.get(shipped) if shipped else _recorded_seed(sha)
     for dataset, split in (("s1s2", "whole scene, aligned tiles (never trained on)"), ("uavsar", "whole pair, aligned tiles (L-band HV, warped to 8.3 m)")):
-        m = reports / f"sentinel-{dataset}" / "metrics.json"
-        if m.is_file():
-            rows += metric_rows(m, dataset, split, seeds.get(shipped, -1), "weights/sentinel")
+        for tag in ("", "_half"):  # the card's reference grid; the half-patch grid (cross.sh HALF_PATCH=1 TAG=_half)
+            m = reports / f"sentinel-{dataset}{tag}" / "metrics.json"
+            if m.is_file():
+                label = _cross_split(m, split)
+                got = metric_rows(m, dataset, label, -1 if seed is None else seed, "weights/sentinel")
+                if "off this grid" in label:  # the tiles fall between references: not aligned in the issue's sense
+                    got = [{**r, "queries": "non_aligned"} for r in got]
+                rows += got
     return rows
+
+
+def _recorded_seed(sha: str | None) -> int | str | None:
+    """The seed docs/real.json records for the checkpoint ``sha`` (a checkout without the runs)."""
+    p = Path("docs/real.json")
+    if not sha or not p.is_file():
+        return None
+    return next((r["seed"] for r in json.loads(p.read_text()) if r.get("checkpoint_sha256") == sha), None)
+
+
+def _cross_split(m: Path, split: str) -> str:
+    """``split`` as labelled before ZNCC scores (plain-correlation CFOG, half-patch grid), else
+    with the CFOG score and the reference grid the report was run with."""
+    meta = json.loads(m.read_text()).get("meta") or {}
+    cfg = meta.get("config") or {}
+    score = (cfg.get("refine") or {}).get("align_score", "corr")
+    if score == "corr":
+        return split
+    manifest = Path(str((meta.get("inputs") or {}).get("index", {}).get("path", "")))
+    src = (json.loads(manifest.read_text()).get("sources") or [{}])[0] if manifest.is_file() else {}
+    stride, patch = src.get("stride_px"), src.get("patch_px")
+    grid = f"references every {stride} px of {patch}" if stride and patch else "references as indexed"
+    if stride and patch and (patch // 2) % stride:  # the queries (every half patch) fall between references
+        split = split.replace("aligned tiles", f"tiles every {patch // 2} px, off this grid")
+    return f"{split}; CFOG {score}, {grid}"
 
 
 def _key(r: dict[str, Any]) -> tuple:

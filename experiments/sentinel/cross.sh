@@ -28,8 +28,13 @@ with rasterio.open("data/cross/uavsar_sar.tif", "w", **p) as d:
 with rasterio.open("data/cross/uavsar_optical.tif", "r+") as d:
     d.nodata = 0
 PY
+# HALF_PATCH=1 TAG=_half: the maps indexed every half patch (the card's grid before 2026-12-01)
+# instead of the card's quarter patch (inputs.ref_stride_m), reports/sentinel-<set>_half
 for set in s1s2 uavsar; do
-  $CMPC index build --model sentinel --raster data/cross/${set}_optical.tif --name sentinel-$set > /dev/null
-  $CMPC localize --model sentinel --index sentinel-$set --queries data/cross/${set}_sar.tif \
-    --set localize.raster_truth=true --set 'eval.thresholds_m=[5,10,25,50,100,200,640,1000]' --out reports/sentinel-$set > /dev/null
+  stride=()
+  [ -n "${HALF_PATCH:-}" ] && stride=(--stride-px "$(.venv/bin/python -c "from cmpc.models.card import load_card; from cmpc.data.raster import open_raster
+with open_raster('data/cross/${set}_optical.tif') as r: print(load_card('sentinel', verify=False).inputs.patch_px(r.grid.gsd_m) // 2)")")
+  $CMPC index build --model sentinel --raster data/cross/${set}_optical.tif --name sentinel-$set${TAG:-} "${stride[@]}" > /dev/null
+  $CMPC localize --model sentinel --index sentinel-$set${TAG:-} --queries data/cross/${set}_sar.tif \
+    --set localize.raster_truth=true --set 'eval.thresholds_m=[5,10,25,50,100,200,640,1000]' --out reports/sentinel-$set${TAG:-} > /dev/null
 done
