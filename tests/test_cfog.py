@@ -181,3 +181,53 @@ def test_box_sums_are_every_windows_sum():
         ref = F.avg_pool2d(x.reshape(-1, 1, 17, 23), (h, w), stride=1).reshape(2, 3, 4, 18 - h, 24 - w) * (h * w)
         got = box_sums(x, h, w)
         assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-9), (h, w)
+
+
+def test_map_window_norms_are_each_contexts():
+    """FeatureMosaic.window_norms (the whole map's window norms, computed once in float64)
+    equals the zero-mean norm of every window of each context crops() cuts, for contexts
+    inside the map, across its edges and wholly outside it (zeros), and for a larger context
+    asked later (the cached border grows); window_deviation's per-context float32 agrees to 5e-3
+    on norms of about 18."""
+    from cmpc.localize.align import FeatureMosaic, box_sums, window_deviation
+
+    g = torch.Generator().manual_seed(0)
+    desc = torch.rand(9, 70, 90, generator=g)
+    desc[:, 30:45, 10:40] = 0.3  # a flat patch: norms near 0 there
+    fm = FeatureMosaic(desc=desc, origin_x=0.0, origin_y=0.0, gsd_m=1.0, stride=1)
+    top = torch.tensor([[0, 5, -10], [60, 40, -200]])
+    left = torch.tensor([[0, 70, -3], [85, 12, 300]])
+    h, w = 16, 20
+    for n in (9, 27):
+        ctx = fm.crops(top, left, h + n - 1, w + n - 1).double()
+        c = ctx - ctx.mean(dim=(-2, -1), keepdim=True)
+        exact = (box_sums((c * c).sum(-3), h, w) - (box_sums(c, h, w) ** 2).sum(-3) / (h * w)).clamp_min(0).sqrt()
+        got = fm.window_norms(top, left, h, w, n, n)
+        assert got.shape == exact.shape == (2, 3, n, n)
+        assert torch.allclose(got.double(), exact, atol=1e-5), float((got.double() - exact).abs().max())
+        assert torch.allclose(window_deviation(ctx.float(), h, w).double(), exact, atol=5e-3), float((window_deviation(ctx.float(), h, w).double() - exact).abs().max())
+        assert float(got[1, 2].abs().max()) < 1e-5  # wholly outside the map: zero (to round-off)
+    assert float(exact.max()) > 15.0 and float(exact[0, 1].min()) < 1e-3  # real norms, and ~0 over the flat patch
+
+
+def test_zncc_alignment_is_the_same_with_map_norms():
+    """align_to_mosaic with score=zncc: a stored map (norms read from the whole map's) and the
+    same map without them (norms from each context) give the same peaks and positions."""
+    from cmpc.localize.align import FeatureMosaic, align_to_mosaic
+
+    g = torch.Generator().manual_seed(1)
+    desc = torch.rand(9, 160, 160, generator=g)
+    fm = FeatureMosaic(desc=desc, origin_x=0.0, origin_y=160.0, gsd_m=1.0, stride=1)
+
+    class PerContext(FeatureMosaic):
+        def window_norms(self, *a, **k):  # noqa: ANN002, ANN003
+            return None
+
+    plain = PerContext(desc=desc, origin_x=0.0, origin_y=160.0, gsd_m=1.0, stride=1)
+    q = desc[:, 40:72, 50:82][None] + 0.05 * torch.rand(1, 9, 32, 32, generator=g)  # a noisy copy of a window
+    centres = torch.tensor([[[66.0 + 3, 160.0 - 56 - 2], [20.0, 20.0], [150.0, 150.0]]])  # near it, and two elsewhere (one at the edge)
+    a = align_to_mosaic(q, fm, centres, 32, 8, score="zncc")
+    b = align_to_mosaic(q, plain, centres, 32, 8, score="zncc")
+    assert torch.allclose(a.peak, b.peak, atol=1e-4) and torch.allclose(a.position_m, b.position_m, atol=1e-3), (a, b)
+    assert float(a.peak[0, 0]) > 0.9 and float((a.position_m[0, 0] - torch.tensor([66.0, 104.0])).abs().max()) < 0.5  # found
+    assert float(a.peak[0, 1:].max()) < 0.5  # elsewhere: no match

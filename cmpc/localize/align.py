@@ -66,6 +66,23 @@ def box_sums(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return out
 
 
+def map_window_deviation(desc: torch.Tensor, h: int, w: int, pad_h: int, pad_w: int) -> torch.Tensor:
+    """:func:`window_deviation` of every ``h`` x ``w`` window of a whole descriptor map
+    (C, H, W) bordered by ``pad_h`` rows / ``pad_w`` columns of zeros: (H + 2 pad_h - h + 1,
+    W + 2 pad_w - w + 1), float32; entry (r, c) is the window whose first cell is map cell
+    (r - pad_h, c - pad_w). Channel by channel in float64 (a map's running sums are far larger
+    than a window's), so it holds a few copies of one channel at a time."""
+    n = float(h * w)
+    acc: torch.Tensor | None = None
+    for ch in range(desc.shape[0]):
+        x = F.pad(desc[ch].double(), (pad_w, pad_w, pad_h, pad_h))
+        x = x - x.mean()
+        v = box_sums(x * x, h, w) - box_sums(x, h, w) ** 2 / n
+        acc = v if acc is None else acc.add_(v)
+    assert acc is not None
+    return acc.clamp_min_(0.0).sqrt_().float()
+
+
 def window_deviation(context: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Norm of each ``h`` x ``w`` window's descriptors minus the window's mean per channel,
     over every window of ``context`` (B, M, C, H, W) -> (B, M, H - h + 1, W - w + 1).
@@ -79,16 +96,19 @@ def window_deviation(context: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return (energy - (box_sums(c, h, w) ** 2).sum(dim=-3) / n).clamp_min(0.0).sqrt()
 
 
-def correlate_zncc(template: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def correlate_zncc(template: torch.Tensor, context: torch.Tensor, dev: torch.Tensor | None = None) -> torch.Tensor:
     """Zero-mean normalised cross-correlation of descriptor maps, in [-1, 1]: like
     :func:`correlate` (same shapes, same offsets) with the template made zero-mean per
     channel and each window's score divided by the norms of both zero-mean descriptor blocks.
     Raw correlation favours windows full of strong structure wherever they are; this does not
-    (a window with no structure, RMS deviation under 0.01 per cell, scores 0)."""
+    (a window with no structure, RMS deviation under 0.01 per cell, scores 0). ``dev``: the
+    windows' norms when already known (:meth:`FeatureMosaic.window_norms`), else computed
+    from ``context`` (:func:`window_deviation`)."""
     t = template.float() - template.float().mean(dim=(-2, -1), keepdim=True)
     h, w = t.shape[-2:]
     num = correlate(t, context) * float(h * w)  # sum of t . w = sum of t . (w - window mean)
-    dev = window_deviation(context, h, w)
+    if dev is None:
+        dev = window_deviation(context, h, w)
     den = t.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * dev
     z = (num / den.clamp_min(1e-12)).clamp(-1.0, 1.0)
     # windows without structure (RMS deviation under 0.01 per cell: flat land, nodata, round-off)
@@ -190,6 +210,30 @@ class FeatureMosaic:
         _, Hc, Wc = self.desc.shape
         return _crops_padded(*self._pad("desc", h, w), Hc, Wc, top, left, h, w)
 
+    def window_norms(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int, n_rows: int, n_cols: int) -> torch.Tensor | None:
+        """:func:`window_deviation` of the ``h`` x ``w`` windows at the ``n_rows`` x ``n_cols``
+        offsets of each context ``crops(top, left, h + n_rows - 1, w + n_cols - 1)`` would cut:
+        (...,) cell coordinates -> (..., n_rows, n_cols), read from norms of the whole map
+        computed once per window size (:func:`map_window_deviation`, about one query's cost
+        for a 1024 x 1024 map) instead of once per candidate. None for a map not held whole."""
+        _, Hc, Wc = self.desc.shape
+        ch, cw = h + n_rows - 1, w + n_cols - 1  # the context crops() would cut (clamped as it clamps)
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        key = (h, w)
+        cur = cache.get(key)
+        if cur is None or cur[0] < ch or cur[1] < cw:
+            ph = -(-max(ch, cur[0] if cur else 0) // 32) * 32
+            pw = -(-max(cw, cur[1] if cur else 0) // 32) * 32
+            cache.pop(key, None)
+            cache[key] = (ph, pw, map_window_deviation(self.desc, h, w, ph, pw))
+        ph, pw, dev = cache[key]
+        lead = top.shape
+        t = top.reshape(-1).clamp(-ch, Hc) + ph
+        lf = left.reshape(-1).clamp(-cw, Wc) + pw
+        rows = t[:, None] + torch.arange(n_rows)[None, :]
+        cols = lf[:, None] + torch.arange(n_cols)[None, :]
+        return dev[rows[:, :, None], cols[:, None, :]].reshape(*lead, n_rows, n_cols)
+
     def phase_crops(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Windows of all 16 phase maps: (...,) cell coordinates -> (..., 16, C, h, w)."""
         if self.phases is None:
@@ -236,6 +280,9 @@ class LazyFeatureMosaic(FeatureMosaic):
 
     def phase_crops(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
         raise ValueError("a lazy (stride-1) feature mosaic has no phase maps")
+
+    def window_norms(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int, n_rows: int, n_cols: int) -> torch.Tensor | None:
+        return None  # the map is not held whole: each context's norms are computed from it
 
 
 def _crops_padded(ph: int, pw: int, pad: torch.Tensor, Hc: int, Wc: int, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -382,7 +429,6 @@ def align_to_mosaic(
         raise ValueError(f"score must be corr or zncc, got {score!r}")
     if score == "zncc" and mosaic.phases is not None:
         raise ValueError("zncc scoring has no phase-map refinement: use it with a stride-1 descriptor (CFOG)")
-    corr_fn = correlate_zncc if score == "zncc" else correlate
     s = mosaic.stride
     B, C, h, w = query_desc.shape
     tmpl = query_desc[:, :, border : h - border, border : w - border]
@@ -397,12 +443,14 @@ def align_to_mosaic(
     # a few queries at a time: the windows' spectra of a whole batch do not fit in cache
     # (measured: 64 queries x 20 windows at once was 2x slower per query than 1 query)
     step = max(1, 32 // max(1, top.shape[1]))
-    surface = torch.cat(
-        [
-            corr_fn(tmpl[i : i + step], mosaic.crops(top[i : i + step], left[i : i + step], ht + n_shift - 1, wt + n_shift - 1))
-            for i in range(0, B, step)
-        ]
-    )  # (B, M, n_shift, n_shift)
+    def scores(i: int) -> torch.Tensor:
+        ctx = mosaic.crops(top[i : i + step], left[i : i + step], ht + n_shift - 1, wt + n_shift - 1)
+        if score != "zncc":
+            return correlate(tmpl[i : i + step], ctx)
+        norms = mosaic.window_norms(top[i : i + step], left[i : i + step], ht, wt, n_shift, n_shift)
+        return correlate_zncc(tmpl[i : i + step], ctx, norms)
+
+    surface = torch.cat([scores(i) for i in range(0, B, step)])  # (B, M, n_shift, n_shift)
     peak, du, dv = subpixel_peak(surface)
     # template's top-left pixel in the mosaic (the template starts at query cell `border`)
     t_row = (top.double() + du.double()) * s

@@ -186,8 +186,8 @@ def load_decision(
             if ref_stride_m and calibrated_stride and abs(float(ref_stride_m) / float(calibrated_stride) - 1.0) > STRIDE_TOLERANCE:
                 raise DataError(
                     f"this map's references are {float(ref_stride_m):.0f} m apart but the scene decision {p} was calibrated on a map "
-                    f"with references every {float(calibrated_stride):.0f} m: index the map for scenes at that spacing "
-                    f"(--stride-px = {float(calibrated_stride):.0f} m / the map's GSD; the default, half a patch, for the shipped models)")
+                    f"with references every {float(calibrated_stride):.0f} m: index the map for scenes at that spacing or 2, 3 or 4 times finer "
+                    f"(--stride-px = {float(calibrated_stride):.0f} m / the map's GSD, or that over 2-4; a model card's default fits)")
             top = d.get("top_k")  # candidates per tile the rules were calibrated with (file level)
             # the tiling the rules were calibrated with (files from before dense tiling: none)
             min_tiles = int(d.get("min_scene_tiles", 0))
