@@ -6,7 +6,10 @@ Patch refinement correlates each query's dense descriptors with the map's around
 computed for the whole map once; CFOG (:class:`~cmpc.models.cfog.CfogDescriptor`, 9 channels
 every pixel) is stored for small maps and described window by window for large ones
 (:class:`~cmpc.localize.align.LazyFeatureMosaic`), scored by plain correlation or by ZNCC
-(``refine.align_score=zncc``: the windows' zero-mean norms from integral images on top). Measured here in one run on a random
+(``refine.align_score=zncc``: the windows' zero-mean norms on top: per candidate context from
+box sums, or, for a stored map once the queries have asked for 8x its area, read from norms of
+the whole map computed once, :meth:`~cmpc.localize.align.FeatureMosaic.window_norms`: here
+after about 42 queries of 20 candidates, i.e. in the warm-up and first timed batch). Measured here in one run on a random
 3-band map (content does not change the cost): milliseconds per query (a batch of 32 queries
 of 128 px, candidates spread over the map, search radius 64 px) for 5 and 20 candidates, 1
 thread, median of repeated batches; plus the one-off cost of describing the map.

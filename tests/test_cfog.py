@@ -197,6 +197,11 @@ def test_map_window_norms_are_each_contexts():
     fm = FeatureMosaic(desc=desc, origin_x=0.0, origin_y=0.0, gsd_m=1.0, stride=1)
     top = torch.tensor([[0, 5, -10], [60, 40, -200]])
     left = torch.tensor([[0, 70, -3], [85, 12, 300]])
+    # computed only once the contexts asked for cover norms_after times the padded map
+    # (8 x (70 + 2 x 32) x (90 + 2 x 32) = 165,088 context cells)
+    # (6 contexts of 24 x 28 cells = 4,032 per call: the 41st call passes 165,088)
+    got = [fm.window_norms(top, left, 16, 20, 9, 9) for _ in range(41)]
+    assert all(x is None for x in got[:40]) and got[40] is not None
     h, w = 16, 20
     for n in (9, 27):
         ctx = fm.crops(top, left, h + n - 1, w + n - 1).double()
@@ -217,7 +222,7 @@ def test_zncc_alignment_is_the_same_with_map_norms():
 
     g = torch.Generator().manual_seed(1)
     desc = torch.rand(9, 160, 160, generator=g)
-    fm = FeatureMosaic(desc=desc, origin_x=0.0, origin_y=160.0, gsd_m=1.0, stride=1)
+    fm = FeatureMosaic(desc=desc, origin_x=0.0, origin_y=160.0, gsd_m=1.0, stride=1, norms_after=0.0)
 
     class PerContext(FeatureMosaic):
         def window_norms(self, *a, **k):  # noqa: ANN002, ANN003

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -184,6 +185,10 @@ class FeatureMosaic:
     gsd_m: float
     stride: int = STRIDE
     phases: torch.Tensor | None = None
+    #: :meth:`window_norms` computes the whole map's norms once the contexts asked for cover
+    #: this many times the (padded) map: per cell the map's float64 pass costs about 9x a
+    #: context's, so a few queries never pay for it and many pay it once (at most ~2x the best)
+    norms_after: float = 8.0
 
     def _pad(self, which: str, h: int, w: int) -> tuple[int, int, torch.Tensor]:
         """Zero-bordered, channels-last copy of ``desc`` or the stacked phase maps, with a
@@ -194,8 +199,7 @@ class FeatureMosaic:
         cache = self.__dict__.setdefault("_pad_cache", {})
         cur = cache.get(which)
         if cur is None or cur[0] < h or cur[1] < w:
-            ph = -(-max(h, cur[0] if cur else 0) // 32) * 32
-            pw = -(-max(w, cur[1] if cur else 0) // 32) * 32
+            ph, pw = _grown_border(cur, h, w)
             src = self.desc if which == "desc" else self.phases.reshape(-1, *self.desc.shape[1:])  # type: ignore[union-attr]
             cache.pop(which, None)  # free the old copy before making the new one
             cache[which] = (ph, pw, _pad_channels_last(src, ph, pw))
@@ -214,16 +218,21 @@ class FeatureMosaic:
         """:func:`window_deviation` of the ``h`` x ``w`` windows at the ``n_rows`` x ``n_cols``
         offsets of each context ``crops(top, left, h + n_rows - 1, w + n_cols - 1)`` would cut:
         (...,) cell coordinates -> (..., n_rows, n_cols), read from norms of the whole map
-        computed once per window size (:func:`map_window_deviation`, about one query's cost
-        for a 1024 x 1024 map) instead of once per candidate. None for a map not held whole."""
+        computed once per window size (:func:`map_window_deviation`: 5 s for a 2048 x 2048 map
+        at 1 thread, against about 0.1 s per query of 20 candidates) instead of once per
+        candidate. None (the caller computes each context's) for a map not held whole, and
+        until the contexts asked for cover ``norms_after`` times the map."""
         _, Hc, Wc = self.desc.shape
         ch, cw = h + n_rows - 1, w + n_cols - 1  # the context crops() would cut (clamped as it clamps)
         cache = self.__dict__.setdefault("_norm_cache", {})
         key = (h, w)
         cur = cache.get(key)
         if cur is None or cur[0] < ch or cur[1] < cw:
-            ph = -(-max(ch, cur[0] if cur else 0) // 32) * 32
-            pw = -(-max(cw, cur[1] if cur else 0) // 32) * 32
+            ph, pw = _grown_border(cur, ch, cw)
+            asked = self.__dict__.get("_norm_asked", 0.0) + float(top.numel()) * ch * cw
+            self.__dict__["_norm_asked"] = asked
+            if cur is None and asked < self.norms_after * (Hc + 2 * ph) * (Wc + 2 * pw):
+                return None  # (once computed, a larger context only grows the border)
             cache.pop(key, None)
             cache[key] = (ph, pw, map_window_deviation(self.desc, h, w, ph, pw))
         ph, pw, dev = cache[key]
@@ -298,6 +307,13 @@ def _crops_padded(ph: int, pw: int, pad: torch.Tensor, Hc: int, Wc: int, top: to
     cols = lf[:, None] + torch.arange(w)[None, :]  # (M, w)
     out = pad[rows[:, :, None], cols[:, None, :]]  # (M, h, w, C): one gather of whole cells
     return out.permute(0, 3, 1, 2).reshape(*lead, C, h, w)
+
+
+def _grown_border(cur: tuple[int, int, Any] | None, h: int, w: int) -> tuple[int, int]:
+    """Border (rows, cols) of a padded map cache that fits ``h`` x ``w`` windows and every
+    window the cache ``cur`` fitted, rounded up to 32 cells (re-padding a large map costs far
+    more than a query, so it grows in steps)."""
+    return -(-max(h, cur[0] if cur else 0) // 32) * 32, -(-max(w, cur[1] if cur else 0) // 32) * 32
 
 
 def _pad_channels_last(desc: torch.Tensor, h: int, w: int) -> torch.Tensor:
