@@ -229,6 +229,7 @@ class RefineConfig:
     position_weight: float = param(1.0, lo=0.0, doc="weight of the position regression loss")
     fine_align: bool = param(True, doc="estimate the sub-patch offset by dense feature correlation")
     fine_top: int = param(40, lo=1, hi=200, doc="candidates (of the localize.top_k) verified by dense alignment; the best peak wins (cost grows linearly, see docs/BENCHMARKS.md)")
+    fine_spread_px: int = param(0, lo=0, hi=4096, doc="the fine_top candidates are taken in rank order skipping any whose centre lies within this many query pixels (at the embedder input size) of one already taken, so a dense reference grid's near-duplicates do not use up the alignments (the skipped ones fill up when fewer remain; raise localize.top_k to give it room); 0 = plain rank order")
     fine_max_shift_px: int | None = param(None, lo=0, doc="search radius of the dense alignment, query pixels (at the embedder input size); null = half the query side")
     fine_phases: bool = param(False, doc="refine the alignment peak to the pixel with 16 phase-shifted descriptor maps of the map (16x their memory and build time)")
     rerank: bool = param(True, doc="use the GNN's candidate order (false: keep the coarse order; ablations)")

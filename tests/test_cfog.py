@@ -236,3 +236,40 @@ def test_zncc_alignment_is_the_same_with_map_norms():
     assert torch.allclose(a.peak, b.peak, atol=1e-4) and torch.allclose(a.position_m, b.position_m, atol=1e-3), (a, b)
     assert float(a.peak[0, 0]) > 0.9 and float((a.position_m[0, 0] - torch.tensor([66.0, 104.0])).abs().max()) < 0.5  # found
     assert float(a.peak[0, 1:].max()) < 0.5  # elsewhere: no match
+
+
+def test_spread_candidates_skip_near_duplicates_and_backfill():
+    from cmpc.localize.refine import spread_candidates
+
+    ranked = np.array([[[0, 0], [10, 0], [100, 0], [5, 5], [300, 0], [110, 0]]], float)
+    assert spread_candidates(ranked, 3, 50.0).tolist() == [[0, 2, 4]]
+    assert spread_candidates(ranked, 5, 50.0).tolist() == [[0, 2, 4, 1, 3]]  # the skipped fill up, in rank order
+    assert spread_candidates(ranked, 3, 0.0).tolist() == [[0, 1, 2]]  # off: plain rank order
+    assert spread_candidates(ranked, 3, 5.0).tolist() == [[0, 1, 2]]  # (5, 5) is 7.07 m from (0, 0): kept
+    assert spread_candidates(ranked, 6, 50.0).tolist() == [[0, 1, 2, 3, 4, 5]]  # all taken anyway
+
+
+def test_spreading_the_candidates_reaches_a_place_that_near_duplicates_hide():
+    """A dense reference grid puts several neighbours of one wrong place at the top of the
+    list: aligning around the first m finds nothing right, while skipping candidates within
+    the search radius of one already taken reaches the true place at rank 7."""
+    from cmpc.localize.refine import spread_candidates
+
+    img = _blocks(3, 384)
+    ox, oy, gsd, S = 1000.0, 5000.0, 8.0, 96
+    cfog = CfogDescriptor(1, 3, sigma=0.8, sar_sigma=1.0)
+    fm = build_feature_mosaic(cfog, img, np.ones(img.shape[1:], bool), ox, oy, gsd, tile_px=128, margin_px=32)
+    rng = np.random.default_rng(2)
+    r, c = 250, 240
+    q = torch.from_numpy(_sar_like(img[:, r : r + S, c : c + S], rng))[None]
+    true = np.array([ox + (c + S / 2) * gsd, oy - (r + S / 2) * gsd])
+    wrong = np.array([ox + 100 * gsd, oy - 100 * gsd])
+    near_wrong = [wrong + np.array([dx, dy]) * gsd for dx, dy in ((0, 0), (16, 0), (0, 16), (16, 16), (-16, 0), (0, -16))]
+    ranked = np.stack([*near_wrong, true + np.array([20, -12]) * gsd])[None]  # (1, 7, 2)
+    found = {}
+    for spread_px in (0, 40):
+        cols = spread_candidates(ranked, 3, spread_px * gsd)
+        res = align_to_mosaic(cfog(q, "sar"), fm, torch.from_numpy(np.take_along_axis(ranked, cols[..., None], 1)), S, max_shift_px=36, score="zncc")
+        best = int(res.peak[0].argmax())
+        found[spread_px] = np.linalg.norm(res.position_m[0, best].numpy() - true) / gsd
+    assert found[0] > 50 and found[40] <= 1.5, found

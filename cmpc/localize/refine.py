@@ -289,7 +289,8 @@ class GraphRefiner:
         self.timings["align_desc_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         m = min(self.cfg.fine_top, kq)
-        cand = np.take_along_axis(pos_m, order[:, :m, None], axis=1)  # (B, m, 2)
+        cols = spread_candidates(np.take_along_axis(pos_m, order[..., None], axis=1), m, self.cfg.fine_spread_px * self.footprint_m(index) / S)
+        cand = np.take_along_axis(pos_m, np.take_along_axis(order, cols, axis=1)[..., None], axis=1)  # (B, m, 2)
         max_shift = self.cfg.fine_max_shift_px if self.cfg.fine_max_shift_px is not None else S // 2
         res = align_to_mosaic(dq, fm, torch.from_numpy(cand), S, int(max_shift), score=self.cfg.align_score)
         peak = res.peak.numpy()
@@ -309,6 +310,36 @@ class GraphRefiner:
             order = new
         self.timings["align_corr_s"] += time.perf_counter() - t0
         return position, order
+
+
+def spread_candidates(ranked_m: np.ndarray, m: int, min_dist_m: float) -> np.ndarray:
+    """Which ``m`` of each query's ranked candidates to align around.
+
+    Args:
+        ranked_m: (B, K, 2) candidate centres in rank order, metres.
+        m: how many to take (<= K).
+        min_dist_m: a candidate within this distance of one already taken is skipped; the
+            skipped ones fill the remaining places in rank order. 0 = the first ``m``.
+
+    Returns (B, m) column indexes into the ranked lists, taken ones first, each row in rank
+    order within its two groups.
+    """
+    B, K = ranked_m.shape[:2]
+    if min_dist_m <= 0 or m >= K:  # plain rank order; all K taken anyway
+        return np.broadcast_to(np.arange(m), (B, m)).copy()
+    out = np.empty((B, m), dtype=np.int64)
+    for b in range(B):
+        taken: list[int] = []
+        skipped: list[int] = []
+        for j in range(K):
+            if len(taken) == m:
+                break
+            if taken and np.min(np.linalg.norm(ranked_m[b, taken] - ranked_m[b, j], axis=1)) < min_dist_m:
+                skipped.append(j)
+            else:
+                taken.append(j)
+        out[b] = (taken + skipped)[:m]
+    return out
 
 
 # --------------------------------------------------------------------------- checkpoint
