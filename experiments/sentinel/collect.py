@@ -34,6 +34,12 @@ REFINED: dict[str, tuple[int | str, str]] = {
     "sentinel_fused_zncc": ("0+1+2", "test blocks, CFOG fine alignment, ZNCC scores (shipped)"),
 }
 
+#: reports of the card as shipped on the test blocks tiled at the card's reference grid (every
+#: 32 px, ``inputs.ref_stride_m``; run.sh): report folder -> (seed, split label); every stage
+CARD_GRID: dict[str, tuple[int | str, str]] = {
+    "sentinel_card32": ("0+1+2", "test blocks tiled every 32 px (the card's grid), CFOG ZNCC (shipped card)"),
+}
+
 
 def _within(err: dict[str, Any], t: float) -> float | None:
     w = err.get("within") or {}
@@ -95,6 +101,10 @@ def collect(reports: Path) -> list[dict[str, Any]]:
         m = reports / run / "metrics.json"
         if m.is_file():
             rows += [r for r in metric_rows(m, "sentinel-la", split, seed, run) if r["stage"] == "refined"]
+    for run, (seed, split) in CARD_GRID.items():
+        m = reports / run / "metrics.json"
+        if m.is_file():
+            rows += metric_rows(m, "sentinel-la", split, seed, run)
     # the shipped model (weights/sentinel: the seed its card names) on the cross-sensor pairs
     card = json.loads(Path("weights/sentinel/card.json").read_text()) if Path("weights/sentinel/card.json").is_file() else {}
     sha = ((card.get("files") or {}).get("embedder") or {}).get("sha256")
@@ -103,7 +113,7 @@ def collect(reports: Path) -> list[dict[str, Any]]:
         m = reports / run / "metrics.json"
         return (json.loads(m.read_text()).get("meta") or {}).get("checkpoint_hash") if m.is_file() else None
 
-    seeds = {**RUNS, **{run: seed for run, (seed, _) in REFINED.items()}}
+    seeds = {**RUNS, **{run: seed for run, (seed, _) in (REFINED | CARD_GRID).items()}}
     shipped = next((r for r in seeds if sha and tested_with(r) == sha), None)  # a run whose checkpoint the card ships
     seed = seeds.get(shipped) if shipped else _recorded_seed(sha)
     for dataset, split in (("s1s2", "whole scene, aligned tiles (never trained on)"), ("uavsar", "whole pair, aligned tiles (L-band HV, warped to 8.3 m)")):

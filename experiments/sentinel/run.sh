@@ -14,8 +14,9 @@
 #   cp runs/sentinel_fused/refiner.pt weights/sentinel/aligner.pt
 #   cp runs/sentinel_fused/scene_gnn/{scene_decision.json,scene_graph.pt} weights/sentinel/ && .venv/bin/cmpc model seal sentinel
 # A smoke run of the whole chain (minutes, numbers meaningless): SET="--set train.epochs=1
-# --set refine.epochs=1 --set refine.align_steps=20" GNN_SCENES=3 CAL_SCENES=4 make sentinel
-# (SET is added to every training and test step; the scene counts go to scene_model.sh).
+# --set refine.epochs=1 --set refine.align_steps=20" GNN_SCENES=3 CAL_SCENES=4 CAL_EVERY=20 make sentinel
+# (SET is added to every training and test step; the scene counts go to scene_model.sh; CAL_EVERY
+# calibrates the CFOG gate on every N-th validation query only).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CMPC=".venv/bin/cmpc"
@@ -50,8 +51,16 @@ bash experiments/sentinel/scene_model.sh  # scene-graph GNN + both scene decisio
 CFOG=(--set refine.fine_top=20 --set refine.cfog_sigma=1.5 --set refine.align_score=zncc)
 # (docs/sentinel_cfog_calibration.json is the shipped card's copy of runs/sentinel_fused/cfog_calibration.json)
 [ -f runs/sentinel_fused/cfog_calibration.json ] || .venv/bin/python experiments/sentinel/calibrate_cfog.py \
-  --checkpoint runs/sentinel_fused/emb_best.pt --out runs/sentinel_fused/cfog_calibration.json "${CFOG[@]}"
+  --checkpoint runs/sentinel_fused/emb_best.pt --out runs/sentinel_fused/cfog_calibration.json --every "${CAL_EVERY:-1}" "${CFOG[@]}"
 thr=$(.venv/bin/python -c "import json; print(json.load(open('runs/sentinel_fused/cfog_calibration.json'))['align_min_peak'])")
 [ -f reports/sentinel_fused_zncc/metrics.json ] || $CMPC test $EXP --set name=sentinel_fused --set eval.out=reports/sentinel_fused_zncc \
   --set refine.aligner=cfog --set refine.gate=config --set refine.align_min_peak="$thr" "${CFOG[@]}" "${SET[@]}"
+# The card as shipped on the test blocks tiled at its own reference grid (inputs.ref_stride_m:
+# every 32 px; a quarter as many non-aligned queries per reference, so about as many as at 64 px)
+# -> reports/sentinel_card32; weights/sentinel/ must hold the model under test (after copying a
+# retrained one there: the card's settings are passed as they stand in card.json)
+[ -f data/sentinel-la32/dataset/dataset.json ] || $CMPC data tile $EXP --set tile.stride_px=32 --set tile.non_aligned_per_ref=0.25 --set data.root=data/sentinel-la32/dataset
+card=$(.venv/bin/python -c "import json; r=json.load(open('weights/sentinel/card.json'))['experiment']['refine']; print(' '.join(f'--set refine.{k}={v}' for k, v in r.items() if k != 'enabled'))")
+[ -f reports/sentinel_card32/metrics.json ] || $CMPC test $EXP --checkpoint weights/sentinel/embedder.pt --set name=sentinel_card32 \
+  --set data.root=data/sentinel-la32/dataset --set eval.out=reports/sentinel_card32 $card "${SET[@]}"
 .venv/bin/python experiments/sentinel/collect.py --out docs/real.json
