@@ -63,4 +63,6 @@ thr=$(.venv/bin/python -c "import json; print(json.load(open('runs/sentinel_fuse
 card=$(.venv/bin/python -c "import json; r=json.load(open('weights/sentinel/card.json'))['experiment']['refine']; print(' '.join(f'--set refine.{k}={v}' for k, v in r.items() if k != 'enabled'))")
 [ -f reports/sentinel_card32/metrics.json ] || $CMPC test $EXP --checkpoint weights/sentinel/embedder.pt --set name=sentinel_card32 \
   --set data.root=data/sentinel-la32/dataset --set eval.out=reports/sentinel_card32 $card "${SET[@]}"
+# the same answers also against each test file's measured co-registration (MI; a second reading)
+.venv/bin/python experiments/sentinel/patch_truth.py reports/sentinel_card32 --out docs/sentinel_patch_truth.json > /dev/null
 .venv/bin/python experiments/sentinel/collect.py --out docs/real.json
