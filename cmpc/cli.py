@@ -122,20 +122,30 @@ def cmd_data_coregistration(args: argparse.Namespace) -> int:
         raise ConfigError(f"--search must be 1-64 px, got {args.search}")
     if args.cells < 1 or args.cells > 16:
         raise ConfigError(f"--cells must be 1-16, got {args.cells}")
+    if args.window < 4 * args.search or args.window > 4096:
+        raise ConfigError(f"--window must be 4x --search ... 4096 px, got {args.window}")
+    shift = None
+    if args.method == "cfog":
+        from cmpc.localize.register import cfog_shift
+
+        def shift(a, b, search):  # noqa: ANN001, ANN202 (the ShiftFn signature)
+            return cfog_shift(a, b, search, window=args.window)
     if args.optical is not None:
         jobs = [(Path(args.source).stem, Path(args.source), Path(args.optical))]
     else:
         jobs = [(p.name, p.sar, p.optical) for p in find_pairs(args.source)]
     pairs = []
     for name, sar, opt in jobs:
-        r = measure_pair(sar, opt, search=args.search, cells=args.cells, name=name)
+        r = measure_pair(sar, opt, search=args.search, cells=args.cells, name=name, shift=shift)
         pairs.append(r)
         e, n = r["content_offset_m"]
         spread = f", cells within {r['cell_spread_px']:.1f} px of it" if r["cell_spread_px"] is not None else ""
         edge = " (at the search edge: may be larger, raise --search)" if r["at_search_edge"] else ""
         print(f"{name}: SAR content {r['offset_m']:.1f} m from its grid place (east {e:+.1f}, north {n:+.1f}; "
               f"{math.hypot(*r['shift_px']):.2f} px at {r['gsd_m']:.2f} m/px){spread}{edge}", file=sys.stderr)
-    record = {"method": f"mutual information ({args.search} px search, sub-pixel) of the SAR on the optical grid (cmpc.data.coregister)",
+    how = (f"CFOG ZNCC of {args.window} px SAR windows, median of the windows with a clear peak (cmpc.localize.register)" if args.method == "cfog"
+           else "mutual information (cmpc.data.coregister)")
+    record = {"method": f"{how}, {args.search} px search, sub-pixel, the SAR on the optical grid",
               "summary": summarise(pairs), "pairs": pairs}
     if args.out:
         atomic_write_json(Path(args.out), record)
@@ -695,11 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-empty", dest="max_empty", type=float, default=0.5, help="refuse when more than this fraction of the joint extent would be empty (default 0.5)")
     p.set_defaults(func=cmd_data_join)
 
-    p = s_data.add_parser("coregistration", help="measure how far SAR / optical pairs are off each other (mutual information), before training on them")
+    p = s_data.add_parser("coregistration", help="measure how far SAR / optical pairs are off each other (mutual information or CFOG), before training on them")
     p.add_argument("source", help="a folder (or JSON/CSV list) of NAME_sar.tif / NAME_optical.tif pairs, or one SAR raster with OPTICAL")
     p.add_argument("optical", nargs="?", help="the optical raster when SOURCE is one SAR raster")
     p.add_argument("--search", type=int, default=6, help="shifts searched, +-px of the optical grid (default 6)")
     p.add_argument("--cells", type=int, default=2, help="also measure each of CELLS x CELLS blocks (their spread says how far to trust the number; default 2)")
+    p.add_argument("--method", choices=("mi", "cfog"), default="mi",
+                   help="mi: mutual information of the raw pixels (default); cfog: dense CFOG alignment of many SAR windows, median shift (steadier across sensors; the fine aligner's own descriptor)")
+    p.add_argument("--window", type=int, default=128, help="--method cfog: SAR window side, px (default 128)")
     p.add_argument("--out", help="JSON file for every pair's numbers (written atomically)")
     p.set_defaults(func=cmd_data_coregistration)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -80,15 +80,11 @@ def mi_shift(sar: np.ndarray, opt: np.ndarray, search: int = 6, step: int = 3) -
             "at_edge": bool(iy in (0, 2 * m) or ix in (0, 2 * m))}
 
 
-def measure_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str], search: int = 6, cells: int = 2, name: str = "") -> dict[str, Any]:
-    """The SAR raster's shift against the optical one (module doc), whole and per cell.
-
-    Returns ``{"name", "gsd_m", "shift_px": [col, row], "content_offset_m": [east, north],
-    "offset_m", "mi", "mi_contrast", "at_search_edge", "cells": [{"cell": [i, j], "shift_px",
-    "offset_m"} ...], "cell_spread_px"}`` (``cell_spread_px``: median distance of the cells'
-    shifts from the whole pair's; None with fewer than two measurable cells). One-line
-    :class:`DataError` for unreadable rasters or rasters that do not overlap.
-    """
+def read_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(sar_amplitude, optical_grey, gsd_m)``: the SAR's first band read on the optical
+    raster's grid (warped when its CRS or resolution differs) and the optical band mean, both
+    (H, W) float32 with 0 = nodata (valid zeros lifted to 1e-6), and the grid's metres per
+    pixel. One-line :class:`DataError` for unreadable rasters or rasters that do not overlap."""
     from cmpc.data.raster import open_raster
 
     with open_raster(optical, role="optical") as o:
@@ -98,27 +94,48 @@ def measure_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str], s
         sr, sv = s.read_on(g, 0, 0, g.height, g.width)
     grey = np.where(ov, np.nan_to_num(opt.mean(axis=0)), 0.0).astype(np.float32)
     amp = np.where(sv, np.nan_to_num(sr[0]), 0.0).astype(np.float32)
-    # 0 marks nodata for mi_shift: lift valid zeros just above it
     grey[ov & (grey <= 0)] = 1e-6
     amp[sv & (amp <= 0)] = 1e-6
     if not (ov & sv).any():
         raise DataError(f"the SAR {sar} and the optical {optical} do not overlap")
-    whole = mi_shift(amp, grey, search)
-    gsd = float(g.gsd_m)
+    return amp, grey, float(g.gsd_m)
+
+
+ShiftFn = Callable[[np.ndarray, np.ndarray, int], dict[str, Any]]
+
+
+def measure_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str], search: int = 6, cells: int = 2, name: str = "",
+                 shift: ShiftFn | None = None) -> dict[str, Any]:
+    """The SAR raster's shift against the optical one (module doc), whole and per cell.
+
+    ``shift``: the estimator, ``shift(sar_amp, optical_grey, search) -> {"col", "row",
+    "at_edge", ...}`` on (H, W) arrays with 0 = nodata; None = :func:`mi_shift` (another, e.g.
+    :func:`cmpc.localize.register.cfog_shift`, is passed in by the caller). Its other numbers
+    are kept (``mi`` / ``mi_contrast`` for MI).
+
+    Returns ``{"name", "gsd_m", "shift_px": [col, row], "content_offset_m": [east, north],
+    "offset_m", "mi", "mi_contrast", "at_search_edge", "cells": [{"cell": [i, j], "shift_px",
+    "offset_m"} ...], "cell_spread_px"}`` (``cell_spread_px``: median distance of the cells'
+    shifts from the whole pair's; None with fewer than two measurable cells). One-line
+    :class:`DataError` for unreadable rasters or rasters that do not overlap.
+    """
+    shift = shift or mi_shift
+    amp, grey, gsd = read_pair(sar, optical)
+    whole = shift(amp, grey, search)
 
     def offset(r: dict[str, float]) -> list[float]:
         return [round(-r["col"] * gsd, 2), round(r["row"] * gsd, 2)]
 
     out_cells = []
     n = max(1, int(cells))
-    hs, ws = g.height // n, g.width // n
+    hs, ws = amp.shape[0] // n, amp.shape[1] // n
     for i in range(n):
         for j in range(n):
             a, b = amp[i * hs:(i + 1) * hs, j * ws:(j + 1) * ws], grey[i * hs:(i + 1) * hs, j * ws:(j + 1) * ws]
             if min(a.shape) <= 4 * search or ((a > 0) & (b > 0)).mean() < 0.5:
                 continue  # too small or mostly outside the overlap
             try:
-                r = mi_shift(a, b, search)
+                r = shift(a, b, search)
             except DataError:
                 continue
             out_cells.append({"cell": [i, j], "shift_px": [round(r["col"], 2), round(r["row"], 2)], "offset_m": offset(r),
@@ -131,7 +148,8 @@ def measure_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str], s
     return {
         "name": name or Path(sar).stem, "sar": str(sar), "optical": str(optical), "gsd_m": round(gsd, 3),
         "shift_px": [round(whole["col"], 2), round(whole["row"], 2)], "content_offset_m": [east, north],
-        "offset_m": round(float(np.hypot(east, north)), 2), "mi": round(whole["mi"], 4), "mi_contrast": round(whole["contrast"], 4),
+        "offset_m": round(float(np.hypot(east, north)), 2),
+        **{("mi_contrast" if k == "contrast" else k): (round(v, 4) if isinstance(v, float) else v) for k, v in whole.items() if k not in ("col", "row", "at_edge")},
         "at_search_edge": whole["at_edge"], "cells": out_cells, "cell_spread_px": spread,
     }
 
