@@ -179,3 +179,46 @@ def test_cmpc_data_coregistration_by_cfog(tmp_path, capsys):
     rc = main(["data", "coregistration", str(tmp_path), "--method", "cfog", "--window", "16"])
     _, err = capsys.readouterr()
     assert rc == 2 and "--window" in err and len(err.strip().splitlines()) == 1
+
+
+def test_patch_truth_reads_each_files_offset_and_scores_against_both_truths(tmp_path: Path, capsys) -> None:
+    """experiments/sentinel/patch_truth.py on a hand-made report: two test files whose SAR
+    content lies 20 m east / 10 m west of their grids, answers that found the content (plus
+    one coarse answer on the grid and one far miss): the per-file answer offsets come back,
+    and the content truth counts the found answers within 25 m where the grid truth does not."""
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("patch_truth", ROOT / "experiments/sentinel/patch_truth.py")
+    pt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pt)
+    per_file = [{"file": f, "content_offset_m": off, "halves_px": [[0, 0], [0, 0]], "bounds_utm": [x0, 0.0, x0 + 1000.0, 1000.0]}
+                for f, off, x0 in zip(pt.TEST_FILES, ([20.0, 0.0], [-10.0, 0.0], [0, 0], [0, 0], [0, 0], [0, 0]),
+                                      (0.0, 1000.0, 5e5, 6e5, 7e5, 8e5))]
+    (tmp_path / "co.json").write_text(json.dumps({"per_file": per_file}))
+    rows = []
+    for i, (tx, dx, src, al) in enumerate([(100.0, 20.0, "aligned", True), (300.0, 20.0, "aligned", True), (1200.0, -10.0, "aligned", True),
+                                           (1500.0, -10.0, "aligned", False), (400.0, 0.0, "coarse", True), (600.0, 900.0, "aligned", False)]):
+        rows.append({"query": i, "x": tx + dx, "y": 500.0, "coarse_x": tx, "coarse_y": 500.0, "position_from": src,
+                     "true_x": tx, "true_y": 500.0, "aligned": al})
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    pd.DataFrame(rows).to_csv(rep / "predictions.csv", index=False)
+    import sys
+
+    argv, sys.argv = sys.argv, ["patch_truth.py", str(rep), "--coregistration", str(tmp_path / "co.json"), "--out", str(tmp_path / "pt.json")]
+    try:
+        assert pt.main() == 0
+    finally:
+        sys.argv = argv
+    capsys.readouterr()
+    out = json.loads((tmp_path / "pt.json").read_text())
+    files = {f["file"]: f for f in out["files"]}
+    assert files["175"]["answers_minus_grid_m"] == [20.0, 0.0] and files["175"]["readings_apart_m"] == 0.0 and files["175"]["n"] == 2
+    assert files["176"]["answers_minus_grid_m"] == [-10.0, 0.0] and files["176"]["n"] == 2
+    by = {(s["queries"], s["stage"]): s for s in out["scores"]}
+    # aligned queries: 3 found on the content (20 / 20 / 10 m from the grid) and 1 coarse on the grid
+    assert by[("aligned", "refined")]["grid_truth"]["within_25m"] == 1.0
+    assert by[("aligned", "refined")]["mi_content_truth"]["within_25m"] == 1.0 and by[("aligned", "refined")]["mi_content_truth"]["median_m"] == 0.0
+    assert by[("aligned", "coarse")]["mi_content_truth"]["median_m"] == 20.0  # grid centres lie 20 / 20 / 10 / 20 m from the content
+    # non-aligned: one found (10 m west on a file 10 m west: 0 m from the content), one 900 m off
+    assert by[("non_aligned", "refined")]["mi_content_truth"]["within_25m"] == 0.5 and by[("non_aligned", "refined")]["n"] == 2
