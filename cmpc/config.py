@@ -109,6 +109,7 @@ class TileConfig:
     test_blocks: list[list[float]] | None = param(None, min_items=1, doc="cross-area test boxes [[minx, miny, maxx, maxy], ...], metres in the dataset CRS (see cmpc data info); a footprint entirely inside one is test; null = east strip / tile.block_m")
     val_blocks: list[list[float]] | None = param(None, min_items=1, doc="validation boxes (with tile.test_blocks), metres in the dataset CRS; written into train/ and recorded in dataset.json, where the embedder trainer takes its validation from")
     buffer_m: float | None = param(None, lo=0.0, doc="with tile.test_blocks: gap between a train footprint and every test/validation box, metres; null = one patch")
+    register: str | None = param(None, doc="a co-registration record (cmpc data coregistration --out FILE): move each SAR file by its measured content offset before tiling, so positions follow what the pixels show; every pair needs an entry (a single pair: its SAR file stem, or the record's only row); null = the files' own georeferencing")
 
 
 @dataclass

@@ -26,6 +26,7 @@ histogram each, every ``step``-th valid pixel); it grows with the pixel count.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -80,12 +81,13 @@ def mi_shift(sar: np.ndarray, opt: np.ndarray, search: int = 6, step: int = 3) -
             "at_edge": bool(iy in (0, 2 * m) or ix in (0, 2 * m))}
 
 
-def read_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, float]:
+def read_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str], with_crs: bool = False) -> tuple[Any, ...]:
     """``(sar_amplitude, optical_grey, gsd_m)``: the SAR's first band read on the optical
     raster's grid (warped when its CRS or resolution differs) and the optical band mean, both
     (H, W) float32 with 0 = nodata (valid zeros lifted to 1e-6), and the grid's metres per
-    pixel. One-line :class:`DataError` for unreadable rasters or rasters that do not overlap."""
-    from cmpc.data.raster import open_raster
+    pixel (and, with ``with_crs``, the grid's CRS name). One-line :class:`DataError` for
+    unreadable rasters or rasters that do not overlap."""
+    from cmpc.data.raster import crs_name, open_raster
 
     with open_raster(optical, role="optical") as o:
         g = o.grid
@@ -98,7 +100,7 @@ def read_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str]) -> t
     amp[sv & (amp <= 0)] = 1e-6
     if not (ov & sv).any():
         raise DataError(f"the SAR {sar} and the optical {optical} do not overlap")
-    return amp, grey, float(g.gsd_m)
+    return (amp, grey, float(g.gsd_m), crs_name(g.crs)) if with_crs else (amp, grey, float(g.gsd_m))
 
 
 ShiftFn = Callable[[np.ndarray, np.ndarray, int], dict[str, Any]]
@@ -120,7 +122,7 @@ def measure_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str], s
     :class:`DataError` for unreadable rasters or rasters that do not overlap.
     """
     shift = shift or mi_shift
-    amp, grey, gsd = read_pair(sar, optical)
+    amp, grey, gsd, crs = read_pair(sar, optical, with_crs=True)
     whole = shift(amp, grey, search)
 
     def offset(r: dict[str, float]) -> list[float]:
@@ -146,7 +148,7 @@ def measure_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str], s
         spread = round(float(np.median(d)), 2)
     east, north = offset(whole)
     return {
-        "name": name or Path(sar).stem, "sar": str(sar), "optical": str(optical), "gsd_m": round(gsd, 3),
+        "name": name or Path(sar).stem, "sar": str(sar), "optical": str(optical), "gsd_m": round(gsd, 3), "crs": crs,
         "shift_px": [round(whole["col"], 2), round(whole["row"], 2)], "content_offset_m": [east, north],
         "offset_m": round(float(np.hypot(east, north)), 2),
         **{("mi_contrast" if k == "contrast" else k): (round(v, 4) if isinstance(v, float) else v) for k, v in whole.items() if k not in ("col", "row", "at_edge")},
@@ -165,3 +167,59 @@ def summarise(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         "pairs_at_search_edge": int(sum(p["at_search_edge"] for p in pairs)),
         "cell_spread_px_median": round(float(np.median(spread)), 2) if spread else None,
     }
+
+
+def load_registration(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A measured co-registration file, as ``tile.register`` applies it: ``{"path", "method",
+    "offsets_m": {pair name: [east, north]}}``, the SAR content's offset from its grid place in
+    metres of the working CRS (``content_offset_m``).
+
+    Reads what ``cmpc data coregistration --out`` writes (``pairs[*].name``) and the
+    per-file records of experiments/sentinel/coregistration.py (``per_file[*].file``).
+    One-line :class:`DataError` for a missing, unreadable or malformed file or an offset that
+    is not two finite numbers."""
+    import json
+    import math
+
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"registration file not found: {p} (measure it with cmpc data coregistration PAIRS --out {p})") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the registration file {p}: {str(e).splitlines()[0]}") from None
+    rows = doc.get("pairs", doc.get("per_file")) if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise DataError(f"{p} is not a co-registration record: expected a list under 'pairs' (cmpc data coregistration --out)")
+    offsets: dict[str, list[float]] = {}
+    for r in rows:
+        name = r.get("name", r.get("file")) if isinstance(r, dict) else None
+        off = r.get("content_offset_m") if isinstance(r, dict) else None
+        ok = isinstance(off, list) and len(off) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in off)
+        if not isinstance(name, str) or not ok:
+            raise DataError(f"{p}: a row without a name and a content_offset_m of two finite numbers (metres east, north): {str(r)[:120]}")
+        offsets[name] = [float(off[0]), float(off[1])]
+    return {"path": str(p), "method": str(doc.get("method", "")), "offsets_m": offsets}
+
+
+def pair_offset(registration: dict[str, Any], name: str) -> tuple[float, float]:
+    """The measured ``(east, north)`` offset of pair ``name`` (metres); a one-line
+    :class:`DataError` when the record has none (every tiled pair must be measured)."""
+    off = registration["offsets_m"].get(name)
+    if off is None:
+        raise DataError(f"the registration file {registration['path']} has no entry for pair '{name}'; "
+                        f"measure every pair (cmpc data coregistration) or drop tile.register")
+    return float(off[0]), float(off[1])
+
+
+def single_pair_offset(register: str | os.PathLike[str], sar_path: str | os.PathLike[str]) -> tuple[float, float]:
+    """``tile.register`` for a single pair: the record's row named after the SAR file's stem
+    (as ``cmpc data coregistration SAR --optical OPT`` names it), else its only row."""
+    reg = load_registration(register)
+    stem, offsets = Path(sar_path).stem, reg["offsets_m"]
+    for name in (stem, re.sub(r"_sar$", "", stem, flags=re.IGNORECASE)):  # 063_sar.tif is pair 063 of a folder's record
+        if name in offsets:
+            return pair_offset(reg, name)
+    if len(offsets) == 1:
+        return pair_offset(reg, next(iter(offsets)))
+    return pair_offset(reg, stem)

@@ -244,17 +244,23 @@ class MosaicSource:
     union of the files' footprints in it.
     """
 
-    def __init__(self, paths: list[Path], names: list[str], footprints: list[Any], grid: Grid, bands: list[int] | None, role: str, crs_reason: str = "") -> None:
+    def __init__(self, paths: list[Path], names: list[str], footprints: list[Any], grid: Grid, bands: list[int] | None, role: str, crs_reason: str = "",
+                 shifts: list[tuple[float, float]] | None = None) -> None:
+        """``shifts``: per file, (east, north) metres to move its georeferencing by (a measured
+        misregistration, ``tile.register``; see :func:`cmpc.data.raster.open_raster`)."""
         self.role = role
         self.grid = grid
         self.names = names
         self.paths = paths
         self.crs_reason = crs_reason
         self.members: list[RasterSource] = []
-        self.boxes: list[Bounds] = [tuple(f.bounds) for f in footprints]  # type: ignore[misc]
+        self.shifts = list(shifts) if shifts is not None else [(0.0, 0.0)] * len(paths)
+        if len(self.shifts) != len(paths):
+            raise ValueError(f"{len(self.shifts)} shifts for {len(paths)} files")
+        self.boxes: list[Bounds] = [(f.bounds[0] + dx, f.bounds[1] + dy, f.bounds[2] + dx, f.bounds[3] + dy) for f, (dx, dy) in zip(footprints, self.shifts)]
         try:
-            for p in paths:
-                self.members.append(open_raster(p, bands=bands, grid=grid, role=role))
+            for p, sh in zip(paths, self.shifts):
+                self.members.append(open_raster(p, bands=bands, grid=grid, role=role, shift_m=sh))
         except BaseException:
             self.close()
             raise
@@ -320,6 +326,7 @@ class MosaicSource:
             "gsd_m": self.grid.gsd_m,
             "bounds": list(self.grid.bounds),
             "overlap_rule": "lowest pair name wins",
+            **({"shift_m": {n: [round(e, 2), round(no, 2)] for n, (e, no) in zip(self.names, self.shifts)}} if any(e or no for e, no in self.shifts) else {}),
         }
 
     def close(self) -> None:
@@ -332,6 +339,16 @@ class MosaicSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def register_shifts(registration: dict[str, Any] | None, names: list[str]) -> list[tuple[float, float]] | None:
+    """Per pair name, the measured SAR offset of a loaded co-registration record
+    (:func:`cmpc.data.coregister.load_registration`); None without one."""
+    if registration is None:
+        return None
+    from cmpc.data.coregister import pair_offset
+
+    return [pair_offset(registration, n) for n in names]
 
 
 class MapsSource:
@@ -375,18 +392,26 @@ class MapsSource:
         self.close()
 
 
-def open_maps(source: str | os.PathLike[str], modality: str = "sar", crs: str | None = None, bands: list[int] | None = None) -> MapsSource:
+def open_maps(source: str | os.PathLike[str], modality: str = "sar", crs: str | None = None, bands: list[int] | None = None,
+              register: str | os.PathLike[str] | None = None) -> MapsSource:
     """Open one modality (``"sar"`` or ``"optical"``) of the pairs of ``source`` (folder or
     list, as :func:`find_pairs`) as one :class:`MapsSource` in ``crs`` (default: the working
-    CRS the tiler would choose)."""
+    CRS the tiler would choose). ``register``: a co-registration record (``tile.register``)
+    whose offsets move each SAR file, as the tiler does."""
     pairs = find_pairs(source)
+    reg = None
+    if register and modality == "sar":
+        from cmpc.data.coregister import load_registration
+
+        reg = load_registration(register)
     c, reason = working_crs_of(pairs, crs)
     out: list[MosaicSource] = []
     try:
         for m in group_pairs(pairs, c, reason):
             paths = [p.sar if modality == "sar" else p.optical for p in m.pairs]
             feet = m.sar_footprints if modality == "sar" else m.footprints
-            out.append(MosaicSource(paths, m.names, feet, m.grid, bands, "SAR" if modality == "sar" else "optical", reason))
+            out.append(MosaicSource(paths, m.names, feet, m.grid, bands, "SAR" if modality == "sar" else "optical", reason,
+                                    shifts=register_shifts(reg, m.names)))
     except BaseException:
         for s in out:
             s.close()

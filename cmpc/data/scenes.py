@@ -103,11 +103,13 @@ def cut_scenes(
     if not patch_m:
         raise DataError(f"{dataset_root}/dataset.json has no patch_m (the tile size in metres)")
     rng = np.random.default_rng(seed)
-    with _open_sar(sar_path, bands, meta.get("crs")) as src:
+    register = (meta.get("tile_config") or {}).get("register")  # the dataset's SAR was moved by a measured offset: so is the scenes'
+    with _open_sar(sar_path, bands, meta.get("crs"), register) as src:
         gsd = float(src.grid.gsd_m)
         side_m = (tiles + 1) / 2.0 * patch_m
         side_px = int(round(side_m / gsd))
         record: dict[str, Any] = {
+            **({"register": str(register)} if register else {}),
             "format": "cmpc-scenes", "version": 1, "sar": str(sar_path), "dataset": str(dataset_root), "split": split,
             "tiles": tiles, "count": count, "heading_range_deg": heading_range_deg, "seed": seed, "gsd_m": gsd,
             "side_px": side_px, "side_m": side_px * gsd, "patch_m": patch_m, "crs": meta.get("crs"), **(extra or {}), "scenes": [],
@@ -173,16 +175,22 @@ def cut_scenes(
     return record
 
 
-def _open_sar(sar: str | os.PathLike[str], bands: list[int] | None, crs: str | None):  # noqa: ANN202 - RasterSource | MapsSource
-    """A SAR raster, or the SAR of a folder / list of pairs, in ``crs``."""
+def _open_sar(sar: str | os.PathLike[str], bands: list[int] | None, crs: str | None, register: str | None = None):  # noqa: ANN202 - RasterSource | MapsSource
+    """A SAR raster, or the SAR of a folder / list of pairs, in ``crs``; ``register``: the
+    dataset's co-registration record (``tile.register``), applied as the tiler applied it."""
     from cmpc.data.raster import open_raster
 
     p = Path(sar)
     if p.is_dir() or p.suffix.lower() in (".json", ".csv"):
         from cmpc.data.mosaic import open_maps
 
-        return open_maps(p, "sar", crs=crs, bands=bands)
-    return open_raster(p, bands=bands, crs=crs, role="SAR world")
+        return open_maps(p, "sar", crs=crs, bands=bands, register=register)
+    shift = None
+    if register:
+        from cmpc.data.coregister import single_pair_offset
+
+        shift = single_pair_offset(register, p)
+    return open_raster(p, bands=bands, crs=crs, role="SAR world", shift_m=shift)
 
 
 def load_box_shifts(path: str | os.PathLike[str]) -> list[tuple[float, float] | None] | None:

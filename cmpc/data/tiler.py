@@ -140,20 +140,26 @@ def tile_pairs(
     :func:`tile`; ``dataset.json`` lists the maps and their pairs under ``maps``."""
     import rasterio
 
-    from cmpc.data.mosaic import MosaicSource, find_pairs, group_pairs, working_crs_of
+    from cmpc.data.mosaic import MosaicSource, find_pairs, group_pairs, register_shifts, working_crs_of
 
     t0 = time.perf_counter()
     out = Path(out_root)
     found = find_pairs(pairs)
     _check_out_root(out, [p.sar for p in found] + [p.optical for p in found])
     crs, reason = working_crs_of(found, cfg.crs)
+    reg = None
+    if cfg.register:
+        from cmpc.data.coregister import load_registration
+
+        reg = load_registration(cfg.register)
     maps: list[_Map] = []
     with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_BYTES):
         try:
             for k, m in enumerate(group_pairs(found, crs, reason)):
                 opt = MosaicSource([p.optical for p in m.pairs], m.names, m.footprints, m.grid, cfg.optical_bands, "optical", reason)
                 try:
-                    sar = MosaicSource([p.sar for p in m.pairs], m.names, m.sar_footprints, m.grid, cfg.sar_bands, "SAR", reason)
+                    sar = MosaicSource([p.sar for p in m.pairs], m.names, m.sar_footprints, m.grid, cfg.sar_bands, "SAR", reason,
+                                       shifts=register_shifts(reg, m.names))
                 except BaseException:
                     opt.close()
                     raise
@@ -278,14 +284,17 @@ class _open_pair:
             crs = parse_crs(cfg.crs, "tile.crs (--crs)") if cfg.crs else None
             opt = open_raster(self.optical_path, bands=cfg.optical_bands, crs=crs, role="optical")
             self.opened.append(opt)
-            sar = open_raster(self.sar_path, bands=cfg.sar_bands, role="SAR")
+            from cmpc.data.coregister import single_pair_offset
+
+            shift = single_pair_offset(cfg.register, self.sar_path) if cfg.register else None
+            sar = open_raster(self.sar_path, bands=cfg.sar_bands, role="SAR", shift_m=shift)
             self.opened.append(sar)
             if not cfg.reproject:
                 check_same_crs(sar, opt)
             extent = _source_extent(sar, opt.crs)
             if sar.crs != opt.crs or sar.warped:
                 # Warp straight onto the optical grid: one resampling, and reads need none.
-                sar = open_raster(self.sar_path, bands=cfg.sar_bands, grid=opt.grid, role="SAR")
+                sar = open_raster(self.sar_path, bands=cfg.sar_bands, grid=opt.grid, role="SAR", shift_m=shift)
                 self.opened.append(sar)
         except BaseException:
             self.__exit__()
@@ -684,6 +693,17 @@ def _finish(maps: list[_Map], done: list[tuple[np.ndarray, np.ndarray, dict[str,
         }
         summary["overlap_rule"] = "where files overlap, the pair with the lowest name (file number) wins"
         summary["maps"] = [_map_summary(m, d, ids, cfg) for m, d in zip(maps, done)]
+    if cfg.register:
+        from cmpc.data.coregister import load_registration, single_pair_offset
+
+        shifts = {}
+        for m in maps:
+            if hasattr(m.sar, "shifts"):
+                shifts.update({n: [round(e, 2), round(no, 2)] for n, (e, no) in zip(m.sar.names, m.sar.shifts)})
+            else:
+                shifts[m.sar.path.stem] = [round(v, 2) for v in single_pair_offset(cfg.register, m.sar.path)]
+        summary["registration"] = {"record": cfg.register, "method": load_registration(cfg.register)["method"],
+                                   "sar_shift_m": shifts, "meaning": "each SAR file was moved by (east, north) metres before tiling: positions follow its content"}
     summary["tile_config"] = dataclasses.asdict(cfg)
     return summary
 
