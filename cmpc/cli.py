@@ -82,6 +82,7 @@ def cmd_data_tile(args: argparse.Namespace) -> int:
                 "optical_bands": "tile.optical_bands",
                 "crs": "tile.crs",
                 "reproject": "tile.reproject",
+                "register": "tile.register",
             },
         ),
     )
@@ -664,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optical-bands", dest="optical_bands", type=int, nargs="+", metavar="B", help="1-based optical bands to keep")
     p.add_argument("--crs", help="dataset CRS (default: the optical CRS when in metres with scale factor within 0.002 of 1 at the data centre, else its local UTM zone)")
     p.add_argument("--reproject", action="store_true", default=None, help="warp the SAR raster to the optical CRS when they differ")
+    p.add_argument("--register", metavar="RECORD", help="move each SAR file by its offset in this co-registration record (`cmpc data coregistration --out RECORD`) before tiling")
     p.set_defaults(func=cmd_data_tile)
 
     p = s_data.add_parser("scenes", help="cut SAR scenes of N x N tiles with known answers (no georeferencing + truth.json)")

@@ -323,3 +323,8 @@ def test_tile_register_moves_each_sar_file_by_its_measured_offset(tmp_path: Path
         with pytest.raises(DataError, match=words):
             tile_pairs(pairs, tmp_path / "refused", TileConfig(**cfg, register=str(path)), progress=False)
         assert not (tmp_path / "refused").exists()
+    capsys.readouterr()
+    rc = main(["data", "tile", "--pairs", str(pairs), "--out", str(tmp_path / "cli"), "--patch-px", "64", "--split", "same-area",
+               "--register", str(tmp_path / "one.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no entry for pair '002'" in err[0] and not (tmp_path / "cli").exists()

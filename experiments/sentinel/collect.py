@@ -38,6 +38,8 @@ REFINED: dict[str, tuple[int | str, str]] = {
 #: 32 px, ``inputs.ref_stride_m``; run.sh): report folder -> (seed, split label); every stage
 CARD_GRID: dict[str, tuple[int | str, str]] = {
     "sentinel_card32": ("0+1+2", "test blocks tiled every 32 px (the card's grid), CFOG ZNCC (shipped card)"),
+    "sentinel_card32reg": ("0+1+2", "test blocks tiled every 32 px, each SAR file moved by its CFOG co-registration (tile.register), CFOG ZNCC (shipped card)"),
+    "sentinel_card32reg_mi": ("0+1+2", "test blocks tiled every 32 px, each SAR file moved by its MI co-registration (tile.register), CFOG ZNCC (shipped card)"),
 }
 
 
