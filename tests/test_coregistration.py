@@ -328,3 +328,31 @@ def test_tile_register_moves_each_sar_file_by_its_measured_offset(tmp_path: Path
                "--register", str(tmp_path / "one.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "no entry for pair '002'" in err[0] and not (tmp_path / "cli").exists()
+
+
+def test_registered_summary_reads_patch_and_scene_reports(tmp_path: Path) -> None:
+    """experiments/sentinel/registered.py on hand-made reports: the metrics are copied, and the
+    median signed offset of the answers within 100 m of the truth is computed per stage (an
+    answer 10 m east of the truth and one 300 m away: the offset is +10 / 0 m)."""
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("registered", ROOT / "experiments/sentinel/registered.py")
+    rg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rg)
+    run = tmp_path / "sentinel_card32reg"
+    run.mkdir()
+    stage = {"recall": {"1": 0.5, "10": 1.0}, "error_m": {"median": 155.0, "within": {"25": 0.5, "100": 0.5}}}
+    (run / "metrics.json").write_text(json.dumps({"aligned": {"n_queries": 2, "coarse": stage, "refined": stage}, "non_aligned": {"n_queries": 0}}))
+    pd.DataFrame({"aligned": [True, True], "true_x": [0.0, 0.0], "true_y": [0.0, 0.0], "coarse_x": [0.0, 300.0], "coarse_y": [0.0, 0.0],
+                  "refined_x": [10.0, 300.0], "refined_y": [0.0, 0.0]}).to_csv(run / "predictions.csv", index=False)
+    sc = tmp_path / "scenes" / "sentinel_8x8_h0_reg"
+    sc.mkdir(parents=True)
+    (sc / "rows.json").write_text(json.dumps({"rows": [{"method": "verify", "n_scenes": 2, "success_5m": 0.0, "success_25m": 0.5, "not_found": 0.0,
+                                                        "false_claims": 0.5, "median_m": 70.0}]}))
+    pd.DataFrame({"method": ["verify", "verify"], "centre_m": [12.0, 400.0], "dx_m": [-12.0, 400.0], "dy_m": [0.0, 0.0]}).to_csv(sc / "scenes.csv", index=False)
+    rows = rg.patch_rows(tmp_path)
+    assert [(r["truth"], r["stage"], r["offset_within_100m_m"]) for r in rows] == [("registered (CFOG)", "coarse", [0.0, 0.0]),
+                                                                                    ("registered (CFOG)", "refined", [10.0, 0.0])]
+    assert rows[0]["r1"] == 0.5 and rows[0]["median_m"] == 155.0 and rows[0]["n_queries"] == 2
+    scenes = rg.scene_rows(tmp_path)
+    assert len(scenes) == 1 and scenes[0]["success_25m"] == 0.5 and scenes[0]["offset_within_100m_m"] == [-12.0, 0.0]

@@ -80,3 +80,4 @@ for reg in cfog mi; do
     --set data.root=$root --set eval.out=reports/sentinel_card32$suffix $card "${SET[@]}"
 done
 .venv/bin/python experiments/sentinel/collect.py --out docs/real.json
+.venv/bin/python experiments/sentinel/registered.py > /dev/null  # docs/sentinel_registered.json (make scenes adds the scene rows)
