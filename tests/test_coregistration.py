@@ -356,3 +356,30 @@ def test_registered_summary_reads_patch_and_scene_reports(tmp_path: Path) -> Non
     assert rows[0]["r1"] == 0.5 and rows[0]["median_m"] == 155.0 and rows[0]["n_queries"] == 2
     scenes = rg.scene_rows(tmp_path)
     assert len(scenes) == 1 and scenes[0]["success_25m"] == 0.5 and scenes[0]["offset_within_100m_m"] == [-12.0, 0.0]
+
+
+def test_register_carries_metres_into_a_mercator_files_own_units(tmp_path: Path, capsys) -> None:
+    """A World Mercator pair (1 unit = 0.85 m at 32 N; the working CRS is UTM): the offset
+    measured in UTM metres moves the file by the right number of Mercator units (residual under
+    0.3 px, from 3.6 px)."""
+    from cmpc.cli import main
+    from cmpc.data.mosaic import open_maps
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    _pair(pairs, "001", 3.0, 2.0, crs="EPSG:3395", x0=-13_100_000.0)
+    rec = tmp_path / "co.json"
+    assert main(["data", "coregistration", str(pairs), "--search", "5", "--cells", "1", "--out", str(rec)]) == 0
+    capsys.readouterr()
+    r = json.loads(rec.read_text())["pairs"][0]
+    assert r["crs"].startswith("EPSG:326") and r["gsd_m"] == pytest.approx(10.0 * np.cos(np.radians(32.2)), abs=0.3)
+    for register, want in ((None, np.hypot(3, 2)), (rec, 0.0)):
+        with open_maps(pairs, "sar", register=register) as sar, open_maps(pairs, "optical") as opt:
+            g = opt.sources[0].grid
+            a, av = sar.sources[0].read_on(g, 0, 0, g.height, g.width)
+            b, bv = opt.sources[0].read_on(g, 0, 0, g.height, g.width)
+        keep = av & bv
+        amp = np.where(keep, np.nan_to_num(a[0]), 0.0).astype(np.float32)
+        grey = np.where(keep, np.nan_to_num(b.mean(axis=0)), 0.0).astype(np.float32)
+        s = co.mi_shift(amp[8:-8, 8:-8], grey[8:-8, 8:-8], search=5, step=1)
+        assert np.hypot(s["col"], s["row"]) == pytest.approx(want, abs=0.35), (register, s)
