@@ -695,10 +695,11 @@ def _finish(maps: list[_Map], done: list[tuple[np.ndarray, np.ndarray, dict[str,
         summary["maps"] = [_map_summary(m, d, ids, cfg) for m, d in zip(maps, done)]
     if cfg.register:
         from cmpc.data.coregister import load_registration, single_pair_offset
+        from cmpc.data.mosaic import MosaicSource
 
         shifts = {}
         for m in maps:
-            if hasattr(m.sar, "shifts"):
+            if isinstance(m.sar, MosaicSource):
                 shifts.update({n: [round(e, 2), round(no, 2)] for n, (e, no) in zip(m.sar.names, m.sar.shifts)})
             else:
                 shifts[m.sar.path.stem] = [round(v, 2) for v in single_pair_offset(cfg.register, m.sar.path)]
