@@ -81,12 +81,12 @@ def mi_shift(sar: np.ndarray, opt: np.ndarray, search: int = 6, step: int = 3) -
             "at_edge": bool(iy in (0, 2 * m) or ix in (0, 2 * m))}
 
 
-def read_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str], with_crs: bool = False) -> tuple[Any, ...]:
-    """``(sar_amplitude, optical_grey, gsd_m)``: the SAR's first band read on the optical
+def read_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """``(sar_amplitude, optical_grey, gsd_m, crs)``: the SAR's first band read on the optical
     raster's grid (warped when its CRS or resolution differs) and the optical band mean, both
-    (H, W) float32 with 0 = nodata (valid zeros lifted to 1e-6), and the grid's metres per
-    pixel (and, with ``with_crs``, the grid's CRS name). One-line :class:`DataError` for
-    unreadable rasters or rasters that do not overlap."""
+    (H, W) float32 with 0 = nodata (valid zeros lifted to 1e-6), the grid's metres per pixel
+    and its CRS name. One-line :class:`DataError` for unreadable rasters or rasters that do
+    not overlap."""
     from cmpc.data.raster import crs_name, open_raster
 
     with open_raster(optical, role="optical") as o:
@@ -100,7 +100,7 @@ def read_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str], with
     amp[sv & (amp <= 0)] = 1e-6
     if not (ov & sv).any():
         raise DataError(f"the SAR {sar} and the optical {optical} do not overlap")
-    return (amp, grey, float(g.gsd_m), crs_name(g.crs)) if with_crs else (amp, grey, float(g.gsd_m))
+    return amp, grey, float(g.gsd_m), crs_name(g.crs)
 
 
 ShiftFn = Callable[[np.ndarray, np.ndarray, int], dict[str, Any]]
@@ -122,7 +122,7 @@ def measure_pair(sar: str | os.PathLike[str], optical: str | os.PathLike[str], s
     :class:`DataError` for unreadable rasters or rasters that do not overlap.
     """
     shift = shift or mi_shift
-    amp, grey, gsd, crs = read_pair(sar, optical, with_crs=True)
+    amp, grey, gsd, crs = read_pair(sar, optical)
     whole = shift(amp, grey, search)
 
     def offset(r: dict[str, float]) -> list[float]:
