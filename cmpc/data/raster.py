@@ -280,7 +280,8 @@ class RasterSource:
     _dataset_mask: bool = False
     _flip_y: bool = False  # the file's rows run south to north: read the mirrored window, flip back
     _flip_x: bool = False  # the file's columns run east to west
-    _shift: tuple[float, float] = (0.0, 0.0)  # open_raster(shift_m=...) in the file's own CRS units
+    shift_m: tuple[float, float] = (0.0, 0.0)  # open_raster(shift_m=...): (east, north) metres of the working CRS
+    _shift: tuple[float, float] = (0.0, 0.0)  # the same in the file's own CRS units
 
     @property
     def source_bounds(self) -> Bounds:
@@ -606,7 +607,8 @@ def open_raster(
             path=p, role=role, dataset=vrt, bands=sel,
             grid=Grid(target_crs, vrt.transform, vrt.width, vrt.height), source_crs=src.crs,
             source_dtype=dtype, nodata=nodata, warped=True, descriptions=descriptions, crs_reason=reason,
-            _file=src, _alpha=vrt.count, _dataset_mask=False, _shift=(src_transform.c - src.transform.c, src_transform.f - src.transform.f),
+            _file=src, _alpha=vrt.count, _dataset_mask=False, shift_m=(float(shift_m[0]), float(shift_m[1])) if shift_m else (0.0, 0.0),
+            _shift=(src_transform.c - src.transform.c, src_transform.f - src.transform.f),
         )
     except BaseException:
         src.close()

@@ -694,7 +694,7 @@ def _finish(maps: list[_Map], done: list[tuple[np.ndarray, np.ndarray, dict[str,
         summary["overlap_rule"] = "where files overlap, the pair with the lowest name (file number) wins"
         summary["maps"] = [_map_summary(m, d, ids, cfg) for m, d in zip(maps, done)]
     if cfg.register:
-        from cmpc.data.coregister import load_registration, single_pair_offset
+        from cmpc.data.coregister import load_registration
         from cmpc.data.mosaic import MosaicSource
 
         shifts = {}
@@ -702,7 +702,7 @@ def _finish(maps: list[_Map], done: list[tuple[np.ndarray, np.ndarray, dict[str,
             if isinstance(m.sar, MosaicSource):
                 shifts.update({n: [round(e, 2), round(no, 2)] for n, (e, no) in zip(m.sar.names, m.sar.shifts)})
             else:
-                shifts[m.sar.path.stem] = [round(v, 2) for v in single_pair_offset(cfg.register, m.sar.path)]
+                shifts[m.sar.path.stem] = [round(v, 2) for v in m.sar.shift_m]
         summary["registration"] = {"record": cfg.register, "method": load_registration(cfg.register)["method"],
                                    "sar_shift_m": shifts, "meaning": "each SAR file was moved by (east, north) metres before tiling: positions follow its content"}
     summary["tile_config"] = dataclasses.asdict(cfg)
