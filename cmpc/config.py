@@ -249,6 +249,9 @@ class RefineConfig:
     align_score: str = param("corr", choices=("corr", "zncc"), doc="alignment score: corr (mean dot product of the descriptors) or zncc (zero-mean normalised cross-correlation in [-1, 1]: windows full of strong structure are not favoured; stride-1 descriptors such as cfog only; align_min_peak is on its scale)")
     cfog_sigma: float = param(0.8, lo=0.0, hi=16.0, doc="CFOG: Gaussian smoothing of the orientated gradients, pixels")
     cfog_sar_sigma: float = param(1.0, lo=0.0, hi=16.0, doc="CFOG: Gaussian pre-smoothing of the SAR against speckle, pixels")
+    scene_polish: str = param("none", choices=("none", "cfog", "cfog_refit"), doc="scene georeferencing (cmpc georef, cmpc eval scenes): after the learned dense descriptor has placed and decided a scene, cfog re-measures its translation with CFOG (cfog_sigma / cfog_sar_sigma; zero-mean normalised correlation) within scene_polish_m, heading and scale kept; cfog_refit then also aligns every tile within scene_polish_m of that and refits heading and scale (a bounded similarity, RANSAC). The decision is not changed. none: the learned descriptor's placement")
+    scene_polish_m: float = param(50.0, lo=1.0, hi=10_000.0, doc="search radius of scene_polish, metres (east and north)")
+    scene_polish_min_peak: float = param(0.1, lo=-1.0, hi=1.0, doc="scene_polish moves a placement only when its best correlation (zero-mean normalised, in [-1, 1]) reaches this; else the learned placement is kept")
     train_noise: float | None = param(None, lo=0.0, hi=4.0, doc="noise (norm, relative to the unit embeddings) added to training query embeddings each epoch so their top-k lists are as hard as unseen places; null = matched to the R@1 of the places the embedder did not train on (its validation block); 0 = off")
     seed: int = param(0, lo=0, doc="random seed of refiner training")
 

@@ -171,6 +171,47 @@ def test_fine_alignment_recovers_offset_and_heading() -> None:
     assert abs(fr.transform.heading_deg - 8.0) < 0.5 and abs(fr.transform.scale - 1.0) < 0.01
 
 
+def test_cfog_polish_moves_a_placement_onto_the_content() -> None:
+    # the scene is a speckled, squared "SAR" rendering of the textured map; placed 12 m east
+    # and 7 m south of where its content lies, the CFOG polish finds the content's place to
+    # under a metre, keeps heading and scale, and refuses an offset beyond its search radius
+    from cmpc.localize.align import build_feature_mosaic
+    from cmpc.localize.verify import fine_align_scene, polish_translation
+    from cmpc.models.cfog import CfogDescriptor
+
+    img, _, ox, oy = _textured_map(400, 1)
+    cfog = CfogDescriptor(None, None, sigma=1.5, sar_sigma=1.0)
+    fm = build_feature_mosaic(cfog, img, np.ones((400, 400), bool), ox, oy, 1.0)
+    assert fm.stride == 1
+
+    def placed(heading: float, cx: float, cy: float) -> SceneTransform:
+        t = SceneTransform.from_params(1.0, heading, 0.0, 0.0)
+        c = t.centre(160, 160)
+        return t.shifted(cx - c[0], cy - c[1])
+
+    truth = placed(5.0, 1200.0, 4800.0)
+    clean = _scene_from_map(img, ox, oy, truth)
+    speckle = np.random.default_rng(2).gamma(4.0, 0.25, size=clean.shape).astype(np.float32)
+    scene = (clean**2 + 0.3) * speckle  # another sensor: brightness differs, the layout of edges does not
+    valid = np.ones((160, 160), bool)
+    pr = polish_translation(cfog, fm, scene, valid, placed(5.0, 1212.0, 4793.0), max_shift_m=30.0)
+    assert pr.used and pr.why is None and pr.peak > 0.2
+    assert np.linalg.norm(pr.transform.centre(160, 160) - truth.centre(160, 160)) < 1.0
+    assert abs(pr.shift_m[0] + 12.0) < 1.0 and abs(pr.shift_m[1] - 7.0) < 1.0
+    assert abs(pr.transform.heading_deg - 5.0) < 1e-6 and abs(pr.transform.scale - 1.0) < 1e-9
+    # the per-tile refit of scene_polish=cfog_refit (fine alignment on zncc scores): a placement
+    # 1.5 degrees off (tiles up to 2 m off at this scene's corners) gets its heading back
+    centres = np.array([[40.0 + 40 * i, 40.0 + 40 * j] for j in range(3) for i in range(3)])
+    fr = fine_align_scene(cfog, fm, scene, valid, placed(3.5, 1200.0, 4800.0), centres, 64.0, max_shift_m=2.0, tile_shift_m=10.0,
+                          min_tile_peak=0.1, tile_residual_m=2.0, score="zncc")
+    assert fr.refit and fr.tile_inlier.sum() >= 7 and abs(fr.transform.heading_deg - 5.0) < 0.3
+    assert np.linalg.norm(fr.transform.centre(160, 160) - truth.centre(160, 160)) < 1.0
+    for off, why in ((34.0, "border"), (45.0, "under")):  # searched within 30 m: the content lies beyond
+        far = placed(5.0, 1200.0 + off, 4800.0)
+        pr = polish_translation(cfog, fm, scene, valid, far, max_shift_m=30.0, min_peak=0.1)
+        assert not pr.used and why in pr.why and pr.transform == far and pr.shift_m == (0.0, 0.0), (off, pr.why)
+
+
 # --------------------------------------------------------------------------- scenes: reading, tiling, bad input
 
 
@@ -274,6 +315,18 @@ def test_georef_end_to_end_on_smoke_world(smoke_demo) -> None:
     assert (res["status"] == "found" and err < 10.0) or (res["status"] == "not_found" and res["reason"] and "not found" in r.stderr)
     with rasterio.open(tmp_path / "answer" / "scene_on_map.tif") as f:
         assert f.crs is not None and abs(f.transform.a - 2.0) < 1e-9
+    # the CFOG polish re-measures the decided placement's translation; the decision is the same
+    r = run("georef", exp, "--scene", "scenes/scene_0000.tif", "--gsd", str(truth["gsd_m"]), "--set", "refine.scene_polish=cfog",
+            "--set", "refine.scene_polish_m=20", "--out", "polished")
+    assert r.returncode == 0, r.stderr[-2000:]
+    pol = json.loads((tmp_path / "polished" / "result.json").read_text())
+    if res["status"] == "found":
+        assert pol["status"] == "found" and pol["inliers"] == res["inliers"] and pol["confidence"] == res["confidence"]
+        p = pol["polish"]
+        assert p["descriptor"] == "cfog" and p["radius_m"] == 20.0
+        moved = math.hypot(pol["center_x"] - res["center_x"], pol["center_y"] - res["center_y"])
+        assert (p["used"] and abs(moved - math.hypot(*p["shift_m"])) < 1e-6 and moved < 20.0 * math.sqrt(2)) or (not p["used"] and moved == 0.0)
+        assert math.hypot(pol["center_x"] - truth["center_xy"][0], pol["center_y"] - truth["center_xy"][1]) < 10.0
     # the evaluation over the cut folder writes its table
     r = run("eval", "scenes", exp, "--scenes", "scenes", "--out", "table")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -16,7 +16,9 @@ answers one scene at a time (:meth:`Georeferencer.locate`):
      placements; the dense alignment ranks them, then fine alignment and a per-tile similarity refit
      (:func:`cmpc.localize.verify.fine_align_scene`); "found" only when the decision rule
      holds (inlier tiles >= ``min_inliers`` and inlier fraction >= ``min_inlier_frac``,
-     calibrated by ``cmpc train scene`` into ``runs/<name>/scene_decision.json``);
+     calibrated by ``cmpc train scene`` into ``runs/<name>/scene_decision.json``); with
+     ``refine.scene_polish=cfog`` the decided placement's translation is then re-measured
+     with the CFOG descriptor (:func:`cmpc.localize.verify.polish_translation`);
    - ``gnn+verify``: verify after the scene-graph GNN (``runs/<name>/scene_graph.pt``,
      :mod:`cmpc.localize.scene_graph`) reordered every tile's candidates, with its own
      calibrated rule (``methods["gnn+verify"]`` of the decision file). ``cmpc georef``
@@ -62,6 +64,7 @@ from cmpc.localize.verify import (
     distinct_transforms,
     estimate_scene_transform,
     fine_align_scene,
+    polish_translation,
     score_transform,
     screen_placements,
     vote_placements,
@@ -274,6 +277,12 @@ class Georeferencer:
         self._dense_scene: SceneImage | None = None  # the scene the cached peaks are of (held, so never another one at its address)
         self._dense_key: tuple[Any, ...] | None = None
         self._dense: list[DensePeak] = []
+        #: ``refine.scene_polish``: a refiner holding the second (CFOG) descriptor that
+        #: re-measures each placed scene's translation, and its search radius (metres)
+        self.polisher = None
+        self.polish_m = 50.0
+        self.polish_min_peak = 0.1
+        self.polish_refit = False
 
     def _map_gsd(self) -> float:
         """Metres per pixel of the reference images (the map's own GSD)."""
@@ -397,6 +406,32 @@ class Georeferencer:
             )
         return rows
 
+    def _polish(self, scene: SceneImage, transform: SceneTransform) -> tuple[SceneTransform, dict[str, Any]]:
+        """``refine.scene_polish``: the placement's translation re-measured by the second
+        descriptor (:func:`~cmpc.localize.verify.polish_translation`), after the decision."""
+        t0 = time.perf_counter()
+        fm = self.polisher.feature_mosaic(self.localizer.index, self.work_gsd_m)
+        pr = polish_translation(self.polisher.aligner, fm, scene.image, scene.valid, transform, self.polish_m, self.polish_min_peak,
+                                device=self.localizer.device)
+        rec = {"descriptor": "cfog", "used": pr.used, "shift_m": [round(v, 2) for v in pr.shift_m], "peak": round(pr.peak, 4),
+               "radius_m": self.polish_m, "min_peak": self.polish_min_peak, "seconds": round(time.perf_counter() - t0, 3)}
+        if pr.why:
+            rec["why"] = pr.why
+        if self.polish_refit and pr.used:
+            # each tile's own offset, searched around the polished placement, then a bounded
+            # similarity fit: the learned descriptor's 4-pixel cells leave heading and scale
+            # loose; CFOG describes every pixel
+            s = self.settings
+            fr = fine_align_scene(self.polisher.aligner, fm, scene.image, scene.valid, pr.transform,
+                                  scene_grid_centres(scene, self.tile_m, self.stride_m), self.tile_m, max_shift_m=2.0 * self.work_gsd_m,
+                                  tile_shift_m=self.polish_m, min_tile_peak=self.polish_min_peak, scale_tol=s.scale_tol,
+                                  nominal_gsd_m=scene.gsd_m, device=self.localizer.device, score="zncc")
+            rec["refit"] = {"used": fr.refit, "tiles_aligned": int(fr.tile_inlier.sum()), "tiles": int(len(fr.tile_px))}
+            if fr.refit:
+                rec["seconds"] = round(time.perf_counter() - t0, 3)
+                return fr.transform, rec
+        return pr.transform, rec
+
     def _independent(self, scene: SceneImage, tiles: SceneTiles, cand: SceneCandidates) -> SceneAnswer:
         t = int(np.argmax(cand.scores[:, 0]))
         tf = SceneTransform.from_params(scene.gsd_m, float(tiles.heading_deg[t]), 0.0, 0.0)
@@ -498,6 +533,8 @@ class Georeferencer:
         stats["fine"] = fine_stats
         margin = (fine_stats.get("dense") or {}).get("margin")
         ok, reason, confidence = decide(s, res.inlier_tiles, res.n_tiles, fine_stats["peak"] if fine_stats["used"] else None, margin)
+        if self.polisher is not None and fine_stats["used"]:
+            transform, stats["polish"] = self._polish(scene, transform)
         heading_tiles = {int(t) for t in res.tile_ids}
         return SceneAnswer(
             method, "found" if ok else "not_found", reason, transform, res.inlier_tiles, res.n_tiles,
@@ -783,4 +820,11 @@ def georeferencer_from_experiment(
         source = {**source, "lattice": lattice}
     geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings, stride_m=stride_m, base_rows=base_rows)
     geo.gnn_error = gnn_error
+    if exp.refine.scene_polish in ("cfog", "cfog_refit"):
+        from cmpc.localize.refine import cfog_refiner
+
+        geo.polisher = cfog_refiner(replace(exp.refine, aligner="cfog", gate="config", align_min_peak=None), device=loc.device)
+        geo.polish_m = float(exp.refine.scene_polish_m)
+        geo.polish_min_peak = float(exp.refine.scene_polish_min_peak)
+        geo.polish_refit = exp.refine.scene_polish == "cfog_refit"
     return geo

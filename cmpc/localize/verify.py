@@ -709,6 +709,7 @@ def fine_align_scene(
     scale_tol: float = 0.05,
     nominal_gsd_m: float | None = None,
     device: str | torch.device = "cpu",
+    score: str = "corr",
 ) -> FineResult:
     """Refine ``transform`` with the dense descriptor (module doc, step 2).
 
@@ -719,9 +720,16 @@ def fine_align_scene(
     least ``min_tile_peak``; the refit is a RANSAC similarity (inliers within
     ``tile_residual_m``, default 3 map pixels: 3 m on a 1 m map, 25 m on Sentinel-2) with
     the scale within ``scale_tol`` of ``nominal_gsd_m`` (default:
-    the estimate's), else the translation-only estimate is kept.
+    the estimate's), else the translation-only estimate is kept. ``score``: ``corr`` (mean
+    dot product: the learned descriptor's unit vectors, peaks are mean cosines) or ``zncc``
+    (zero-mean normalised cross-correlation: a stride-1 descriptor such as CFOG, whose
+    ``min_tile_peak`` is then on that scale).
     """
-    from cmpc.localize.align import correlate, subpixel_peak
+    from cmpc.localize.align import correlate, correlate_zncc, subpixel_peak
+
+    if score not in ("corr", "zncc"):
+        raise ValueError(f"score must be 'corr' or 'zncc', got {score!r}")
+    corr_fn = correlate_zncc if score == "zncc" else correlate
 
     s = mosaic.stride
     w = float(mosaic.gsd_m)
@@ -731,9 +739,9 @@ def fine_align_scene(
     top0, left0 = int(rmin) // s, int(cmin) // s
     n = int(math.ceil(max_shift_m / w / s))
     ctx = mosaic.crops(torch.tensor([[top0 - n]]), torch.tensor([[left0 - n]]), hc + 2 * n, wc + 2 * n)  # (1, 1, C, ., .)
-    score = correlate(desc[None], ctx)[0, 0]  # (2n+1, 2n+1)
-    frac = float(cell_valid.float().mean()) or 1.0
-    pk, du, dv = subpixel_peak(score[None])
+    score_map = corr_fn(desc[None], ctx)[0, 0]  # (2n+1, 2n+1)
+    frac = (float(cell_valid.float().mean()) or 1.0) if score == "corr" else 1.0  # zncc is normalised already
+    pk, du, dv = subpixel_peak(score_map[None])
     dr_px = (float(du[0]) - n) * s
     dc_px = (float(dv[0]) - n) * s
     shift = (dc_px * w, -dr_px * w)
@@ -767,9 +775,9 @@ def fine_align_scene(
         tops = torch.from_numpy(top0 + t_top + sh_r - R)
         lefts = torch.from_numpy(left0 + t_left + sh_c - R)
         ctx_t = mosaic.crops(tops[:, None], lefts[:, None], side_c + 2 * R, side_c + 2 * R)  # (M, 1, C, ., .)
-        sc = correlate(torch.stack(tmpls), ctx_t)[:, 0]  # (M, 2R+1, 2R+1)
+        sc = corr_fn(torch.stack(tmpls), ctx_t)[:, 0]  # (M, 2R+1, 2R+1)
         tpk, tu, tv = subpixel_peak(sc)
-        f = np.maximum(np.array(fracs), 1e-6)
+        f = np.maximum(np.array(fracs), 1e-6) if score == "corr" else np.ones(M)
         tile_peak = tpk.numpy() / f
         d_r = ((tu.numpy() - R) + sh_r) * s  # pixels, relative to the unshifted warp
         d_c = ((tv.numpy() - R) + sh_c) * s
@@ -793,3 +801,65 @@ def fine_align_scene(
             final, refit = sub.transform, True
             inl[np.flatnonzero(good)[sub.inliers]] = True
     return FineResult(final, shift, peak, tile_px, tile_xy, tile_peak, inl, refit)
+
+
+@dataclass
+class PolishResult:
+    """The scene's translation re-measured by a second descriptor (:func:`polish_translation`):
+    ``transform`` the polished placement (the input one when ``used`` is false); ``shift_m``
+    (east, north) metres moved; ``peak`` the zero-mean normalised correlation at the
+    optimum, in [-1, 1]; ``why`` the reason it was not used (None when used)."""
+
+    transform: SceneTransform
+    shift_m: tuple[float, float]
+    peak: float
+    used: bool
+    why: str | None = None
+
+
+@torch.no_grad()
+def polish_translation(
+    descriptor,  # noqa: ANN001 - a stride-1 descriptor such as cmpc.models.cfog.CfogDescriptor
+    mosaic,  # noqa: ANN001 - cmpc.localize.align.FeatureMosaic of that descriptor (the map at the work GSD)
+    image: np.ndarray,
+    valid: np.ndarray,
+    transform: SceneTransform,
+    max_shift_m: float,
+    min_peak: float = 0.1,
+    device: str | torch.device = "cpu",
+) -> PolishResult:
+    """Re-measure the translation of a placed scene with ``descriptor`` (heading and scale kept).
+
+    The scene ``image`` (C, H, W) / ``valid`` (H, W) is warped onto the map grid by
+    ``transform``, described, and its zero-mean normalised cross-correlation with the map's
+    descriptors is searched over every offset within ``max_shift_m`` metres (east and
+    north); the best one, refined to the sub-pixel, moves the placement. The learned dense
+    descriptor finds and fits placements across the whole map; a hand-made one (CFOG: the
+    layout of edges) measures where the content lies without the offsets a learned one
+    absorbed from its training pairs' misregistration (docs/RESULTS.md, Scene localization).
+    Not used (the input placement returned) when the optimum's correlation is under
+    ``min_peak`` (nothing in the search matches the scene's layout: a chance optimum) or the
+    optimum lies on the search border (the content is further off than the search reaches)."""
+    from cmpc.localize.align import correlate_zncc, subpixel_peak
+
+    s, w = mosaic.stride, float(mosaic.gsd_m)
+    desc, cell_valid, (rmin, cmin) = _scene_descriptors(descriptor, mosaic, image, valid, transform, device)
+    hc, wc = desc.shape[-2:]
+    n = max(1, int(math.ceil(max_shift_m / w / s)))
+    top = torch.tensor([[int(rmin) // s - n]])
+    left = torch.tensor([[int(cmin) // s - n]])
+    ctx = mosaic.crops(top, left, hc + 2 * n, wc + 2 * n)  # (1, 1, C, ., .)
+    dev = mosaic.window_norms(top, left, hc, wc, 2 * n + 1, 2 * n + 1)
+    score = correlate_zncc(desc[None], ctx, dev)[0, 0]  # (2n+1, 2n+1)
+    flat = int(score.argmax())
+    r, c = divmod(flat, score.shape[1])
+    best = float(score[r, c])
+    if best < min_peak:
+        return PolishResult(transform, (0.0, 0.0), best, False, f"the best correlation {best:.3f} is under {min_peak:g}")
+    if r in (0, 2 * n) or c in (0, 2 * n):
+        return PolishResult(transform, (0.0, 0.0), best, False, f"the optimum lies on the search border ({max_shift_m:g} m)")
+    pk, du, dv = subpixel_peak(score[None])
+    dr_px = (float(du[0]) - n) * s
+    dc_px = (float(dv[0]) - n) * s
+    shift = (dc_px * w, -dr_px * w)
+    return PolishResult(transform.shifted(*shift), shift, float(pk[0]), True)
