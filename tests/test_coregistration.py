@@ -356,6 +356,17 @@ def test_registered_summary_reads_patch_and_scene_reports(tmp_path: Path) -> Non
     assert rows[0]["r1"] == 0.5 and rows[0]["median_m"] == 155.0 and rows[0]["n_queries"] == 2
     scenes = rg.scene_rows(tmp_path)
     assert len(scenes) == 1 and scenes[0]["success_25m"] == 0.5 and scenes[0]["offset_within_100m_m"] == [-12.0, 0.0]
+    assert scenes[0]["scene_polish"] == "none"  # a report without the record: answered before the polish existed
+    # the MI-registered scenes answered with the polish: their own row, the mode read from the report
+    mi = tmp_path / "scenes" / "sentinel_8x8_h0_reg_mi"
+    mi.mkdir()
+    (mi / "rows.json").write_text(json.dumps({"meta": {"scene_polish": {"mode": "cfog_refit", "radius_m": 50.0}},
+                                              "rows": [{"method": "verify", "n_scenes": 2, "success_5m": 0.5, "success_25m": 1.0, "not_found": 0.0,
+                                                        "false_claims": 0.0, "median_m": 4.0}]}))
+    pd.DataFrame({"method": ["verify", "verify"], "centre_m": [3.0, 5.0], "dx_m": [1.0, 3.0], "dy_m": [-2.0, 0.0]}).to_csv(mi / "scenes.csv", index=False)
+    scenes = rg.scene_rows(tmp_path)
+    assert [(r["truth"], r["scene_polish"], r["success_25m"]) for r in scenes] == [("registered (CFOG)", "none", 0.5), ("registered (MI)", "cfog_refit", 1.0)]
+    assert scenes[1]["offset_within_100m_m"] == [2.0, -1.0]
 
 
 def test_register_carries_metres_into_a_mercator_files_own_units(tmp_path: Path, capsys) -> None:

@@ -146,17 +146,36 @@ def main(argv: list[str] | None = None) -> int:
                     help="another reports root whose methods join rows the main reports lack (repeatable)")
     ap.add_argument("--results", default=None, metavar="MD",
                     help="also rewrite the table between <!-- scenes:start --> and <!-- scenes:end --> in this markdown file")
+    ap.add_argument("--datasets", nargs="+", default=None, choices=sorted(NAMES.values()), metavar="DATASET",
+                    help="rewrite only these datasets' rows of --out from the reports present (the rest of the file is kept, "
+                         "in its order; the plots, which need every dataset's reports, are left as they are)")
     a = ap.parse_args(argv)
     rows, per_scene = load(more=tuple(Path(m) for m in a.more))
+    if a.datasets:
+        rows = [r for r in rows if r["dataset"] in a.datasets]
+        if {r["dataset"] for r in rows} != set(a.datasets):
+            raise SystemExit(f"--datasets {' '.join(a.datasets)}: no reports/scenes/*/rows.json for {sorted(set(a.datasets) - {r['dataset'] for r in rows})}")
     if not rows:
         raise SystemExit("no reports/scenes/*/rows.json: run experiments/scenes/run.sh first")
     # docs/scenes.json: one row per (dataset, tiles, heading_deg, method) of the study's three
     # datasets; the demo strip's rows (a 217-reference map) are in the markdown table only
     study = [r for r in rows if r["dataset"] in ("synthetic", "uavsar", "sentinel-la")]
+    if a.datasets:
+        kept = json.loads(Path(a.out).read_text())
+        new = {ds: [r for r in study if r["dataset"] == ds] for ds in a.datasets}
+        study, done = [], set()
+        for r in kept:  # each replaced dataset's new rows where its old rows stood
+            if r["dataset"] not in new:
+                study.append(r)
+            elif r["dataset"] not in done:
+                study.extend(new[r["dataset"]])
+                done.add(r["dataset"])
+        study.extend(x for ds in a.datasets if ds not in done for x in new[ds])
     tmp = Path(a.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(study, indent=1) + "\n")
     tmp.replace(a.out)
-    plots(rows, per_scene, Path(a.img))
+    if not a.datasets:
+        plots(rows, per_scene, Path(a.img))
     print(markdown(rows))
     if a.results:
         write_results_block(Path(a.results), study)

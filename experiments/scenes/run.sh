@@ -103,15 +103,18 @@ sentinel() {
   [ -f $d/scenes.json ] || $CMPC data scenes experiments/sentinel.json --tiles 8 --count $N --seed 9208 --out $d > /dev/null
   [ -f $o/rows.json ] || $CMPC eval scenes --model sentinel --index sentinel_fused --scene-model $S --scenes $d \
     --methods independent verify gnn+verify --out $o > /dev/null
-  # the same seed's scenes cut from the test blocks registered by CFOG (make sentinel's data/sentinel-la32reg:
-  # each SAR file moved by its measured offset), answered by the card as shipped -> docs/sentinel_registered.json
-  local R=data/sentinel-la32reg/dataset dr=data/scenes/sentinel_8x8_h0_u8_reg or=reports/scenes/sentinel_8x8_h0_reg
-  if [ -f $R/dataset.json ]; then
+  # the same seed's scenes cut from the test blocks registered by CFOG and by MI (make sentinel's
+  # data/sentinel-la32reg{,_mi}: each SAR file moved by its measured offset), answered by the card as
+  # shipped -> docs/sentinel_registered.json
+  local reg R dr or
+  for reg in reg reg_mi; do
+    R=data/sentinel-la32$reg/dataset dr=data/scenes/sentinel_8x8_h0_u8_$reg or=reports/scenes/sentinel_8x8_h0_$reg
+    [ -f $R/dataset.json ] || continue
     [ -f $dr/scenes.json ] || $CMPC data scenes experiments/sentinel.json --set data.root=$R --tiles 8 --count $N --seed 9208 --out $dr > /dev/null
     [ -f $or/rows.json ] || $CMPC eval scenes --model sentinel --index sentinel_fused --scenes $dr \
       --methods independent verify gnn+verify --out $or > /dev/null
-    $PY experiments/sentinel/registered.py > /dev/null
-  fi
+  done
+  $PY experiments/sentinel/registered.py > /dev/null
 }
 if [ ! -d ../shared/data/real/sentinel-la ]; then echo "skip the sentinel-la rows: ../shared/data/real/sentinel-la is absent" >&2
 elif [ ! -f index/sentinel_fused/manifest.json ]; then echo "skip the sentinel-la rows: index/sentinel_fused is missing (make sentinel builds it)" >&2
