@@ -495,6 +495,7 @@ def test_the_shipped_sentinel_card_parses():
     card = load_card(SENTINEL / "card.json", verify=False)
     exp = card.to_experiment()
     assert card.name == "sentinel" and exp.model.backbone and exp.data.img_size == 128
+    assert exp.refine.scene_polish == "cfog_refit"  # chosen on the validation block's scenes (docs/RESULTS.md, Scene polish)
     assert card.inputs.sar.polarisation == "VH" and card.inputs.optical.band_names == ("B04", "B03", "B02")
     assert card.inputs.gsd_m[0] <= 8.3 <= card.inputs.gsd_m[1]
     assert "Contains modified Copernicus Sentinel data 2020" in card.raw["credit"]
