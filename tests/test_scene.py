@@ -149,6 +149,13 @@ def _scene_from_map(img: np.ndarray, ox: float, oy: float, truth: SceneTransform
     return map_coordinates(img[0], [(oy - xy[:, 1]) - 0.5, (xy[:, 0] - ox) - 0.5], order=1).reshape(1, px, px).astype(np.float32)
 
 
+def _placed(heading: float, cx: float, cy: float, px: int = 160) -> SceneTransform:
+    """A 1 m/px scene of ``px`` x ``px`` at ``heading`` degrees whose centre lies at (cx, cy)."""
+    t = SceneTransform.from_params(1.0, heading, 0.0, 0.0)
+    c = t.centre(px, px)
+    return t.shifted(cx - c[0], cy - c[1])
+
+
 def test_fine_alignment_recovers_offset_and_heading() -> None:
     # a textured map; the scene is the map sampled on a grid rotated by 8 degrees; the
     # estimate is 15 m and 2 degrees off: dense alignment + per-tile refit bring it to < 1 m
@@ -156,15 +163,11 @@ def test_fine_alignment_recovers_offset_and_heading() -> None:
 
     img, fm, ox, oy = _textured_map(400, 0)
 
-    def placed(heading: float, cx: float, cy: float) -> SceneTransform:
-        t = SceneTransform.from_params(1.0, heading, 0.0, 0.0)
-        c = t.centre(160, 160)
-        return t.shifted(cx - c[0], cy - c[1])
 
-    truth = placed(8.0, 1200.0, 4800.0)
+    truth = _placed(8.0, 1200.0, 4800.0)
     scene = _scene_from_map(img, ox, oy, truth)
     centres = np.array([[40.0 + 40 * i, 40.0 + 40 * j] for j in range(3) for i in range(3)])
-    fr = fine_align_scene(_TextureDescriptor(), fm, scene, np.ones((160, 160), bool), placed(6.0, 1212.0, 4791.0), centres, 64.0,
+    fr = fine_align_scene(_TextureDescriptor(), fm, scene, np.ones((160, 160), bool), _placed(6.0, 1212.0, 4791.0), centres, 64.0,
                           max_shift_m=48.0, tile_shift_m=16.0, tile_residual_m=3.0)
     assert fr.refit and fr.tile_inlier.sum() >= 7 and fr.peak > 0.5
     assert np.linalg.norm(fr.transform.centre(160, 160) - truth.centre(160, 160)) < 1.0
@@ -184,17 +187,13 @@ def test_cfog_polish_moves_a_placement_onto_the_content() -> None:
     fm = build_feature_mosaic(cfog, img, np.ones((400, 400), bool), ox, oy, 1.0)
     assert fm.stride == 1
 
-    def placed(heading: float, cx: float, cy: float) -> SceneTransform:
-        t = SceneTransform.from_params(1.0, heading, 0.0, 0.0)
-        c = t.centre(160, 160)
-        return t.shifted(cx - c[0], cy - c[1])
 
-    truth = placed(5.0, 1200.0, 4800.0)
+    truth = _placed(5.0, 1200.0, 4800.0)
     clean = _scene_from_map(img, ox, oy, truth)
     speckle = np.random.default_rng(2).gamma(4.0, 0.25, size=clean.shape).astype(np.float32)
     scene = (clean**2 + 0.3) * speckle  # another sensor: brightness differs, the layout of edges does not
     valid = np.ones((160, 160), bool)
-    pr = polish_translation(cfog, fm, scene, valid, placed(5.0, 1212.0, 4793.0), max_shift_m=30.0)
+    pr = polish_translation(cfog, fm, scene, valid, _placed(5.0, 1212.0, 4793.0), max_shift_m=30.0)
     assert pr.used and pr.why is None and pr.peak > 0.2
     assert np.linalg.norm(pr.transform.centre(160, 160) - truth.centre(160, 160)) < 1.0
     assert abs(pr.shift_m[0] + 12.0) < 1.0 and abs(pr.shift_m[1] - 7.0) < 1.0
@@ -202,12 +201,12 @@ def test_cfog_polish_moves_a_placement_onto_the_content() -> None:
     # the per-tile refit of scene_polish=cfog_refit (fine alignment on zncc scores): a placement
     # 1.5 degrees off (tiles up to 2 m off at this scene's corners) gets its heading back
     centres = np.array([[40.0 + 40 * i, 40.0 + 40 * j] for j in range(3) for i in range(3)])
-    fr = fine_align_scene(cfog, fm, scene, valid, placed(3.5, 1200.0, 4800.0), centres, 64.0, max_shift_m=2.0, tile_shift_m=10.0,
+    fr = fine_align_scene(cfog, fm, scene, valid, _placed(3.5, 1200.0, 4800.0), centres, 64.0, max_shift_m=2.0, tile_shift_m=10.0,
                           min_tile_peak=0.1, tile_residual_m=2.0, score="zncc")
     assert fr.refit and fr.tile_inlier.sum() >= 7 and abs(fr.transform.heading_deg - 5.0) < 0.3
     assert np.linalg.norm(fr.transform.centre(160, 160) - truth.centre(160, 160)) < 1.0
     for off, why in ((34.0, "border"), (45.0, "under")):  # searched within 30 m: the content lies beyond
-        far = placed(5.0, 1200.0 + off, 4800.0)
+        far = _placed(5.0, 1200.0 + off, 4800.0)
         pr = polish_translation(cfog, fm, scene, valid, far, max_shift_m=30.0, min_peak=0.1)
         assert not pr.used and why in pr.why and pr.transform == far and pr.shift_m == (0.0, 0.0), (off, pr.why)
 

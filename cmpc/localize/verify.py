@@ -693,6 +693,28 @@ def screen_placements(
     return peaks
 
 
+def _scene_shift(mosaic, desc: torch.Tensor, rmin: int, cmin: int, max_shift_m: float, zncc: bool = False) -> tuple[torch.Tensor, float, tuple[float, float]]:  # noqa: ANN001 - FeatureMosaic
+    """Whole-scene search of :func:`fine_align_scene` and :func:`polish_translation`: the
+    scene's descriptors ``desc`` (C, hc, wc), warped into the map-grid window whose first
+    pixel is (``rmin``, ``cmin``), correlated with the map's at every offset within
+    ``max_shift_m`` (plain correlation, or ZNCC). Returns ``(score (2n+1, 2n+1), sub-pixel
+    peak, (rows, cols) map pixels of the peak's offset)``; offset (n, n) is no shift."""
+    from cmpc.localize.align import correlate, correlate_zncc, subpixel_peak
+
+    s, w = mosaic.stride, float(mosaic.gsd_m)
+    hc, wc = desc.shape[-2:]
+    n = int(math.ceil(max_shift_m / w / s))
+    top = torch.tensor([[int(rmin) // s - n]])
+    left = torch.tensor([[int(cmin) // s - n]])
+    ctx = mosaic.crops(top, left, hc + 2 * n, wc + 2 * n)  # (1, 1, C, ., .)
+    if zncc:
+        score = correlate_zncc(desc[None], ctx, mosaic.window_norms(top, left, hc, wc, 2 * n + 1, 2 * n + 1))[0, 0]
+    else:
+        score = correlate(desc[None], ctx)[0, 0]
+    pk, du, dv = subpixel_peak(score[None])
+    return score, float(pk[0]), ((float(du[0]) - n) * s, (float(dv[0]) - n) * s)
+
+
 @torch.no_grad()
 def fine_align_scene(
     aligner,  # noqa: ANN001 - cmpc.models.descriptor.DenseDescriptor
@@ -735,18 +757,12 @@ def fine_align_scene(
     w = float(mosaic.gsd_m)
     # window of the map grid holding the warped scene, cell-aligned
     desc, cell_valid, (rmin, cmin) = _scene_descriptors(aligner, mosaic, image, valid, transform, device)
-    hc, wc = desc.shape[-2:]
     top0, left0 = int(rmin) // s, int(cmin) // s
-    n = int(math.ceil(max_shift_m / w / s))
-    ctx = mosaic.crops(torch.tensor([[top0 - n]]), torch.tensor([[left0 - n]]), hc + 2 * n, wc + 2 * n)  # (1, 1, C, ., .)
-    score_map = corr_fn(desc[None], ctx)[0, 0]  # (2n+1, 2n+1)
+    _, pk, (dr_px, dc_px) = _scene_shift(mosaic, desc, rmin, cmin, max_shift_m, zncc=score == "zncc")
     frac = (float(cell_valid.float().mean()) or 1.0) if score == "corr" else 1.0  # zncc is normalised already
-    pk, du, dv = subpixel_peak(score_map[None])
-    dr_px = (float(du[0]) - n) * s
-    dc_px = (float(dv[0]) - n) * s
     shift = (dc_px * w, -dr_px * w)
     moved = transform.shifted(*shift)
-    peak = float(pk[0]) / frac
+    peak = pk / frac
 
     # per-tile offsets: each tile's template (from the same warped window) searched around
     # the scene's aligned position
@@ -840,26 +856,14 @@ def polish_translation(
     Not used (the input placement returned) when the optimum's correlation is under
     ``min_peak`` (nothing in the search matches the scene's layout: a chance optimum) or the
     optimum lies on the search border (the content is further off than the search reaches)."""
-    from cmpc.localize.align import correlate_zncc, subpixel_peak
-
-    s, w = mosaic.stride, float(mosaic.gsd_m)
-    desc, cell_valid, (rmin, cmin) = _scene_descriptors(descriptor, mosaic, image, valid, transform, device)
-    hc, wc = desc.shape[-2:]
-    n = max(1, int(math.ceil(max_shift_m / w / s)))
-    top = torch.tensor([[int(rmin) // s - n]])
-    left = torch.tensor([[int(cmin) // s - n]])
-    ctx = mosaic.crops(top, left, hc + 2 * n, wc + 2 * n)  # (1, 1, C, ., .)
-    dev = mosaic.window_norms(top, left, hc, wc, 2 * n + 1, 2 * n + 1)
-    score = correlate_zncc(desc[None], ctx, dev)[0, 0]  # (2n+1, 2n+1)
-    flat = int(score.argmax())
-    r, c = divmod(flat, score.shape[1])
+    w = float(mosaic.gsd_m)
+    desc, _, (rmin, cmin) = _scene_descriptors(descriptor, mosaic, image, valid, transform, device)
+    score, pk, (dr_px, dc_px) = _scene_shift(mosaic, desc, rmin, cmin, max_shift_m, zncc=True)
+    r, c = divmod(int(score.argmax()), score.shape[1])
     best = float(score[r, c])
     if best < min_peak:
         return PolishResult(transform, (0.0, 0.0), best, False, f"the best correlation {best:.3f} is under {min_peak:g}")
-    if r in (0, 2 * n) or c in (0, 2 * n):
+    if r in (0, score.shape[0] - 1) or c in (0, score.shape[1] - 1):
         return PolishResult(transform, (0.0, 0.0), best, False, f"the optimum lies on the search border ({max_shift_m:g} m)")
-    pk, du, dv = subpixel_peak(score[None])
-    dr_px = (float(du[0]) - n) * s
-    dc_px = (float(dv[0]) - n) * s
     shift = (dc_px * w, -dr_px * w)
-    return PolishResult(transform.shifted(*shift), shift, float(pk[0]), True)
+    return PolishResult(transform.shifted(*shift), shift, pk, True)
