@@ -134,7 +134,7 @@ def evaluate_scenes(
                        "decision_rule": geo.decision_source, "rotation_range_deg": geo.settings.rotation_range_deg,
                        "answering": _answering(geo),
                        # the placement's last step (refine.scene_polish): positions depend on it, decisions do not
-                       "scene_polish": ({"mode": "cfog_refit" if geo.polish_refit else "cfog", "radius_m": geo.polish_m, "min_peak": geo.polish_min_peak}
+                       "scene_polish": ({"mode": geo.polish_mode, "radius_m": geo.polish_m, "min_peak": geo.polish_min_peak}
                                         if geo.polisher is not None else None),
                        "gsd_factor": gsd_factor,
                        # s_per_scene depends on these; whether another job shared the cores is not known here

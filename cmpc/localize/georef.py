@@ -17,8 +17,9 @@ answers one scene at a time (:meth:`Georeferencer.locate`):
      (:func:`cmpc.localize.verify.fine_align_scene`); "found" only when the decision rule
      holds (inlier tiles >= ``min_inliers`` and inlier fraction >= ``min_inlier_frac``,
      calibrated by ``cmpc train scene`` into ``runs/<name>/scene_decision.json``); with
-     ``refine.scene_polish=cfog`` the decided placement's translation is then re-measured
-     with the CFOG descriptor (:func:`cmpc.localize.verify.polish_translation`);
+     ``refine.scene_polish`` the decided placement is then re-measured with the CFOG
+     descriptor (:func:`cmpc.localize.verify.polish_translation`; ``cfog_refit`` also refits
+     heading and scale from every tile);
    - ``gnn+verify``: verify after the scene-graph GNN (``runs/<name>/scene_graph.pt``,
      :mod:`cmpc.localize.scene_graph`) reordered every tile's candidates, with its own
      calibrated rule (``methods["gnn+verify"]`` of the decision file). ``cmpc georef``
@@ -277,12 +278,13 @@ class Georeferencer:
         self._dense_scene: SceneImage | None = None  # the scene the cached peaks are of (held, so never another one at its address)
         self._dense_key: tuple[Any, ...] | None = None
         self._dense: list[DensePeak] = []
-        #: ``refine.scene_polish``: a refiner holding the second (CFOG) descriptor that
-        #: re-measures each placed scene's translation, and its search radius (metres)
+        #: ``refine.scene_polish``: its mode (none, cfog, cfog_refit), a refiner holding the
+        #: second (CFOG) descriptor that re-measures each placed scene, its search radius
+        #: (metres) and the correlation it needs
+        self.polish_mode = "none"
         self.polisher = None
         self.polish_m = 50.0
         self.polish_min_peak = 0.1
-        self.polish_refit = False
 
     def _map_gsd(self) -> float:
         """Metres per pixel of the reference images (the map's own GSD)."""
@@ -406,31 +408,33 @@ class Georeferencer:
             )
         return rows
 
-    def _polish(self, scene: SceneImage, transform: SceneTransform) -> tuple[SceneTransform, dict[str, Any]]:
+    def _polish(self, scene: SceneImage, transform: SceneTransform, centres: np.ndarray) -> tuple[SceneTransform, dict[str, Any]]:
         """``refine.scene_polish``: the placement's translation re-measured by the second
-        descriptor (:func:`~cmpc.localize.verify.polish_translation`), after the decision."""
+        descriptor (:func:`~cmpc.localize.verify.polish_translation`), after the decision;
+        with ``cfog_refit`` also each tile (``centres``, scene pixels) and a similarity refit."""
         t0 = time.perf_counter()
         fm = self.polisher.feature_mosaic(self.localizer.index, self.work_gsd_m)
         pr = polish_translation(self.polisher.aligner, fm, scene.image, scene.valid, transform, self.polish_m, self.polish_min_peak,
                                 device=self.localizer.device)
-        rec = {"descriptor": "cfog", "used": pr.used, "shift_m": [round(v, 2) for v in pr.shift_m], "peak": round(pr.peak, 4),
-               "radius_m": self.polish_m, "min_peak": self.polish_min_peak, "seconds": round(time.perf_counter() - t0, 3)}
+        rec: dict[str, Any] = {"descriptor": "cfog", "used": pr.used, "shift_m": [round(v, 2) for v in pr.shift_m], "peak": round(pr.peak, 4),
+                               "radius_m": self.polish_m, "min_peak": self.polish_min_peak}
         if pr.why:
             rec["why"] = pr.why
-        if self.polish_refit and pr.used:
+        out = pr.transform
+        if self.polish_mode == "cfog_refit" and pr.used:
             # each tile's own offset, searched around the polished placement, then a bounded
             # similarity fit: the learned descriptor's 4-pixel cells leave heading and scale
             # loose; CFOG describes every pixel
             s = self.settings
-            fr = fine_align_scene(self.polisher.aligner, fm, scene.image, scene.valid, pr.transform,
-                                  scene_grid_centres(scene, self.tile_m, self.stride_m), self.tile_m, max_shift_m=2.0 * self.work_gsd_m,
+            fr = fine_align_scene(self.polisher.aligner, fm, scene.image, scene.valid, pr.transform, centres, self.tile_m,
+                                  max_shift_m=2.0 * self.work_gsd_m,
                                   tile_shift_m=self.polish_m, min_tile_peak=self.polish_min_peak, scale_tol=s.scale_tol,
                                   nominal_gsd_m=scene.gsd_m, device=self.localizer.device, score="zncc")
             rec["refit"] = {"used": fr.refit, "tiles_aligned": int(fr.tile_inlier.sum()), "tiles": int(len(fr.tile_px))}
             if fr.refit:
-                rec["seconds"] = round(time.perf_counter() - t0, 3)
-                return fr.transform, rec
-        return pr.transform, rec
+                out = fr.transform
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        return out, rec
 
     def _independent(self, scene: SceneImage, tiles: SceneTiles, cand: SceneCandidates) -> SceneAnswer:
         t = int(np.argmax(cand.scores[:, 0]))
@@ -534,7 +538,7 @@ class Georeferencer:
         margin = (fine_stats.get("dense") or {}).get("margin")
         ok, reason, confidence = decide(s, res.inlier_tiles, res.n_tiles, fine_stats["peak"] if fine_stats["used"] else None, margin)
         if self.polisher is not None and fine_stats["used"]:
-            transform, stats["polish"] = self._polish(scene, transform)
+            transform, stats["polish"] = self._polish(scene, transform, centres)
         heading_tiles = {int(t) for t in res.tile_ids}
         return SceneAnswer(
             method, "found" if ok else "not_found", reason, transform, res.inlier_tiles, res.n_tiles,
@@ -820,11 +824,11 @@ def georeferencer_from_experiment(
         source = {**source, "lattice": lattice}
     geo = Georeferencer(loc, settings, source, rescorer, gnn=gnn, gnn_settings=gnn_settings, stride_m=stride_m, base_rows=base_rows)
     geo.gnn_error = gnn_error
-    if exp.refine.scene_polish in ("cfog", "cfog_refit"):
+    if exp.refine.scene_polish != "none":
         from cmpc.localize.refine import cfog_refiner
 
+        geo.polish_mode = exp.refine.scene_polish
         geo.polisher = cfog_refiner(replace(exp.refine, aligner="cfog", gate="config", align_min_peak=None), device=loc.device)
         geo.polish_m = float(exp.refine.scene_polish_m)
         geo.polish_min_peak = float(exp.refine.scene_polish_min_peak)
-        geo.polish_refit = exp.refine.scene_polish == "cfog_refit"
     return geo
