@@ -61,7 +61,8 @@ def main() -> int:
     ap.add_argument("--experiment", default="experiments/sentinel.json")
     ap.add_argument("--checkpoint", default="weights/sentinel/embedder.pt")
     ap.add_argument("--index", default=None, help="default: the training map's index of the checkpoint (index/sentinel_fused-train, built when missing)")
-    ap.add_argument("--coregistration", default="docs/sentinel_coregistration.json")
+    ap.add_argument("--coregistration", default="docs/sentinel_coregistration.json",
+                    help="MI record for the second reading; 'none' when the dataset was tiled registered (tile.register): its truth already follows the content")
     ap.add_argument("--set", action="append", default=[], help="experiment overrides (refine.fine_top=..., refine.cfog_sigma=...)")
     ap.add_argument("--out", default="docs/sentinel_cfog_calibration.json")
     ap.add_argument("--limit", type=int, default=0)
@@ -93,7 +94,7 @@ def main() -> int:
     qid = np.array([q.id for q in anns])
     aligned = np.array([bool(q.aligned) for q in anns])
     grid = np.array([[q.x, q.y] for q in anns], dtype=float)
-    content = content_truth(grid, a.coregistration)
+    content = grid if a.coregistration == "none" else content_truth(grid, a.coregistration)
     out: dict = {"experiment": a.experiment, "checkpoint": a.checkpoint, "index": str(index_dir), "n_refs": int(loc.index.ntotal),
                  "overrides": a.set, "every": a.every, "refine": {k: getattr(exp.refine, k) for k in ("fine_top", "fine_max_shift_px", "cfog_sigma", "cfog_sar_sigma", "rerank")}}
     e_c = np.linalg.norm(coarse - grid, axis=1)
@@ -104,7 +105,8 @@ def main() -> int:
     final_id = np.where(take, rtop1, top1)
     out["align_min_peak"] = round(float(t), 4)
     out["calibration"] = {k: round(float(v), 4) for k, v in cal.items()}
-    for name, truth in (("grid_truth", grid), ("mi_content_truth", content)):
+    truths = (("grid_truth", grid),) if a.coregistration == "none" else (("grid_truth", grid), ("mi_content_truth", content))
+    for name, truth in truths:
         rows = {}
         for qs, m in (("aligned", aligned), ("non_aligned", ~aligned)):
             rows[qs] = {
