@@ -42,6 +42,16 @@ CARD_GRID: dict[str, tuple[int | str, str]] = {
     "sentinel_card32reg_mi": ("0+1+2", "test blocks tiled every 32 px, each SAR file moved by its MI co-registration (tile.register), CFOG ZNCC (shipped card)"),
 }
 
+#: the same recipe trained on CFOG-registered pairs (experiments/sentinel/run_registered.sh; not
+#: shipped): run -> seed; coarse rows on the registered test blocks' 64 px map, BigEarthNet rows
+REG_TRAINED: dict[str, int | str] = {"sentinel_reg": 0, "sentinel_reg_s1": 1, "sentinel_reg_s2": 2, "sentinel_reg_fused": "0+1+2"}
+REG_SPLIT = "trained on CFOG-registered pairs"
+#: its fused model on the registered 32 px test tilings with the card's refine settings and its own gate
+REG_GRID: dict[str, tuple[int | str, str]] = {
+    "sentinel_regfused32reg": ("0+1+2", f"test blocks tiled every 32 px, each SAR file moved by its CFOG co-registration, CFOG ZNCC ({REG_SPLIT})"),
+    "sentinel_regfused32reg_mi": ("0+1+2", f"test blocks tiled every 32 px, each SAR file moved by its MI co-registration, CFOG ZNCC ({REG_SPLIT})"),
+}
+
 
 def _within(err: dict[str, Any], t: float) -> float | None:
     w = err.get("within") or {}
@@ -103,10 +113,16 @@ def collect(reports: Path) -> list[dict[str, Any]]:
         m = reports / run / "metrics.json"
         if m.is_file():
             rows += [r for r in metric_rows(m, "sentinel-la", split, seed, run) if r["stage"] == "refined"]
-    for run, (seed, split) in CARD_GRID.items():
+    for run, (seed, split) in (CARD_GRID | REG_GRID).items():
         m = reports / run / "metrics.json"
         if m.is_file():
             rows += metric_rows(m, "sentinel-la", split, seed, run)
+    for run, seed in REG_TRAINED.items():
+        m = reports / run / "metrics.json"
+        if m.is_file():
+            rows += metric_rows(m, "sentinel-la", f"test blocks, each SAR file moved by its CFOG co-registration ({REG_SPLIT})", seed, run)
+        for p in sorted((reports / run).glob("pairs_bigearthnet_*.json")):
+            rows += [{**r, "split": f"{r['split']} ({REG_SPLIT})"} for r in pair_rows(p, seed, run)]
     # the shipped model (weights/sentinel: the seed its card names) on the cross-sensor pairs
     card = json.loads(Path("weights/sentinel/card.json").read_text()) if Path("weights/sentinel/card.json").is_file() else {}
     sha = ((card.get("files") or {}).get("embedder") or {}).get("sha256")

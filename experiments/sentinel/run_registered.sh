@@ -46,6 +46,15 @@ mkdir -p $F
 # rules 1 and 2: member 0 is the shipped model, members 1-3 the registered seeds ("1+2+3": their fusion)
 [ -s $F/validation_screen.json ] || $PY experiments/sentinel/screen_fusion.py weights/sentinel/embedder.pt "${SEEDS[@]}" --root $ROOT > $F/validation_screen.json.tmp
 [ -s $F/validation_screen.json ] || mv $F/validation_screen.json.tmp $F/validation_screen.json
+# coarse rows on the registered test blocks' own 64 px map (1,305 references), one per seed and the
+# fused model, and BigEarthNet 60-way for the fused model (reported, never chosen from)
+for name in sentinel_reg sentinel_reg_s1 sentinel_reg_s2 sentinel_reg_fused; do
+  [ -f reports/$name/metrics.json ] || $CMPC test $EXP --set name=$name --set data.root=$ROOT --set refine.enabled=false "${SET[@]}"
+done
+for fit in resize native; do
+  [ -f reports/sentinel_reg_fused/pairs_bigearthnet_${fit}_amplitude_vh.json ] || \
+    $CMPC eval pairs $EXP --set name=sentinel_reg_fused --pairs bigearthnet --sar-bands VH --sar-scale amplitude --fit $fit
+done
 # rule 3
 CFOG=(--set refine.fine_top=20 --set refine.cfog_sigma=1.5 --set refine.align_score=zncc)
 [ -f $F/cfog_calibration.json ] || $PY experiments/sentinel/calibrate_cfog.py --checkpoint $F/emb_best.pt \
