@@ -26,11 +26,13 @@ sys.path.insert(0, str(ROOT))
 from cmpc.utils.io import atomic_write_json  # noqa: E402
 
 SHIPPED = "weights/sentinel (card as shipped)"
+REG_FUSED = "runs/sentinel_reg_fused/emb_best.pt (seeds 0+1+2 trained on CFOG-registered pairs, fused; its own gate; not shipped yet)"
 #: (truth, embedder, report under reports/); the last is the exploratory seed trained on CFOG-registered
 #: pairs (docs/RESULTS.md, "One seed trained on registered pairs"), tested with the card's refine settings
 PATCH_RUNS = [("grid", SHIPPED, "sentinel_card32"), ("registered (CFOG)", SHIPPED, "sentinel_card32reg"),
               ("registered (MI)", SHIPPED, "sentinel_card32reg_mi"),
-              ("registered (CFOG)", "runs/sentinel_reg/emb_best.pt (seed 0 trained on CFOG-registered pairs; not shipped)", "reg_on_reg32")]
+              ("registered (CFOG)", "runs/sentinel_reg/emb_best.pt (seed 0 trained on CFOG-registered pairs; not shipped)", "reg_on_reg32"),
+              ("registered (CFOG)", REG_FUSED, "sentinel_regfused32reg"), ("registered (MI)", REG_FUSED, "sentinel_regfused32reg_mi")]
 #: (truth, report under reports/) of the 8x8-tile test scenes; scenes_nopolish/: the same scenes answered
 #: before the card's scene polish (refine.scene_polish), kept as the baseline it is measured against
 SCENE_RUNS = [("grid", "scenes/sentinel_8x8_h0"), ("registered (CFOG)", "scenes/sentinel_8x8_h0_reg"),

@@ -72,3 +72,11 @@ for reg in cfog mi; do
   [ -f $out/metrics.json ] || $CMPC test $EXP --checkpoint $F/emb_best.pt --set name=sentinel_regfused32$suffix \
     --set data.root=$root --set eval.out=$out $card --set refine.align_min_peak="$thr" "${SET[@]}"
 done
+.venv/bin/python experiments/sentinel/collect.py --out docs/real.json --merge > /dev/null
+.venv/bin/python experiments/sentinel/registered.py > /dev/null  # docs/sentinel_registered.json
+# The scene pieces a registered card needs (as the shipped card has them): seed 0's refiner trained
+# on registered pairs, whose dense descriptor alone becomes the scene aligner, then the scene-graph
+# GNN and both scene decisions for the fused model (experiments/sentinel/scene_model.sh)
+[ -f runs/sentinel_reg/refiner.pt ] || $CMPC train refine $EXP --set name=sentinel_reg --set data.root=$ROOT "${SET[@]}"
+[ -f $F/refiner.pt ] || $CMPC model aligner runs/sentinel_reg/refiner.pt $F/refiner.pt
+NAME=sentinel_reg_fused SCENE_SET="--set data.root=$ROOT" bash experiments/sentinel/scene_model.sh
