@@ -4,7 +4,6 @@ through the function and the CLI; and experiments/sentinel/scene_truth.py built 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import pytest
 from scipy.ndimage import gaussian_filter, shift as nd_shift
 
 from cmpc.data import coregister as co
-
-ROOT = Path(__file__).resolve().parents[1]
+from experiment_scripts import load_script
 
 
 @pytest.mark.parametrize("dx,dy", [(2.0, -1.0), (-3.5, 2.5)])
@@ -44,9 +42,7 @@ def test_scene_truth_finds_a_scenes_content_offset_and_scores_against_it(tmp_pat
     import rasterio
     from rasterio.transform import from_origin
 
-    spec = importlib.util.spec_from_file_location("scene_truth", ROOT / "experiments/sentinel/scene_truth.py")
-    st = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(st)
+    st = load_script("experiments/sentinel/scene_truth.py")
     rng = np.random.default_rng(1)
     gsd, x0, y0, n = 10.0, 400000.0, 3750000.0, 200
     opt = gaussian_filter(rng.normal(size=(n, n)), 2.5)
@@ -188,9 +184,7 @@ def test_patch_truth_reads_each_files_offset_and_scores_against_both_truths(tmp_
     and the content truth counts the found answers within 25 m where the grid truth does not."""
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("patch_truth", ROOT / "experiments/sentinel/patch_truth.py")
-    pt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pt)
+    pt = load_script("experiments/sentinel/patch_truth.py")
     per_file = [{"file": f, "content_offset_m": off, "halves_px": [[0, 0], [0, 0]], "bounds_utm": [x0, 0.0, x0 + 1000.0, 1000.0]}
                 for f, off, x0 in zip(pt.TEST_FILES, ([20.0, 0.0], [-10.0, 0.0], [0, 0], [0, 0], [0, 0], [0, 0]),
                                       (0.0, 1000.0, 5e5, 6e5, 7e5, 8e5))]
@@ -336,9 +330,7 @@ def test_registered_summary_reads_patch_and_scene_reports(tmp_path: Path) -> Non
     answer 10 m east of the truth and one 300 m away: the offset is +10 / 0 m)."""
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("registered", ROOT / "experiments/sentinel/registered.py")
-    rg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rg)
+    rg = load_script("experiments/sentinel/registered.py")
     run = tmp_path / "sentinel_card32reg"
     run.mkdir()
     stage = {"recall": {"1": 0.5, "10": 1.0}, "error_m": {"median": 155.0, "within": {"25": 0.5, "100": 0.5}}}

@@ -4,18 +4,10 @@ on registered pairs get their own split labels, so their rows never replace the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _collect():  # noqa: ANN202 - the script as a module
-    spec = importlib.util.spec_from_file_location("sentinel_collect", ROOT / "experiments/sentinel/collect.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from experiment_scripts import load_script
 
 
 def _metrics(path: Path, n_refs: int, sha: str, r1: float, w25: float) -> None:
@@ -27,7 +19,7 @@ def _metrics(path: Path, n_refs: int, sha: str, r1: float, w25: float) -> None:
 
 
 def test_registered_runs_get_their_own_rows(tmp_path: Path, monkeypatch) -> None:
-    collect = _collect()
+    collect = load_script("experiments/sentinel/collect.py")
     monkeypatch.chdir(tmp_path)
     rep = tmp_path / "reports"
     _metrics(rep / "sentinel_fused", 1305, "grid", 0.9, 0.9)

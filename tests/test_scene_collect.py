@@ -3,20 +3,16 @@ the reports present, every other row kept where it stood (a partial re-run of th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiment_scripts import load_script
 
 
 def _collect():  # noqa: ANN202 - the script as a module
-    spec = importlib.util.spec_from_file_location("scenes_collect", ROOT / "experiments/scenes/collect.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("experiments/scenes/collect.py")
 
 
 def _row(ds: str, method: str, s25: float) -> dict:
