@@ -24,6 +24,11 @@
 #      CAL_EVERY-th query), never on the test blocks.
 #   4. The test blocks (32 px grid, SAR moved by CFOG; and by MI, the independent check) are
 #      answered once, with the card's refine settings and that gate. Nothing is chosen there.
+# To ship it (after the scene pieces below, then `make scenes` and experiments/sentinel/cross.sh again
+# with it in weights/sentinel/): cp runs/sentinel_reg_fused/{emb_best.pt -> embedder.pt, refiner.pt ->
+# aligner.pt, scene_gnn/scene_graph.pt, scene_gnn/scene_decision.json} weights/sentinel/, set the card's
+# experiment.refine.align_min_peak to runs/sentinel_reg_fused/cfog_calibration.json's, rewrite its
+# metrics and recipe, then .venv/bin/cmpc model seal sentinel.
 # SET is added to every training and test step (a smoke run: SET="--set train.epochs=1" CAL_EVERY=40).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
