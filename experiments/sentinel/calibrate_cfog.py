@@ -94,7 +94,8 @@ def main() -> int:
     qid = np.array([q.id for q in anns])
     aligned = np.array([bool(q.aligned) for q in anns])
     grid = np.array([[q.x, q.y] for q in anns], dtype=float)
-    content = grid if a.coregistration == "none" else content_truth(grid, a.coregistration)
+    registered = a.coregistration == "none"  # the dataset's truth already follows the content
+    content = grid if registered else content_truth(grid, a.coregistration)
     out: dict = {"experiment": a.experiment, "checkpoint": a.checkpoint, "index": str(index_dir), "n_refs": int(loc.index.ntotal),
                  "overrides": a.set, "every": a.every, "refine": {k: getattr(exp.refine, k) for k in ("fine_top", "fine_max_shift_px", "cfog_sigma", "cfog_sar_sigma", "rerank")}}
     e_c = np.linalg.norm(coarse - grid, axis=1)
@@ -105,8 +106,7 @@ def main() -> int:
     final_id = np.where(take, rtop1, top1)
     out["align_min_peak"] = round(float(t), 4)
     out["calibration"] = {k: round(float(v), 4) for k, v in cal.items()}
-    truths = (("grid_truth", grid),) if a.coregistration == "none" else (("grid_truth", grid), ("mi_content_truth", content))
-    for name, truth in truths:
+    for name, truth in (("grid_truth", grid),) + ((("mi_content_truth", content),) if not registered else ()):
         rows = {}
         for qs, m in (("aligned", aligned), ("non_aligned", ~aligned)):
             rows[qs] = {

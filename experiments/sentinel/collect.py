@@ -103,12 +103,16 @@ def pair_rows(path: Path, seed: int | str, run: str) -> list[dict[str, Any]]:
 
 def collect(reports: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for run, seed in RUNS.items():
-        m = reports / run / "metrics.json"
-        if m.is_file():
-            rows += metric_rows(m, "sentinel-la", "test blocks", seed, run)
-        for p in sorted((reports / run).glob("pairs_bigearthnet_*.json")):
-            rows += pair_rows(p, seed, run)
+    # each seed's (and fused model's) test-block and BigEarthNet rows; the registered recipe's
+    # splits say so, so its rows never take the grid recipe's keys
+    reg = f" ({REG_SPLIT})"
+    for runs, split, tag in ((RUNS, "test blocks", ""), (REG_TRAINED, f"test blocks, each SAR file moved by its CFOG co-registration{reg}", reg)):
+        for run, seed in runs.items():
+            m = reports / run / "metrics.json"
+            if m.is_file():
+                rows += metric_rows(m, "sentinel-la", split, seed, run)
+            for p in sorted((reports / run).glob("pairs_bigearthnet_*.json")):
+                rows += [{**r, "split": r["split"] + tag} for r in pair_rows(p, seed, run)]
     for run, (seed, split) in REFINED.items():
         m = reports / run / "metrics.json"
         if m.is_file():
@@ -117,12 +121,6 @@ def collect(reports: Path) -> list[dict[str, Any]]:
         m = reports / run / "metrics.json"
         if m.is_file():
             rows += metric_rows(m, "sentinel-la", split, seed, run)
-    for run, seed in REG_TRAINED.items():
-        m = reports / run / "metrics.json"
-        if m.is_file():
-            rows += metric_rows(m, "sentinel-la", f"test blocks, each SAR file moved by its CFOG co-registration ({REG_SPLIT})", seed, run)
-        for p in sorted((reports / run).glob("pairs_bigearthnet_*.json")):
-            rows += [{**r, "split": f"{r['split']} ({REG_SPLIT})"} for r in pair_rows(p, seed, run)]
     # the shipped model (weights/sentinel: the seed its card names) on the cross-sensor pairs
     card = json.loads(Path("weights/sentinel/card.json").read_text()) if Path("weights/sentinel/card.json").is_file() else {}
     sha = ((card.get("files") or {}).get("embedder") or {}).get("sha256")
