@@ -46,3 +46,20 @@ def test_collect_rewrites_only_the_named_datasets_rows(tmp_path: Path, monkeypat
     with pytest.raises(SystemExit, match="uavsar"):  # no report for it: nothing rewritten
         collect.main(["--out", "docs/scenes.json", "--datasets", "uavsar"])
     assert json.loads((tmp_path / "docs" / "scenes.json").read_text()) == rows
+
+
+def test_registered_truth_reports_are_their_own_datasets(tmp_path: Path, monkeypatch) -> None:
+    """The sentinel-la scenes cut from the registered test blocks (reports ..._reg, ..._reg_mi) are
+    rows of their own truth, never mixed with the grid truth's; such a suffix on another dataset's
+    report is not read."""
+    collect = _collect()
+    monkeypatch.chdir(tmp_path)
+    fields = ("n_scenes", "success_5m", "success_25m", "not_found", "false_claims", "median_m", "corner_m", "heading_err_deg", "s_per_scene")
+    for name, s25 in (("sentinel_8x8_h0", 0.785), ("sentinel_8x8_h0_reg", 1.0), ("sentinel_8x8_h0_reg_mi", 0.995), ("uavsar_2x2_h0_reg", 0.5)):
+        rep = tmp_path / "reports" / "scenes" / name
+        rep.mkdir(parents=True)
+        rows = [{"method": "verify", **{k: v for k, v in _row("x", "verify", s25).items() if k in fields}}]
+        (rep / "rows.json").write_text(json.dumps({"meta": {"n_refs": 1305}, "rows": rows, "per_scene": []}))
+    rows, _ = collect.load(tmp_path / "reports" / "scenes")
+    assert [(r["dataset"], r["success_25m"]) for r in rows] == [
+        ("sentinel-la", 0.785), ("sentinel-la (CFOG-registered truth)", 1.0), ("sentinel-la (MI-registered truth)", 0.995)]

@@ -18,6 +18,10 @@ import numpy as np
 
 REPORTS = Path("reports/scenes")
 NAMES = {"synthetic": "synthetic", "uavsar": "uavsar", "sentinel": "sentinel-la", "demo": "demo strip (synthetic)"}
+#: report-name suffix -> the truth its scenes were cut against (sentinel-la: the test blocks with each
+#: SAR file moved by its measured co-registration, experiments/scenes/run.sh)
+TRUTHS = {"_reg": " (CFOG-registered truth)", "_reg_mi": " (MI-registered truth)"}
+DATASETS = [*NAMES.values(), *(NAMES["sentinel"] + t for t in TRUTHS.values())]
 COLS = ("dataset", "tiles", "heading_deg", "method", "n_scenes", "n_refs", "success_5m", "success_25m", "not_found", "false_claims",
         "median_m", "corner_m", "heading_err_deg", "s_per_scene")
 
@@ -35,11 +39,11 @@ def load(reports: Path = REPORTS, more: tuple[Path, ...] = ()) -> tuple[list[dic
     rows, per_scene = [], {}
     owner: dict[tuple, Path] = {}  # (dataset, tiles, heading, method) -> the report its row comes from
     for f in [f for root in (reports, *more) for f in sorted(Path(root).glob("*/rows.json"))]:
-        m = re.fullmatch(r"(synthetic|uavsar|sentinel|demo)_(\d+)x\d+_h(\d+)", f.parent.name)
-        if not m:
+        m = re.fullmatch(r"(synthetic|uavsar|sentinel|demo)_(\d+)x\d+_h(\d+)(_reg|_reg_mi)?", f.parent.name)
+        if not m or (m.group(4) and m.group(1) != "sentinel"):
             continue
         rec = json.loads(f.read_text())
-        ds, n, h = NAMES[m.group(1)], int(m.group(2)), int(m.group(3))
+        ds, n, h = NAMES[m.group(1)] + TRUTHS.get(m.group(4) or "", ""), int(m.group(2)), int(m.group(3))
         meta = rec["meta"]
         quiet: dict[str, float] = {}  # quiet 2-thread timings (timing.sh); scenes_timing first, then scenes_timing_* (e.g. _gnn)
         for timing in sorted(reports.parent.glob(f"scenes_timing*/{f.parent.name}/rows.json"), key=lambda p: (p.parent.parent.name != "scenes_timing", str(p))):
@@ -64,7 +68,7 @@ def load(reports: Path = REPORTS, more: tuple[Path, ...] = ()) -> tuple[list[dic
         for p in rec["per_scene"]:
             if owner.get((ds, n, h, p["method"])) == f:
                 per_scene.setdefault((ds, n, h, p["method"]), []).append(p)
-    order = {"synthetic": 0, "uavsar": 1, "sentinel-la": 2, "demo strip (synthetic)": 3}
+    order = {d: i for i, d in enumerate(("synthetic", "uavsar", "sentinel-la", *(NAMES["sentinel"] + t for t in TRUTHS.values()), "demo strip (synthetic)"))}
     rows.sort(key=lambda r: (order[r["dataset"]], r["heading_deg"], r["tiles"], ("independent", "verify", "gnn+verify").index(r["method"])))
     return rows, per_scene
 
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="another reports root whose methods join rows the main reports lack (repeatable)")
     ap.add_argument("--results", default=None, metavar="MD",
                     help="also rewrite the table between <!-- scenes:start --> and <!-- scenes:end --> in this markdown file")
-    ap.add_argument("--datasets", nargs="+", default=None, choices=sorted(NAMES.values()), metavar="DATASET",
+    ap.add_argument("--datasets", nargs="+", default=None, choices=sorted(DATASETS), metavar="DATASET",
                     help="rewrite only these datasets' rows of --out from the reports present (the rest of the file is kept, "
                          "in its order; the plots, which need every dataset's reports, are left as they are)")
     a = ap.parse_args(argv)
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no reports/scenes/*/rows.json: run experiments/scenes/run.sh first")
     # docs/scenes.json: one row per (dataset, tiles, heading_deg, method) of the study's three
     # datasets; the demo strip's rows (a 217-reference map) are in the markdown table only
-    study = [r for r in rows if r["dataset"] in ("synthetic", "uavsar", "sentinel-la")]
+    study = [r for r in rows if r["dataset"] != NAMES["demo"]]
     if a.datasets:
         kept = json.loads(Path(a.out).read_text())
         new = {ds: [r for r in study if r["dataset"] == ds] for ds in a.datasets}

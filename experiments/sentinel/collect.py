@@ -25,29 +25,35 @@ from typing import Any
 
 from cmpc.utils.io import atomic_write_text
 
+#: the label of the rows of the card shipped until 2026-12-01 (the recipe trained on the pairs as published)
+GRID_CARD = "grid-trained card, shipped until 2026-12-01"
 #: run -> seed; the fused model (three seeds fused by score, `cmpc model fuse`) has seed "0+1+2"
 RUNS: dict[str, int | str] = {"sentinel": 0, "sentinel_s1": 1, "sentinel_s2": 2, "sentinel_fused": "0+1+2"}
 #: reports that add a refined stage to a run above (same checkpoint, same coarse answers):
 #: report folder -> (seed, split label); only their refined rows are collected
 REFINED: dict[str, tuple[int | str, str]] = {
     "sentinel_fused_cfog": ("0+1+2", "test blocks, CFOG fine alignment (no GNN)"),  # plain correlation scores, shipped until 2026-12-01
-    "sentinel_fused_zncc": ("0+1+2", "test blocks, CFOG fine alignment, ZNCC scores (shipped)"),
+    "sentinel_fused_zncc": ("0+1+2", f"test blocks, CFOG fine alignment, ZNCC scores ({GRID_CARD})"),
 }
 
-#: reports of the card as shipped on the test blocks tiled at the card's reference grid (every
-#: 32 px, ``inputs.ref_stride_m``; run.sh): report folder -> (seed, split label); every stage
+#: reports of the grid-trained card (make sentinel; shipped until 2026-12-01) on the test blocks tiled
+#: at the card's reference grid (every 32 px, ``inputs.ref_stride_m``; run.sh): report folder -> (seed,
+#: split label); every stage
 CARD_GRID: dict[str, tuple[int | str, str]] = {
-    "sentinel_card32": ("0+1+2", "test blocks tiled every 32 px (the card's grid), CFOG ZNCC (shipped card)"),
-    "sentinel_card32reg": ("0+1+2", "test blocks tiled every 32 px, each SAR file moved by its CFOG co-registration (tile.register), CFOG ZNCC (shipped card)"),
-    "sentinel_card32reg_mi": ("0+1+2", "test blocks tiled every 32 px, each SAR file moved by its MI co-registration (tile.register), CFOG ZNCC (shipped card)"),
+    "sentinel_card32": ("0+1+2", f"test blocks tiled every 32 px (the card's grid), CFOG ZNCC ({GRID_CARD})"),
+    "sentinel_card32reg": ("0+1+2", f"test blocks tiled every 32 px, each SAR file moved by its CFOG co-registration (tile.register), CFOG ZNCC ({GRID_CARD})"),
+    "sentinel_card32reg_mi": ("0+1+2", f"test blocks tiled every 32 px, each SAR file moved by its MI co-registration (tile.register), CFOG ZNCC ({GRID_CARD})"),
 }
 
-#: the same recipe trained on CFOG-registered pairs (experiments/sentinel/run_registered.sh; not
-#: shipped): run -> seed; coarse rows on the registered test blocks' 64 px map, BigEarthNet rows
+#: the same recipe trained on CFOG-registered pairs (experiments/sentinel/run_registered.sh; its fused
+#: model is the shipped card since 2026-12-01): run -> seed; coarse rows on the registered test blocks'
+#: 64 px map, BigEarthNet rows
 REG_TRAINED: dict[str, int | str] = {"sentinel_reg": 0, "sentinel_reg_s1": 1, "sentinel_reg_s2": 2, "sentinel_reg_fused": "0+1+2"}
 REG_SPLIT = "trained on CFOG-registered pairs"
-#: its fused model on the registered 32 px test tilings with the card's refine settings and its own gate
+#: its fused model on the 32 px test tilings (registered, and the published grid) with the card's refine
+#: settings and its own gate
 REG_GRID: dict[str, tuple[int | str, str]] = {
+    "sentinel_regfused32": ("0+1+2", f"test blocks tiled every 32 px (the card's grid), CFOG ZNCC ({REG_SPLIT})"),
     "sentinel_regfused32reg": ("0+1+2", f"test blocks tiled every 32 px, each SAR file moved by its CFOG co-registration, CFOG ZNCC ({REG_SPLIT})"),
     "sentinel_regfused32reg_mi": ("0+1+2", f"test blocks tiled every 32 px, each SAR file moved by its MI co-registration, CFOG ZNCC ({REG_SPLIT})"),
 }
@@ -121,26 +127,27 @@ def collect(reports: Path) -> list[dict[str, Any]]:
         m = reports / run / "metrics.json"
         if m.is_file():
             rows += metric_rows(m, "sentinel-la", split, seed, run)
-    # the shipped model (weights/sentinel: the seed its card names) on the cross-sensor pairs
-    card = json.loads(Path("weights/sentinel/card.json").read_text()) if Path("weights/sentinel/card.json").is_file() else {}
-    sha = ((card.get("files") or {}).get("embedder") or {}).get("sha256")
-
+    # a shipped model (weights/sentinel when the report was made) on the cross-sensor pairs: each
+    # report's own checkpoint names its seed, and a model trained on registered pairs gets its tag
     def tested_with(run: str) -> str | None:
         m = reports / run / "metrics.json"
         return (json.loads(m.read_text()).get("meta") or {}).get("checkpoint_hash") if m.is_file() else None
 
-    seeds = {**RUNS, **{run: seed for run, (seed, _) in (REFINED | CARD_GRID).items()}}
-    shipped = next((r for r in seeds if sha and tested_with(r) == sha), None)  # a run whose checkpoint the card ships
-    seed = seeds.get(shipped) if shipped else _recorded_seed(sha)
+    seeds = {**RUNS, **REG_TRAINED, **{run: seed for run, (seed, _) in (REFINED | CARD_GRID | REG_GRID).items()}}
     for dataset, split in (("s1s2", "whole scene, aligned tiles (never trained on)"), ("uavsar", "whole pair, aligned tiles (L-band HV, warped to 8.3 m)")):
         for tag in ("", "_half"):  # the card's reference grid; the half-patch grid (cross.sh HALF_PATCH=1 TAG=_half)
             m = reports / f"sentinel-{dataset}{tag}" / "metrics.json"
-            if m.is_file():
-                label = _cross_split(m, split)
-                got = metric_rows(m, dataset, label, -1 if seed is None else seed, "weights/sentinel")
-                if "off this grid" in label:  # the tiles fall between references: not aligned in the issue's sense
-                    got = [{**r, "queries": "non_aligned"} for r in got]
-                rows += got
+            if not m.is_file():
+                continue
+            sha = tested_with(f"sentinel-{dataset}{tag}")
+            run = next((r for r in seeds if sha and tested_with(r) == sha), None)  # a run with the same checkpoint
+            seed = seeds.get(run) if run else _recorded_seed(sha)
+            registered = run in (REG_TRAINED | REG_GRID) or (run is None and _recorded_registered(sha))
+            label = _cross_split(m, split) + (reg if registered else "")
+            got = metric_rows(m, dataset, label, -1 if seed is None else seed, "weights/sentinel")
+            if "off this grid" in label:  # the tiles fall between references: not aligned in the issue's sense
+                got = [{**r, "queries": "non_aligned"} for r in got]
+            rows += got
     return rows
 
 
@@ -150,6 +157,12 @@ def _recorded_seed(sha: str | None) -> int | str | None:
     if not sha or not p.is_file():
         return None
     return next((r["seed"] for r in json.loads(p.read_text()) if r.get("checkpoint_sha256") == sha), None)
+
+
+def _recorded_registered(sha: str | None) -> bool:
+    """Whether docs/real.json records ``sha`` as a model trained on registered pairs."""
+    p = Path("docs/real.json")
+    return bool(sha) and p.is_file() and any(r.get("checkpoint_sha256") == sha and REG_SPLIT in r["split"] for r in json.loads(p.read_text()))
 
 
 def _cross_split(m: Path, split: str) -> str:
