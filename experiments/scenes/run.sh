@@ -9,7 +9,7 @@
 # Real: UAVSAR test strip (experiments/uavsar.json, 2x2 / 3x3 tiles) and the sentinel-la test
 # block (the shipped model weights/sentinel, 8x8 tiles), each calibrated on its training area.
 # Needs the demo run (make demo), and ../shared/data/real for the real rows (skipped without; the
-# UAVSAR models are trained here when missing (runs/uavsar, about 3 min), the sentinel-la rows need `make sentinel`).
+# UAVSAR models are trained here when missing (runs/uavsar, about 3 min), the sentinel-la rows need `make sentinel` and `make sentinel-registered`).
 # Every step skips what is already there. Independent steps run JOBS [2] at a time, each at
 # CMPC_THREADS [1] thread(s); the steps nothing runs beside (calibration, timing) at 2 threads.
 # Smaller smoke runs: SCENES [200] test scenes per synthetic / real row, CAL_SCENES [30]
@@ -93,31 +93,31 @@ uavsar() {  # its models trained when missing (about 3 min), its rule calibrated
   done
 }
 if [ -d ../shared/data/real/uavsar-nc ]; then spawn uavsar; else echo "skip the UAVSAR rows: ../shared/data/real/uavsar-nc is absent" >&2; fi
-# sentinel-la: the shipped model (weights/sentinel: the fused embedder, its aligner and decision) on
-# the test block's index that `make sentinel` builds with that embedder (index/sentinel_fused);
-# gnn+verify with a scene-graph GNN trained for it on the training area (trained with the default
-# tiling, then the decisions calibrated again at the shipped model's reference-stride tiling)
+# sentinel-la: the shipped model (weights/sentinel: the fused embedder trained on registered pairs,
+# its aligner and decision; make sentinel-registered) on the test block's index that make
+# sentinel-registered builds with that embedder (index/sentinel_reg_fused: the optical references are
+# the same in every tiling, only the SAR moves); gnn+verify with the card's scene-graph GNN. The test
+# scenes are cut three ways with one seed: on the files' published grid (make sentinel's
+# data/sentinel-la) and from the test blocks registered by CFOG and by MI (make sentinel's
+# data/sentinel-la32reg{,_mi}: each SAR file moved by its measured offset) -> docs/sentinel_registered.json
 sentinel() {
-  local S=runs/sentinel_fused/scene_gnn d=data/scenes/sentinel_8x8_h0_u8 o=reports/scenes/sentinel_8x8_h0
-  bash experiments/sentinel/scene_model.sh  # skips what make sentinel already did
+  local d=data/scenes/sentinel_8x8_h0_u8 o=reports/scenes/sentinel_8x8_h0
+  NAME=sentinel_reg_fused SCENE_SET="--set data.root=data/sentinel-la-reg/dataset" bash experiments/sentinel/scene_model.sh  # skips what is done
   [ -f $d/scenes.json ] || $CMPC data scenes experiments/sentinel.json --tiles 8 --count $N --seed 9208 --out $d > /dev/null
-  [ -f $o/rows.json ] || $CMPC eval scenes --model sentinel --index sentinel_fused --scene-model $S --scenes $d \
+  [ -f $o/rows.json ] || $CMPC eval scenes --model sentinel --index sentinel_reg_fused --scenes $d \
     --methods independent verify gnn+verify --out $o > /dev/null
-  # the same seed's scenes cut from the test blocks registered by CFOG and by MI (make sentinel's
-  # data/sentinel-la32reg{,_mi}: each SAR file moved by its measured offset), answered by the card as
-  # shipped -> docs/sentinel_registered.json
   local reg R dr or
   for reg in reg reg_mi; do
     R=data/sentinel-la32$reg/dataset dr=data/scenes/sentinel_8x8_h0_u8_$reg or=reports/scenes/sentinel_8x8_h0_$reg
     [ -f $R/dataset.json ] || continue
     [ -f $dr/scenes.json ] || $CMPC data scenes experiments/sentinel.json --set data.root=$R --tiles 8 --count $N --seed 9208 --out $dr > /dev/null
-    [ -f $or/rows.json ] || $CMPC eval scenes --model sentinel --index sentinel_fused --scenes $dr \
+    [ -f $or/rows.json ] || $CMPC eval scenes --model sentinel --index sentinel_reg_fused --scenes $dr \
       --methods independent verify gnn+verify --out $or > /dev/null
   done
   $PY experiments/sentinel/registered.py > /dev/null
 }
 if [ ! -d ../shared/data/real/sentinel-la ]; then echo "skip the sentinel-la rows: ../shared/data/real/sentinel-la is absent" >&2
-elif [ ! -f index/sentinel_fused/manifest.json ]; then echo "skip the sentinel-la rows: index/sentinel_fused is missing (make sentinel builds it)" >&2
+elif [ ! -f index/sentinel_reg_fused/manifest.json ]; then echo "skip the sentinel-la rows: index/sentinel_reg_fused is missing (make sentinel-registered builds it)" >&2
 else spawn sentinel; fi
 # the demo's own test strip (217 references), its rule (and GNN) calibrated on the demo training area
 demo_row() {

@@ -6,7 +6,7 @@
 # MAP / SCENE_MODEL / METHODS as in run.sh; TROOT the output root (default reports/scenes_timing;
 # collect.py also reads reports/scenes_timing_*, e.g. TROOT=reports/scenes_timing_gnn for the
 # GNN's rows). With SENTINEL=1 (needs make sentinel) also the first 20 sentinel-la test scenes
-# with the shipped model (its card's decision and GNN).
+# with the shipped model (its card's decision and GNN; needs make sentinel-registered's index).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CMPC_THREADS=2
@@ -25,7 +25,7 @@ for n in 2 4 8; do for h in 0 15; do
   .venv/bin/cmpc eval scenes experiments/demo.json --scenes $sub --index $MAP --scene-model $SCENE_MODEL \
     --methods $METHODS --rotation-range $h --out $o > /dev/null
 done; done
-if [ -n "${SENTINEL:-}" ] && [ -f index/sentinel_fused/manifest.json ]; then
+if [ -n "${SENTINEL:-}" ] && [ -f index/sentinel_reg_fused/manifest.json ]; then
   src=data/scenes/sentinel_8x8_h0_u8
   sub=data/scenes/timing_sentinel_8x8_h0
   o=$TROOT/sentinel_8x8_h0
@@ -33,6 +33,6 @@ if [ -n "${SENTINEL:-}" ] && [ -f index/sentinel_fused/manifest.json ]; then
     rm -rf $sub && mkdir -p $sub
     for t in $(ls $src/*.truth.json | head -20); do s=${t%.truth.json}; ln -s "$PWD/$s.tif" $sub/; ln -s "$PWD/$t" $sub/; done
     rm -rf $o
-    .venv/bin/cmpc eval scenes --model sentinel --index sentinel_fused --scenes $sub --methods independent verify gnn+verify --out $o > /dev/null
+    .venv/bin/cmpc eval scenes --model sentinel --index sentinel_reg_fused --scenes $sub --methods independent verify gnn+verify --out $o > /dev/null
   fi
 fi

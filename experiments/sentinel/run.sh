@@ -6,13 +6,13 @@
 # skips when already done. Then the three seeds are fused by score into one embedder
 # (runs/sentinel_fused/emb_best.pt, `cmpc model fuse`; chosen on the validation block:
 # experiments/sentinel/screen_fusion.py), tested once and checked on BigEarthNet. That fused
-# checkpoint is what weights/sentinel/ ships, with seed 0's dense descriptor alone as the
+# checkpoint was weights/sentinel/ until 2026-12-01, with seed 0's dense descriptor alone as the
 # scene aligner (`cmpc model aligner`), a scene-graph GNN trained for the fused embedder on the
 # training blocks and the scene decisions (verify, gnn+verify) calibrated with it at the reference
-# stride with the whole-map dense search (experiments/sentinel/scene_model.sh). To ship a retrained one:
-#   cp runs/sentinel_fused/emb_best.pt weights/sentinel/embedder.pt
-#   cp runs/sentinel_fused/refiner.pt weights/sentinel/aligner.pt
-#   cp runs/sentinel_fused/scene_gnn/{scene_decision.json,scene_graph.pt} weights/sentinel/ && .venv/bin/cmpc model seal sentinel
+# stride with the whole-map dense search (experiments/sentinel/scene_model.sh). The card now ships
+# the same recipe trained on registered pairs (make sentinel-registered, run after this: it uses
+# the 32 px test tilings and the MI record made here); this script measures the grid-trained
+# model, the baseline that one is compared with.
 # A smoke run of the whole chain (minutes, numbers meaningless): SET="--set train.epochs=1
 # --set refine.epochs=1 --set refine.align_steps=20" GNN_SCENES=3 CAL_SCENES=4 CAL_EVERY=20 make sentinel
 # (SET is added to every training and test step; the scene counts go to scene_model.sh; CAL_EVERY
@@ -49,23 +49,23 @@ bash experiments/sentinel/scene_model.sh  # scene-graph GNN + both scene decisio
 # (experiments/sentinel/calibrate_cfog.py; ZNCC scores chosen over plain correlation there by the
 # same criterion), then the test blocks once -> reports/sentinel_fused_zncc
 CFOG=(--set refine.fine_top=20 --set refine.cfog_sigma=1.5 --set refine.align_score=zncc)
-# (docs/sentinel_cfog_calibration.json is the shipped card's copy of runs/sentinel_fused/cfog_calibration.json)
+# (docs/sentinel_cfog_calibration.json is the grid-trained card's copy of runs/sentinel_fused/cfog_calibration.json)
 [ -f runs/sentinel_fused/cfog_calibration.json ] || .venv/bin/python experiments/sentinel/calibrate_cfog.py \
   --checkpoint runs/sentinel_fused/emb_best.pt --out runs/sentinel_fused/cfog_calibration.json --every "${CAL_EVERY:-1}" "${CFOG[@]}"
 thr=$(.venv/bin/python -c "import json; print(json.load(open('runs/sentinel_fused/cfog_calibration.json'))['align_min_peak'])")
 [ -f reports/sentinel_fused_zncc/metrics.json ] || $CMPC test $EXP --set name=sentinel_fused --set eval.out=reports/sentinel_fused_zncc \
   --set refine.aligner=cfog --set refine.gate=config --set refine.align_min_peak="$thr" "${CFOG[@]}" "${SET[@]}"
-# The card as shipped on the test blocks tiled at its own reference grid (inputs.ref_stride_m:
-# every 32 px; a quarter as many non-aligned queries per reference, so about as many as at 64 px)
-# -> reports/sentinel_card32; weights/sentinel/ must hold the model under test (after copying a
-# retrained one there: the card's settings are passed as they stand in card.json)
+# The grid-trained fused model with the card's refine settings and its own gate on the test blocks
+# tiled at the card's reference grid (inputs.ref_stride_m: every 32 px; a quarter as many
+# non-aligned queries per reference, so about as many as at 64 px) -> reports/sentinel_card32
+# (it was the card as shipped when these reports were first made)
 [ -f data/sentinel-la32/dataset/dataset.json ] || $CMPC data tile $EXP --set tile.stride_px=32 --set tile.non_aligned_per_ref=0.25 --set data.root=data/sentinel-la32/dataset
-card=$(.venv/bin/python -c "import json; r=json.load(open('weights/sentinel/card.json'))['experiment']['refine']; print(' '.join(f'--set refine.{k}={v}' for k, v in r.items() if k != 'enabled'))")
-[ -f reports/sentinel_card32/metrics.json ] || $CMPC test $EXP --checkpoint weights/sentinel/embedder.pt --set name=sentinel_card32 \
+card="$(.venv/bin/python -c "import json; r=json.load(open('weights/sentinel/card.json'))['experiment']['refine']; print(' '.join(f'--set refine.{k}={v}' for k, v in r.items() if k not in ('enabled', 'align_min_peak')))") --set refine.align_min_peak=$thr"
+[ -f reports/sentinel_card32/metrics.json ] || $CMPC test $EXP --checkpoint runs/sentinel_fused/emb_best.pt --set name=sentinel_card32 \
   --set data.root=data/sentinel-la32/dataset --set eval.out=reports/sentinel_card32 $card "${SET[@]}"
 # the same answers also against each test file's measured co-registration (MI; a second reading)
 .venv/bin/python experiments/sentinel/patch_truth.py reports/sentinel_card32 --out docs/sentinel_patch_truth.json > /dev/null
-# The same card on the test blocks with each SAR file moved by its measured co-registration
+# The same model on the test blocks with each SAR file moved by its measured co-registration
 # before tiling (tile.register): the truth follows what the pixels show. CFOG (cells within 1.1 px
 # of the file's shift, against 2.7 px for MI's halves) is the primary record; MI, which shares
 # nothing with the card's CFOG aligner, is the independent check. Nothing is trained or chosen here.
@@ -76,7 +76,7 @@ for reg in cfog mi; do
   root=data/sentinel-la32$suffix/dataset
   [ -f $root/dataset.json ] || $CMPC data tile $EXP --set tile.stride_px=32 --set tile.non_aligned_per_ref=0.25 --set data.root=$root \
     --set tile.register=runs/sentinel_coregistration_$reg.json
-  [ -f reports/sentinel_card32$suffix/metrics.json ] || $CMPC test $EXP --checkpoint weights/sentinel/embedder.pt --set name=sentinel_card32$suffix \
+  [ -f reports/sentinel_card32$suffix/metrics.json ] || $CMPC test $EXP --checkpoint runs/sentinel_fused/emb_best.pt --set name=sentinel_card32$suffix \
     --set data.root=$root --set eval.out=reports/sentinel_card32$suffix $card "${SET[@]}"
 done
 .venv/bin/python experiments/sentinel/collect.py --out docs/real.json

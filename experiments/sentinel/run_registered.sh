@@ -24,11 +24,13 @@
 #      CAL_EVERY-th query), never on the test blocks.
 #   4. The test blocks (32 px grid, SAR moved by CFOG; and by MI, the independent check) are
 #      answered once, with the card's refine settings and that gate. Nothing is chosen there.
-# To ship it (after the scene pieces below, then `make scenes` and experiments/sentinel/cross.sh again
-# with it in weights/sentinel/): cp runs/sentinel_reg_fused/{emb_best.pt -> embedder.pt, refiner.pt ->
-# aligner.pt, scene_gnn/scene_graph.pt, scene_gnn/scene_decision.json} weights/sentinel/, set the card's
-# experiment.refine.align_min_peak to runs/sentinel_reg_fused/cfog_calibration.json's, rewrite its
-# metrics and recipe, then .venv/bin/cmpc model seal sentinel.
+# Shipped on 2026-12-01 (weights/sentinel/, embedder sha256 d17f33c8...). To ship a retrained one:
+# cp runs/sentinel_reg_fused/{emb_best.pt -> embedder.pt, refiner.pt -> aligner.pt,
+# scene_gnn/scene_graph.pt, scene_gnn/scene_decision.json} weights/sentinel/, set the card's
+# experiment.refine.align_min_peak to runs/sentinel_reg_fused/cfog_calibration.json's, then
+# .venv/bin/cmpc model seal sentinel; run experiments/sentinel/cross.sh and `make scenes` (its
+# sentinel-la part) with it, experiments/sentinel/card_metrics.py (the card's metrics from those
+# reports), re-seal, and rewrite MODEL_CARD.md's numbers and the card's recipe text.
 # SET is added to every training and test step (a smoke run: SET="--set train.epochs=1" CAL_EVERY=40).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -64,15 +66,17 @@ done
 CFOG=(--set refine.fine_top=20 --set refine.cfog_sigma=1.5 --set refine.align_score=zncc)
 [ -f $F/cfog_calibration.json ] || $PY experiments/sentinel/calibrate_cfog.py --checkpoint $F/emb_best.pt \
   --set name=sentinel_reg_fused --set data.root=$ROOT --coregistration none --every "${CAL_EVERY:-3}" "${CFOG[@]}" --out $F/cfog_calibration.json > /dev/null
+# (docs/sentinel_cfog_calibration_registered.json is the shipped card's copy of it)
 thr=$($PY -c "import json; print(json.load(open('$F/cfog_calibration.json'))['align_min_peak'])")
 # rule 4: the card's refine settings with this model's gate
 card=$($PY -c "import json; r=json.load(open('weights/sentinel/card.json'))['experiment']['refine']; print(' '.join(f'--set refine.{k}={v}' for k, v in r.items() if k not in ('enabled', 'align_min_peak')))")
 [ -f runs/sentinel_coregistration_mi.json ] || $CMPC data coregistration ../shared/data/real/sentinel-la --out runs/sentinel_coregistration_mi.json > /dev/null
-for reg in cfog mi; do
-  suffix=reg; [ $reg = mi ] && suffix=reg_mi
+# (and against the files' published grid: the 32 px tiling of make sentinel, reports/sentinel_regfused32)
+for reg in cfog mi grid; do
+  suffix=reg; [ $reg = mi ] && suffix=reg_mi; [ $reg = grid ] && suffix=
   root=data/sentinel-la32$suffix/dataset
-  rec=$REC; [ $reg = mi ] && rec=runs/sentinel_coregistration_mi.json
-  [ -f $root/dataset.json ] || $CMPC data tile $EXP --set tile.stride_px=32 --set tile.non_aligned_per_ref=0.25 --set data.root=$root --set tile.register=$rec
+  rec=(--set tile.register=$REC); [ $reg = mi ] && rec=(--set tile.register=runs/sentinel_coregistration_mi.json); [ $reg = grid ] && rec=()
+  [ -f $root/dataset.json ] || $CMPC data tile $EXP --set tile.stride_px=32 --set tile.non_aligned_per_ref=0.25 --set data.root=$root "${rec[@]}"
   out=reports/sentinel_regfused32$suffix
   [ -f $out/metrics.json ] || $CMPC test $EXP --checkpoint $F/emb_best.pt --set name=sentinel_regfused32$suffix \
     --set data.root=$root --set eval.out=$out $card --set refine.align_min_peak="$thr" "${SET[@]}"
