@@ -52,6 +52,7 @@ def test_card_metrics_are_copied_from_the_cards_own_reports(tmp_path: Path, caps
     rep = tmp_path / "reports"
     for run, r1 in (("sentinel_reg_fused", 0.86), ("sentinel_reg", 0.8), ("sentinel_reg_s1", 0.74), ("sentinel_reg_s2", 0.78)):
         _metrics(rep / run, 1305, "reg", r1, r1)
+        _metrics(rep / f"{run}_cfog", 1305, "reg", r1, r1 - 0.1)  # the card's refinement on the same map
     screen = tmp_path / "screen.json"
     rec = {k: {"aligned": {"1": v, "5": 0.9, "10": 0.95}, "non_aligned": {"1": v / 2}} for k, v in (("0", 0.64), ("1", 0.62), ("2", 0.63), ("3", 0.59), ("1+2+3", 0.68))}
     screen.write_text(json.dumps({"n_refs": 420, "recall": rec}))
@@ -65,6 +66,8 @@ def test_card_metrics_are_copied_from_the_cards_own_reports(tmp_path: Path, caps
     assert m["validation_block"]["aligned_r1"] == 0.68 and m["validation_block"]["members_aligned_r1"] == [0.62, 0.63, 0.59]
     assert m["sentinel_la_test"]["aligned"]["coarse"]["r1"] == 0.86 and m["sentinel_la_test"]["aligned"]["refined"]["r1"] == 0.96
     assert m["sentinel_la_test"]["members_aligned_coarse_r1"] == [0.8, 0.74, 0.78] and m["sentinel_la_test"]["members_mean"] == 0.773
+    assert m["sentinel_la_test"]["aligned"]["refined"]["within_25m"] == 0.76  # from sentinel_reg_fused_cfog
+    assert m["sentinel_la_test"]["members_refined_within_25m"]["aligned_refined_within_25m"] == [0.7, 0.64, 0.68]
     assert m["previous_card"] == {"embedder_sha256": "grid"} and m["embedder_sha256"] == "reg"
     _metrics(rep / "sentinel_regfused32", 5369, "grid", 0.8, 0.7)  # measured with another embedder
     with pytest.raises(SystemExit, match="measured with embedder grid"):

@@ -38,7 +38,8 @@ SCENES = {"grid": "scenes/sentinel_8x8_h0", "cfog": "scenes/sentinel_8x8_h0_reg"
 SOURCES = {
     "validation_block": "runs/sentinel_reg_fused/validation_screen.json (experiments/sentinel/screen_fusion.py): the registered validation "
                         "block, 420 references; member 0 the previous card, 1-3 the registered seeds, 1+2+3 their fusion (this embedder)",
-    "sentinel_la_test": "reports/sentinel_reg_fused (coarse, this embedder) and reports/sentinel_reg{,_s1,_s2} (each seed alone): cmpc test "
+    "sentinel_la_test": "reports/sentinel_reg_fused (coarse, this embedder), reports/sentinel_reg_fused_cfog (refined: the card's CFOG "
+                        "refinement and gate) and reports/sentinel_reg{,_s1,_s2}{,_cfog} (each seed alone, the same gate): cmpc test "
                         "on the test blocks' 64 px map with each SAR file moved by its CFOG co-registration (1,305 references)",
     "sentinel_la_test_card_grid": "reports/sentinel_regfused32: the test blocks tiled every 32 px on the files' published grid (the grid "
                                   "truth: 9-27 m from the content, docs/RESULTS.md), the card's refine settings and gate, run once",
@@ -110,14 +111,24 @@ def sections(reports: Path, screen: Path, sha: str) -> tuple[dict[str, Any], lis
                 "previous_card_aligned_r1": rec["0"]["aligned"]["1"], "previous_card_non_aligned_r1": rec["0"]["non_aligned"]["1"]}
 
     def test64() -> dict[str, Any]:
-        m = _load(reports / FUSED / "metrics.json", sha)
-        members = []
+        out = _staged(_load(reports / FUSED / "metrics.json", sha))
+        refined = _staged(_load(reports / f"{FUSED}_cfog" / "metrics.json", sha))  # the same map, the card's refinement
+        for q in ("aligned", "non_aligned"):
+            if q in out and "refined" in refined.get(q, {}):
+                out[q]["refined"] = refined[q]["refined"]
+        members: dict[str, list[Any]] = {"aligned_coarse_r1": [], "aligned_refined_within_25m": [], "non_aligned_refined_within_25m": []}
         for run in SEEDS:
-            p = reports / run / "metrics.json"
-            if not p.is_file():
-                raise Missing(str(p))
-            members.append(_r(json.loads(p.read_text())["aligned"]["coarse"]["recall"]["1"]))
-        return {**_staged(m), "members_aligned_coarse_r1": members, "members_mean": _r(sum(members) / len(members))}
+            for rep in (run, f"{run}_cfog"):
+                if not (reports / rep / "metrics.json").is_file():
+                    raise Missing(str(reports / rep / "metrics.json"))
+            coarse = json.loads((reports / run / "metrics.json").read_text())
+            ref = _staged(json.loads((reports / f"{run}_cfog" / "metrics.json").read_text()))
+            members["aligned_coarse_r1"].append(_r(coarse["aligned"]["coarse"]["recall"]["1"]))
+            for q in ("aligned", "non_aligned"):
+                members[f"{q}_refined_within_25m"].append(ref.get(q, {}).get("refined", {}).get("within_25m"))
+        return {**out, "members_aligned_coarse_r1": members["aligned_coarse_r1"],
+                "members_mean": _r(sum(members["aligned_coarse_r1"]) / len(SEEDS)),
+                "members_refined_within_25m": {k: v for k, v in members.items() if k != "aligned_coarse_r1"}}
 
     def grid32() -> dict[str, Any]:
         return _staged(_load(reports / STAGED["sentinel_la_test_card_grid"] / "metrics.json", sha))

@@ -57,6 +57,13 @@ REG_GRID: dict[str, tuple[int | str, str]] = {
     "sentinel_regfused32reg": ("0+1+2", f"test blocks tiled every 32 px, each SAR file moved by its CFOG co-registration, CFOG ZNCC ({REG_SPLIT})"),
     "sentinel_regfused32reg_mi": ("0+1+2", f"test blocks tiled every 32 px, each SAR file moved by its MI co-registration, CFOG ZNCC ({REG_SPLIT})"),
 }
+#: its seeds alone and fused with the card's CFOG refinement and the fused model's gate on the registered
+#: 64 px test map (run_registered.sh): report folder -> (seed, split label); their refined rows only (the
+#: coarse ones are REG_TRAINED's, the same checkpoints on the same map)
+REG_REFINED: dict[str, tuple[int | str, str]] = {
+    f"{run}_cfog": (seed, f"test blocks, each SAR file moved by its CFOG co-registration, CFOG ZNCC, the card's gate ({REG_SPLIT})")
+    for run, seed in REG_TRAINED.items()
+}
 
 
 def _within(err: dict[str, Any], t: float) -> float | None:
@@ -119,7 +126,7 @@ def collect(reports: Path) -> list[dict[str, Any]]:
                 rows += metric_rows(m, "sentinel-la", split, seed, run)
             for p in sorted((reports / run).glob("pairs_bigearthnet_*.json")):
                 rows += [{**r, "split": r["split"] + tag} for r in pair_rows(p, seed, run)]
-    for run, (seed, split) in REFINED.items():
+    for run, (seed, split) in (REFINED | REG_REFINED).items():
         m = reports / run / "metrics.json"
         if m.is_file():
             rows += [r for r in metric_rows(m, "sentinel-la", split, seed, run) if r["stage"] == "refined"]

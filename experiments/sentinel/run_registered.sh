@@ -81,6 +81,13 @@ for reg in cfog mi grid; do
   [ -f $out/metrics.json ] || $CMPC test $EXP --checkpoint $F/emb_best.pt --set name=sentinel_regfused32$suffix \
     --set data.root=$root --set eval.out=$out $card --set refine.align_min_peak="$thr" "${SET[@]}"
 done
+# each seed alone, and the fused model, with the card's CFOG refinement and the fused model's gate (not
+# calibrated per seed) on the registered 64 px test map: a refined row per seed (reports/<run>_cfog)
+for name in sentinel_reg sentinel_reg_s1 sentinel_reg_s2 sentinel_reg_fused; do
+  out=reports/${name}_cfog
+  [ -f $out/metrics.json ] || $CMPC test $EXP --checkpoint runs/$name/emb_best.pt --set name=${name}_cfog --set data.root=$ROOT \
+    --set eval.out=$out $card --set refine.align_min_peak="$thr" "${SET[@]}"
+done
 .venv/bin/python experiments/sentinel/collect.py --out docs/real.json --merge > /dev/null
 .venv/bin/python experiments/sentinel/registered.py > /dev/null  # docs/sentinel_registered.json
 # The scene pieces a registered card needs (as the shipped card has them): seed 0's refiner trained
