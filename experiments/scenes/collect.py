@@ -21,7 +21,8 @@ NAMES = {"synthetic": "synthetic", "uavsar": "uavsar", "sentinel": "sentinel-la"
 #: report-name suffix -> the truth its scenes were cut against (sentinel-la: the test blocks with each
 #: SAR file moved by its measured co-registration, experiments/scenes/run.sh)
 TRUTHS = {"_reg": " (CFOG-registered truth)", "_reg_mi": " (MI-registered truth)"}
-DATASETS = [*NAMES.values(), *(NAMES["sentinel"] + t for t in TRUTHS.values())]
+#: every dataset a row can name, in the order of the tables
+DATASETS = [NAMES["synthetic"], NAMES["uavsar"], NAMES["sentinel"], *(NAMES["sentinel"] + t for t in TRUTHS.values()), NAMES["demo"]]
 COLS = ("dataset", "tiles", "heading_deg", "method", "n_scenes", "n_refs", "success_5m", "success_25m", "not_found", "false_claims",
         "median_m", "corner_m", "heading_err_deg", "s_per_scene")
 
@@ -68,7 +69,7 @@ def load(reports: Path = REPORTS, more: tuple[Path, ...] = ()) -> tuple[list[dic
         for p in rec["per_scene"]:
             if owner.get((ds, n, h, p["method"])) == f:
                 per_scene.setdefault((ds, n, h, p["method"]), []).append(p)
-    order = {d: i for i, d in enumerate(("synthetic", "uavsar", "sentinel-la", *(NAMES["sentinel"] + t for t in TRUTHS.values()), "demo strip (synthetic)"))}
+    order = {d: i for i, d in enumerate(DATASETS)}
     rows.sort(key=lambda r: (order[r["dataset"]], r["heading_deg"], r["tiles"], ("independent", "verify", "gnn+verify").index(r["method"])))
     return rows, per_scene
 

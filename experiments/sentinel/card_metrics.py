@@ -42,7 +42,7 @@ SOURCES = {
                         "refinement and gate) and reports/sentinel_reg{,_s1,_s2}{,_cfog} (each seed alone, the same gate): cmpc test "
                         "on the test blocks' 64 px map with each SAR file moved by its CFOG co-registration (1,305 references)",
     "sentinel_la_test_card_grid": "reports/sentinel_regfused32: the test blocks tiled every 32 px on the files' published grid (the grid "
-                                  "truth: 9-27 m from the content, docs/RESULTS.md), the card's refine settings and gate, run once",
+                                  "truth: 9-29 m from the content on the test files, docs/RESULTS.md), the card's refine settings and gate, run once",
     "sentinel_la_test_card_grid_registered": "reports/sentinel_regfused32reg (CFOG, the primary record) and reports/sentinel_regfused32reg_mi "
                                              "(MI, the independent check): the test blocks tiled every 32 px with each SAR file moved by its "
                                              "measured co-registration, the card's refine settings and gate, run once each",
